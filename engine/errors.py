@@ -1,0 +1,30 @@
+"""The engine's error types: one for bad models on disk, one for bad requests, one for bad numbers.
+
+Every error names what went wrong and, where there is one, the fix. All derive from EngineError so an
+embedding service can catch ours apart from everything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ModelError(EngineError):
+    """A model directory is missing, incomplete, corrupt or does not fit where it is used."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A generation request or option is out of range or of the wrong type (raised before any model work)."""
+
+
+class NumericalError(EngineError):
+    """A stage produced NaN or inf values."""
