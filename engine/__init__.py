@@ -1,0 +1,32 @@
+"""Cascaded pixel-space text-to-image diffusion (DeepFloyd IF / Imagen family), fast and faithful to diffusers.
+
+    import engine
+    images = engine.generate("a red circle on a blue background", seed=0)   # packaged default model
+    pipe = engine.load("/models/IF-I-XL-v1.0", "/models/IF-II-L-v1.0")     # your own cascade
+    images = pipe.generate("a photo of a corgi", seed=0)
+"""
+
+from __future__ import annotations
+
+import functools
+
+from engine.errors import EngineError, InvalidRequestError, ModelError, NumericalError
+from engine.loading import DEFAULT_MODEL, load, packaged_models
+from engine.options import GenerateRequest
+from engine.pipeline import Generation, Pipeline
+
+__version__ = "0.1.0"
+__all__ = ["generate", "load", "Pipeline", "Generation", "GenerateRequest", "EngineError", "ModelError",
+           "InvalidRequestError", "NumericalError", "DEFAULT_MODEL", "packaged_models", "__version__"]
+
+
+@functools.lru_cache(maxsize=1)
+def default_pipeline() -> Pipeline:
+    """The packaged default model on the best available device, loaded once per process."""
+    return load(DEFAULT_MODEL)
+
+
+def generate(prompt, **options):
+    """Images for `prompt` from the packaged default model; options as in `Pipeline.generate`."""
+    GenerateRequest(prompt, **options)  # bad input fails before the model is loaded
+    return default_pipeline().generate(prompt, **options)

@@ -84,14 +84,12 @@ def build_sampler(kind: str, config: Mapping[str, Any], steps: int | Sequence[in
     return cls(cfg, steps, torch.device(device))
 
 
-def _timesteps(cfg: Mapping[str, Any], steps: int | Sequence[int], allow_custom: bool = True) -> list[int]:
+def _timesteps(cfg: Mapping[str, Any], steps: int | Sequence[int]) -> list[int]:
     num_train = cfg["num_train_timesteps"]
     if isinstance(steps, int):
         if not 1 <= steps <= num_train:
             raise ValueError(f"steps must be in 1..{num_train}, got {steps}")
         return spaced_timesteps(num_train, steps, cfg["timestep_spacing"], cfg["steps_offset"])
-    if not allow_custom:
-        raise ValueError("this sampler takes a step count, not an explicit timestep list")
     ts = [int(t) for t in steps]
     if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] >= num_train or ts[-1] < 0:
         raise ValueError(f"a timestep list must be non-empty, strictly descending and within 0..{num_train - 1}")
@@ -181,16 +179,24 @@ class DDPMSampler(_Sampler):
 
 
 class DDIMSampler(_Sampler):
-    """Deterministic DDIM (eta = 0): x_{t'} = sqrt(a') * x0 + sqrt(1 - a') * eps, t' = t - T // N."""
+    """Deterministic DDIM (eta = 0): x_{t'} = sqrt(a') * x0 + sqrt(1 - a') * eps.
+
+    For a step count t' = t - T // N, as diffusers computes it; for an explicit timestep list (which diffusers'
+    DDIM does not take) t' is the next timestep in the list, as in DDPM.
+    """
 
     def __init__(self, cfg, steps, device):
-        ts = _timesteps(cfg, steps, allow_custom=False)
+        ts = _timesteps(cfg, steps)
         super().__init__(cfg, ts, device)
         acp = self.schedule.alphas_cumprod.double().numpy()
         final = 1.0 if cfg["set_alpha_to_one"] else acp[0]
-        stride = cfg["num_train_timesteps"] // len(ts)
+        if isinstance(steps, int):
+            stride = cfg["num_train_timesteps"] // len(ts)
+            prev = [t - stride for t in ts]
+        else:
+            prev = ts[1:] + [-1]
         a_t = acp[ts]
-        a_prev = np.array([acp[t - stride] if t - stride >= 0 else final for t in ts])
+        a_prev = np.array([acp[p] if p >= 0 else final for p in prev])
         self.sqrt_alpha = _table(np.sqrt(a_t), device)
         self.sqrt_one_minus_alpha = _table(np.sqrt(1 - a_t), device)
         self.sqrt_alpha_prev = _table(np.sqrt(a_prev), device)

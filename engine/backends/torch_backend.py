@@ -1,0 +1,23 @@
+"""The PyTorch backend: a diffusers UNet2DConditionModel behind the runtime's U-Net call."""
+
+from __future__ import annotations
+
+import torch
+
+
+class TorchUNet:
+    """Calls a diffusers `UNet2DConditionModel` with named tensors and returns its output tensor."""
+
+    def __init__(self, model):
+        self.model = model.eval().requires_grad_(False)
+        config = model.config
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.sample_size = config.sample_size
+        self.dtype = model.dtype
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        # sample (B, in_channels, H, W); timestep () int64; encoder_hidden_states (B, 77, D) -> (B, out, H, W)
+        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                          class_labels=class_labels, return_dict=False)[0]

@@ -1,0 +1,224 @@
+"""Loading cascades from diffusers-format directories into a Pipeline.
+
+Accepted: stage directories as DeepFloyd publishes them, in cascade order (stage I: text_encoder/, tokenizer/,
+unet/, scheduler/; stage II: unet/, scheduler/, image_noising_scheduler/), a directory whose cascade.json lists
+its stages (`{"stages": ["stage_I", "stage_II"]}`, relative paths), or the name of a packaged model.
+Weights are read from .safetensors only, never from pickle files. Anything wrong raises ModelError naming the
+path and the problem, before a U-Net is built where possible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.backends import BACKENDS
+from engine.errors import InvalidRequestError, ModelError
+from engine.pipeline import Pipeline
+from engine.schedules import NoiseSchedule
+from engine.stage import IMAGE_CHANNELS, Stage
+from engine.text import TextEncoder
+
+log = logging.getLogger(__name__)
+
+PACKAGED_ROOT = Path(__file__).parent / "models"
+DEFAULT_MODEL = "tiny-random"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def packaged_models() -> list[str]:
+    return sorted(p.name for p in PACKAGED_ROOT.iterdir() if (p / "cascade.json").is_file())
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidRequestError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' was asked for but PyTorch sees no CUDA GPU "
+                                  "(torch.cuda.is_available() is False): use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"device {device.type!r} is not supported: use 'cpu' or 'cuda'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on CPU and float16 on CUDA by default."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InvalidRequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def text_dtype(dtype: torch.dtype) -> torch.dtype:
+    """T5 overflows in float16: it runs in bfloat16 instead (or float32 when everything does)."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
+def load(*paths: str | Path, backend: str = "torch", device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None) -> Pipeline:
+    """A Pipeline for a cascade on disk (stage dirs in order, a dir with cascade.json) or a packaged model name."""
+    if backend not in BACKENDS:
+        raise InvalidRequestError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    stage_dirs, notice, source = _stage_dirs(paths)
+    first = stage_dirs[0]
+    for sub in ("tokenizer", "text_encoder"):
+        if not (first / sub).is_dir():
+            raise ModelError(first, f"the first stage needs {sub}/ (a base stage as IF-I ships it); "
+                                    "is a super-resolution stage listed first?")
+    text = _load_text_encoder(first, device, dtype)
+    stages = [_load_stage(d, i, len(stage_dirs), text.dim, device, dtype) for i, d in enumerate(stage_dirs)]
+    return Pipeline(text, stages, device, dtype, source=source, notice=notice)
+
+
+def _stage_dirs(paths) -> tuple[list[Path], str | None, str]:
+    if not paths:
+        raise InvalidRequestError("engine.load() needs at least one path or packaged model name, "
+                                  f"e.g. engine.load({DEFAULT_MODEL!r})")
+    for p in paths:
+        if not isinstance(p, (str, Path)):
+            raise InvalidRequestError(f"model paths must be strings or paths, got {type(p).__name__}")
+    resolved = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.exists() and isinstance(p, str) and (PACKAGED_ROOT / p / "cascade.json").is_file():
+            path = PACKAGED_ROOT / p
+        if not path.is_dir():
+            known = ", ".join(packaged_models()) or "none"
+            raise ModelError(p, f"no such model directory (packaged models: {known})")
+        resolved.append(path)
+    if len(resolved) == 1 and (resolved[0] / "cascade.json").is_file():
+        return (*_read_cascade(resolved[0]), str(paths[0]))
+    return resolved, None, ", ".join(str(p) for p in paths)
+
+
+def _read_cascade(root: Path) -> tuple[list[Path], str | None]:
+    file = root / "cascade.json"
+    try:
+        spec = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(file, f"cannot read cascade.json: {exc}") from exc
+    stages = spec.get("stages") if isinstance(spec, dict) else None
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages):
+        raise ModelError(file, 'cascade.json must hold {"stages": ["stage_I", "stage_II", ...]} '
+                               "(stage directories relative to it, in cascade order)")
+    dirs = [(root / s).resolve() for s in stages]
+    for d in dirs:
+        if not d.is_dir():
+            raise ModelError(d, "stage directory listed in cascade.json does not exist")
+    return dirs, spec.get("notice")
+
+
+def _read_json(file: Path, what: str) -> dict:
+    if not file.is_file():
+        raise ModelError(file.parent, f"missing {file.name} ({what})")
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(file, f"corrupt {what}: {exc}") from exc
+
+
+def _weights_variant(folder: Path, dtype: torch.dtype, loader: str) -> str | None:
+    """'fp16' to load the fp16 weight files, None for the full-precision ones; refuses pickle-only folders."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    if not safetensors:
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            module, cls = loader.rsplit(".", 1)
+            raise ModelError(folder, f"only pickle weights ({', '.join(sorted(pickles))}); this engine reads "
+                                     f".safetensors only, never pickle. Convert once, if you trust the source: "
+                                     f"python -c \"from {module} import {cls} as M; "
+                                     f"M.from_pretrained('{folder}').save_pretrained('{folder}', "
+                                     f"safe_serialization=True)\"")
+        raise ModelError(folder, "no .safetensors weight files")
+    has_fp16 = any(".fp16." in n for n in safetensors)
+    has_full = any(".fp16." not in n for n in safetensors)
+    if has_fp16 and (dtype != torch.float32 or not has_full):
+        return "fp16"
+    return None
+
+
+def _load_text_encoder(stage_dir: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    folder = stage_dir / "text_encoder"
+    _read_json(folder / "config.json", "text encoder config")
+    variant = _weights_variant(folder, dtype, "transformers.T5EncoderModel")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(stage_dir / "tokenizer")
+    except Exception as exc:  # transformers raises many types for a bad tokenizer folder
+        raise ModelError(stage_dir / "tokenizer", f"cannot load the tokenizer: {exc}") from exc
+    try:
+        model = T5EncoderModel.from_pretrained(folder, use_safetensors=True, variant=variant,
+                                               dtype=text_dtype(dtype))
+    except Exception as exc:
+        raise ModelError(folder, f"cannot load the T5 encoder weights: {exc}") from exc
+    return TextEncoder(tokenizer, model.to(device).eval(), device, output_dtype=dtype)
+
+
+def _load_stage(stage_dir: Path, index: int, count: int, text_dim: int, device: torch.device,
+                dtype: torch.dtype) -> Stage:
+    from diffusers import UNet2DConditionModel
+
+    from engine.backends.torch_backend import TorchUNet
+
+    name = f"stage_{'I' * (index + 1)}" if index < 3 else f"stage_{index + 1}"
+    config = _read_json(stage_dir / "unet" / "config.json", "U-Net config")
+    scheduler = _read_json(stage_dir / "scheduler" / "scheduler_config.json", "scheduler config")
+    in_ch, out_ch = config.get("in_channels"), config.get("out_channels")
+    if index == 0 and in_ch != IMAGE_CHANNELS:
+        raise ModelError(stage_dir, f"the first stage must be a base stage with a {IMAGE_CHANNELS}-channel "
+                                    f"U-Net input; this U-Net takes {in_ch} channels (a super-resolution stage "
+                                    "listed first?)")
+    if index > 0 and in_ch != 2 * IMAGE_CHANNELS:
+        raise ModelError(stage_dir, f"stages after the first must be super-resolution stages with a "
+                                    f"{2 * IMAGE_CHANNELS}-channel U-Net input (x_t + upsampled image); "
+                                    f"this U-Net takes {in_ch}")
+    if out_ch not in (IMAGE_CHANNELS, 2 * IMAGE_CHANNELS):
+        raise ModelError(stage_dir, f"U-Net out_channels={out_ch}; expected {IMAGE_CHANNELS} (eps) or "
+                                    f"{2 * IMAGE_CHANNELS} (eps + learned variance)")
+    if scheduler.get("variance_type") in ("learned", "learned_range") and out_ch != 2 * IMAGE_CHANNELS:
+        raise ModelError(stage_dir, f"the scheduler wants a learned variance but the U-Net has only "
+                                    f"{out_ch} output channels")
+    wants = config.get("encoder_hid_dim") if config.get("encoder_hid_dim_type") else config.get("cross_attention_dim")
+    if wants != text_dim:
+        raise ModelError(stage_dir, f"the U-Net expects text embeddings of width {wants} but the text encoder "
+                                    f"produces {text_dim}: these stages do not belong to one cascade")
+    noising = None
+    if index > 0:
+        noising_config = _read_json(stage_dir / "image_noising_scheduler" / "scheduler_config.json",
+                                    "image-noising scheduler config of a super-resolution stage")
+        noising = _schedule(noising_config, stage_dir / "image_noising_scheduler")
+    _schedule(scheduler, stage_dir / "scheduler")
+    folder = stage_dir / "unet"
+    variant = _weights_variant(folder, dtype, "diffusers.UNet2DConditionModel")
+    try:
+        model = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, variant=variant, torch_dtype=dtype)
+    except Exception as exc:
+        raise ModelError(folder, f"cannot load the U-Net weights: {exc}") from exc
+    return Stage(name, TorchUNet(model.to(device)), scheduler, noising, device, dtype)
+
+
+def _schedule(config: dict, where: Path) -> NoiseSchedule:
+    from engine.samplers import SCHEDULER_CLASSES
+
+    cls = config.get("_class_name", "DDPMScheduler")
+    if cls not in SCHEDULER_CLASSES:
+        raise ModelError(where, f"scheduler {cls} is not supported; supported: {', '.join(SCHEDULER_CLASSES)}")
+    try:
+        return NoiseSchedule.from_config(config)
+    except ValueError as exc:
+        raise ModelError(where, str(exc)) from exc

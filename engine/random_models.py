@@ -1,0 +1,146 @@
+"""IF-architecture cascades with random weights, written to disk in DeepFloyd's diffusers layout.
+
+Used by the tests (tiny models, built in-process and loaded back through `engine.load`), by the benchmark,
+and to make the packaged placeholder model. The U-Nets use IF's block types (ResnetDownsampleBlock2D,
+SimpleCrossAttn blocks, text_proj + text addition embedding, learned-range output); the text encoder is a
+T5 encoder with a word-level tokenizer built locally with `tokenizers`, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# The scheduler configs DeepFloyd ships (shared/reference/cascade_configs.json).
+IF_I_SCHEDULER = {
+    "_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000,
+    "variance_type": "learned_range", "prediction_type": "epsilon", "thresholding": True,
+    "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5, "clip_sample": True, "clip_sample_range": 1.0,
+}
+IF_II_SCHEDULER = {**IF_I_SCHEDULER, "sample_max_value": 1.0}
+IF_II_NOISING_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2",
+                           "num_train_timesteps": 1000}
+
+# Enough words that everyday prompts map to known tokens; unknown words become <unk>.
+VOCABULARY = (
+    "a an the of on in at with and or to from by for is are this that it its very small large big tiny huge "
+    "circle square triangle star heart shape shapes disc ring box cube ball line dot dots "
+    "red green blue yellow purple orange white black gray grey pink brown cyan magenta gold silver "
+    "background foreground center centre middle left right top bottom corner corners side upper lower "
+    "photo picture image painting drawing sketch render photograph illustration art style "
+    "cat dog bird fish horse cow tree flower house car boat sky sea sun moon mountain river city street "
+    "man woman person child face hand eye portrait beautiful cute dark light bright colorful simple "
+    "1 2 3 4 5 6 7 8 9 0 , . ! ? - ' \""
+).split()
+
+
+@dataclass(frozen=True)
+class TinyCascadeSpec:
+    """Sizes of a random IF-architecture cascade: base U-Net, super-resolution U-Net and T5 encoder."""
+
+    base_size: int = 16
+    sr_size: int = 32
+    base_channels: tuple[int, ...] = (32, 64)
+    sr_channels: tuple[int, ...] = (16, 32)
+    cross_attention_dim: int = 64
+    head_dim: int = 8
+    text_dim: int = 32
+    text_layers: int = 2
+    output_scale: float = 0.5  # shrinks conv_out so random outputs stay in a sane range over many steps
+    stage_names: tuple[str, str] = field(default=("stage_I", "stage_II"))
+
+
+def build_tokenizer():
+    """A T5-style word-level tokenizer: pad 0, </s> 1, <unk> 2, lower-cased, </s> appended."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in VOCABULARY:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=77)
+
+
+def build_text_encoder(spec: TinyCascadeSpec, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, d_model=spec.text_dim, d_kv=spec.text_dim // 4, d_ff=2 * spec.text_dim,
+                      num_layers=spec.text_layers, num_heads=4, relative_attention_num_buckets=8,
+                      relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def unet_config(spec: TinyCascadeSpec, super_resolution: bool) -> dict:
+    """IF-I-XL's (or IF-II-L's) U-Net config at tiny size: same block types, embeddings and output."""
+    channels = spec.sr_channels if super_resolution else spec.base_channels
+    config = dict(
+        sample_size=spec.sr_size if super_resolution else spec.base_size,
+        in_channels=6 if super_resolution else 3, out_channels=6,  # out: eps (3) + variance interpolation (3)
+        layers_per_block=1, block_out_channels=channels,
+        down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * (len(channels) - 1),
+        up_block_types=["SimpleCrossAttnUpBlock2D"] * (len(channels) - 1) + ["ResnetUpsampleBlock2D"],
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=spec.cross_attention_dim,
+        attention_head_dim=spec.head_dim, encoder_hid_dim=spec.text_dim, encoder_hid_dim_type="text_proj",
+        addition_embed_type="text", addition_embed_type_num_heads=2, norm_num_groups=8, act_fn="gelu",
+        resnet_time_scale_shift="scale_shift", cross_attention_norm="group_norm",
+    )
+    if super_resolution:  # IF-II: the noise level enters as a timestep-like class embedding
+        config |= dict(class_embed_type="timestep", resnet_skip_time_act=True, time_embedding_act_fn="gelu",
+                       mid_block_scale_factor=1.414, resnet_out_scale_factor=1.414)
+    return config
+
+
+def build_unet(spec: TinyCascadeSpec, super_resolution: bool):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**unet_config(spec, super_resolution)).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(spec.output_scale)
+    return unet
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_if_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCascadeSpec(), seed: int = 0,
+                     notice: str | None = None) -> Path:
+    """Write a random two-stage IF cascade under `root` (stage dirs + cascade.json); return `root`."""
+    root = Path(root)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(spec, len(tokenizer))
+    base, sr = build_unet(spec, False), build_unet(spec, True)
+    stage_i, stage_ii = (root / name for name in spec.stage_names)
+
+    tokenizer.save_pretrained(stage_i / "tokenizer")
+    text_encoder.save_pretrained(stage_i / "text_encoder", safe_serialization=True)
+    base.save_pretrained(stage_i / "unet", safe_serialization=True)
+    _write_json(stage_i / "scheduler" / "scheduler_config.json", IF_I_SCHEDULER)
+    _write_json(stage_i / "model_index.json", {
+        "_class_name": "IFPipeline", "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"]})
+
+    sr.save_pretrained(stage_ii / "unet", safe_serialization=True)
+    _write_json(stage_ii / "scheduler" / "scheduler_config.json", IF_II_SCHEDULER)
+    _write_json(stage_ii / "image_noising_scheduler" / "scheduler_config.json", IF_II_NOISING_SCHEDULER)
+    _write_json(stage_ii / "model_index.json", {
+        "_class_name": "IFSuperResolutionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "image_noising_scheduler": ["diffusers", "DDPMScheduler"]})
+
+    cascade = {"stages": list(spec.stage_names)}
+    if notice:
+        cascade["notice"] = notice
+    _write_json(root / "cascade.json", cascade)
+    return root

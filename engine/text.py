@@ -1,0 +1,46 @@
+"""Prompt encoding: tokenizer + T5 encoder, run once per request; the empty prompt's embedding is cached.
+
+Matches diffusers' IF `encode_prompt` with clean_caption=False: prompts lower-cased and stripped, padded to
+77 tokens with the attention mask passed to the encoder, and all 77 positions handed to the U-Nets.
+T5 never runs in float16 (its activations overflow): bfloat16 or float32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 77
+
+
+class TextEncoder:
+    def __init__(self, tokenizer, model, device: torch.device, output_dtype: torch.dtype):
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = device
+        self.output_dtype = output_dtype  # the U-Nets' dtype: embeddings are cast once, here
+        self.dim = model.config.d_model
+        self._empty: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77, D) embeddings of B prompts, in the U-Nets' dtype."""
+        prompts = [p.lower().strip() for p in prompts]
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+        full_lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True).input_ids]
+        for prompt, length in zip(prompts, full_lengths):
+            if length > MAX_TOKENS:
+                log.warning("prompt is %d tokens, truncated to %d: %r", length, MAX_TOKENS, prompt)
+        hidden = self.model(tokens.input_ids.to(self.device),
+                            attention_mask=tokens.attention_mask.to(self.device))[0]
+        return hidden.to(self.output_dtype)
+
+    def empty(self) -> torch.Tensor:
+        """(1, 77, D) embedding of the empty prompt: the default unconditional input, computed once."""
+        if self._empty is None:
+            self._empty = self.encode([""])
+        return self._empty
