@@ -82,12 +82,16 @@ def build_text_encoder(spec: TinyCascadeSpec, vocab_size: int):
 def unet_config(spec: TinyCascadeSpec, super_resolution: bool) -> dict:
     """IF-I-XL's (or IF-II-L's) U-Net config at tiny size: same block types, embeddings and output."""
     channels = spec.sr_channels if super_resolution else spec.base_channels
+    attention_levels = len(channels) - 1 if not super_resolution else 1
     config = dict(
         sample_size=spec.sr_size if super_resolution else spec.base_size,
         in_channels=6 if super_resolution else 3, out_channels=6,  # out: eps (3) + variance interpolation (3)
         layers_per_block=1, block_out_channels=channels,
-        down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * (len(channels) - 1),
-        up_block_types=["SimpleCrossAttnUpBlock2D"] * (len(channels) - 1) + ["ResnetUpsampleBlock2D"],
+        # Attention only on the lower-resolution levels, as in IF (IF-II-L attends only on its last two).
+        down_block_types=["ResnetDownsampleBlock2D"] * (len(channels) - attention_levels)
+        + ["SimpleCrossAttnDownBlock2D"] * attention_levels,
+        up_block_types=["SimpleCrossAttnUpBlock2D"] * attention_levels
+        + ["ResnetUpsampleBlock2D"] * (len(channels) - attention_levels),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=spec.cross_attention_dim,
         attention_head_dim=spec.head_dim, encoder_hid_dim=spec.text_dim, encoder_hid_dim_type="text_proj",
         addition_embed_type="text", addition_embed_type_num_heads=2, norm_num_groups=8, act_fn="gelu",
@@ -144,3 +148,15 @@ def write_if_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCascadeSpec()
         cascade["notice"] = notice
     _write_json(root / "cascade.json", cascade)
     return root
+
+
+# The packaged placeholder: IF's layout at 32 -> 128 px, small enough to run in seconds on a laptop CPU.
+PLACEHOLDER_SPEC = TinyCascadeSpec(base_size=32, sr_size=128, base_channels=(32, 64), sr_channels=(16, 32, 64),
+                                   cross_attention_dim=64, head_dim=32, text_dim=64)
+PLACEHOLDER_NOTICE = ("tiny-random has random weights: it exercises the whole cascade, but its pictures are "
+                      "noise-like, not drawings of the prompt. Point --model at real DeepFloyd IF weights for images.")
+
+if __name__ == "__main__":  # python -m engine.random_models DIR: rewrite the packaged placeholder into DIR
+    import sys
+
+    write_if_cascade(sys.argv[1], PLACEHOLDER_SPEC, seed=0, notice=PLACEHOLDER_NOTICE)

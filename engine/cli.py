@@ -1,0 +1,99 @@
+"""Command line: `python -m engine generate "PROMPT" -o out.png [...]`.
+
+Defaults come from `engine.options.GenerateRequest` (the same dataclass the Python API uses); errors print one
+line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.options import GenerateRequest, request_defaults
+from engine.samplers import SAMPLERS
+
+DEFAULTS = request_defaults()
+
+
+def _steps_value(text: str):
+    """A step count or a named schedule ("smart27")."""
+    return int(text) if text.isdigit() else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.loading import DEFAULT_MODEL, DTYPES
+
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate images for a prompt")
+    gen.add_argument("prompt", help="the text prompt")
+    gen.add_argument("-o", "--output", default="out.png",
+                     help="PNG path; with several images, -0, -1, ... are added before .png (default: out.png)")
+    gen.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH",
+                     help=f"stage directories in cascade order, a directory with cascade.json, or a packaged "
+                          f"model name (default: {DEFAULT_MODEL})")
+    gen.add_argument("--negative-prompt", default=DEFAULTS["negative_prompt"])
+    gen.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    gen.add_argument("-n", "--num-images", type=int, default=DEFAULTS["num_images_per_prompt"],
+                     help="images per prompt")
+    gen.add_argument("--steps", nargs="+", type=_steps_value, default=None, metavar="N|NAME",
+                     help="steps per stage (one value for all, or one per stage): a count or a named schedule "
+                          "such as smart27, smart50, smart100 (default: smart27 for every stage)")
+    gen.add_argument("--guidance", nargs="+", type=float, default=None, metavar="G",
+                     help="guidance per stage, one value for all or one per stage (default: 7 base, 4 upscaling)")
+    gen.add_argument("--noise-level", type=int, default=DEFAULTS["noise_level"],
+                     help="noise augmentation of super-resolution stages (default: 250)")
+    gen.add_argument("--scheduler", choices=SAMPLERS, default=DEFAULTS["scheduler"],
+                     help="sampler for every stage (default: each stage's own scheduler config)")
+    gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    gen.add_argument("--dtype", choices=list(DTYPES), default=None,
+                     help="float32 (CPU default), float16 (CUDA default) or bfloat16")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
+    return parser
+
+
+def _one_or_tuple(values):
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def generate(args) -> None:
+    from engine.loading import load
+
+    request = GenerateRequest(  # validates before anything is loaded
+        args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, num_images_per_prompt=args.num_images,
+        steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance), noise_level=args.noise_level,
+        scheduler=args.scheduler)
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise EngineError(f"output must be a .png path, got {args.output!r}")
+    pipe = load(*args.model, device=args.device, dtype=args.dtype)
+    if pipe.notice and not args.quiet:
+        print(f"note: {pipe.notice}", file=sys.stderr)
+    result = pipe.run(request, progress=not args.quiet)
+    images = result.images
+    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}.png") for i in range(len(images))]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, paths):
+        image.save(path)
+    if not args.quiet:
+        times = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
+        print(f"{len(images)} image(s) {pipe.image_size}x{pipe.image_size} -> {', '.join(map(str, paths))}")
+        print(f"time: {times} (total {sum(result.timings.values()):.2f}s, {pipe.device}, {str(pipe.dtype)[6:]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            generate(args)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,132 @@
+"""Loading: wrong or missing pieces raise ModelError naming the path and the problem; pickle is never read."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import engine
+from engine import InvalidRequestError, ModelError
+from engine.random_models import TinyCascadeSpec, write_if_cascade
+
+
+@pytest.fixture
+def cascade_copy(cascade_dir, tmp_path):
+    target = tmp_path / "cascade"
+    shutil.copytree(cascade_dir, target)
+    return target
+
+
+def test_super_resolution_stage_first_is_refused(cascade_dir):
+    with pytest.raises(ModelError, match="super-resolution stage listed first") as info:
+        engine.load(cascade_dir / "stage_II", cascade_dir / "stage_I")
+    assert "stage_II" in info.value.path
+
+
+def test_base_stage_second_is_refused(cascade_dir):
+    with pytest.raises(ModelError, match="stages after the first must be super-resolution"):
+        engine.load(cascade_dir / "stage_I", cascade_dir / "stage_I")
+
+
+def test_missing_unet_config(cascade_copy):
+    (cascade_copy / "stage_II" / "unet" / "config.json").unlink()
+    with pytest.raises(ModelError, match="missing config.json \\(U-Net config\\)") as info:
+        engine.load(cascade_copy)
+    assert info.value.path.endswith("stage_II/unet")
+
+
+def test_corrupt_config(cascade_copy):
+    (cascade_copy / "stage_I" / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="corrupt scheduler config"):
+        engine.load(cascade_copy)
+
+
+def test_corrupt_weights(cascade_copy):
+    weights = cascade_copy / "stage_II" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="cannot load the U-Net weights") as info:
+        engine.load(cascade_copy)
+    assert info.value.path.endswith("stage_II/unet")
+
+
+def test_pickle_only_weights_are_refused_with_a_conversion_hint(cascade_copy):
+    unet_dir = cascade_copy / "stage_I" / "unet"
+    (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"not": "loaded"}, unet_dir / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelError, match="only pickle weights.*never pickle.*save_pretrained"):
+        engine.load(cascade_copy)
+
+
+def test_unet_channels_that_do_not_fit(cascade_copy):
+    config_file = cascade_copy / "stage_II" / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["in_channels"] = 4
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="6-channel U-Net input .* this U-Net takes 4"):
+        engine.load(cascade_copy)
+
+
+def test_text_width_mismatch_between_stages(tmp_path, cascade_dir):
+    other = write_if_cascade(tmp_path / "other", TinyCascadeSpec(text_dim=48), seed=1)
+    with pytest.raises(ModelError, match="expects text embeddings of width 48 but the text encoder produces 32"):
+        engine.load(cascade_dir / "stage_I", other / "stage_II")
+
+
+def test_missing_image_noising_scheduler(cascade_copy):
+    shutil.rmtree(cascade_copy / "stage_II" / "image_noising_scheduler")
+    with pytest.raises(ModelError, match="image-noising scheduler"):
+        engine.load(cascade_copy)
+
+
+def test_bad_cascade_json(cascade_copy):
+    (cascade_copy / "cascade.json").write_text(json.dumps({"stages": "stage_I"}))
+    with pytest.raises(ModelError, match='cascade.json must hold {"stages"'):
+        engine.load(cascade_copy)
+    (cascade_copy / "cascade.json").write_text(json.dumps({"stages": ["stage_I", "stage_X"]}))
+    with pytest.raises(ModelError, match="listed in cascade.json does not exist"):
+        engine.load(cascade_copy)
+
+
+def test_unknown_path_names_the_packaged_models():
+    with pytest.raises(ModelError, match="no such model directory \\(packaged models: tiny-random\\)"):
+        engine.load("/no/such/model")
+
+
+def test_fp16_variant_is_used_when_asked_for(cascade_copy):
+    # An fp16 variant holding different weights must be the one loaded for float16/bfloat16, not for float32.
+    unet_dir = cascade_copy / "stage_I" / "unet"
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel.from_pretrained(unet_dir)
+    with torch.no_grad():
+        model.conv_out.bias.fill_(0.25)
+    model.half().save_pretrained(unet_dir, variant="fp16", safe_serialization=True)
+    bf16 = engine.load(cascade_copy, dtype="bfloat16")
+    fp32 = engine.load(cascade_copy, dtype="float32")
+    assert torch.all(bf16.stages[0].unet.model.conv_out.bias == 0.25)
+    assert not torch.all(fp32.stages[0].unet.model.conv_out.bias == 0.25)
+    assert bf16.text.model.dtype == torch.bfloat16  # T5 runs in bf16, never float16
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"backend": "tensorrt"}, "unknown backend 'tensorrt'"),
+    ({"dtype": "float8"}, "unknown dtype 'float8'"),
+    ({"device": "tpu"}, "device 'tpu' is not supported|unknown device"),
+])
+def test_bad_load_options(cascade_dir, kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.load(cascade_dir, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(cascade_dir):
+    with pytest.raises(InvalidRequestError, match="PyTorch sees no CUDA GPU"):
+        engine.load(cascade_dir, device="cuda")
+
+
+def test_text_encoder_under_float16_runs_in_bfloat16():
+    from engine.loading import text_dtype
+
+    assert text_dtype(torch.float16) == torch.bfloat16
+    assert text_dtype(torch.float32) == torch.float32
