@@ -1,0 +1,86 @@
+"""CPU benchmark: our cascade vs diffusers' IF pipelines on the same model, same steps, in one run.
+
+    python bench/cpu_cascade.py [--model tiny-random] [--runs 5] [--json bench/results/cpu_cascade.json]
+
+Both run the whole request (prompt encoding, stage I, stage II) with the same seed and schedules; the
+outputs are compared too, so the two timings are of the same work. Runs alternate ours/theirs so that
+machine noise hits both alike; medians and their ratio are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+from engine.loading import PACKAGED_ROOT  # noqa: E402
+from engine.reference import reference_cascade, run_reference  # noqa: E402
+from engine.schedules import named_timesteps  # noqa: E402
+
+PROMPT = "a red circle on a blue background"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=engine.DEFAULT_MODEL, help="packaged name or cascade directory")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--steps", default="smart27", help="a step count or named schedule, both stages")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    model_dir = Path(args.model) if Path(args.model).is_dir() else PACKAGED_ROOT / args.model
+    steps = int(args.steps) if args.steps.isdigit() else args.steps
+    timesteps = steps if isinstance(steps, int) else named_timesteps(steps)
+    ours = engine.load(model_dir, device="cpu")
+    theirs = reference_cascade(model_dir)
+    request = engine.GenerateRequest(PROMPT, seed=0, steps=steps, guidance=(7.0, 4.0), output_type="np")
+
+    def run_ours():
+        return ours.run(request).images
+
+    def run_theirs():
+        return run_reference(theirs, PROMPT, 0, (timesteps, timesteps), (7.0, 4.0))
+
+    difference = float(np.abs(run_ours() - run_theirs()).max())  # also the warm-up
+    times = {"ours": [], "diffusers": []}
+    for _ in range(args.runs):
+        for name, fn in (("ours", run_ours), ("diffusers", run_theirs)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "benchmark": "cpu_cascade", "model": args.model, "steps": args.steps, "prompt": PROMPT,
+        "runs": args.runs, "median_s": medians, "all_s": times,
+        "speedup_vs_diffusers": medians["diffusers"] / medians["ours"],
+        "max_abs_difference": difference,
+        "image_size": ours.image_size,
+        "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "diffusers": __import__("diffusers").__version__, "engine": engine.__version__},
+        "command": " ".join(["python", "bench/cpu_cascade.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(f"{'':12}{'median s':>10}  runs")
+    for name in times:
+        print(f"{name:12}{medians[name]:>10.3f}  {', '.join(f'{t:.3f}' for t in times[name])}")
+    print(f"speed-up vs diffusers: {result['speedup_vs_diffusers']:.2f}x; "
+          f"max abs difference of the images: {difference:.2e}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
