@@ -70,6 +70,12 @@ def generate(args) -> None:
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise EngineError(f"output must be a .png path, got {args.output!r}")
+    if args.quiet:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     pipe = load(*args.model, device=args.device, dtype=args.dtype)
     if pipe.notice and not args.quiet:
         print(f"note: {pipe.notice}", file=sys.stderr)
