@@ -18,6 +18,7 @@ import torch
 from engine.backends import BACKENDS
 from engine.errors import InvalidRequestError, ModelError
 from engine.pipeline import Pipeline
+from engine.samplers import SCHEDULER_CLASSES
 from engine.schedules import NoiseSchedule
 from engine.stage import IMAGE_CHANNELS, Stage
 from engine.text import TextEncoder
@@ -213,8 +214,6 @@ def _load_stage(stage_dir: Path, index: int, count: int, text_dim: int, device: 
 
 
 def _schedule(config: dict, where: Path) -> NoiseSchedule:
-    from engine.samplers import SCHEDULER_CLASSES
-
     cls = config.get("_class_name", "DDPMScheduler")
     if cls not in SCHEDULER_CLASSES:
         raise ModelError(where, f"scheduler {cls} is not supported; supported: {', '.join(SCHEDULER_CLASSES)}")
