@@ -1,4 +1,8 @@
 """Triton kernels for the cascade's hot spots, each with its reference implementation beside it.
 
-Empty for now: the attention kernel is the next piece of work (issue 3). Kernels know nothing of the engine.
+Kernels know nothing of the engine.
 """
+
+from kernels.attention import attention, reference_attention
+
+__all__ = ["attention", "reference_attention"]

@@ -1,0 +1,96 @@
+"""kernels.attention against an fp64 reference, with tolerance relative to PyTorch SDPA's own error.
+
+Runs on CPU under TRITON_INTERPRET=1 (set here when no GPU is present) and on a GPU where one exists.
+Inputs are drawn fresh per test; outputs are poisoned with NaN first so unwritten elements show.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+import kernels  # noqa: E402
+from kernels.attention import _launch, reference_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def check(b, h, lq, lk, d, dtype, mask=None, scale=None):
+    q, k, v = (torch.randn(b, h, n, d, dtype=dtype, device=DEVICE) for n in (lq, lk, lk))
+    exact = reference_attention(q.double(), k.double(), v.double(), scale=scale, key_padding_mask=mask)
+    out = torch.full_like(q, float("nan"))
+    _launch(q, k, v, d**-0.5 if scale is None else scale, mask, out=out)
+    assert not out.isnan().any(), "unwritten or NaN output elements"
+    sdpa_mask = None if mask is None else mask[:, None, None, :]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=scale)
+    ours_error = (out.double() - exact).abs().max().item()
+    sdpa_error = (sdpa.double() - exact).nan_to_num().abs().max().item()
+    assert ours_error <= 2 * sdpa_error + 4 * torch.finfo(dtype).eps, (ours_error, sdpa_error)
+    assert torch.allclose(kernels.attention(q, k, v, scale=scale, key_padding_mask=mask), out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [32, 40, 64, 80, 96, 128])
+def test_head_dims_and_dtypes(d, dtype):
+    check(2, 2, 19, 45, d, dtype)
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (1, 77), (77, 1), (3, 5), (17, 93), (64, 77 + 64), (40, 16)])
+def test_odd_lengths(lq, lk):
+    check(1, 3, lq, lk, 64, torch.float16)
+
+
+def test_if_joint_attention_shape_with_scale():
+    # IF's joint attention: 8x8 image tokens attend to 77 text tokens + themselves.
+    check(2, 4, 64, 77 + 64, 64, torch.float32, scale=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_padding_mask(dtype):
+    mask = torch.rand(3, 50, device=DEVICE) > 0.4
+    mask[:, 0] = True
+    check(3, 2, 21, 50, 64, dtype, mask=mask)
+
+
+def test_fully_masked_rows_give_zeros():
+    mask = torch.ones(2, 30, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    q, k, v = (torch.randn(2, 2, n, 32, device=DEVICE) for n in (9, 30, 30))
+    out = kernels.attention(q, k, v, key_padding_mask=mask)
+    assert torch.all(out[1] == 0)
+    assert torch.allclose(out[0], reference_attention(q, k, v, key_padding_mask=mask)[0], atol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    # (B, L, H, D) memory viewed as (B, H, L, D), as attention processors produce.
+    q, k, v = (torch.randn(2, n, 3, 64, device=DEVICE).transpose(1, 2) for n in (10, 30, 30))
+    assert torch.allclose(kernels.attention(q, k, v), reference_attention(q, k, v), atol=1e-5)
+
+
+@pytest.mark.parametrize("args,error,message", [
+    (((2, 3, 4), (2, 3, 4), (2, 3, 4)), ValueError, "must be a 4-D tensor"),
+    (((1, 2, 4, 64), (1, 2, 5, 32), (1, 2, 5, 32)), ValueError, "shapes do not fit"),
+    (((1, 2, 4, 64), (1, 2, 5, 64), (1, 2, 6, 64)), ValueError, "shapes do not fit"),
+    (((1, 2, 4, 512), (1, 2, 5, 512), (1, 2, 5, 512)), ValueError, "head dim 512 is larger"),
+    (((1, 2, 0, 64), (1, 2, 5, 64), (1, 2, 5, 64)), ValueError, "need Lq >= 1"),
+])
+def test_shape_errors_are_python_errors(args, error, message):
+    q, k, v = (torch.randn(*s, device=DEVICE) for s in args)
+    with pytest.raises(error, match=message):
+        kernels.attention(q, k, v)
+
+
+def test_dtype_and_mask_errors():
+    q = torch.randn(1, 2, 4, 64, device=DEVICE)
+    with pytest.raises(TypeError, match="dtype torch.int32"):
+        kernels.attention(q.int(), q.int(), q.int())
+    with pytest.raises(TypeError, match="share one dtype"):
+        kernels.attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+        kernels.attention(q, q, q, key_padding_mask=torch.ones(1, 4, device=DEVICE))
