@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.backends import BACKENDS
+from engine.backends.attention import ATTENTION_CHOICES, triton_available
 from engine.errors import InvalidRequestError, ModelError
 from engine.pipeline import Pipeline
 from engine.samplers import SCHEDULER_CLASSES
@@ -67,11 +68,15 @@ def text_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def load(*paths: str | Path, backend: str = "torch", device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None) -> Pipeline:
-    """A Pipeline for a cascade on disk (stage dirs in order, a dir with cascade.json) or a packaged model name."""
+         dtype: str | torch.dtype | None = None, attention: str | None = None) -> Pipeline:
+    """A Pipeline for a cascade on disk (stage dirs in order, a dir with cascade.json) or a packaged model name.
+
+    attention: "triton" (our kernel; the default on CUDA when Triton is installed) or "sdpa" (PyTorch's).
+    """
     if backend not in BACKENDS:
         raise InvalidRequestError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     device = resolve_device(device)
+    attention = _resolve_attention(attention, device)
     dtype = resolve_dtype(dtype, device)
     stage_dirs, notice, source = _stage_dirs(paths)
     first = stage_dirs[0]
@@ -80,7 +85,7 @@ def load(*paths: str | Path, backend: str = "torch", device: str | torch.device 
             raise ModelError(first, f"the first stage needs {sub}/ (a base stage as IF-I ships it); "
                                     "is a super-resolution stage listed first?")
     text = _load_text_encoder(first, device, dtype)
-    stages = [_load_stage(d, i, len(stage_dirs), text.dim, device, dtype) for i, d in enumerate(stage_dirs)]
+    stages = [_load_stage(d, i, text.dim, device, dtype, attention) for i, d in enumerate(stage_dirs)]
     return Pipeline(text, stages, device, dtype, source=source, notice=notice)
 
 
@@ -170,8 +175,18 @@ def _load_text_encoder(stage_dir: Path, device: torch.device, dtype: torch.dtype
     return TextEncoder(tokenizer, model.to(device).eval(), device, output_dtype=dtype)
 
 
-def _load_stage(stage_dir: Path, index: int, count: int, text_dim: int, device: torch.device,
-                dtype: torch.dtype) -> Stage:
+def _resolve_attention(attention: str | None, device: torch.device) -> str:
+    if attention is None:
+        return "triton" if device.type == "cuda" and triton_available() else "sdpa"
+    if attention not in ATTENTION_CHOICES:
+        raise InvalidRequestError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+    if attention == "triton" and not triton_available():
+        raise InvalidRequestError("attention='triton' needs Triton: pip install 'cascade-engine[triton]'")
+    return attention
+
+
+def _load_stage(stage_dir: Path, index: int, text_dim: int, device: torch.device, dtype: torch.dtype,
+                attention: str) -> Stage:
     from diffusers import UNet2DConditionModel
 
     from engine.backends.torch_backend import TorchUNet
@@ -210,7 +225,7 @@ def _load_stage(stage_dir: Path, index: int, count: int, text_dim: int, device: 
         model = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, variant=variant, torch_dtype=dtype)
     except Exception as exc:
         raise ModelError(folder, f"cannot load the U-Net weights: {exc}") from exc
-    return Stage(name, TorchUNet(model.to(device)), scheduler, noising, device, dtype)
+    return Stage(name, TorchUNet(model.to(device), attention), scheduler, noising, device, dtype)
 
 
 def _schedule(config: dict, where: Path) -> NoiseSchedule:

@@ -44,7 +44,7 @@ def reference_attention(q, k, v, scale=None, key_padding_mask=None):
 
 def _configs():
     if INTERPRETING:  # the interpreter is slow: one small config, no autotuning sweep
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                                (64, 32, 4, 4), (32, 32, 4, 2)]]

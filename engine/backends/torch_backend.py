@@ -8,8 +8,12 @@ import torch
 class TorchUNet:
     """Calls a diffusers `UNet2DConditionModel` with named tensors and returns its output tensor."""
 
-    def __init__(self, model):
+    def __init__(self, model, attention: str = "sdpa"):
+        from engine.backends.attention import install
+
         self.model = model.eval().requires_grad_(False)
+        self.attention = attention
+        install(self.model, attention)
         if model.device.type == "cuda":
             # channels_last: the U-Nets are ~90% convolution and cuDNN runs NHWC faster. Not on CPU: there it
             # is 15% faster too, but its rounding moved a 6-step DDIM cascade 1.3e-4 from diffusers, past the
