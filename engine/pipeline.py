@@ -50,7 +50,7 @@ class Pipeline:
         settings = request.per_stage([s.kind for s in self.stages])  # validates per-stage values first
         timings: dict[str, float] = {}
         n = request.num_images_per_prompt
-        conditioning, timings["text"] = timed(lambda: self._conditioning(request, settings), self.device)
+        conditioning, timings["text"] = timed(self.device, self._conditioning, request, settings)
         conditioning = Conditioning(
             cond=conditioning.cond.repeat_interleave(n, dim=0),
             uncond=None if conditioning.uncond is None else conditioning.uncond.repeat_interleave(n, dim=0))
@@ -59,7 +59,7 @@ class Pipeline:
         image = None
         for stage, stage_settings in zip(self.stages, settings):
             image, timings[stage.name] = timed(
-                lambda: stage.run(conditioning, image, stage_settings, generator, progress), self.device)
+                self.device, stage.run, conditioning, image, stage_settings, generator, progress)
         return Generation(self._output(image, request.output_type), timings)
 
     def _conditioning(self, request: GenerateRequest, settings) -> Conditioning:

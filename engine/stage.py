@@ -115,10 +115,10 @@ class Stage:
         return eps, variance
 
 
-def timed(fn, device: torch.device):
-    """Run fn(); return (result, seconds), synchronising the device once at the end."""
+def timed(device: torch.device, fn, *args):
+    """Run fn(*args); return (result, seconds), synchronising the device once at the end."""
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result, time.perf_counter() - start
