@@ -28,3 +28,59 @@ def test_triton_attention_cascade_matches_diffusers(cascade_dir, reference):
 def test_unknown_attention_is_refused(cascade_dir):
     with pytest.raises(engine.InvalidRequestError, match="unknown attention 'flash'"):
         engine.load(cascade_dir, attention="flash")
+
+
+def _plain_models(seed):
+    """A tiny x4-upscaler-like U-Net (transformer self- and cross-attention) and a VAE with a mid-block attention."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8, num_class_embeds=1000)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8)
+    return unet.eval(), vae.eval()
+
+
+def test_plain_attention_processor_matches_sdpa():
+    from engine.backends.attention import TritonAttnProcessor, install
+
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    unet, vae = _plain_models(seed)
+    sample, text = torch.randn(2, 7, 9, 9), torch.randn(2, 11, 24)  # odd sizes: 81 and 11 tokens
+    latents = torch.randn(1, 4, 5, 7)
+    with torch.no_grad():
+        expected = unet(sample, 20, encoder_hidden_states=text, class_labels=torch.tensor([20, 20])).sample
+        expected_image = vae.decode(latents).sample
+        # 4 transformers (down 1, mid 1, up 2) x (self, cross); encoder and decoder mid-blocks
+        assert install(unet, "triton") == 8 and install(vae, "triton") == 2
+        assert isinstance(vae.decoder.mid_block.attentions[0].processor, TritonAttnProcessor)
+        got = unet(sample, 20, encoder_hidden_states=text, class_labels=torch.tensor([20, 20])).sample
+        got_image = vae.decode(latents).sample
+    assert torch.isfinite(got).all() and torch.isfinite(got_image).all()
+    assert (got - expected).abs().max() <= 1e-4, f"seed {seed}"
+    assert (got_image - expected_image).abs().max() <= 1e-4, f"seed {seed}"
+
+
+def test_plain_processor_falls_back_for_masks_and_wide_heads():
+    """The x4 VAE's 512-wide single head is past the kernel's limit; masks go to diffusers too."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from engine.backends.attention import TritonAttnProcessor
+
+    torch.manual_seed(0)
+    wide = Attention(query_dim=512, heads=1, dim_head=512).eval()
+    narrow = Attention(query_dim=32, heads=2, dim_head=16).eval()
+    x_wide, x_narrow = torch.randn(1, 5, 512), torch.randn(2, 6, 32)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])  # (B, Lk) key padding as diffusers takes it
+    with torch.no_grad():
+        expected = wide(x_wide), narrow(x_narrow, attention_mask=mask)
+        wide.set_processor(TritonAttnProcessor())
+        narrow.set_processor(TritonAttnProcessor())
+        got = wide(x_wide), narrow(x_narrow, attention_mask=mask)
+    assert isinstance(AttnProcessor2_0(), type(wide.processor._fallback))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

@@ -1,9 +1,13 @@
 """Attention processors that run diffusers' U-Net attention through our Triton kernel.
 
-IF's SimpleCrossAttn blocks use diffusers' "added KV" attention: queries from the (group-normed) image tokens,
-keys and values from the projected text tokens followed by the image tokens ("joint" attention, no mask).
-`AddedKVTritonProcessor` computes the same function as diffusers' AttnAddedKVProcessor2_0 with
-kernels.attention in place of SDPA. Calls with an attention mask (IF passes none) go to diffusers' processor.
+Two kinds of attention module occur in the cascades:
+- IF's SimpleCrossAttn blocks use diffusers' "added KV" attention: queries from the (group-normed) image tokens,
+  keys and values from the projected text tokens followed by the image tokens ("joint" attention, no mask).
+  `AddedKVTritonProcessor` computes what diffusers' AttnAddedKVProcessor2_0 computes.
+- The x4 upscaler's transformer blocks (self- and cross-attention) and VAE mid-blocks use plain attention.
+  `TritonAttnProcessor` computes what diffusers' AttnProcessor2_0 computes.
+Both put kernels.attention where diffusers calls SDPA. Calls with an attention mask (the cascades pass none) and
+head dims above the kernel's maximum (the x4 VAE's single 512-wide head) go to diffusers' own processor.
 """
 
 from __future__ import annotations
@@ -11,6 +15,14 @@ from __future__ import annotations
 import torch
 
 ATTENTION_CHOICES = ("sdpa", "triton")
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, L, heads * Dh) -> (B, heads, L, Dh)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2).flatten(2)  # (B, heads, L, Dh) -> (B, L, heads * Dh)
 
 
 class AddedKVTritonProcessor:
@@ -33,18 +45,58 @@ class AddedKVTritonProcessor:
             context = attn.norm_encoder_hidden_states(context)
         tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
 
-        def heads(t):  # (B, L, heads * Dh) -> (B, heads, L, Dh)
-            return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-
-        query = heads(attn.to_q(tokens))
-        key, value = heads(attn.add_k_proj(context)), heads(attn.add_v_proj(context))
+        query = _split_heads(attn.to_q(tokens), attn.heads)
+        key = _split_heads(attn.add_k_proj(context), attn.heads)
+        value = _split_heads(attn.add_v_proj(context), attn.heads)
         if not attn.only_cross_attention:  # joint: text keys first, then the image tokens
-            key = torch.cat([key, heads(attn.to_k(tokens))], dim=2)
-            value = torch.cat([value, heads(attn.to_v(tokens))], dim=2)
+            key = torch.cat([key, _split_heads(attn.to_k(tokens), attn.heads)], dim=2)
+            value = torch.cat([value, _split_heads(attn.to_v(tokens), attn.heads)], dim=2)
         out = self._attention(query, key, value, scale=attn.scale)  # (B, heads, HW, Dh)
-        out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[3])
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = attn.to_out[1](attn.to_out[0](_merge_heads(out)))
         return out.transpose(-1, -2).reshape(residual.shape) + residual
+
+
+class TritonAttnProcessor:
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        from kernels import attention
+        from kernels.attention import MAX_HEAD_DIM
+
+        self._attention = attention
+        self._max_head_dim = MAX_HEAD_DIM
+        self._fallback = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        head_dim = attn.to_k.out_features // attn.heads
+        if attention_mask is not None or head_dim > self._max_head_dim:
+            return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        residual = hidden_states  # (B, L, C), or (B, C, H, W) in the VAE
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if image_shape is not None:
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # (B, Lk, Ck)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = _split_heads(attn.to_q(hidden_states), attn.heads)  # (B, heads, Lq, Dh)
+        key = _split_heads(attn.to_k(context), attn.heads)  # (B, heads, Lk, Dh)
+        value = _split_heads(attn.to_v(context), attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        # AttnProcessor2_0 calls SDPA with its default scale Dh ** -0.5, not attn.scale; so do we, for parity.
+        out = self._attention(query, key, value)
+        out = attn.to_out[1](attn.to_out[0](_merge_heads(out)))
+        if image_shape is not None:
+            out = out.transpose(1, 2).reshape(image_shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
 
 
 def triton_available() -> bool:
@@ -56,14 +108,19 @@ def triton_available() -> bool:
 
 
 def install(model, attention: str) -> int:
-    """Give every added-KV attention module of `model` our processor when attention == "triton"; return how many."""
+    """Give every attention module of `model` our processor when attention == "triton"; return how many.
+
+    Only diffusers' default processors are replaced; a module with any other processor keeps it."""
     if attention == "sdpa":
         return 0
-    from diffusers.models.attention_processor import AttnAddedKVProcessor, AttnAddedKVProcessor2_0
+    from diffusers.models import attention_processor as ap
 
+    ours = {ap.AttnAddedKVProcessor: AddedKVTritonProcessor, ap.AttnAddedKVProcessor2_0: AddedKVTritonProcessor,
+            ap.AttnProcessor: TritonAttnProcessor, ap.AttnProcessor2_0: TritonAttnProcessor}
     count = 0
     for module in model.modules():
-        if isinstance(getattr(module, "processor", None), (AttnAddedKVProcessor, AttnAddedKVProcessor2_0)):
-            module.set_processor(AddedKVTritonProcessor())
+        replacement = ours.get(type(getattr(module, "processor", None)))
+        if replacement is not None:
+            module.set_processor(replacement())
             count += 1
     return count
