@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end (smoke sizes on CPU) and measure the shapes they claim to."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_bench_shapes_are_ifs_real_ones():
+    bench = _load("attention")
+    shapes = {s["name"]: (s["heads"], s["lq"], s["lk"], s["d"])
+              for s in bench.cascade_shapes(json.loads(bench.CONFIGS.read_text()))}
+    # IF-I-XL at 64x64: 22 heads at 32x32, 33 at 16x16, 44 at 8x8; keys are 77 text tokens + the image tokens
+    assert shapes["IF-I-XL 32x32"] == (22, 1024, 1101, 64)
+    assert shapes["IF-I-XL 16x16"] == (33, 256, 333, 64)
+    assert shapes["IF-I-XL 8x8"] == (44, 64, 141, 64)
+    assert shapes["IF-II-L 32x32"] == (15, 1024, 1101, 64)
+
+
+def test_attention_bench_smoke_runs_and_checks_correctness(tmp_path):
+    bench = _load("attention")
+    report = bench.main(["--smoke", "--json", str(tmp_path / "attention.json")])
+    saved = json.loads((tmp_path / "attention.json").read_text())
+    assert saved["rows"] and saved["rows"][0]["results"]["ours"]["max_abs_err"] < 1e-2
+    assert report["rows"][0]["results"]["ours"]["ms"] > 0
