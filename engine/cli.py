@@ -1,4 +1,4 @@
-"""Command line: `python -m engine generate "PROMPT" -o out.png [...]`.
+"""Command line: `python -m engine generate "PROMPT" -o out.png [...]` and `python -m engine export MODEL... --out DIR`.
 
 Defaults come from `engine.options.GenerateRequest` (the same dataclass the Python API uses); errors print one
 line and exit non-zero.
@@ -23,6 +23,7 @@ def _steps_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.backends import BACKENDS
     from engine.loading import DEFAULT_MODEL, DTYPES
 
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
@@ -50,7 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     gen.add_argument("--dtype", choices=list(DTYPES), default=None,
                      help="float32 (CPU default), float16 (CUDA default) or bfloat16")
+    gen.add_argument("--backend", choices=BACKENDS, default=None,
+                     help="torch (default for model directories) or onnxruntime (default for exported "
+                          "directories; for a model directory it exports into the cache on first use)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
+
+    exp = commands.add_parser("export", help="export a cascade's components to ONNX (checked against PyTorch)")
+    exp.add_argument("model", nargs="+", metavar="MODEL",
+                     help="stage directories in cascade order, a directory with cascade.json, or a packaged name")
+    exp.add_argument("--format", choices=("onnx",), default="onnx")
+    exp.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier export)")
+    exp.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                     help="precision of the U-Net graphs (the text encoder stays float32); float16 is for GPUs")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 
 
@@ -76,7 +89,7 @@ def generate(args) -> None:
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    pipe = load(*args.model, device=args.device, dtype=args.dtype)
+    pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype)
     if pipe.notice and not args.quiet:
         print(f"note: {pipe.notice}", file=sys.stderr)
     result = pipe.run(request, progress=not args.quiet)
@@ -91,11 +104,28 @@ def generate(args) -> None:
         print(f"time: {times} (total {sum(result.timings.values()):.2f}s, {pipe.device}, {str(pipe.dtype)[6:]})")
 
 
+def export(args) -> None:
+    import json
+
+    from export.onnx import export_onnx
+
+    out = export_onnx(*args.model, out=args.out, dtype=args.dtype, progress=not args.quiet)
+    if not args.quiet:
+        manifest = json.loads((out / "manifest.json").read_text())
+        for name, component in manifest["components"].items():
+            check = component["check"]
+            print(f"{name}: {component['file']} ({component['precision']}), ONNX Runtime vs PyTorch max abs "
+                  f"{check['max_abs_error']:.2e}, max rel {check['max_rel_error']:.2e}")
+        print(f"exported to {out}; run it with: python -m engine generate \"PROMPT\" --model {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "export":
+            export(args)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -67,29 +67,71 @@ def text_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
-def load(*paths: str | Path, backend: str = "torch", device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, attention: str | None = None) -> Pipeline:
-    """A Pipeline for a cascade on disk (stage dirs in order, a dir with cascade.json) or a packaged model name.
+def load(*paths: str | Path, backend: str | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, attention: str | None = None, providers=None) -> Pipeline:
+    """A Pipeline for a cascade on disk (stage dirs in order, a dir with cascade.json), a packaged model name,
+    or a directory exported by `python -m engine export`.
 
-    attention: "triton" (our kernel; the default on CUDA when Triton is installed) or "sdpa" (PyTorch's).
+    backend: "torch" (the default for model directories), or "onnxruntime" (the default, and the only choice,
+    for an exported directory; for a model directory it exports into the cache on first use, see export/cache.py).
+    attention (torch only): "triton" (our kernel; the default on CUDA when Triton is installed) or "sdpa".
+    providers (onnxruntime only): ONNX Runtime execution providers; default CUDA when usable, else CPU.
     """
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise InvalidRequestError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    exported = _exported_dir(paths)
+    if exported is not None or backend == "onnxruntime":
+        if attention is not None:
+            raise InvalidRequestError("attention= applies to the torch backend only; the onnxruntime backend "
+                                      "runs the attention the exported graph holds")
+        if backend == "torch":
+            raise InvalidRequestError(f"{exported} is an ONNX export; load it with backend='onnxruntime' (or "
+                                      "no backend), or load the original model directory with backend='torch'")
+        return _load_onnxruntime(paths, exported, device, dtype, providers)
+    if providers is not None:
+        raise InvalidRequestError("providers= applies to the onnxruntime backend only")
     device = resolve_device(device)
     attention = _resolve_attention(attention, device)
     dtype = resolve_dtype(dtype, device)
-    stage_dirs, notice, source = _stage_dirs(paths)
-    first = stage_dirs[0]
+    dirs, notice, source = stage_dirs(paths)
+    first = dirs[0]
     for sub in ("tokenizer", "text_encoder"):
         if not (first / sub).is_dir():
             raise ModelError(first, f"the first stage needs {sub}/ (a base stage as IF-I ships it); "
                                     "is a super-resolution stage listed first?")
     text = _load_text_encoder(first, device, dtype)
-    stages = [_load_stage(d, i, text.dim, device, dtype, attention) for i, d in enumerate(stage_dirs)]
+    stages = [_load_stage(d, i, text.dim, device, dtype, attention) for i, d in enumerate(dirs)]
     return Pipeline(text, stages, device, dtype, source=source, notice=notice)
 
 
-def _stage_dirs(paths) -> tuple[list[Path], str | None, str]:
+def _exported_dir(paths) -> Path | None:
+    """The directory if `paths` is one directory exported by `python -m engine export`, else None."""
+    if len(paths) == 1 and isinstance(paths[0], (str, Path)):
+        path = Path(paths[0]).expanduser()
+        if (path / "manifest.json").is_file():
+            return path
+    return None
+
+
+def _load_onnxruntime(paths, exported: Path | None, device, dtype, providers) -> Pipeline:
+    from engine.backends.onnxruntime_backend import load_exported
+    from export.cache import cached_export
+
+    device = resolve_device(device)
+    if providers is None and device.type == "cpu":
+        providers = ["CPUExecutionProvider"]
+    if exported is None:
+        dtype = resolve_dtype(dtype, device)
+        if dtype == torch.bfloat16:
+            raise InvalidRequestError("the onnxruntime backend runs float32 or float16 exports, not bfloat16")
+        exported = cached_export(*paths, dtype=str(dtype).removeprefix("torch."))
+    elif dtype is not None:
+        raise InvalidRequestError(f"{exported} was exported in a fixed precision (see its manifest.json); "
+                                  "dtype= cannot change it: export again with --dtype")
+    return load_exported(exported, providers=providers)
+
+
+def stage_dirs(paths) -> tuple[list[Path], str | None, str]:
     if not paths:
         raise InvalidRequestError("engine.load() needs at least one path or packaged model name, "
                                   f"e.g. engine.load({DEFAULT_MODEL!r})")
@@ -172,7 +214,7 @@ def _load_text_encoder(stage_dir: Path, device: torch.device, dtype: torch.dtype
                                                dtype=text_dtype(dtype))
     except Exception as exc:
         raise ModelError(folder, f"cannot load the T5 encoder weights: {exc}") from exc
-    return TextEncoder(tokenizer, model.to(device).eval(), device, output_dtype=dtype)
+    return TextEncoder(tokenizer, model.to(device).eval(), device, output_dtype=dtype, dim=model.config.d_model)
 
 
 def _resolve_attention(attention: str | None, device: torch.device) -> str:

@@ -17,12 +17,12 @@ MAX_TOKENS = 77
 
 
 class TextEncoder:
-    def __init__(self, tokenizer, model, device: torch.device, output_dtype: torch.dtype):
+    def __init__(self, tokenizer, model, device: torch.device, output_dtype: torch.dtype, dim: int):
         self.tokenizer = tokenizer
-        self.model = model
+        self.model = model  # model(input_ids, attention_mask=...) -> (hidden (B, 77, dim), ...): T5 or a backend's
         self.device = device
         self.output_dtype = output_dtype  # the U-Nets' dtype: embeddings are cast once, here
-        self.dim = model.config.d_model
+        self.dim = dim
         self._empty: torch.Tensor | None = None
 
     @torch.inference_mode()

@@ -1,6 +1,7 @@
 """Backends run one component ("call this U-Net with these named tensors"); the runtime knows nothing else.
 
-Only the PyTorch backend exists so far; ONNX Runtime and TensorRT come with the exporters.
+torch: diffusers/transformers modules in PyTorch (torch_backend.py, attention.py).
+onnxruntime: graphs exported by export/onnx.py, run by ONNX Runtime (onnxruntime_backend.py).
 """
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")

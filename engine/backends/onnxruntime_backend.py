@@ -1,0 +1,167 @@
+"""The ONNX Runtime backend: runs an exported directory (export/onnx.py) behind the same Pipeline.
+
+The runtime around it (prompt handling, samplers, guidance, noise) is the torch code every backend shares;
+only the text encoder and the U-Nets run as ONNX Runtime sessions. Tensors cross by pointer with IO binding
+(no numpy copies): inputs are bound from torch tensors, outputs are written into preallocated torch tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from engine.errors import InvalidRequestError, ModelError
+
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # the first one available is used
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+
+def physical_cores() -> int:
+    """ONNX Runtime's intra-op threads: one per core, not per hyper-thread (spinning siblings slow it down)."""
+    count = os.cpu_count() or 1
+    try:
+        siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text()
+        per_core = len(siblings.replace("-", ",").split(","))
+        return max(1, count // per_core)
+    except OSError:
+        return count
+
+
+def session_options(threads: int | None = None):
+    from export.onnx import require_onnx
+
+    _, ort = require_onnx()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+    return options
+
+
+def resolve_providers(providers) -> list[str]:
+    from export.onnx import require_onnx
+
+    _, ort = require_onnx()
+    available = ort.get_available_providers()
+    if providers is None:
+        return [p for p in DEFAULT_PROVIDERS if p in available]
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise InvalidRequestError(f"ONNX Runtime providers {missing} are not available here (available: "
+                                  f"{', '.join(available)}); CUDA needs `pip install onnxruntime-gpu`")
+    return providers
+
+
+class OrtComponent:
+    """One exported graph as a session; call(**named torch tensors) -> torch tensor of its (only) output."""
+
+    def __init__(self, path: Path, description: dict, providers: list[str], options, device: torch.device):
+        from export.onnx import require_onnx
+
+        _, ort = require_onnx()
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own types for unreadable or invalid graphs
+            raise ModelError(path, f"ONNX Runtime cannot load this graph: {exc}") from exc
+        self.inputs = description["inputs"]
+        (self.output_name, output), = description["outputs"].items()
+        self.output_shape = output["shape"]  # with "batch" for the dynamic axis
+        self.output_dtype = TORCH_DTYPES[output["dtype"]]
+        self.device = device
+
+    def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
+        binding = self.session.io_binding()
+        kept = []  # contiguous copies must outlive the run
+        for name, spec in self.inputs.items():
+            t = tensors[name].to(self.device, TORCH_DTYPES[spec["dtype"]]).contiguous()
+            kept.append(t)
+            binding.bind_input(name, self.device.type, self.device.index or 0, _numpy_dtype(t.dtype),
+                               tuple(t.shape), t.data_ptr())
+        batch = kept[0].shape[0]
+        out = torch.empty([batch if d == "batch" else d for d in self.output_shape], dtype=self.output_dtype,
+                          device=self.device)
+        binding.bind_output(self.output_name, self.device.type, self.device.index or 0,
+                            _numpy_dtype(out.dtype), tuple(out.shape), out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    import numpy as np
+
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
+
+
+class OrtTextModel:
+    """T5 as an exported graph, called like transformers' encoder: model(ids, attention_mask=m)[0]."""
+
+    def __init__(self, component: OrtComponent):
+        self.component = component
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return (self.component(input_ids=input_ids, attention_mask=attention_mask),)
+
+
+class OrtUNet:
+    """An exported U-Net behind the runtime's U-Net call (same interface as TorchUNet)."""
+
+    def __init__(self, component: OrtComponent, config: dict, dtype: torch.dtype):
+        self.component = component
+        self.in_channels = config["in_channels"]
+        self.out_channels = config["out_channels"]
+        self.sample_size = config["sample_size"]
+        self.dtype = dtype
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        # sample (B, C, H, W); timestep () or (B,) int64 -> the graph's (B,); encoder_hidden_states (B, 77, D)
+        named = {"sample": sample, "timestep": timestep.reshape(-1).expand(sample.shape[0]),
+                 "encoder_hidden_states": encoder_hidden_states}
+        if class_labels is not None:
+            named["class_labels"] = class_labels
+        return self.component(**named)
+
+
+def load_exported(root: Path, providers=None, threads: int | None = None, notice: str | None = None):
+    """A Pipeline over an exported directory, after verifying every file against its manifest."""
+    from transformers import AutoTokenizer
+
+    from engine.loading import _schedule
+    from engine.pipeline import Pipeline
+    from engine.stage import Stage
+    from engine.text import TextEncoder
+    from export.onnx import read_manifest
+
+    manifest = read_manifest(root)  # hashes first: nothing unverified is loaded
+    providers = resolve_providers(providers)
+    device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
+                          else "cpu")
+    dtype = TORCH_DTYPES[manifest["precision"]]
+    options = session_options(threads)
+    components = manifest["components"]
+
+    def component(name):
+        return OrtComponent(root / components[name]["file"], components[name], providers, options, device)
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    text_shape = components["text_encoder"]["outputs"]["last_hidden_state"]["shape"]
+    text = TextEncoder(tokenizer, OrtTextModel(component("text_encoder")), device, output_dtype=dtype,
+                       dim=text_shape[-1])
+    stages = []
+    for entry in manifest["stages"]:
+        name = entry["name"]
+        config = json.loads((root / name / "unet" / "config.json").read_text())
+        scheduler = json.loads((root / name / "scheduler" / "scheduler_config.json").read_text())
+        noising = None
+        if entry["kind"] == "super_resolution":
+            noising_dir = root / name / "image_noising_scheduler"
+            noising = _schedule(json.loads((noising_dir / "scheduler_config.json").read_text()), noising_dir)
+        unet = OrtUNet(component(f"{name}/unet"), config, dtype)
+        stages.append(Stage(name, unet, scheduler, noising, device, dtype))
+    return Pipeline(text, stages, device, dtype, source=str(root), notice=notice or manifest.get("notice"))

@@ -1,0 +1,62 @@
+"""The export cache: `engine.load(MODEL, backend="onnxruntime")` exports once and reuses the result.
+
+Entries are keyed by content, not by file names: the SHA-256 of every file of the source model (weights,
+configs, tokenizer), the export options, and the versions of torch, onnx, onnxruntime and the engine. Moving
+or renaming a model keeps its entry; changing one weight byte or upgrading torch makes a new one. Entries are
+written atomically (export_onnx builds in a temporary directory and renames), and every use verifies the
+entry's manifest first: a corrupt or partial entry is reported and rebuilt, never run.
+
+Location: $CASCADE_ENGINE_CACHE, else $XDG_CACHE_HOME/cascade-engine, else ~/.cache/cascade-engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from engine.errors import ModelError
+from export import manifest as manifest_io
+from export.onnx import export_onnx, source_hash, versions
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "CASCADE_ENGINE_CACHE"
+
+
+def cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cascade-engine"
+
+
+def cache_key(stage_dirs: list[Path], dtype: str) -> str:
+    key = {"source": source_hash(stage_dirs), "options": {"format": "onnx", "dtype": dtype},
+           "versions": versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path:
+    """The directory of a verified ONNX export of the cascade at `paths`, exporting it first if needed."""
+    from engine.loading import stage_dirs
+
+    dirs, _, source = stage_dirs(paths)
+    entry = cache_root() / "onnx" / cache_key(dirs, dtype)[:24]
+    if entry.exists():
+        try:
+            manifest_io.verify(entry) if manifest_io.is_exported(entry) else _no_manifest(entry)
+            log.info("using the cached ONNX export of %s at %s", source, entry)
+            return entry
+        except ModelError as exc:
+            log.warning("the cached ONNX export is unusable (%s); rebuilding it", exc)
+            shutil.rmtree(entry)
+    log.info("exporting %s to ONNX into the cache at %s (once)", source, entry)
+    return export_onnx(*paths, out=entry, dtype=dtype, progress=progress)
+
+
+def _no_manifest(entry: Path):
+    raise ModelError(entry, "no manifest.json (an interrupted export?)")

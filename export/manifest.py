@@ -1,0 +1,68 @@
+"""manifest.json of an exported directory: every file's SHA-256, and checking a directory against it.
+
+An exported directory is trusted only if every file the manifest lists exists with the listed hash; a missing
+or changed file (a partial copy, a flipped byte) is reported, never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from engine.errors import ModelError
+
+MANIFEST = "manifest.json"
+FORMAT = "cascade-engine-onnx"
+FORMAT_VERSION = 1
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{relative posix path: sha256} of every regular file under root (hidden files and `skip` names left out)."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts) and path.name not in skip:
+            files[relative.as_posix()] = sha256_file(path)
+    return files
+
+
+def write(root: Path, manifest: dict) -> None:
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
+                "files": hash_tree(root, skip=(MANIFEST,))}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def is_exported(root: Path) -> bool:
+    return (root / MANIFEST).is_file()
+
+
+def verify(root: Path) -> dict:
+    """The manifest of `root` after checking every listed file; ModelError naming the first problem otherwise."""
+    file = root / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(file, f"cannot read the export manifest: {exc}; re-export the model") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelError(file, f"not a {FORMAT} manifest; re-export the model with `python -m engine export`")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelError(file, f"export format version {manifest.get('format_version')} is not the supported "
+                               f"{FORMAT_VERSION}; re-export the model with this version of the engine")
+    for relative, expected in manifest.get("files", {}).items():
+        path = root / relative
+        if not path.is_file():
+            raise ModelError(path, "missing from the exported directory (a partial copy?); re-export the model")
+        if sha256_file(path) != expected:
+            raise ModelError(path, "does not match its SHA-256 in manifest.json: the file is corrupt or was "
+                                   "changed after export; re-export the model")
+    return manifest
