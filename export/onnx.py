@@ -120,6 +120,14 @@ def text_encoder_contract(t5) -> Contract:
 
 def unet_contract(stage_name: str, unet, precision: str) -> Contract:
     config = unet.config
+    unsupported = {"time_cond_proj_dim": config.time_cond_proj_dim is not None,
+                   "addition_embed_type": config.addition_embed_type not in (None, "text"),
+                   "encoder_hid_dim_type": config.encoder_hid_dim_type not in (None, "text_proj")}
+    for option, refused in unsupported.items():
+        if refused:
+            raise EngineError(f"cannot export {stage_name}/unet: {option}={getattr(config, option)!r} needs extra "
+                              "U-Net inputs that the ONNX contract (sample, timestep, encoder_hidden_states, "
+                              "class_labels) does not carry; only IF-style U-Nets are supported")
     size = config.sample_size
     text_dim = config.encoder_hid_dim if config.encoder_hid_dim_type else config.cross_attention_dim
     inputs = {"sample": (("batch", config.in_channels, size, size), precision),
@@ -140,9 +148,12 @@ def _export_graph(module: torch.nn.Module, contract: Contract, root: Path) -> No
     example = contract.example_inputs(2, torch.Generator().manual_seed(0))
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side size checks that hold for any batch
-        torch.onnx.export(module.eval(), example, str(path), input_names=list(contract.inputs),
-                          output_names=list(contract.outputs), dynamic_axes=contract.dynamic_axes(),
-                          opset_version=OPSET, dynamo=False)
+        try:
+            torch.onnx.export(module.eval(), example, str(path), input_names=list(contract.inputs),
+                              output_names=list(contract.outputs), dynamic_axes=contract.dynamic_axes(),
+                              opset_version=OPSET, dynamo=False)
+        except Exception as exc:  # the exporter raises many types; name the component and pass the reason on
+            raise EngineError(f"cannot export {contract.name} to ONNX: {type(exc).__name__}: {exc}") from exc
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     if size >= EXTERNAL_DATA_BYTES:
         import onnx
@@ -230,7 +241,7 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
         _copy_configs(dirs, names, work)
         components = [(text_encoder_contract(pipe.text.model), _TextEncoderGraph(pipe.text.model))]
         for stage in pipe.stages:
-            unet = stage.unet.model if dtype == "float32" else stage.unet.model.to(PRECISIONS[dtype])
+            unet = stage.unet.model if dtype == "float32" else stage.unet.model.half()
             components.append((unet_contract(stage.name, unet, dtype), _UNetGraph(unet)))
         described = {}
         for contract, module in tqdm(components, desc="export onnx", disable=not progress):

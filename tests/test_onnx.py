@@ -1,0 +1,175 @@
+"""ONNX export and the ONNX Runtime backend: same images as torch, verified artifacts, the content-keyed cache."""
+
+import json
+import logging
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import engine  # noqa: E402
+from engine.errors import EngineError, InvalidRequestError, ModelError  # noqa: E402
+from export import cache  # noqa: E402
+from export.onnx import OPSET, export_onnx, unet_contract  # noqa: E402
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def exported(cascade_dir, tmp_path_factory):
+    return export_onnx(cascade_dir, out=tmp_path_factory.mktemp("onnx") / "tiny", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(exported):
+    return engine.load(exported)
+
+
+@pytest.mark.parametrize("options", [
+    dict(seed=0, steps=(3, 2), guidance=(7.0, 4.0)),
+    dict(seed=5, steps=(2, 2), guidance=(1.0, 1.0), num_images_per_prompt=2),  # no guidance: uncond half dropped
+    dict(seed=9, steps=(3, 2), guidance=(5.0, 3.0), scheduler="ddim", negative_prompt="blurry", noise_level=100),
+])
+def test_onnxruntime_matches_torch(ort_pipe, engine_pipe, options):
+    ours = ort_pipe.generate([PROMPT, "a small yellow triangle"], output_type="np", **options)
+    torch_images = engine_pipe.generate([PROMPT, "a small yellow triangle"], output_type="np", **options)
+    assert ours.shape == torch_images.shape
+    assert np.abs(ours - torch_images).max() <= 1e-3
+
+
+def test_exported_pipeline_runs_onnxruntime(ort_pipe):
+    from engine.backends.onnxruntime_backend import OrtTextModel, OrtUNet
+
+    assert isinstance(ort_pipe.text.model, OrtTextModel)
+    assert all(isinstance(stage.unet, OrtUNet) for stage in ort_pipe.stages)
+    assert [s.kind for s in ort_pipe.stages] == ["base", "super_resolution"]
+
+
+def test_manifest_states_the_contract_checks_and_hashes(exported, cascade_dir):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["versions"]["opset"] == OPSET >= 17 and manifest["versions"]["engine"] == engine.__version__
+    assert manifest["precision"] == "float32" and len(manifest["source"]["sha256"]) == 64
+    assert set(manifest["components"]) == {"text_encoder", "stage_I/unet", "stage_II/unet"}
+    sr = manifest["components"]["stage_II/unet"]
+    assert sr["inputs"]["sample"]["shape"][0] == "batch" and "class_labels" in sr["inputs"]
+    assert "class_labels" not in manifest["components"]["stage_I/unet"]["inputs"]
+    for component in manifest["components"].values():
+        assert component["check"]["max_abs_error"] <= component["check"]["tolerance"]
+        assert component["file"] in manifest["files"]
+    for needed in ("tokenizer/tokenizer.json", "stage_II/image_noising_scheduler/scheduler_config.json",
+                   "stage_I/scheduler/scheduler_config.json"):
+        assert needed in manifest["files"]
+    # self-contained: runs with the source model gone
+    import onnx
+
+    for component in manifest["components"].values():
+        graph = onnx.load(str(exported / component["file"]))
+        assert graph.opset_import[0].version == OPSET
+        assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_a_flipped_byte_in_a_graph_is_reported_not_run(exported, tmp_path):
+    copy = shutil.copytree(exported, tmp_path / "copy")
+    graph = copy / "stage_II" / "unet" / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="stage_II/unet/model.onnx.*SHA-256"):
+        engine.load(copy)
+
+
+def test_a_missing_file_is_reported(exported, tmp_path):
+    copy = shutil.copytree(exported, tmp_path / "copy")
+    (copy / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match="tokenizer.json.*missing"):
+        engine.load(copy)
+
+
+def test_cache_exports_once_keys_by_content_and_rebuilds_corrupt_entries(cascade_dir, tmp_path, monkeypatch,
+                                                                          caplog):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    first = engine.load(cascade_dir, backend="onnxruntime")
+    entries = list((tmp_path / "cache" / "onnx").iterdir())
+    assert len(entries) == 1 and first.source == str(entries[0])
+    stamp = (entries[0] / "manifest.json").stat().st_mtime_ns
+
+    moved = shutil.copytree(cascade_dir, tmp_path / "renamed-model")  # same content, another path: same entry
+    again = engine.load(moved, backend="onnxruntime")
+    assert again.source == str(entries[0]) and (entries[0] / "manifest.json").stat().st_mtime_ns == stamp
+
+    graph = entries[0] / "stage_I" / "unet" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:-10])  # a truncated graph
+    with caplog.at_level(logging.WARNING, logger="export.cache"):
+        rebuilt = engine.load(cascade_dir, backend="onnxruntime")
+    assert "unusable" in caplog.text and "model.onnx" in caplog.text
+    images = rebuilt.generate(PROMPT, seed=0, steps=(2, 1), output_type="np")
+    assert np.isfinite(images).all()
+
+    config = moved / "stage_II" / "scheduler" / "scheduler_config.json"  # one changed byte of content
+    config.write_text(config.read_text().replace("}", ' }', 1))
+    engine.load(moved, backend="onnxruntime")
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 2
+    assert not [p for p in (tmp_path / "cache" / "onnx").iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_export_refuses_to_overwrite_a_foreign_directory(cascade_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(EngineError, match="not an earlier export"):
+        export_onnx(cascade_dir, out=tmp_path, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_backend_options_that_do_not_fit_are_refused(exported, cascade_dir):
+    with pytest.raises(InvalidRequestError, match="is an ONNX export"):
+        engine.load(exported, backend="torch")
+    with pytest.raises(InvalidRequestError, match="fixed precision"):
+        engine.load(exported, dtype="float16")
+    with pytest.raises(InvalidRequestError, match="torch backend only"):
+        engine.load(exported, attention="triton")
+    with pytest.raises(InvalidRequestError, match="onnxruntime backend only"):
+        engine.load(cascade_dir, providers=["CPUExecutionProvider"])
+    with pytest.raises(InvalidRequestError, match="not available here"):
+        engine.load(exported, providers=["NoSuchExecutionProvider"])
+
+
+def test_missing_onnxruntime_names_the_extra(cascade_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(EngineError, match=r"cascade-engine\[onnx\]"):
+        export_onnx(cascade_dir, out=tmp_path / "x", progress=False)
+
+
+def test_unsupported_unet_architecture_names_component_and_reason():
+    from diffusers import UNet2DConditionModel
+
+    lcm_style = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                     down_block_types=("DownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                     cross_attention_dim=8, layers_per_block=1, time_cond_proj_dim=4)
+    with pytest.raises(EngineError, match="stage_I/unet: time_cond_proj_dim=4 needs extra U-Net inputs"):
+        unet_contract("stage_I", lcm_style, "float32")
+
+
+def test_export_cli_writes_a_loadable_directory(cascade_dir, tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["export", str(cascade_dir), "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    assert main(["generate", PROMPT, "--model", str(tmp_path / "cli"), "--steps", "2", "-o",
+                 str(tmp_path / "a.png"), "--quiet"]) == 0
+    assert (tmp_path / "a.png").is_file()
+    assert main(["export", str(cascade_dir), "--out", str(tmp_path), "--quiet"]) == 2  # not empty, not an export
+    assert "not an earlier export" in capsys.readouterr().err
+
+
+def test_float16_export_keeps_the_text_encoder_in_float32(cascade_dir, tmp_path):
+    out = export_onnx(cascade_dir, out=tmp_path / "fp16", dtype="float16", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "float16"
+    assert manifest["components"]["text_encoder"]["precision"] == "float32"
+    assert manifest["components"]["stage_II/unet"]["inputs"]["sample"]["dtype"] == "float16"
+    torch_fp32 = engine.load(cascade_dir, device="cpu")
+    images = engine.load(out).generate(PROMPT, seed=0, steps=(2, 1), output_type="np")
+    reference = torch_fp32.generate(PROMPT, seed=0, steps=(2, 1), output_type="np")
+    assert np.abs(images - reference).max() <= 0.05  # float16 graphs vs float32 torch
