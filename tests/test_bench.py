@@ -39,3 +39,13 @@ def test_attention_bench_smoke_runs_and_checks_correctness(tmp_path):
     saved = json.loads((tmp_path / "attention.json").read_text())
     assert saved["rows"] and saved["rows"][0]["results"]["ours"]["max_abs_err"] < 1e-2
     assert report["rows"][0]["results"]["ours"]["ms"] > 0
+
+
+def test_onnx_cpu_bench_smoke(cascade_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    bench = _load("onnx_cpu")
+    report = bench.main(["--model", str(cascade_dir), "--runs", "1", "--steps-iters", "1",
+                         "--json", str(tmp_path / "onnx.json")])
+    assert report["max_abs_difference"] <= 1e-3  # the timed backends computed the same images
+    assert set(report["unet_step_ms"]) == {"stage_I", "stage_II"}
+    assert all(t > 0 for stage in report["unet_step_ms"].values() for t in stage.values())

@@ -30,7 +30,7 @@ def physical_cores() -> int:
         return count
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, spinning: bool = False):
     from export.onnx import require_onnx
 
     _, ort = require_onnx()
@@ -40,6 +40,9 @@ def session_options(threads: int | None = None):
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+    # No spin-waiting between runs: the sampler's torch ops run between U-Net calls on the same few cores, and
+    # ORT threads spinning there slow them down (bench/RESULTS.md, ONNX Runtime log).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
 
