@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import command_line, save_json  # noqa: E402
 
 from kernels import attention, reference_attention  # noqa: E402
 
@@ -174,13 +177,11 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "triton": __import__("triton").__version__, "dtype": args.dtype,
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("attention.py", argv),
         "matmul_peak_tflops": peak, "rows": rows,
     }
     print(table(rows, peak))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(report, args.json)
     return report
 
 

@@ -10,7 +10,6 @@ machine noise hits both alike; medians and their ratio are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -21,6 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import command_line, save_json  # noqa: E402
 
 import engine  # noqa: E402
 from engine.loading import PACKAGED_ROOT  # noqa: E402
@@ -68,7 +70,7 @@ def main(argv=None) -> dict:
         "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "diffusers": __import__("diffusers").__version__, "engine": engine.__version__},
-        "command": " ".join(["python", "bench/cpu_cascade.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("cpu_cascade.py", argv),
         "date": time.strftime("%Y-%m-%d"),
     }
     print(f"{'':12}{'median s':>10}  runs")
@@ -76,9 +78,7 @@ def main(argv=None) -> dict:
         print(f"{name:12}{medians[name]:>10.3f}  {', '.join(f'{t:.3f}' for t in times[name])}")
     print(f"speed-up vs diffusers: {result['speedup_vs_diffusers']:.2f}x; "
           f"max abs difference of the images: {difference:.2e}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, args.json)
     return result
 
 

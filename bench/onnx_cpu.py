@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import command_line, save_json  # noqa: E402
 
 import engine  # noqa: E402
 from engine.backends.onnxruntime_backend import OrtComponent, OrtUNet, session_options  # noqa: E402
@@ -79,7 +82,7 @@ def main(argv=None) -> dict:
                 times = interleaved({"torch": lambda s=torch_stage: s.unet(*inputs),
                                      "onnxruntime": lambda s=ort_stage: s.unet(*inputs)}, args.steps_iters)
                 # Apart: a spinning session's threads keep spinning after its call and slow whatever runs next.
-                times["onnxruntime_spinning"] = interleaved({"spin": lambda: spinning(*inputs)},
+                times["onnxruntime_spinning"] = interleaved({"spin": lambda u=spinning: u(*inputs)},
                                                             args.steps_iters)["spin"]
                 del spinning
             steps[torch_stage.name] = {k: v * 1e3 for k, v in times.items()}  # ms
@@ -93,7 +96,7 @@ def main(argv=None) -> dict:
 
     report = {"benchmark": "onnx_cpu", "model": args.model, "date": time.strftime("%Y-%m-%d"),
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "versions": versions(), "command": "python bench/onnx_cpu.py " + " ".join(argv or sys.argv[1:]),
+              "versions": versions(), "command": command_line("onnx_cpu.py", argv),
               "unet_step_ms": steps, "cascade_s": cascade, "max_abs_difference": difference}
     print(f"{args.model}: U-Net step at CFG batch 2 (median ms) and whole default cascade (median s), CPU")
     for name, t in steps.items():
@@ -102,9 +105,7 @@ def main(argv=None) -> dict:
               f"({t['torch'] / t['onnxruntime_spinning']:.2f}x)")
     print(f"  cascade: torch {cascade['torch']:.2f}, onnxruntime {cascade['onnxruntime']:.2f} "
           f"({cascade['torch'] / cascade['onnxruntime']:.2f}x); outputs differ by {difference:.1e}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(report, args.json)
     return report
 
 
