@@ -23,7 +23,6 @@ export tests fast, and it needs no onnxscript.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import uuid
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 TEXT_TOKENS = 77
-PRECISIONS = {"float32": torch.float32, "float16": torch.float16}
+PRECISIONS = ("float32", "float16")
 # Export check: max |onnx - torch| <= ATOL + RTOL * max |torch|, per precision.
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: bigger graphs keep weights in a side file
@@ -276,6 +275,3 @@ def read_manifest(root: Path) -> dict:
         raise ModelError(root, "not an exported directory (no manifest.json)")
     return manifest_io.verify(root)
 
-
-def stage_config(root: Path, stage_name: str) -> dict:
-    return json.loads((root / stage_name / "unet" / "config.json").read_text())
