@@ -106,9 +106,11 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
 
 def _exported_dir(paths) -> Path | None:
     """The directory if `paths` is one directory exported by `python -m engine export`, else None."""
+    from export.manifest import is_exported
+
     if len(paths) == 1 and isinstance(paths[0], (str, Path)):
         path = Path(paths[0]).expanduser()
-        if (path / "manifest.json").is_file():
+        if is_exported(path):
             return path
     return None
 

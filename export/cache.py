@@ -34,9 +34,8 @@ def cache_root() -> Path:
     return Path(base) / "cascade-engine"
 
 
-def cache_key(stage_dirs: list[Path], dtype: str) -> str:
-    key = {"source": source_hash(stage_dirs), "options": {"format": "onnx", "dtype": dtype},
-           "versions": versions()}
+def cache_key(source_sha256: str, dtype: str) -> str:
+    key = {"source": source_sha256, "options": {"format": "onnx", "dtype": dtype}, "versions": versions()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -45,7 +44,8 @@ def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path
     from engine.loading import stage_dirs
 
     dirs, _, source = stage_dirs(paths)
-    entry = cache_root() / "onnx" / cache_key(dirs, dtype)[:24]
+    source_sha256 = source_hash(dirs)  # reads every source file once; the export reuses it
+    entry = cache_root() / "onnx" / cache_key(source_sha256, dtype)[:24]
     if entry.exists():
         try:
             manifest_io.verify(entry) if manifest_io.is_exported(entry) else _no_manifest(entry)
@@ -55,7 +55,7 @@ def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path
             log.warning("the cached ONNX export is unusable (%s); rebuilding it", exc)
             shutil.rmtree(entry)
     log.info("exporting %s to ONNX into the cache at %s (once)", source, entry)
-    return export_onnx(*paths, out=entry, dtype=dtype, progress=progress)
+    return export_onnx(*paths, out=entry, dtype=dtype, progress=progress, source_sha256=source_sha256)
 
 
 def _no_manifest(entry: Path):

@@ -214,11 +214,14 @@ def versions() -> dict:
             "onnxruntime": ort.__version__, "opset": OPSET}
 
 
-def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
+def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool = True,
+                source_sha256: str | None = None) -> Path:
     """Export the cascade at `paths` (as engine.load takes them) into the directory `out`; returns it.
 
     Built in a temporary directory beside `out` and renamed into place, so `out` is never half-written.
     `out` may be a previous export (it is replaced); any other existing non-empty directory is refused.
+    source_sha256: `source_hash` of the model when the caller has it already (the cache does), so a
+    multi-GB model is not read twice.
     """
     from tqdm.auto import tqdm
 
@@ -248,7 +251,7 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
             described[contract.name] = {**contract.describe(), "check": check_graph(module, contract, work)}
             log.info("exported %s: %s", contract.name, described[contract.name]["check"])
         manifest_io.write(work, {
-            "precision": dtype, "source": {"model": source, "sha256": source_hash(dirs)}, "notice": notice,
+            "precision": dtype, "source": {"model": source, "sha256": source_sha256 or source_hash(dirs)}, "notice": notice,
             "versions": versions(), "components": described,
             "stages": [{"name": name, "kind": stage.kind, "unet": f"{name}/unet/model.onnx"}
                        for name, stage in zip(names, pipe.stages)],
