@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_line, save_json  # noqa: E402
+from report import command_line, interleaved, save_json  # noqa: E402
 
 import engine  # noqa: E402
 from engine.loading import PACKAGED_ROOT  # noqa: E402
@@ -54,12 +54,7 @@ def main(argv=None) -> dict:
         return run_reference(theirs, PROMPT, 0, (timesteps, timesteps), (7.0, 4.0))
 
     difference = float(np.abs(run_ours() - run_theirs()).max())  # also the warm-up
-    times = {"ours": [], "diffusers": []}
-    for _ in range(args.runs):
-        for name, fn in (("ours", run_ours), ("diffusers", run_theirs)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved({"ours": run_ours, "diffusers": run_theirs}, args.runs)
     medians = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "benchmark": "cpu_cascade", "model": args.model, "steps": args.steps, "prompt": PROMPT,

@@ -5,7 +5,8 @@
 The model is exported once (into a temporary directory) and checked against torch before anything is timed.
 Per-step: one U-Net call of each stage at CFG batch 2, torch eager vs ONNX Runtime with the engine's session
 options, interleaved so machine noise hits both alike; then, on its own (its spinning threads would slow the
-torch calls next to it), ONNX Runtime with thread spin-waiting on, ORT's default. Whole cascade: the default request end to end (prompt, stage I, stage II), interleaved.
+torch calls next to it), ONNX Runtime with thread spin-waiting on, ORT's default. Whole cascade: the default
+request end to end (prompt, stage I, stage II), interleaved.
 Medians and ratios (torch time / ORT time) are reported.
 """
 
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_line, save_json  # noqa: E402
+from report import command_line, interleaved, save_json  # noqa: E402
 
 import engine  # noqa: E402
 from engine.backends.onnxruntime_backend import OrtComponent, OrtUNet, session_options  # noqa: E402
@@ -43,18 +44,8 @@ def unet_inputs(stage, text_dim: int, batch: int = 2):
     return sample, torch.tensor(500), torch.randn(batch, 77, text_dim, generator=gen), labels
 
 
-def interleaved(calls: dict, iters: int, warmup: int = 3) -> dict:
-    """Median seconds per named call, calls alternating so noise hits all alike."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in calls}
-    for _ in range(iters):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+def medians(calls: dict, iters: int, warmup: int) -> dict:
+    return {name: statistics.median(t) for name, t in interleaved(calls, iters, warmup).items()}
 
 
 def main(argv=None) -> dict:
@@ -77,13 +68,14 @@ def main(argv=None) -> dict:
             description = manifest["components"][f"{ort_stage.name}/unet"]
             spinning = OrtUNet(OrtComponent(exported / description["file"], description, ["CPUExecutionProvider"],
                                             session_options(spinning=True), torch.device("cpu")),
-                               {"in_channels": 0, "out_channels": 0, "sample_size": 0}, torch.float32)
+                               json.loads((exported / ort_stage.name / "unet" / "config.json").read_text()),
+                               torch.float32)
             with torch.inference_mode():
-                times = interleaved({"torch": lambda s=torch_stage: s.unet(*inputs),
-                                     "onnxruntime": lambda s=ort_stage: s.unet(*inputs)}, args.steps_iters)
+                times = medians({"torch": lambda s=torch_stage: s.unet(*inputs),
+                                     "onnxruntime": lambda s=ort_stage: s.unet(*inputs)}, args.steps_iters, 3)
                 # Apart: a spinning session's threads keep spinning after its call and slow whatever runs next.
-                times["onnxruntime_spinning"] = interleaved({"spin": lambda u=spinning: u(*inputs)},
-                                                            args.steps_iters)["spin"]
+                times["onnxruntime_spinning"] = medians({"spin": lambda u=spinning: u(*inputs)},
+                                                        args.steps_iters, 3)["spin"]
                 del spinning
             steps[torch_stage.name] = {k: v * 1e3 for k, v in times.items()}  # ms
 
@@ -91,7 +83,7 @@ def main(argv=None) -> dict:
         outputs = {name: pipe.generate(PROMPT, seed=0, output_type="np")
                    for name, pipe in (("torch", torch_pipe), ("onnxruntime", ort_pipe))}
         difference = float(np.abs(outputs["torch"] - outputs["onnxruntime"]).max())
-        cascade = interleaved({"torch": lambda: torch_pipe.run(request), "onnxruntime": lambda: ort_pipe.run(request)},
+        cascade = medians({"torch": lambda: torch_pipe.run(request), "onnxruntime": lambda: ort_pipe.run(request)},
                               args.runs, warmup=1)
 
     report = {"benchmark": "onnx_cpu", "model": args.model, "date": time.strftime("%Y-%m-%d"),
