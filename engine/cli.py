@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "such as smart27, smart50, smart100 (default: smart27 for every stage)")
     gen.add_argument("--guidance", nargs="+", type=float, default=None, metavar="G",
                      help="guidance per stage, one value for all or one per stage (default: 7 base, 4 upscaling)")
-    gen.add_argument("--noise-level", type=int, default=DEFAULTS["noise_level"],
-                     help="noise augmentation of super-resolution stages (default: 250)")
+    gen.add_argument("--noise-level", nargs="+", type=int, default=DEFAULTS["noise_level"], metavar="N",
+                     help="noise augmentation of the stages after the first: one value for all or one per stage "
+                          "(default: 250 for IF super-resolution, 20 for the x4 upscaler)")
     gen.add_argument("--scheduler", choices=SAMPLERS, default=DEFAULTS["scheduler"],
                      help="sampler for every stage (default: each stage's own scheduler config)")
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -78,7 +79,8 @@ def generate(args) -> None:
 
     request = GenerateRequest(  # validates before anything is loaded
         args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, num_images_per_prompt=args.num_images,
-        steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance), noise_level=args.noise_level,
+        steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance),
+        noise_level=_one_or_tuple(args.noise_level),
         scheduler=args.scheduler)
     output = Path(args.output)
     if output.suffix.lower() != ".png":

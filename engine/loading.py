@@ -1,8 +1,10 @@
 """Loading cascades from diffusers-format directories into a Pipeline.
 
 Accepted: stage directories as DeepFloyd publishes them, in cascade order (stage I: text_encoder/, tokenizer/,
-unet/, scheduler/; stage II: unet/, scheduler/, image_noising_scheduler/), a directory whose cascade.json lists
-its stages (`{"stages": ["stage_I", "stage_II"]}`, relative paths), or the name of a packaged model.
+unet/, scheduler/; stage II: unet/, scheduler/, image_noising_scheduler/), optionally followed by Stability's
+x4 upscaler as stabilityai/stable-diffusion-x4-upscaler ships it (unet/, vae/, text_encoder/, tokenizer/,
+scheduler/, low_res_scheduler/), a directory whose cascade.json lists its stages (`{"stages": ["stage_I",
+"stage_II", "stage_III"]}`, relative paths), or the name of a packaged model.
 Weights are read from .safetensors only, never from pickle files. Anything wrong raises ModelError naming the
 path and the problem, before a U-Net is built where possible.
 """
@@ -21,7 +23,7 @@ from engine.errors import InvalidRequestError, ModelError
 from engine.pipeline import Pipeline
 from engine.samplers import SCHEDULER_CLASSES
 from engine.schedules import NoiseSchedule
-from engine.stage import IMAGE_CHANNELS, Stage
+from engine.stage import IMAGE_CHANNELS, LatentUpscaleStage, Stage
 from engine.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ PACKAGED_ROOT = Path(__file__).parent / "models"
 DEFAULT_MODEL = "tiny-random"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+X4_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default, when model_index.json does not say
 
 
 def packaged_models() -> list[str]:
@@ -95,6 +98,9 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     dtype = resolve_dtype(dtype, device)
     dirs, notice, source = stage_dirs(paths)
     first = dirs[0]
+    if is_x4_upscaler(first):
+        raise ModelError(first, "an x4 upscaler stage upscales the image of an earlier stage; list it after the "
+                                "IF stages, e.g. engine.load(IF_I_DIR, IF_II_DIR, X4_DIR)")
     for sub in ("tokenizer", "text_encoder"):
         if not (first / sub).is_dir():
             raise ModelError(first, f"the first stage needs {sub}/ (a base stage as IF-I ships it); "
@@ -201,6 +207,29 @@ def _weights_variant(folder: Path, dtype: torch.dtype, loader: str) -> str | Non
     return None
 
 
+def is_x4_upscaler(stage_dir: Path) -> bool:
+    """Whether a stage directory holds Stability's x4 upscaler: a latent stage, the only kind with a vae/."""
+    return (stage_dir / "vae").is_dir()
+
+
+def _load_clip_text_encoder(stage_dir: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    folder = stage_dir / "text_encoder"
+    _read_json(folder / "config.json", "text encoder config")
+    variant = _weights_variant(folder, dtype, "transformers.CLIPTextModel")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(stage_dir / "tokenizer")
+    except Exception as exc:  # transformers raises many types for a bad tokenizer folder
+        raise ModelError(stage_dir / "tokenizer", f"cannot load the tokenizer: {exc}") from exc
+    try:
+        model = CLIPTextModel.from_pretrained(folder, use_safetensors=True, variant=variant, dtype=dtype)
+    except Exception as exc:
+        raise ModelError(folder, f"cannot load the CLIP text encoder weights: {exc}") from exc
+    return TextEncoder(tokenizer, model.to(device).eval(), device, output_dtype=dtype,
+                       dim=model.config.hidden_size, clip=True)
+
+
 def _load_text_encoder(stage_dir: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -236,6 +265,8 @@ def _load_stage(stage_dir: Path, index: int, text_dim: int, device: torch.device
     from engine.backends.torch_backend import TorchUNet
 
     name = f"stage_{'I' * (index + 1)}" if index < 3 else f"stage_{index + 1}"
+    if is_x4_upscaler(stage_dir):
+        return _load_x4_stage(stage_dir, name, device, dtype, attention)
     config = _read_json(stage_dir / "unet" / "config.json", "U-Net config")
     scheduler = _read_json(stage_dir / "scheduler" / "scheduler_config.json", "scheduler config")
     in_ch, out_ch = config.get("in_channels"), config.get("out_channels")
@@ -270,6 +301,48 @@ def _load_stage(stage_dir: Path, index: int, text_dim: int, device: torch.device
     except Exception as exc:
         raise ModelError(folder, f"cannot load the U-Net weights: {exc}") from exc
     return Stage(name, TorchUNet(model.to(device), attention), scheduler, noising, device, dtype)
+
+
+def _load_x4_stage(stage_dir: Path, name: str, device: torch.device, dtype: torch.dtype, attention: str) -> Stage:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from engine.backends.torch_backend import TorchUNet, TorchVAEDecoder
+
+    config = _read_json(stage_dir / "unet" / "config.json", "U-Net config")
+    vae_config = _read_json(stage_dir / "vae" / "config.json", "VAE config")
+    scheduler = _read_json(stage_dir / "scheduler" / "scheduler_config.json", "scheduler config")
+    low_res = _read_json(stage_dir / "low_res_scheduler" / "scheduler_config.json", "low-res noising scheduler config")
+    pipeline_config = _read_json(stage_dir / "model_index.json", "pipeline config") \
+        if (stage_dir / "model_index.json").is_file() else {}
+    latent = vae_config.get("latent_channels", 4)
+    if config.get("in_channels") != latent + IMAGE_CHANNELS:
+        raise ModelError(stage_dir, f"the x4 U-Net takes {config.get('in_channels')} channels; expected "
+                                    f"{latent + IMAGE_CHANNELS} ({latent} latent + {IMAGE_CHANNELS} image)")
+    if config.get("out_channels") != latent:
+        raise ModelError(stage_dir, f"the x4 U-Net predicts {config.get('out_channels')} channels; expected the "
+                                    f"VAE's {latent} latent channels")
+    if config.get("num_class_embeds") is None and config.get("class_embed_type") is None:
+        raise ModelError(stage_dir, "the x4 U-Net has no class embedding for the noise level (num_class_embeds)")
+    noising = _schedule(low_res, stage_dir / "low_res_scheduler")
+    _schedule(scheduler, stage_dir / "scheduler")
+    text = _load_clip_text_encoder(stage_dir, device, dtype)
+    if config.get("cross_attention_dim") != text.dim:
+        raise ModelError(stage_dir, f"the x4 U-Net expects text embeddings of width {config.get('cross_attention_dim')} "
+                                    f"but its text encoder produces {text.dim}")
+    # The VAE overflows in float16: diffusers decodes in float32 when the config says force_upcast (the default).
+    vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
+    models = {}
+    for sub, cls, as_dtype in (("unet", UNet2DConditionModel, dtype), ("vae", AutoencoderKL, vae_dtype)):
+        folder = stage_dir / sub
+        variant = _weights_variant(folder, as_dtype, f"diffusers.{cls.__name__}")
+        try:
+            models[sub] = cls.from_pretrained(folder, use_safetensors=True, variant=variant, torch_dtype=as_dtype)
+        except Exception as exc:
+            raise ModelError(folder, f"cannot load the {sub} weights: {exc}") from exc
+    return LatentUpscaleStage(
+        name, TorchUNet(models["unet"].to(device), attention), TorchVAEDecoder(models["vae"].to(device), attention),
+        scheduler, noising, device, dtype, text=text,
+        max_noise_level=int(pipeline_config.get("max_noise_level", X4_MAX_NOISE_LEVEL)))
 
 
 def _schedule(config: dict, where: Path) -> NoiseSchedule:

@@ -35,9 +35,11 @@ class StageDefaults:
 
 # "smart27" is DeepFloyd's 27-step respaced schedule, tuned for the 1000-step IF models: close to the quality
 # of 100 evenly spaced steps at about a quarter of the cost. Guidance 7 / 4 and noise level 250 are IF's own.
+# The x4 upscaler keeps StableDiffusionUpscalePipeline's defaults: 75 DDIM steps, guidance 9, noise level 20.
 STAGE_DEFAULTS = {
     "base": StageDefaults(steps="smart27", guidance=7.0),
     "super_resolution": StageDefaults(steps="smart27", guidance=4.0, noise_level=250),
+    "latent_upscaler": StageDefaults(steps=75, guidance=9.0, noise_level=20),
 }
 
 
@@ -55,8 +57,8 @@ class StageSettings:
 class GenerateRequest:
     """One call to `Pipeline.generate`; validated on construction, before any model work.
 
-    `steps`, `guidance` and `noise_level` take one value for every stage or a tuple with one per stage;
-    None means each stage's default (STAGE_DEFAULTS). Classifier-free guidance runs when guidance > 1, as in
+    `steps`, `guidance` and `noise_level` take one value for every stage or a tuple with one per stage
+    (for `noise_level`, one per stage after the base stage); None means each stage's default (STAGE_DEFAULTS). Classifier-free guidance runs when guidance > 1, as in
     diffusers; at 1 or below the unconditional half of the batch is dropped.
     """
 
@@ -105,19 +107,24 @@ class GenerateRequest:
         return negatives * len(self.prompts) if len(negatives) == 1 else negatives
 
     def per_stage(self, kinds: Sequence[str]) -> list[StageSettings]:
-        """One StageSettings per stage of a cascade whose stage kinds are `kinds`."""
+        """One StageSettings per stage of a cascade whose stage kinds are `kinds`.
+
+        A tuple of noise levels has one value per stage that takes one (every stage but a base stage).
+        """
         n = len(kinds)
         steps = _spread(self.steps, n, "steps", is_sequence=_is_steps_tuple)
         guidance = _spread(self.guidance, n, "guidance")
-        noise = _spread(self.noise_level, n, "noise_level")
+        noisy = [kind for kind in kinds if STAGE_DEFAULTS[kind].noise_level is not None]
+        noise = iter(_spread(self.noise_level, len(noisy), "noise_level", what="stages that take a noise level"))
         settings = []
-        for kind, s, g, nl in zip(kinds, steps, guidance, noise):
+        for kind, s, g in zip(kinds, steps, guidance):
             default = STAGE_DEFAULTS[kind]
             s = default.steps if s is None else s
+            nl = None if default.noise_level is None else next(noise)
             settings.append(StageSettings(
                 timesteps=named_timesteps(s) if isinstance(s, str) else (s if isinstance(s, int) else list(s)),
                 guidance=float(default.guidance if g is None else g),
-                noise_level=(default.noise_level if nl is None else nl) if kind == "super_resolution" else None,
+                noise_level=default.noise_level if nl is None else nl,
                 sampler=self.scheduler,
             ))
         return settings
@@ -172,10 +179,10 @@ def _values(value, is_sequence=lambda v: isinstance(v, (tuple, list))) -> list:
     return [v for v in value if v is not None] if is_sequence(value) else [value]
 
 
-def _spread(value, n: int, name: str, is_sequence=lambda v: isinstance(v, (tuple, list))) -> list:
+def _spread(value, n: int, name: str, is_sequence=lambda v: isinstance(v, (tuple, list)), what="stages") -> list:
     if not is_sequence(value):
         return [value] * n
     if len(value) != n:
-        raise InvalidRequestError(f"{name} has {len(value)} values but the cascade has {n} stages: "
+        raise InvalidRequestError(f"{name} has {len(value)} values but the cascade has {n} {what}: "
                                   f"give one value, or one per stage")
     return list(value)

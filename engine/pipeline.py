@@ -1,4 +1,7 @@
-"""The cascade: encode the prompt once, run the stages in order, return images.
+"""The cascade: encode the prompt once per text encoder, run the stages in order, return images.
+
+IF's stages share stage I's T5 encoder (`Pipeline.text`); an x4 upscaler stage brings its own CLIP encoder
+(`stage.text`). Each encoder runs once per request, for the stages that use it.
 
 `Pipeline.generate` is the public call; `Pipeline.run` does the same and also returns per-stage timings.
 """
@@ -36,10 +39,17 @@ class Pipeline:
 
     @property
     def image_size(self) -> int:
-        return self.stages[-1].size
+        return self._sizes()[-1]
+
+    def _sizes(self) -> list[int]:
+        sizes, size = [], None
+        for stage in self.stages:
+            size = stage.output_size(size)
+            sizes.append(size)
+        return sizes
 
     def __repr__(self) -> str:
-        sizes = " -> ".join(f"{s.name}({s.kind}, {s.size}px)" for s in self.stages)
+        sizes = " -> ".join(f"{s.name}({s.kind}, {size}px)" for s, size in zip(self.stages, self._sizes()))
         return f"Pipeline({sizes}, device={self.device}, dtype={self.dtype}, source={self.source!r})"
 
     def generate(self, prompt, **options):
@@ -48,30 +58,43 @@ class Pipeline:
 
     def run(self, request: GenerateRequest, progress: bool = False) -> Generation:
         settings = request.per_stage([s.kind for s in self.stages])  # validates per-stage values first
+        for stage, stage_settings in zip(self.stages, settings):
+            stage.validate(stage_settings)
         timings: dict[str, float] = {}
-        n = request.num_images_per_prompt
         conditioning, timings["text"] = timed(self.device, self._conditioning, request, settings)
-        conditioning = Conditioning(
-            cond=conditioning.cond.repeat_interleave(n, dim=0),
-            uncond=None if conditioning.uncond is None else conditioning.uncond.repeat_interleave(n, dim=0))
 
         generator = torch.Generator("cpu").manual_seed(request.seed)
         image = None
         for stage, stage_settings in zip(self.stages, settings):
+            text = conditioning[self._encoder(stage)]
             image, timings[stage.name] = timed(
-                self.device, stage.run, conditioning, image, stage_settings, generator, progress)
+                self.device, stage.run, text, image, stage_settings, generator, progress)
         return Generation(self._output(image, request.output_type), timings)
 
-    def _conditioning(self, request: GenerateRequest, settings) -> Conditioning:
+    def _encoder(self, stage: Stage) -> TextEncoder:
+        return stage.text or self.text
+
+    def _conditioning(self, request: GenerateRequest, settings) -> dict[TextEncoder, Conditioning]:
+        """Each encoder's conditioning, repeated per image; the unconditional half only where a stage guides."""
+        guides: dict[TextEncoder, bool] = {}
+        for stage, stage_settings in zip(self.stages, settings):
+            encoder = self._encoder(stage)
+            guides[encoder] = guides.get(encoder, False) or stage_settings.guidance > 1.0
+        n = request.num_images_per_prompt
+        return {encoder: self._encode(encoder, request, guided).repeat_interleave(n)
+                for encoder, guided in guides.items()}
+
+    @staticmethod
+    def _encode(encoder: TextEncoder, request: GenerateRequest, guided: bool) -> Conditioning:
         prompts = request.prompts
-        cond = self.text.encode(prompts)  # (B, 77, D)
-        if not any(s.guidance > 1.0 for s in settings):
+        cond = encoder.encode(prompts)  # (B, 77, D)
+        if not guided:
             return Conditioning(cond, None)
         negatives = request.negative_prompts
         if negatives is None:
-            uncond = self.text.empty().expand(len(prompts), -1, -1)
+            uncond = encoder.empty().expand(len(prompts), -1, -1)
         else:
-            uncond = self.text.encode(negatives)
+            uncond = encoder.encode(negatives)
         return Conditioning(cond, uncond)
 
     @staticmethod

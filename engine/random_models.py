@@ -23,6 +23,18 @@ IF_I_SCHEDULER = {
 IF_II_SCHEDULER = {**IF_I_SCHEDULER, "sample_max_value": 1.0}
 IF_II_NOISING_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2",
                            "num_train_timesteps": 1000}
+# The x4 upscaler's (stabilityai/stable-diffusion-x4-upscaler): v-prediction DDIM, and the DDPM schedule that
+# noises the low-resolution image.
+X4_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "clip_sample": False,
+    "set_alpha_to_one": False, "steps_offset": 1,
+}
+X4_LOW_RES_SCHEDULER = {
+    "_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02,
+    "num_train_timesteps": 1000, "clip_sample": True, "variance_type": "fixed_small",
+}
+X4_VAE_SCALING_FACTOR = 0.08333
 
 # Enough words that everyday prompts map to known tokens; unknown words become <unk>.
 VOCABULARY = (
@@ -147,6 +159,107 @@ def write_if_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCascadeSpec()
     if notice:
         cascade["notice"] = notice
     _write_json(root / "cascade.json", cascade)
+    return root
+
+
+@dataclass(frozen=True)
+class TinyUpscalerSpec:
+    """Sizes of a random x4-upscaler stage: latent U-Net, VAE (len(vae_channels) - 1 halvings) and CLIP encoder."""
+
+    channels: tuple[int, ...] = (16, 32)
+    vae_channels: tuple[int, ...] = (8, 16, 16)  # three blocks: x4, as in the real upscaler
+    text_dim: int = 32
+    text_layers: int = 2
+    head_dim: int = 8
+    output_scale: float = 0.5
+
+
+def build_clip_tokenizer():
+    """A real CLIPTokenizer (byte-level BPE, </w> word ends) whose merges spell the VOCABULARY words whole."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte symbols
+    vocab = {symbol: i for i, symbol in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+    merges: list[tuple[str, str]] = []
+    for word in VOCABULARY:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if (merged, piece) not in merges:
+                merges.append((merged, piece))
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_clip_text_encoder(spec: TinyUpscalerSpec, vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=spec.text_dim, intermediate_size=2 * spec.text_dim,
+                            num_hidden_layers=spec.text_layers, num_attention_heads=4, max_position_embeddings=77,
+                            hidden_act="gelu", bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                            pad_token_id=vocab_size - 1)
+    return CLIPTextModel(config).eval()
+
+
+def x4_unet_config(spec: TinyUpscalerSpec) -> dict:
+    """The x4 upscaler's U-Net config at tiny size: 4 latent + 3 image channels in, noise level as class label."""
+    levels = len(spec.channels)
+    return dict(
+        sample_size=32, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=spec.channels,
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1),
+        up_block_types=["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"],
+        only_cross_attention=[True] * (levels - 1) + [False], cross_attention_dim=spec.text_dim,
+        attention_head_dim=spec.head_dim, num_class_embeds=1000, use_linear_projection=True, norm_num_groups=8,
+        act_fn="silu",
+    )
+
+
+def build_vae(spec: TinyUpscalerSpec):
+    from diffusers import AutoencoderKL
+
+    blocks = len(spec.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=spec.vae_channels,
+                         down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks,
+                         layers_per_block=1, norm_num_groups=4, scaling_factor=X4_VAE_SCALING_FACTOR).eval()
+
+
+def write_x4_upscaler(root: str | Path, spec: TinyUpscalerSpec = TinyUpscalerSpec(), seed: int = 0) -> Path:
+    """Write a random x4-upscaler stage in stabilityai/stable-diffusion-x4-upscaler's layout; return `root`."""
+    from diffusers import UNet2DConditionModel
+
+    from engine.loading import X4_MAX_NOISE_LEVEL
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    text_encoder = build_clip_text_encoder(spec, len(tokenizer))
+    unet = UNet2DConditionModel(**x4_unet_config(spec)).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(spec.output_scale)
+    tokenizer.save_pretrained(root / "tokenizer")
+    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    build_vae(spec).save_pretrained(root / "vae", safe_serialization=True)
+    _write_json(root / "scheduler" / "scheduler_config.json", X4_SCHEDULER)
+    _write_json(root / "low_res_scheduler" / "scheduler_config.json", X4_LOW_RES_SCHEDULER)
+    _write_json(root / "model_index.json", {
+        "_class_name": "StableDiffusionUpscalePipeline", "max_noise_level": X4_MAX_NOISE_LEVEL,
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "low_res_scheduler": ["diffusers", "DDPMScheduler"]})
+    return root
+
+
+def write_three_stage_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCascadeSpec(),
+                              upscaler: TinyUpscalerSpec = TinyUpscalerSpec(), seed: int = 0) -> Path:
+    """IF-I -> IF-II -> x4 upscaler, random, with cascade.json listing all three; return `root`."""
+    root = write_if_cascade(root, spec, seed=seed)
+    write_x4_upscaler(root / "stage_III", upscaler, seed=seed + 1)
+    _write_json(root / "cascade.json", {"stages": [*spec.stage_names, "stage_III"]})
     return root
 
 

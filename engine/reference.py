@@ -1,8 +1,10 @@
-"""diffusers' own IF pipelines over the same model files: the oracle for parity tests and benchmarks.
+"""diffusers' own pipelines over the same model files: the oracle for parity tests and benchmarks.
 
-`reference_cascade(dir)` builds IFPipeline + IFSuperResolutionPipeline from a cascade directory written in
-DeepFloyd's layout; `run_reference(...)` calls them the way DESIGN.md's reproducibility contract defines it:
-one CPU generator passed to both, prompt embeddings from stage I, stage I's raw output fed to stage II.
+`reference_cascade(dir)` builds IFPipeline + IFSuperResolutionPipeline (+ StableDiffusionUpscalePipeline when
+the directory has a stage_III) from a cascade directory written in DeepFloyd's layout; `run_reference(...)`
+calls them the way DESIGN.md's reproducibility contract defines it: one CPU generator passed to all, prompt
+embeddings from stage I, each stage's raw output (output_type="pt") fed to the next. The x4 upscaler encodes
+the prompts with its own CLIP encoder, one prompt per image.
 """
 
 from __future__ import annotations
@@ -28,10 +30,33 @@ def reference_cascade(cascade_dir: str | Path, dtype: torch.dtype = torch.float3
         unet=UNet2DConditionModel.from_pretrained(stage_ii / "unet", torch_dtype=dtype),
         scheduler=DDPMScheduler.from_pretrained(stage_ii / "scheduler"),
         image_noising_scheduler=DDPMScheduler.from_pretrained(stage_ii / "image_noising_scheduler"), **common)
-    for pipe in (first, second):
+    pipes = [first, second]
+    if (Path(cascade_dir) / "stage_III").is_dir():
+        pipes.append(reference_upscaler(Path(cascade_dir) / "stage_III", dtype))
+    for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
-    return first, second
+    return tuple(pipes)
+
+
+def reference_upscaler(stage_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """StableDiffusionUpscalePipeline over an x4-upscaler directory."""
+    import json
+
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    stage = Path(stage_dir)
+    max_noise_level = json.loads((stage / "model_index.json").read_text()).get("max_noise_level", 350)
+    return StableDiffusionUpscalePipeline(
+        vae=AutoencoderKL.from_pretrained(stage / "vae", torch_dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(stage / "text_encoder", dtype=dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(stage / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(stage / "unet", torch_dtype=dtype),
+        low_res_scheduler=DDPMScheduler.from_pretrained(stage / "low_res_scheduler"),
+        scheduler=DDIMScheduler.from_pretrained(stage / "scheduler"),
+        max_noise_level=max_noise_level)
 
 
 def swap_scheduler(scheduler, cls):
@@ -48,8 +73,13 @@ def swap_scheduler(scheduler, cls):
 
 
 def run_reference(pipes, prompts, seed, steps, guidance, n=1, negative=None, noise_level=250, output_type="np"):
-    """Stage I then stage II with one CPU generator. `steps` per stage: an int or an explicit timestep list."""
-    first, second = pipes
+    """Stage I, stage II (and the x4 upscaler) with one CPU generator.
+
+    `steps` and `guidance` per stage; `steps` an int or an explicit timestep list; `noise_level` one value per
+    stage after the first (or one int for stage II).
+    """
+    first, second = pipes[:2]
+    noise_levels = (noise_level,) if isinstance(noise_level, int) else tuple(noise_level)
     generator = torch.Generator("cpu").manual_seed(seed)
     embeds, negative_embeds = first.encode_prompt(prompts, do_classifier_free_guidance=True,
                                                   num_images_per_prompt=n, negative_prompt=negative)
@@ -59,6 +89,19 @@ def run_reference(pipes, prompts, seed, steps, guidance, n=1, negative=None, noi
 
     low = first(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, generator=generator,
                 guidance_scale=guidance[0], output_type="pt", **step_args(steps[0])).images
-    return second(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, generator=generator,
-                  guidance_scale=guidance[1], noise_level=noise_level, output_type=output_type,
-                  **step_args(steps[1])).images
+    if len(pipes) == 2:
+        return second(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, generator=generator,
+                      guidance_scale=guidance[1], noise_level=noise_levels[0], output_type=output_type,
+                      **step_args(steps[1])).images
+    mid = second(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, generator=generator,
+                 guidance_scale=guidance[1], noise_level=noise_levels[0], output_type="pt",
+                 **step_args(steps[1])).images
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    per_image = [p for p in prompts for _ in range(n)]  # the images' order: each prompt's n images together
+    negatives = None
+    if negative is not None:
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        negatives = [p for p in negative for _ in range(n)]
+    return pipes[2](prompt=per_image, negative_prompt=negatives, image=mid, generator=generator,
+                    guidance_scale=guidance[2], noise_level=noise_levels[1], num_inference_steps=steps[2],
+                    output_type=output_type).images

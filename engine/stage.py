@@ -5,8 +5,13 @@ stage's image, exactly as DeepFloyd IF-II does: bilinear upsample (align_corners
 augmentation at `noise_level` through the image-noising schedule, concatenation with x_t into the 6-channel
 input, and `class_labels = noise_level`.
 
-Randomness follows diffusers' order on one CPU generator (x_T, then the augmentation noise, then one draw per
-noisy step), all drawn before the loop so the loop itself never touches the host.
+A latent upscaler stage (`LatentUpscaleStage`, Stability's x4 upscaler) denoises latents at the previous
+image's size instead: the image is noised at `noise_level` through its low-res schedule (not upsampled), joins
+the latents as the 7-channel input with `class_labels = noise_level`, and a VAE decodes the result to 4x the size.
+
+Randomness follows diffusers' order on one CPU generator, all drawn before the loop so the loop itself never
+touches the host: IF stages draw x_T, then the augmentation noise, then one draw per noisy step; the x4
+pipeline draws the augmentation noise before its latents.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from engine.errors import NumericalError
+from engine.errors import InvalidRequestError, NumericalError
 from engine.options import StageSettings
 from engine.samplers import SCHEDULER_CLASSES, build_sampler
 from engine.schedules import NoiseSchedule
@@ -34,11 +39,17 @@ class Conditioning:
     cond: torch.Tensor  # (B, 77, D) prompt embeddings
     uncond: torch.Tensor | None  # (B, 77, D) negative/empty-prompt embeddings; None when no stage guides
 
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        """n copies of each prompt's embeddings, next to each other: one per image of that prompt."""
+        return Conditioning(self.cond.repeat_interleave(n, dim=0),
+                            None if self.uncond is None else self.uncond.repeat_interleave(n, dim=0))
+
 
 class Stage:
     def __init__(self, name: str, unet, scheduler_config: Mapping[str, Any],
-                 noising: NoiseSchedule | None, device: torch.device, dtype: torch.dtype):
+                 noising: NoiseSchedule | None, device: torch.device, dtype: torch.dtype, text=None):
         self.name = name
+        self.text = text  # its own TextEncoder, or None for the cascade's first (IF-II uses IF-I's T5)
         self.unet = unet  # a backend U-Net: unet(sample, timestep, encoder_hidden_states, class_labels)
         self.scheduler_config = dict(scheduler_config)
         self.default_sampler = SCHEDULER_CLASSES[self.scheduler_config.get("_class_name", "DDPMScheduler")]
@@ -52,6 +63,17 @@ class Stage:
     def kind(self) -> str:
         return "base" if self.noising is None else "super_resolution"
 
+    @property
+    def sample_channels(self) -> int:
+        return IMAGE_CHANNELS
+
+    def output_size(self, input_size: int | None) -> int:
+        """Side of the images this stage returns, given the side of the images it receives (None: none)."""
+        return self.size
+
+    def validate(self, settings: StageSettings) -> None:
+        """Refuse settings this stage's model cannot take (before any stage runs)."""
+
     def _draw(self, generator: torch.Generator, shape) -> torch.Tensor:
         # On the CPU generator in the stage dtype, as diffusers' randn_tensor does, then moved.
         return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
@@ -63,25 +85,24 @@ class Stage:
         sampler = build_sampler(settings.sampler or self.default_sampler, self.scheduler_config,
                                 settings.timesteps, self.device)
         batch = text.cond.shape[0]
-        shape = (batch, IMAGE_CHANNELS, self.size, self.size)
-        x = self._draw(generator, shape).float() * sampler.init_noise_sigma  # (B, 3, H, W) float32
+        x, low_res = self._initial(previous, batch, settings.noise_level, generator)  # (B, C, H, W), (B, 3, H, W)
+        x = x.float() * sampler.init_noise_sigma  # float32
 
         guided = settings.guidance > 1.0 and text.uncond is not None
         embeddings = torch.cat([text.uncond, text.cond]) if guided else text.cond  # (2B or B, 77, D)
         copies = 2 if guided else 1
 
-        low_res = class_labels = None
-        if self.noising is not None:
-            low_res = self._augmented_low_res(previous, settings.noise_level, generator)  # (B, 3, H, W)
+        class_labels = None
+        if low_res is not None:
             low_res = low_res.repeat(copies, 1, 1, 1)
             class_labels = torch.full((copies * batch,), settings.noise_level, device=self.device)
 
-        noise = [self._draw(generator, shape) if noisy else None for noisy in sampler.noise_steps]
+        noise = [self._draw(generator, x.shape) if noisy else None for noisy in sampler.noise_steps]
         sampler.start(x)
         for i in tqdm(range(len(sampler)), desc=self.name, disable=not progress, leave=False):
             model_in = x.to(self.dtype)
             if low_res is not None:
-                model_in = torch.cat([model_in.repeat(copies, 1, 1, 1), low_res], dim=1)  # (2B, 6, H, W)
+                model_in = torch.cat([model_in.repeat(copies, 1, 1, 1), low_res], dim=1)  # (2B, C + 3, H, W)
             elif guided:
                 model_in = model_in.repeat(2, 1, 1, 1)
             out = self.unet(model_in, sampler.timesteps[i], embeddings, class_labels).float()
@@ -91,14 +112,24 @@ class Stage:
             raise NumericalError(
                 f"{self.name} produced NaN or inf values; the likely cause is float16 overflow in the U-Net: "
                 "load with dtype='bfloat16' or 'float32'")
-        return x
+        return self._finish(x)
 
-    def _augmented_low_res(self, previous: torch.Tensor, noise_level: int, generator: torch.Generator):
-        image = previous.to(self.dtype)
-        up = F.interpolate(image, (self.size, self.size), mode="bilinear", align_corners=True)
-        noise = self._draw(generator, up.shape)
-        acp = self.noising.alphas_cumprod.to(device=self.device, dtype=up.dtype)[noise_level]
-        return acp**0.5 * up + (1 - acp) ** 0.5 * noise
+    def _initial(self, previous, batch: int, noise_level: int | None, generator: torch.Generator):
+        """x_T (B, 3, size, size) and, for super-resolution, the augmented low-res image, in diffusers' draw order."""
+        x = self._draw(generator, (batch, IMAGE_CHANNELS, self.size, self.size))
+        if self.noising is None:
+            return x, None
+        up = F.interpolate(previous.to(self.dtype), (self.size, self.size), mode="bilinear", align_corners=True)
+        return x, self._noised(up, noise_level, generator)
+
+    def _noised(self, image: torch.Tensor, noise_level: int, generator: torch.Generator) -> torch.Tensor:
+        """Noise augmentation: `image` at step `noise_level` of the image-noising schedule (diffusers' add_noise)."""
+        noise = self._draw(generator, image.shape)
+        acp = self.noising.alphas_cumprod.to(device=self.device, dtype=image.dtype)[noise_level]
+        return acp**0.5 * image + (1 - acp) ** 0.5 * noise
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def _guide(self, out: torch.Tensor, guidance: float | None):
         """Split (and guide) the U-Net output: eps (B, 3, H, W) and the variance channels (B, 3, H, W) or None.
@@ -107,12 +138,54 @@ class Stage:
         """
         if guidance is not None:
             uncond, cond = out.chunk(2)
-            eps = uncond[:, :IMAGE_CHANNELS] + guidance * (cond[:, :IMAGE_CHANNELS] - uncond[:, :IMAGE_CHANNELS])
+            c = self.sample_channels
+            eps = uncond[:, :c] + guidance * (cond[:, :c] - uncond[:, :c])
             out = cond
         else:
-            eps = out[:, :IMAGE_CHANNELS]
+            eps = out[:, :self.sample_channels]
         variance = out[:, IMAGE_CHANNELS:] if self.learned_variance else None
         return eps, variance
+
+
+class LatentUpscaleStage(Stage):
+    """Stability's x4 upscaler as diffusers' StableDiffusionUpscalePipeline runs it (v-prediction DDIM by config).
+
+    `decoder(latents)` is a backend's VAE decoder: (B, 4, h, w) latents as the sampler leaves them (it divides
+    by the VAE's scaling factor itself) -> (B, 3, scale * h, scale * w) image in about [-1, 1].
+    """
+
+    def __init__(self, name: str, unet, decoder, scheduler_config: Mapping[str, Any], noising: NoiseSchedule,
+                 device: torch.device, dtype: torch.dtype, text, max_noise_level: int):
+        super().__init__(name, unet, scheduler_config, noising, device, dtype, text=text)
+        self.decoder = decoder
+        self.max_noise_level = max_noise_level
+        self.latent_channels = decoder.latent_channels
+        self.learned_variance = False  # the U-Net predicts v (or eps) for the 4 latent channels only
+
+    @property
+    def kind(self) -> str:
+        return "latent_upscaler"
+
+    @property
+    def sample_channels(self) -> int:
+        return self.latent_channels
+
+    def output_size(self, input_size: int | None) -> int:
+        return input_size * self.decoder.scale
+
+    def validate(self, settings: StageSettings) -> None:
+        if settings.noise_level > self.max_noise_level:
+            raise InvalidRequestError(f"{self.name} (x4 upscaler) takes noise_level 0..{self.max_noise_level}, got "
+                                      f"{settings.noise_level}: give one noise level per stage, e.g. (250, 20)")
+
+    def _initial(self, previous, batch: int, noise_level: int | None, generator: torch.Generator):
+        image = previous.to(self.dtype)  # (B, 3, h, w) in [-1, 1]: the latents get the image's own size
+        low_res = self._noised(image, noise_level, generator)
+        x = self._draw(generator, (batch, self.latent_channels, *image.shape[2:]))
+        return x, low_res
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x).float()
 
 
 def timed(device: torch.device, fn, *args):

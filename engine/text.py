@@ -1,8 +1,10 @@
-"""Prompt encoding: tokenizer + T5 encoder, run once per request; the empty prompt's embedding is cached.
+"""Prompt encoding: tokenizer + text encoder, run once per request; the empty prompt's embedding is cached.
 
-Matches diffusers' IF `encode_prompt` with clean_caption=False: prompts lower-cased and stripped, padded to
-77 tokens with the attention mask passed to the encoder, and all 77 positions handed to the U-Nets.
-T5 never runs in float16 (its activations overflow): bfloat16 or float32.
+For IF's T5 it matches diffusers' IF `encode_prompt` with clean_caption=False: prompts lower-cased and stripped,
+padded to 77 tokens with the attention mask passed to the encoder, and all 77 positions handed to the U-Nets.
+T5 never runs in float16 (its activations overflow): bfloat16 or float32. For the x4 upscaler's CLIP it
+matches StableDiffusionUpscalePipeline's: prompts as given (CLIP's tokenizer normalises them itself), padded to
+77 tokens, and no attention mask (CLIP attends to the padding, causally).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ MAX_TOKENS = 77
 
 
 class TextEncoder:
-    def __init__(self, tokenizer, model, device: torch.device, output_dtype: torch.dtype, dim: int):
+    def __init__(self, tokenizer, model, device: torch.device, output_dtype: torch.dtype, dim: int,
+                 clip: bool = False):
         self.tokenizer = tokenizer
+        self.clip = clip  # CLIP's conventions (see above) instead of IF's T5
         self.model = model  # model(input_ids, attention_mask=...) -> (hidden (B, 77, dim), ...): T5 or a backend's
         self.device = device
         self.output_dtype = output_dtype  # the U-Nets' dtype: embeddings are cast once, here
@@ -28,15 +32,16 @@ class TextEncoder:
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, D) embeddings of B prompts, in the U-Nets' dtype."""
-        prompts = [p.lower().strip() for p in prompts]
+        if not self.clip:
+            prompts = [p.lower().strip() for p in prompts]
         tokens = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
         full_lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True).input_ids]
         for prompt, length in zip(prompts, full_lengths):
             if length > MAX_TOKENS:
                 log.warning("prompt is %d tokens, truncated to %d: %r", length, MAX_TOKENS, prompt)
-        hidden = self.model(tokens.input_ids.to(self.device),
-                            attention_mask=tokens.attention_mask.to(self.device))[0]
+        mask = None if self.clip else tokens.attention_mask.to(self.device)
+        hidden = self.model(tokens.input_ids.to(self.device), attention_mask=mask)[0]
         return hidden.to(self.output_dtype)
 
     def empty(self) -> torch.Tensor:

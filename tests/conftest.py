@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.random_models import TinyCascadeSpec, write_if_cascade
+from engine.random_models import TinyCascadeSpec, write_if_cascade, write_three_stage_cascade
 from engine.reference import reference_cascade, run_reference, swap_scheduler
 
 
@@ -39,3 +39,16 @@ def diffusers_cascade(reference, prompts, seed, steps, guidance, n=1, negative=N
                              noise_level=noise_level)
     finally:
         first.scheduler, second.scheduler = saved
+
+
+@pytest.fixture(scope="session")
+def three_stage_dir(tmp_path_factory):
+    """IF-I (16px) -> IF-II (32px) -> x4 upscaler (32px latents -> 128px), random, with cascade.json."""
+    return write_three_stage_cascade(tmp_path_factory.mktemp("cascade3"))
+
+
+@pytest.fixture(scope="session")
+def three_stage_pipe(three_stage_dir):
+    import engine
+
+    return engine.load(three_stage_dir, device="cpu")

@@ -1,4 +1,4 @@
-"""The PyTorch backend: a diffusers UNet2DConditionModel behind the runtime's U-Net call."""
+"""The PyTorch backend: diffusers' UNet2DConditionModel and AutoencoderKL behind the runtime's component calls."""
 
 from __future__ import annotations
 
@@ -30,3 +30,22 @@ class TorchUNet:
         # sample (B, in_channels, H, W); timestep () int64; encoder_hidden_states (B, 77, D) -> (B, out, H, W)
         return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                           class_labels=class_labels, return_dict=False)[0]
+
+
+class TorchVAEDecoder:
+    """Decodes latents with a diffusers `AutoencoderKL`, as StableDiffusionUpscalePipeline does."""
+
+    def __init__(self, vae, attention: str = "sdpa"):
+        from engine.backends.attention import install
+
+        self.vae = vae.eval().requires_grad_(False)
+        install(self.vae, attention)
+        config = vae.config
+        self.scaling_factor = config.scaling_factor
+        self.latent_channels = config.latent_channels
+        self.scale = 2 ** (len(config.block_out_channels) - 1)  # each decoder up block but the last doubles H, W
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        # latents (B, 4, h, w) -> (B, 3, scale * h, scale * w). Cast first, then divide, in diffusers' order.
+        latents = latents.to(self.vae.dtype)
+        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
