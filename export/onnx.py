@@ -9,6 +9,11 @@ The exported directory is self-contained (it runs with ONNX Runtime and no PyTor
     text_encoder/model.onnx        input_ids, attention_mask (batch, 77) int64 -> last_hidden_state (batch, 77, D)
     stage_I/unet/model.onnx        sample, timestep (batch,), encoder_hidden_states [, class_labels] -> out
     stage_I/unet/config.json, stage_I/scheduler/, stage_II/image_noising_scheduler/, ...
+    stage_III/                     an x4 upscaler's own graphs and configs, when the cascade has one:
+      text_encoder/model.onnx      CLIP: input_ids (batch, 77) int64 -> last_hidden_state (batch, 77, D)
+      unet/model.onnx              sample (batch, 7, height, width), timestep, encoder_hidden_states, class_labels
+      vae_decoder/model.onnx       latents (batch, 4, height, width) -> image (batch, 3, 4 height, 4 width)
+      tokenizer/, scheduler/, low_res_scheduler/, model_index.json
 
 Each component's contract (names, shapes with the dynamic batch axis, dtypes, example inputs) is stated once,
 in `Contract`; export, the export check, the manifest and the ONNX Runtime backend all read it. Every graph is
@@ -27,7 +32,7 @@ import logging
 import shutil
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +71,25 @@ class _TextEncoderGraph(torch.nn.Module):
         return self.t5(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+class _ClipTextGraph(torch.nn.Module):
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, input_ids):
+        return self.clip(input_ids=input_ids).last_hidden_state
+
+
+class _VAEDecoderGraph(torch.nn.Module):
+    def __init__(self, decoder):
+        super().__init__()
+        self.vae = decoder.vae
+        self.decoder = decoder  # the torch backend's decoder: the graph computes exactly what it computes
+
+    def forward(self, latents):
+        return self.decoder(latents)
+
+
 class _UNetGraph(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -78,7 +102,11 @@ class _UNetGraph(torch.nn.Module):
 
 @dataclass(frozen=True)
 class Contract:
-    """One component's export contract. Shapes use "batch" for the dynamic axis; dtypes are numpy names."""
+    """One component's export contract; dtypes are numpy names.
+
+    A dimension is an int, or the name of a dynamic axis ("batch"; "height", "width" for the x4 upscaler's
+    latents), or in an output "name*k": k times that input axis (the VAE decoder's 4x larger image).
+    """
 
     name: str  # "text_encoder", "stage_I/unet"
     file: str  # graph path relative to the exported directory
@@ -86,15 +114,16 @@ class Contract:
     outputs: dict  # name -> (shape, dtype)
     precision: str
     value_ranges: dict  # integer input name -> (low, high) for example inputs
+    example_sizes: dict = field(default_factory=dict)  # dynamic axis other than batch -> its example size
 
     def dynamic_axes(self) -> dict:
-        return {name: {i: "batch" for i, d in enumerate(shape) if d == "batch"}
+        return {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)}
                 for name, (shape, _) in {**self.inputs, **self.outputs}.items()}
 
     def example_inputs(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         tensors = []
         for name, (shape, dtype) in self.inputs.items():
-            size = [batch if d == "batch" else d for d in shape]
+            size = [resolve_dim(d, {"batch": batch, **self.example_sizes}) for d in shape]
             if name in self.value_ranges:
                 low, high = self.value_ranges[name]
                 tensors.append(torch.randint(low, high, size, generator=generator))
@@ -108,6 +137,14 @@ class Contract:
                 "outputs": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.outputs.items()}}
 
 
+def resolve_dim(dim, sizes: dict) -> int:
+    """A contract dimension's size, given the sizes of the named axes."""
+    if isinstance(dim, int):
+        return dim
+    name, _, factor = dim.partition("*")
+    return sizes[name] * int(factor or 1)
+
+
 def text_encoder_contract(t5) -> Contract:
     tokens = ("batch", TEXT_TOKENS)
     return Contract("text_encoder", "text_encoder/model.onnx",
@@ -117,7 +154,25 @@ def text_encoder_contract(t5) -> Contract:
                     value_ranges={"input_ids": (0, t5.config.vocab_size), "attention_mask": (1, 2)})
 
 
-def unet_contract(stage_name: str, unet, precision: str) -> Contract:
+def clip_text_encoder_contract(stage_name: str, clip) -> Contract:
+    return Contract(f"{stage_name}/text_encoder", f"{stage_name}/text_encoder/model.onnx",
+                    inputs={"input_ids": (("batch", TEXT_TOKENS), "int64")},
+                    outputs={"last_hidden_state": (("batch", TEXT_TOKENS, clip.config.hidden_size), "float32")},
+                    precision="float32",  # text encoders export in float32, as T5 must
+                    value_ranges={"input_ids": (0, clip.config.vocab_size)})
+
+
+def vae_decoder_contract(stage_name: str, decoder, precision: str, latent_size: int) -> Contract:
+    latents = ("batch", decoder.latent_channels, "height", "width")
+    image = ("batch", 3, f"height*{decoder.scale}", f"width*{decoder.scale}")
+    return Contract(f"{stage_name}/vae_decoder", f"{stage_name}/vae_decoder/model.onnx",
+                    inputs={"latents": (latents, precision)}, outputs={"image": (image, precision)},
+                    precision=precision, value_ranges={},
+                    example_sizes={"height": latent_size, "width": latent_size})
+
+
+def unet_contract(stage_name: str, unet, precision: str, latent_size: int | None = None) -> Contract:
+    """An IF U-Net at its sample size; with latent_size, the x4 upscaler's, whose height and width are dynamic."""
     config = unet.config
     unsupported = {"time_cond_proj_dim": config.time_cond_proj_dim is not None,
                    "addition_embed_type": config.addition_embed_type not in (None, "text"),
@@ -127,18 +182,19 @@ def unet_contract(stage_name: str, unet, precision: str) -> Contract:
             raise EngineError(f"cannot export {stage_name}/unet: {option}={getattr(config, option)!r} needs extra "
                               "U-Net inputs that the ONNX contract (sample, timestep, encoder_hidden_states, "
                               "class_labels) does not carry; only IF-style U-Nets are supported")
-    size = config.sample_size
+    height, width = (config.sample_size,) * 2 if latent_size is None else ("height", "width")
     text_dim = config.encoder_hid_dim if config.encoder_hid_dim_type else config.cross_attention_dim
-    inputs = {"sample": (("batch", config.in_channels, size, size), precision),
+    inputs = {"sample": (("batch", config.in_channels, height, width), precision),
               "timestep": (("batch",), "int64"),
               "encoder_hidden_states": (("batch", TEXT_TOKENS, text_dim), precision)}
     ranges = {"timestep": (0, 1000)}
     if config.class_embed_type is not None or config.num_class_embeds is not None:  # super-resolution stages
         inputs["class_labels"] = (("batch",), "int64")
-        ranges["class_labels"] = (0, 1000)
+        ranges["class_labels"] = (0, config.num_class_embeds or 1000)
+    sizes = {} if latent_size is None else {"height": latent_size, "width": latent_size}
     return Contract(f"{stage_name}/unet", f"{stage_name}/unet/model.onnx", inputs=inputs,
-                    outputs={"out": (("batch", config.out_channels, size, size), precision)},
-                    precision=precision, value_ranges=ranges)
+                    outputs={"out": (("batch", config.out_channels, height, width), precision)},
+                    precision=precision, value_ranges=ranges, example_sizes=sizes)
 
 
 def _export_graph(module: torch.nn.Module, contract: Contract, root: Path) -> None:
@@ -183,16 +239,23 @@ def check_graph(module: torch.nn.Module, contract: Contract, root: Path, seed: i
 
 
 def _copy_configs(stage_dirs: list[Path], names: list[str], root: Path) -> None:
+    from engine.loading import is_x4_upscaler
+
     first = stage_dirs[0]
     shutil.copytree(first / "tokenizer", root / "tokenizer")
     (root / "text_encoder").mkdir()
     shutil.copy2(first / "text_encoder" / "config.json", root / "text_encoder" / "config.json")
     for stage_dir, name in zip(stage_dirs, names):
-        for sub in ("scheduler", "image_noising_scheduler"):
+        for sub in ("scheduler", "image_noising_scheduler", "low_res_scheduler"):
             if (stage_dir / sub).is_dir():
                 shutil.copytree(stage_dir / sub, root / name / sub)
-        (root / name / "unet").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(stage_dir / "unet" / "config.json", root / name / "unet" / "config.json")
+        configs = ["unet/config.json"]
+        if is_x4_upscaler(stage_dir):
+            shutil.copytree(stage_dir / "tokenizer", root / name / "tokenizer")
+            configs += ["text_encoder/config.json", "vae/config.json", "model_index.json"]
+        for config in configs:
+            (root / name / config).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(stage_dir / config, root / name / config)
 
 
 def source_hash(stage_dirs: list[Path]) -> str:
@@ -226,6 +289,7 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
     from tqdm.auto import tqdm
 
     from engine.loading import load, stage_dirs
+    from engine.stage import LatentUpscaleStage
 
     require_onnx()
     if dtype not in PRECISIONS:
@@ -242,9 +306,23 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
     try:
         _copy_configs(dirs, names, work)
         components = [(text_encoder_contract(pipe.text.model), _TextEncoderGraph(pipe.text.model))]
+        stages, size = [], None
         for stage in pipe.stages:
+            entry = {"name": stage.name, "kind": stage.kind, "unet": f"{stage.name}/unet/model.onnx"}
             unet = stage.unet.model if dtype == "float32" else stage.unet.model.half()
-            components.append((unet_contract(stage.name, unet, dtype), _UNetGraph(unet)))
+            if isinstance(stage, LatentUpscaleStage):  # its latents take the size of the image it receives
+                vae_dtype = "float32" if dtype == "float32" or stage.decoder.vae.config.force_upcast else dtype
+                decoder = stage.decoder if vae_dtype == "float32" else _half_decoder(stage.decoder)
+                clip = stage.text.model
+                components += [(clip_text_encoder_contract(stage.name, clip), _ClipTextGraph(clip)),
+                               (unet_contract(stage.name, unet, dtype, latent_size=size), _UNetGraph(unet)),
+                               (vae_decoder_contract(stage.name, decoder, vae_dtype, size), _VAEDecoderGraph(decoder))]
+                entry |= {"text_encoder": f"{stage.name}/text_encoder", "vae_decoder": f"{stage.name}/vae_decoder",
+                          "max_noise_level": stage.max_noise_level}
+            else:
+                components.append((unet_contract(stage.name, unet, dtype), _UNetGraph(unet)))
+            stages.append(entry)
+            size = stage.output_size(size)
         described = {}
         for contract, module in tqdm(components, desc="export onnx", disable=not progress):
             _export_graph(module, contract, work)
@@ -253,14 +331,19 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
         manifest_io.write(work, {
             "precision": dtype, "source": {"model": source, "sha256": source_sha256 or source_hash(dirs)}, "notice": notice,
             "versions": versions(), "components": described,
-            "stages": [{"name": name, "kind": stage.kind, "unet": f"{name}/unet/model.onnx"}
-                       for name, stage in zip(names, pipe.stages)],
+            "stages": stages,
         })
         _replace(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def _half_decoder(decoder):
+    from engine.backends.torch_backend import TorchVAEDecoder
+
+    return TorchVAEDecoder(decoder.vae.half())
 
 
 def _replace(work: Path, out: Path) -> None:

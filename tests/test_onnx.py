@@ -173,3 +173,42 @@ def test_float16_export_keeps_the_text_encoder_in_float32(cascade_dir, tmp_path)
     images = engine.load(out).generate(PROMPT, seed=0, steps=(2, 1), output_type="np")
     reference = torch_fp32.generate(PROMPT, seed=0, steps=(2, 1), output_type="np")
     assert np.abs(images - reference).max() <= 0.05  # float16 graphs vs float32 torch
+
+
+@pytest.fixture(scope="module")
+def exported_three_stage(three_stage_dir, tmp_path_factory):
+    return export_onnx(three_stage_dir, out=tmp_path_factory.mktemp("onnx3") / "x4", progress=False)
+
+
+def test_three_stage_export_runs_the_x4_upscaler_on_onnxruntime(exported_three_stage, three_stage_pipe):
+    from engine.backends.onnxruntime_backend import OrtTextModel, OrtVAEDecoder
+
+    ort_pipe = engine.load(exported_three_stage)
+    x4 = ort_pipe.stages[2]
+    assert x4.kind == "latent_upscaler" and isinstance(x4.decoder, OrtVAEDecoder)
+    assert isinstance(x4.text.model, OrtTextModel) and x4.text.clip
+    options = dict(seed=4, steps=(3, 2, 3), guidance=(7.0, 4.0, 9.0), noise_level=(250, 40), negative_prompt="blue")
+    ours = ort_pipe.generate([PROMPT, "a cat"], output_type="np", **options)
+    torch_images = three_stage_pipe.generate([PROMPT, "a cat"], output_type="np", **options)
+    assert ours.shape == torch_images.shape == (2, 128, 128, 3)
+    assert np.abs(ours - torch_images).max() <= 1e-3
+
+
+def test_x4_graphs_take_latents_of_any_size(exported_three_stage, three_stage_pipe):
+    # Exported at the 32px latents of this cascade; the contract makes height and width dynamic.
+    import torch
+
+    ort_x4, torch_x4 = engine.load(exported_three_stage).stages[2], three_stage_pipe.stages[2]
+    manifest = json.loads((exported_three_stage / "manifest.json").read_text())
+    assert manifest["components"]["stage_III/vae_decoder"]["outputs"]["image"]["shape"] == \
+        ["batch", 3, "height*4", "width*4"]
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 24, 40, generator=generator)
+    with torch.no_grad():
+        expected = torch_x4.decoder(latents)
+        assert ort_x4.decoder(latents).shape == expected.shape == (1, 3, 96, 160)
+        assert (ort_x4.decoder(latents) - expected).abs().max() <= 1e-4
+        sample = torch.randn(2, 7, 24, 40, generator=generator)
+        text = torch.randn(2, 77, 32, generator=generator)
+        args = (sample, torch.tensor(500), text, torch.tensor([20, 20]))
+        assert (ort_x4.unet(*args) - torch_x4.unet(*args)).abs().max() <= 1e-4

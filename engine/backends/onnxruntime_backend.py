@@ -1,7 +1,7 @@
 """The ONNX Runtime backend: runs an exported directory (export/onnx.py) behind the same Pipeline.
 
 The runtime around it (prompt handling, samplers, guidance, noise) is the torch code every backend shares;
-only the text encoder and the U-Nets run as ONNX Runtime sessions. Tensors cross by pointer with IO binding
+only the text encoders, the U-Nets and the x4 upscaler's VAE decoder run as ONNX Runtime sessions. Tensors cross by pointer with IO binding
 (no numpy copies): inputs are bound from torch tensors, outputs are written into preallocated torch tensors.
 """
 
@@ -74,20 +74,23 @@ class OrtComponent:
             raise ModelError(path, f"ONNX Runtime cannot load this graph: {exc}") from exc
         self.inputs = description["inputs"]
         (self.output_name, output), = description["outputs"].items()
-        self.output_shape = output["shape"]  # with "batch" for the dynamic axis
+        self.output_shape = output["shape"]  # with named dynamic axes, see export.onnx.Contract
         self.output_dtype = TORCH_DTYPES[output["dtype"]]
         self.device = device
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
+        from export.onnx import resolve_dim
+
         binding = self.session.io_binding()
         kept = []  # contiguous copies must outlive the run
+        sizes = {}  # dynamic axis name -> this call's size
         for name, spec in self.inputs.items():
             t = tensors[name].to(self.device, TORCH_DTYPES[spec["dtype"]]).contiguous()
             kept.append(t)
+            sizes |= {d: n for d, n in zip(spec["shape"], t.shape) if isinstance(d, str)}
             binding.bind_input(name, self.device.type, self.device.index or 0, _numpy_dtype(t.dtype),
                                tuple(t.shape), t.data_ptr())
-        batch = kept[0].shape[0]
-        out = torch.empty([batch if d == "batch" else d for d in self.output_shape], dtype=self.output_dtype,
+        out = torch.empty([resolve_dim(d, sizes) for d in self.output_shape], dtype=self.output_dtype,
                           device=self.device)
         binding.bind_output(self.output_name, self.device.type, self.device.index or 0,
                             _numpy_dtype(out.dtype), tuple(out.shape), out.data_ptr())
@@ -102,13 +105,30 @@ def _numpy_dtype(dtype: torch.dtype):
 
 
 class OrtTextModel:
-    """T5 as an exported graph, called like transformers' encoder: model(ids, attention_mask=m)[0]."""
+    """A text encoder as an exported graph, called like transformers' encoders: model(ids, attention_mask=m)[0].
+
+    T5's graph takes the mask; CLIP's takes none (TextEncoder passes None for it)."""
 
     def __init__(self, component: OrtComponent):
         self.component = component
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return (self.component(input_ids=input_ids, attention_mask=attention_mask),)
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        named = {"input_ids": input_ids}
+        if attention_mask is not None:
+            named["attention_mask"] = attention_mask
+        return (self.component(**named),)
+
+
+class OrtVAEDecoder:
+    """An exported VAE decoder behind the runtime's decoder call (same interface as TorchVAEDecoder)."""
+
+    def __init__(self, component: OrtComponent, vae_config: dict):
+        self.component = component
+        self.latent_channels = vae_config.get("latent_channels", 4)
+        self.scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.component(latents=latents)  # (B, 4, h, w) -> (B, 3, scale * h, scale * w)
 
 
 class OrtUNet:
@@ -137,7 +157,7 @@ def load_exported(root: Path, providers=None, threads: int | None = None, notice
 
     from engine.loading import _schedule
     from engine.pipeline import Pipeline
-    from engine.stage import Stage
+    from engine.stage import LatentUpscaleStage, Stage
     from engine.text import TextEncoder
     from export.onnx import read_manifest
 
@@ -156,15 +176,24 @@ def load_exported(root: Path, providers=None, threads: int | None = None, notice
     text_shape = components["text_encoder"]["outputs"]["last_hidden_state"]["shape"]
     text = TextEncoder(tokenizer, OrtTextModel(component("text_encoder")), device, output_dtype=dtype,
                        dim=text_shape[-1])
+    def read(*parts):
+        return json.loads(root.joinpath(*parts).read_text())
+
     stages = []
     for entry in manifest["stages"]:
-        name = entry["name"]
-        config = json.loads((root / name / "unet" / "config.json").read_text())
-        scheduler = json.loads((root / name / "scheduler" / "scheduler_config.json").read_text())
-        noising = None
-        if entry["kind"] == "super_resolution":
-            noising_dir = root / name / "image_noising_scheduler"
-            noising = _schedule(json.loads((noising_dir / "scheduler_config.json").read_text()), noising_dir)
-        unet = OrtUNet(component(f"{name}/unet"), config, dtype)
-        stages.append(Stage(name, unet, scheduler, noising, device, dtype))
+        name, kind = entry["name"], entry["kind"]
+        scheduler = read(name, "scheduler", "scheduler_config.json")
+        noising_dir = root / name / {"super_resolution": "image_noising_scheduler",
+                                     "latent_upscaler": "low_res_scheduler"}.get(kind, "")
+        noising = _schedule(read(noising_dir, "scheduler_config.json"), noising_dir) if kind != "base" else None
+        unet = OrtUNet(component(f"{name}/unet"), read(name, "unet", "config.json"), dtype)
+        if kind == "latent_upscaler":
+            clip = component(entry["text_encoder"])
+            clip_text = TextEncoder(AutoTokenizer.from_pretrained(root / name / "tokenizer"), OrtTextModel(clip),
+                                    device, output_dtype=dtype, dim=clip.output_shape[-1], clip=True)
+            decoder = OrtVAEDecoder(component(entry["vae_decoder"]), read(name, "vae", "config.json"))
+            stages.append(LatentUpscaleStage(name, unet, decoder, scheduler, noising, device, dtype, text=clip_text,
+                                             max_noise_level=entry["max_noise_level"]))
+        else:
+            stages.append(Stage(name, unet, scheduler, noising, device, dtype))
     return Pipeline(text, stages, device, dtype, source=str(root), notice=notice or manifest.get("notice"))
