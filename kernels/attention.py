@@ -4,8 +4,10 @@
     q (B, H, Lq, D); k, v (B, H, Lk, D); key_padding_mask (B, Lk) bool, True = attend; o (B, H, Lq, D) in q's dtype
 
 One program computes a BLOCK_M x D tile of the output, streaming K and V in BLOCK_N blocks with an online
-softmax kept in float32: the Lq x Lk score matrix is never materialised. Any Lq, Lk >= 1; head dims up to 256
-(padded internally to a power of two); float16, bfloat16, float32. A query row whose keys are all masked
+softmax kept in float32: the Lq x Lk score matrix is never materialised. Any Lq, Lk >= 1; head dims up to 512
+(padded internally to a power of two); float16, bfloat16, float32. Above 256 (the x4 upscaler's VAE has one
+512-wide head over 65,536 tokens at 1024 px) a tile's output columns are split over programs of 256 each, and
+each computes the full-width scores in 128-wide chunks of D: 1.5x the minimal FLOPs, but the tile fits. A query row whose keys are all masked
 gives zeros (SDPA gives NaN there). IF's joint attention (queries = image tokens, keys = 77 text tokens + image
 tokens, head dim 64) is the case it is tuned for.
 
@@ -28,7 +30,9 @@ except ImportError:  # the engine falls back to SDPA; calling the kernel says wh
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512
+SPLIT_HEAD_DIM = 256  # wider heads split their output columns over programs (see above)
+SCORE_CHUNK = 128  # ... and compute their scores in chunks of this many head dims
 
 
 def reference_attention(q, k, v, scale=None, key_padding_mask=None):
@@ -62,37 +66,55 @@ if triton is not None:
         stride_ob, stride_oh, stride_om, stride_od,
         stride_mb, stride_mn,
         H, LQ, LK, LQ_BUCKET, LK_BUCKET,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QK_CHUNKS: tl.constexpr,
+        HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query rows of this tile
-        offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) head dim, padded to a power of two
         offs_n = tl.arange(0, BLOCK_N)
+        offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)  # (BLOCK_DV,) this program's output columns
         row_ok = offs_m < LQ
-        d_ok = offs_d < HEAD_DIM
+        dv_ok = offs_dv < HEAD_DIM
+        q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
 
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        if QK_CHUNKS == 1:  # the whole (padded) head in one tile: q stays in registers for every key block
+            offs_d = tl.arange(0, BLOCK_D)
+            d_ok = offs_d < HEAD_DIM
+            q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                q = q.to(tl.float32)  # (BLOCK_M, BLOCK_D)
         qk_scale = scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running row max (base-2 units)
         l_i = tl.zeros((BLOCK_M,), tl.float32)  # running row sum of exp2
-        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
+        acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
         for start_n in range(0, LK, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < LK
-            k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                        mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, k).to(tl.float32) * qk_scale  # (BLOCK_M, BLOCK_N)
+            if QK_CHUNKS == 1:
+                k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                            mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+                if DOT_FP32:
+                    k = k.to(tl.float32)
+                s = tl.dot(q, k).to(tl.float32)  # (BLOCK_M, BLOCK_N)
+            else:  # a wide head: sum the scores over chunks of D, reloading q's chunks (L1/L2-resident)
+                s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for c in tl.static_range(QK_CHUNKS):
+                    offs_c = c * (BLOCK_D // QK_CHUNKS) + tl.arange(0, BLOCK_D // QK_CHUNKS)
+                    c_ok = offs_c < HEAD_DIM
+                    qc = tl.load(q_base + offs_c[None, :] * stride_qd, mask=row_ok[:, None] & c_ok[None, :],
+                                 other=0.0)
+                    kc = tl.load(k_base + cols[None, :] * stride_kn + offs_c[:, None] * stride_kd,
+                                 mask=col_ok[None, :] & c_ok[:, None], other=0.0)
+                    if DOT_FP32:
+                        qc, kc = qc.to(tl.float32), kc.to(tl.float32)
+                    s += tl.dot(qc, kc).to(tl.float32)
+            s = s * qk_scale
             keep = col_ok
             if HAS_MASK:
                 attend = tl.load(MASK + b * stride_mb + cols * stride_mn, mask=col_ok, other=0)
@@ -103,15 +125,15 @@ if triton is not None:
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
             if DOT_FP32:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # fully masked rows -> 0
-        tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
 
 def _bucket(n: int) -> int:
@@ -152,14 +174,18 @@ def _launch(q, k, v, scale, key_padding_mask, out=None):
     mask = key_padding_mask if key_padding_mask is not None else q.new_empty((1, 1), dtype=torch.bool)
     mask = mask.view(torch.uint8)
 
+    block_d = max(16, _bucket(d))
+    block_dv = min(block_d, SPLIT_HEAD_DIM)  # output columns per program
+    qk_chunks = 1 if block_d <= SPLIT_HEAD_DIM else block_d // SCORE_CHUNK
+
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+        return (triton.cdiv(lq, meta["BLOCK_M"]), b * h, block_d // block_dv)
 
     _attention_kernel[grid](
         q, k, v, out, mask, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
         h, lq, lk, _bucket(lq), _bucket(lk),
-        HEAD_DIM=d, BLOCK_D=max(16, _bucket(d)), HAS_MASK=key_padding_mask is not None,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_DV=block_dv, QK_CHUNKS=qk_chunks, HAS_MASK=key_padding_mask is not None,
         # Triton 3.6's interpreter computes tl.dot on bfloat16 operands wrongly (off by ~1e10 in a plain
         # 16x16 product); on CPU only, bfloat16 tiles are multiplied in float32. GPUs use bf16 MMA.
         DOT_FP32=INTERPRETING and q.dtype == torch.bfloat16,

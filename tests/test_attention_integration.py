@@ -25,6 +25,25 @@ def test_triton_attention_cascade_matches_diffusers(cascade_dir, reference):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
+def test_triton_attention_three_stage_cascade_matches_diffusers(tmp_path):
+    from engine.backends.attention import TritonAttnProcessor
+    from engine.random_models import TinyCascadeSpec, write_three_stage_cascade
+    from engine.reference import reference_cascade, run_reference
+
+    # Small sizes (8 -> 16 -> 64 px): the interpreter runs every attention program in numpy.
+    three_stage_dir = write_three_stage_cascade(tmp_path, TinyCascadeSpec(base_size=8, sr_size=16))
+    pipe = engine.load(three_stage_dir, device="cpu", attention="triton")
+    x4 = pipe.stages[2]
+    for model in (x4.unet.model, x4.decoder.vae):
+        processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
+        assert processors and all(isinstance(p, TritonAttnProcessor) for p in processors)
+    steps, guidance = (1, 1, 2), (7.0, 4.0, 9.0)
+    ours = pipe.generate("a red circle", seed=1, steps=steps, guidance=guidance, output_type="np")
+    theirs = run_reference(reference_cascade(three_stage_dir), "a red circle", 1, steps, guidance,
+                           noise_level=(250, 20))
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
 def test_unknown_attention_is_refused(cascade_dir):
     with pytest.raises(engine.InvalidRequestError, match="unknown attention 'flash'"):
         engine.load(cascade_dir, attention="flash")
@@ -65,16 +84,39 @@ def test_plain_attention_processor_matches_sdpa():
     assert (got_image - expected_image).abs().max() <= 1e-4, f"seed {seed}"
 
 
-def test_plain_processor_falls_back_for_masks_and_wide_heads():
-    """The x4 VAE's 512-wide single head is past the kernel's limit; masks go to diffusers too."""
+def test_vae_mid_block_attention_runs_through_the_kernel():
+    """The x4 VAE's mid-block attention: one 512-wide head over the image tokens, 4-D input, residual."""
+    from diffusers.models.attention_processor import Attention
+
+    from engine.backends.attention import TritonAttnProcessor
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    torch.manual_seed(seed)
+    block = Attention(query_dim=512, heads=1, dim_head=512, norm_num_groups=32, residual_connection=True,
+                      bias=True, upcast_softmax=True, _from_deprecated_attn_block=True, eps=1e-6).eval()
+    x = torch.randn(2, 512, 6, 5)  # (B, C, H, W): 30 tokens
+    processor = TritonAttnProcessor()
+    calls = []
+    kernel = processor._attention
+    processor._attention = lambda *args, **kwargs: (calls.append(args[0].shape), kernel(*args, **kwargs))[1]
+    with torch.no_grad():
+        expected = block(x)
+        block.set_processor(processor)
+        got = block(x)
+    assert calls == [(2, 1, 30, 512)]
+    assert (got - expected).abs().max() <= 1e-4, f"seed {seed}"
+
+
+def test_plain_processor_falls_back_for_masks_and_heads_past_the_kernel():
+    """Heads wider than the kernel's 512 and attention masks go to diffusers' own processor, unchanged."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     from engine.backends.attention import TritonAttnProcessor
 
     torch.manual_seed(0)
-    wide = Attention(query_dim=512, heads=1, dim_head=512).eval()
+    wide = Attention(query_dim=1024, heads=1, dim_head=1024).eval()
     narrow = Attention(query_dim=32, heads=2, dim_head=16).eval()
-    x_wide, x_narrow = torch.randn(1, 5, 512), torch.randn(2, 6, 32)
+    x_wide, x_narrow = torch.randn(1, 5, 1024), torch.randn(2, 6, 32)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])  # (B, Lk) key padding as diffusers takes it
     with torch.no_grad():
         expected = wide(x_wide), narrow(x_narrow, attention_mask=mask)

@@ -6,8 +6,9 @@ Two kinds of attention module occur in the cascades:
   `AddedKVTritonProcessor` computes what diffusers' AttnAddedKVProcessor2_0 computes.
 - The x4 upscaler's transformer blocks (self- and cross-attention) and VAE mid-blocks use plain attention.
   `TritonAttnProcessor` computes what diffusers' AttnProcessor2_0 computes.
-Both put kernels.attention where diffusers calls SDPA. Calls with an attention mask (the cascades pass none) and
-head dims above the kernel's maximum (the x4 VAE's single 512-wide head) go to diffusers' own processor.
+Both put kernels.attention where diffusers calls SDPA, the x4 VAE's single 512-wide head included (the kernel
+never forms its 65,536 x 65,536 score matrix at 1024 px). Calls with an attention mask (the cascades pass none)
+and head dims above the kernel's maximum go to diffusers' own processor.
 """
 
 from __future__ import annotations
