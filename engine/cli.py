@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=BACKENDS, default=None,
                      help="torch (default for model directories) or onnxruntime (default for exported "
                           "directories; for a model directory it exports into the cache on first use)")
+    gen.add_argument("--image", default=None, metavar="PNG",
+                     help="the picture to upscale, for a model that starts with an upscaler (an x4 upscaler alone)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
 
     exp = commands.add_parser("export", help="export a cascade's components to ONNX (checked against PyTorch)")
@@ -77,8 +79,16 @@ def _one_or_tuple(values):
 def generate(args) -> None:
     from engine.loading import load
 
+    image = None
+    if args.image is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise EngineError(f"cannot read --image {args.image!r}: {exc}") from exc
     request = GenerateRequest(  # validates before anything is loaded
-        args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, num_images_per_prompt=args.num_images,
+        args.prompt, image=image, negative_prompt=args.negative_prompt, seed=args.seed, num_images_per_prompt=args.num_images,
         steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance),
         noise_level=_one_or_tuple(args.noise_level),
         scheduler=args.scheduler)
@@ -102,7 +112,8 @@ def generate(args) -> None:
         image.save(path)
     if not args.quiet:
         times = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
-        print(f"{len(images)} image(s) {pipe.image_size}x{pipe.image_size} -> {', '.join(map(str, paths))}")
+        width, height = images[0].size
+        print(f"{len(images)} image(s) {width}x{height} -> {', '.join(map(str, paths))}")
         print(f"time: {times} (total {sum(result.timings.values()):.2f}s, {pipe.device}, {str(pipe.dtype)[6:]})")
 
 

@@ -98,9 +98,12 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     dtype = resolve_dtype(dtype, device)
     dirs, notice, source = stage_dirs(paths)
     first = dirs[0]
-    if is_x4_upscaler(first):
-        raise ModelError(first, "an x4 upscaler stage upscales the image of an earlier stage; list it after the "
-                                "IF stages, e.g. engine.load(IF_I_DIR, IF_II_DIR, X4_DIR)")
+    if is_x4_upscaler(first):  # alone: an upscaler of the images passed to generate(image=...)
+        if len(dirs) > 1:
+            raise ModelError(first, "an x4 upscaler stage is the last stage of a cascade; list it after the IF "
+                                    "stages, e.g. engine.load(IF_I_DIR, IF_II_DIR, X4_DIR), or load it alone")
+        stage = _load_x4_stage(first, "stage_I", device, dtype, attention)
+        return Pipeline(stage.text, [stage], device, dtype, source=source, notice=notice)
     for sub in ("tokenizer", "text_encoder"):
         if not (first / sub).is_dir():
             raise ModelError(first, f"the first stage needs {sub}/ (a base stage as IF-I ships it); "

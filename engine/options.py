@@ -71,6 +71,7 @@ class GenerateRequest:
     noise_level: int | tuple[int, ...] | None = None
     scheduler: str | None = None
     output_type: str = "pil"
+    image: object = None  # the image to upscale, for a cascade that starts with an upscaler (engine/images.py)
 
     def __post_init__(self):
         prompts = self.prompts
@@ -91,6 +92,10 @@ class GenerateRequest:
         if self.scheduler is not None and self.scheduler not in SAMPLERS:
             raise InvalidRequestError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SAMPLERS)} "
                                       "(or leave it unset to use each stage's own scheduler config)")
+        if self.image is not None:
+            from engine.images import to_model_range
+
+            to_model_range(self.image)  # refuses a bad image now, before any model work
         if self.output_type not in OUTPUT_TYPES:
             raise InvalidRequestError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
 
@@ -132,7 +137,7 @@ class GenerateRequest:
 
 def request_defaults() -> dict[str, object]:
     """Field name -> default, for the CLI (so defaults are written once, here)."""
-    return {f.name: f.default for f in fields(GenerateRequest) if f.name != "prompt"}
+    return {f.name: f.default for f in fields(GenerateRequest) if f.name not in ("prompt", "image")}
 
 
 def _string_list(value, name: str) -> list[str]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from PIL import Image
 
+from engine.errors import InvalidRequestError
+from engine.images import from_model_range, to_model_range
 from engine.options import GenerateRequest
 from engine.stage import Conditioning, Stage, timed
 from engine.text import TextEncoder
@@ -38,10 +38,11 @@ class Pipeline:
         self.notice = notice  # something the user must know about this model (e.g. random weights)
 
     @property
-    def image_size(self) -> int:
+    def image_size(self) -> int | None:
+        """Side of the output images; None when the input image decides (a cascade that starts with an upscaler)."""
         return self._sizes()[-1]
 
-    def _sizes(self) -> list[int]:
+    def _sizes(self) -> list[int | None]:
         sizes, size = [], None
         for stage in self.stages:
             size = stage.output_size(size)
@@ -49,7 +50,8 @@ class Pipeline:
         return sizes
 
     def __repr__(self) -> str:
-        sizes = " -> ".join(f"{s.name}({s.kind}, {size}px)" for s, size in zip(self.stages, self._sizes()))
+        sizes = " -> ".join(f"{s.name}({s.kind}, {f'{size}px' if size else 'x' + str(s.decoder.scale)})"
+                            for s, size in zip(self.stages, self._sizes()))
         return f"Pipeline({sizes}, device={self.device}, dtype={self.dtype}, source={self.source!r})"
 
     def generate(self, prompt, **options):
@@ -63,13 +65,31 @@ class Pipeline:
         timings: dict[str, float] = {}
         conditioning, timings["text"] = timed(self.device, self._conditioning, request, settings)
 
+        image = self._input_image(request)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        image = None
         for stage, stage_settings in zip(self.stages, settings):
             text = conditioning[self._encoder(stage)]
             image, timings[stage.name] = timed(
                 self.device, stage.run, text, image, stage_settings, generator, progress)
-        return Generation(self._output(image, request.output_type), timings)
+        return Generation(from_model_range(image, request.output_type), timings)
+
+    def _input_image(self, request: GenerateRequest) -> torch.Tensor | None:
+        """The request's image, (B * n, 3, H, W) in [-1, 1] on the device, for a cascade that starts with an upscaler."""
+        first = self.stages[0]
+        if first.kind == "base":
+            if request.image is not None:
+                raise InvalidRequestError(f"{first.name} is a base stage, which starts from noise: image= is for "
+                                          "cascades that start with an upscaler")
+            return None
+        if request.image is None:
+            raise InvalidRequestError(f"{first.name} ({first.kind}) upscales an image: pass image= (a PIL image, "
+                                      "or [0, 1] arrays as output_type 'np'/'pt' give)")
+        image = to_model_range(request.image)
+        if len(image) != len(request.prompts):
+            raise InvalidRequestError(f"got {len(image)} images for {len(request.prompts)} prompts: give one image "
+                                      "per prompt")
+        first.validate_input_size(image.shape[-2:])
+        return image.repeat_interleave(request.num_images_per_prompt, dim=0).to(self.device)
 
     def _encoder(self, stage: Stage) -> TextEncoder:
         return stage.text or self.text
@@ -96,13 +116,3 @@ class Pipeline:
         else:
             uncond = encoder.encode(negatives)
         return Conditioning(cond, uncond)
-
-    @staticmethod
-    def _output(image: torch.Tensor, output_type: str):
-        image = (image / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-        if output_type == "pt":
-            return image
-        array = image.cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
-        if output_type == "np":
-            return array
-        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]

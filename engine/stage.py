@@ -67,12 +67,15 @@ class Stage:
     def sample_channels(self) -> int:
         return IMAGE_CHANNELS
 
-    def output_size(self, input_size: int | None) -> int:
-        """Side of the images this stage returns, given the side of the images it receives (None: none)."""
+    def output_size(self, input_size: int | None) -> int | None:
+        """Side of the images this stage returns, given the side of the images it receives (None: unknown)."""
         return self.size
 
     def validate(self, settings: StageSettings) -> None:
         """Refuse settings this stage's model cannot take (before any stage runs)."""
+
+    def validate_input_size(self, size) -> None:
+        """Refuse a user's input image (H, W) this stage cannot take."""
 
     def _draw(self, generator: torch.Generator, shape) -> torch.Tensor:
         # On the CPU generator in the stage dtype, as diffusers' randn_tensor does, then moved.
@@ -170,13 +173,20 @@ class LatentUpscaleStage(Stage):
     def sample_channels(self) -> int:
         return self.latent_channels
 
-    def output_size(self, input_size: int | None) -> int:
-        return input_size * self.decoder.scale
+    def output_size(self, input_size: int | None) -> int | None:
+        return None if input_size is None else input_size * self.decoder.scale  # None: the user's image decides
 
     def validate(self, settings: StageSettings) -> None:
         if settings.noise_level > self.max_noise_level:
             raise InvalidRequestError(f"{self.name} (x4 upscaler) takes noise_level 0..{self.max_noise_level}, got "
                                       f"{settings.noise_level}: give one noise level per stage, e.g. (250, 20)")
+
+    def validate_input_size(self, size) -> None:
+        # The U-Net halves the latents once per down block but the last: its sides must divide evenly.
+        factor = self.unet.downsampling
+        if any(side % factor for side in size):
+            raise InvalidRequestError(f"{self.name} (x4 upscaler) needs image sides that are multiples of "
+                                      f"{factor}, got {tuple(size)}: crop or resize the image")
 
     def _initial(self, previous, batch: int, noise_level: int | None, generator: torch.Generator):
         image = previous.to(self.dtype)  # (B, 3, h, w) in [-1, 1]: the latents get the image's own size

@@ -299,6 +299,9 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
         raise EngineError(f"{out} exists and is not an earlier export; choose an empty or new directory")
     dirs, notice, source = stage_dirs(paths)
     pipe = load(*paths, backend="torch", device="cpu", dtype="float32", attention="sdpa")
+    if isinstance(pipe.stages[0], LatentUpscaleStage):
+        raise EngineError("exporting an x4 upscaler on its own is not supported yet: export it as the last stage "
+                          "of an IF cascade, or run it with the torch backend")
     names = [stage.name for stage in pipe.stages]
 
     work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"  # unique: exports may run concurrently

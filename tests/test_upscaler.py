@@ -76,6 +76,16 @@ def test_cli_writes_a_1024_style_png_from_three_stages(three_stage_dir, tmp_path
     assert Image.open(out).size == (128, 128)
 
 
+def test_cli_upscales_a_png_with_the_upscaler_alone(three_stage_dir, tmp_path):
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    _pictures(1, (20, 16))[0].save(source)
+    assert main(["generate", "a cat", "--model", str(three_stage_dir / "stage_III"), "--image", str(source),
+                 "-o", str(out), "--steps", "2", "--quiet"]) == 0
+    assert Image.open(out).size == (80, 64)
+    assert main(["generate", "a cat", "--model", str(three_stage_dir / "stage_III"), "--image",
+                 str(tmp_path / "missing.png"), "-o", str(out), "--quiet"]) == 2
+
+
 @pytest.fixture
 def three_stage_copy(three_stage_dir, tmp_path):
     target = tmp_path / "cascade3"
@@ -83,10 +93,59 @@ def three_stage_copy(three_stage_dir, tmp_path):
     return target
 
 
-def test_upscaler_listed_first_is_refused(three_stage_dir):
-    with pytest.raises(ModelError, match="upscales the image of an earlier stage") as info:
-        engine.load(three_stage_dir / "stage_III")
+def test_upscaler_before_other_stages_is_refused(three_stage_dir):
+    with pytest.raises(ModelError, match="is the last stage of a cascade") as info:
+        engine.load(three_stage_dir / "stage_III", three_stage_dir / "stage_II")
     assert info.value.path.endswith("stage_III")
+
+
+def _pictures(count, size=(32, 24), seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def test_upscaler_alone_upscales_the_given_images_as_diffusers_does(three_stage_dir):
+    import torch
+
+    from engine.reference import reference_upscaler
+
+    pipe = engine.load(three_stage_dir / "stage_III", device="cpu")
+    assert [s.kind for s in pipe.stages] == ["latent_upscaler"]
+    images = _pictures(2)
+    prompts = ["a red circle", "a cat"]
+    ours = pipe.generate(prompts, image=images, seed=5, steps=4, guidance=6.0, noise_level=30, output_type="np")
+    reference = reference_upscaler(three_stage_dir / "stage_III")
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(prompt=prompts, image=images, generator=torch.Generator("cpu").manual_seed(5),
+                       num_inference_steps=4, guidance_scale=6.0, noise_level=30, output_type="np").images
+    assert ours.shape == theirs.shape == (2, 96, 128, 3)
+    assert np.abs(ours - theirs).max() <= 1e-4
+    # The engine's own output goes straight back in: [0, 1] arrays and tensors are accepted.
+    again = pipe.generate("a cat", image=ours[1][::4, ::4], steps=2, output_type="pt")
+    assert again.shape == (1, 3, 96, 128)
+
+
+@pytest.mark.parametrize("image, message", [
+    ("a picture", "image must be a PIL image"),
+    (np.full((8, 8, 3), 2.0), "in \\[0, 1\\]"),
+    (np.zeros((8, 8)), "must be \\(H, W, 3\\)"),
+    (_pictures(1, (8, 8)) + _pictures(1, (16, 8)), "must share one size"),
+])
+def test_bad_images_are_refused_before_any_work(image, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerateRequest("a cat", image=image)
+
+
+def test_image_where_it_does_not_belong_or_missing(three_stage_dir, engine_pipe):
+    with pytest.raises(InvalidRequestError, match="base stage, which starts from noise"):
+        engine_pipe.generate("a cat", image=_pictures(1))
+    alone = engine.load(three_stage_dir / "stage_III", device="cpu")
+    with pytest.raises(InvalidRequestError, match="upscales an image: pass image="):
+        alone.generate("a cat", steps=2)
+    with pytest.raises(InvalidRequestError, match="got 1 images for 2 prompts"):
+        alone.generate(["a cat", "a dog"], image=_pictures(1), steps=2)
+    with pytest.raises(InvalidRequestError, match="multiples of 2, got \\(9, 12\\)"):
+        alone.generate("a cat", image=_pictures(1, (12, 9)), steps=2)
 
 
 def test_upscaler_unet_with_wrong_channels(three_stage_copy):

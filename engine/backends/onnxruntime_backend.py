@@ -139,6 +139,7 @@ class OrtUNet:
         self.in_channels = config["in_channels"]
         self.out_channels = config["out_channels"]
         self.sample_size = config["sample_size"]
+        self.downsampling = 2 ** (len(config["block_out_channels"]) - 1)
         self.dtype = dtype
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
