@@ -1,7 +1,7 @@
 """diffusers' own IF pipelines over the same model files: the oracle for parity tests and benchmarks.
 
 `reference_cascade(dir)` builds IFPipeline + IFSuperResolutionPipeline from a cascade directory written in
-DeepFloyd's layout; `run_reference(...)` calls them the way DESIGN.md's reproducibility contract defines it:
+DeepFloyd's layout (`reference_stages(stage_i, stage_ii)` from two stage directories); `run_reference(...)` calls them the way DESIGN.md's reproducibility contract defines it:
 one CPU generator passed to both, prompt embeddings from stage I, stage I's raw output fed to stage II.
 """
 
@@ -13,10 +13,16 @@ import torch
 
 
 def reference_cascade(cascade_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    return reference_stages(Path(cascade_dir) / "stage_I", Path(cascade_dir) / "stage_II", dtype, device)
+
+
+def reference_stages(stage_i: str | Path, stage_ii: str | Path, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu"):
+    """IFPipeline + IFSuperResolutionPipeline from two stage directories (DeepFloyd's layout)."""
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, T5EncoderModel
 
-    stage_i, stage_ii = Path(cascade_dir) / "stage_I", Path(cascade_dir) / "stage_II"
+    stage_i, stage_ii = Path(stage_i), Path(stage_ii)
     common = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
     first = IFPipeline(
         tokenizer=AutoTokenizer.from_pretrained(stage_i / "tokenizer"),
