@@ -104,6 +104,9 @@ def _add_bench_parser(commands) -> None:
                             f"on CUDA, {','.join(DEFAULT_COMPARE['cpu'])} on CPU, where compiling takes minutes); "
                             f"compile mode: {COMPILE_MODES['cuda']} on CUDA, {COMPILE_MODES['cpu']} on CPU")
     bench.add_argument("--prompt", default=b.prompt, help="prompt of the cascade requests")
+    bench.add_argument("--threads", type=int, default=b.threads,
+                       help="torch CPU threads (default: torch's choice, one per core); on a shared machine 1 "
+                            "avoids threads waiting on a busy core")
     bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report here")
     bench.add_argument("--quiet", action="store_true", help="only the table")
 
@@ -166,7 +169,7 @@ def bench(args, argv: list[str] | None) -> None:
 
     options = BenchOptions(models=tuple(args.model), device=args.device, dtype=args.dtype, batch=args.batch,
                            steps=_one_or_tuple(args.steps), iters=args.iters, warmup=args.warmup,
-                           compare=args.compare, prompt=args.prompt)
+                           compare=args.compare, prompt=args.prompt, threads=args.threads)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     report = run(options, command_line(argv), progress=progress)
     print(table(report))

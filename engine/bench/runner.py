@@ -41,9 +41,13 @@ class BenchOptions:
     warmup: int = 2  # untimed calls per variant, after the first call (timed apart: compilation, autotuning)
     compare: tuple[str, ...] | None = None  # subset of components.VARIANTS; None: DEFAULT_COMPARE per device
     prompt: str = PROMPT
+    threads: int | None = None  # torch's CPU threads (torch.set_num_threads); None: torch's default
 
     def __post_init__(self):
-        for name, value, low in (("batch", self.batch, 1), ("iters", self.iters, 1), ("warmup", self.warmup, 0)):
+        checks = [("batch", self.batch, 1), ("iters", self.iters, 1), ("warmup", self.warmup, 0)]
+        if self.threads is not None:
+            checks.append(("threads", self.threads, 1))
+        for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}")
         if not self.models:
@@ -292,6 +296,8 @@ def run(options: BenchOptions, command: str = "", progress: Callable[[str], None
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     if options.cascade:
         GenerateRequest(options.prompt, steps=options.steps)  # bad steps fail before any model work
     session = Session(options, device, dtype, options.compare or components.DEFAULT_COMPARE[device.type],
