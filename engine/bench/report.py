@@ -42,7 +42,8 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        threads = torch.get_num_threads()
+        name = f"{cpu_name()}, {os.cpu_count()} cores, {threads} torch thread{'' if threads == 1 else 's'}"
     return {
         "device": {"type": device.type, "name": name},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,

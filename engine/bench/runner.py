@@ -198,11 +198,15 @@ def bench_cascade(session: Session) -> list[Row]:
     calls = {"ours": ours}
     calls.update(_diffusers_cascade(session, stage_dirs(opts.cascade)[0], request, settings))
     text_flops = count_flops(lambda: pipe.text.encode(request.prompts))
-    stage_flops = {s.name: step_flops[s.name] * _steps_count(st.timesteps) for s, st in zip(pipe.stages, settings, strict=True)}
+    stage_flops = {s.name: step_flops[s.name] * _steps_count(st.timesteps)
+                   for s, st in zip(pipe.stages, settings, strict=True)}
     total_flops = text_flops + sum(stage_flops.values())
     steps = "+".join(str(_steps_count(st.timesteps)) for st in settings)
     cascade_rows = session.time_variants(f"whole cascade ({steps} steps, {pipe.image_size} px)", calls,
                                          opts.batch, opts.batch, dtype, total_flops, "counted")
+    if "ours" not in session.compare:
+        session.notes.append("text encoder and per-stage rows come from our Pipeline's requests: not run")
+        return rows + cascade_rows
     # The sub-rows: the timed requests only (the first call and the warm-up calls come before them in
     # `timings`; on CUDA the peak-memory call comes after).
     timed = timings[1 + opts.warmup:1 + opts.warmup + opts.iters]
