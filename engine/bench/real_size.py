@@ -74,7 +74,7 @@ TINY_OVERRIDES = {
     "IF-II-L/unet": {**_TINY_UNET, "block_out_channels": [16, 16, 32, 32, 64], "cross_attention_dim": 64,
                      "encoder_hid_dim": 32, "addition_embed_type_num_heads": 2, "time_embedding_dim": 32,
                      "sample_size": 32},
-    # The x4 U-Net's attention_head_dim is its head *count* (an old diffusers convention): 8 heads, kept.
+    # The x4 U-Net's attention_head_dim is its head *count* (an old diffusers convention): 8 real, 2 here.
     "sd-x4-upscaler/unet": {**_TINY_UNET, "attention_head_dim": 2, "block_out_channels": [16, 32, 32, 64],
                             "cross_attention_dim": 32, "sample_size": 16},
     "sd-x4-upscaler/vae": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
@@ -85,7 +85,7 @@ TINY_OVERRIDES = {
                             "vocab_size": 1000, "relative_attention_num_buckets": 8,
                             "relative_attention_max_distance": 16},
 }
-TINY_SIZE = {"unet": 16, "vae_decode": 8}  # the U-Nets' own sample_size wins where the part has one
+TINY_VAE_LATENT = 8  # tiny U-Nets run at their own (overridden) sample_size
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -109,11 +109,10 @@ def part_config(part: Part, tiny: bool) -> dict:
 
 
 def input_size(part: Part, config: dict, tiny: bool) -> int | None:
-    if part.size is None:
-        return None
-    if not tiny:
+    """Side of the part's input (pixels or latents); None for text encoders (77 tokens)."""
+    if part.size is None or not tiny:
         return part.size
-    return config.get("sample_size", TINY_SIZE[part.kind]) if part.kind == "unet" else TINY_SIZE[part.kind]
+    return config["sample_size"] if part.kind == "unet" else TINY_VAE_LATENT
 
 
 def reference_flops(part: Part, tiny: bool) -> int | None:
