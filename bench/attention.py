@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import command_line, save_json  # noqa: E402
 
+from engine.bench.roofline import matmul_peak_tflops  # noqa: E402
+from engine.bench.timing import interleaved  # noqa: E402
+
 from kernels import attention, reference_attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,30 +82,9 @@ def implementations() -> dict:
 
 
 def time_ms(fn, iters: int, warmup: int) -> float:
-    """Median milliseconds of fn(); CUDA events on GPU, wall clock on CPU."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    if torch.cuda.is_available():
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
-def matmul_peak_tflops(dtype, device, n: int, iters: int) -> float:
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    ms = time_ms(lambda: torch.mm(a, b), iters, warmup=3)
-    return 2 * n**3 / ms / 1e9
+    """Median milliseconds of fn(); CUDA events on GPU, wall clock on CPU (engine.bench.timing)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return statistics.median(interleaved({"fn": fn}, iters, warmup, device)["fn"]) * 1e3
 
 
 def measure(shape: dict, batch: int, dtype, device, iters: int, warmup: int, peak: float) -> dict:
@@ -170,7 +152,7 @@ def main(argv=None) -> dict:
             parser.error("the full benchmark needs a CUDA GPU; use --smoke on CPU")
         shapes = cascade_shapes(json.loads(CONFIGS.read_text())) + long_shapes()
         batches, iters, warmup, peak_n = args.batches, args.iters, args.warmup, 8192
-    peak = matmul_peak_tflops(dtype, device, peak_n, iters)
+    peak = matmul_peak_tflops(torch.device(device), dtype, peak_n, iters)
     rows = [measure(s, b, dtype, device, iters, warmup, peak)
             for s in shapes for b in (batches if s["name"].startswith("IF") or args.smoke else [1])]
     report = {

@@ -1,7 +1,8 @@
-"""Command line: `python -m engine generate "PROMPT" -o out.png [...]` and `python -m engine export MODEL... --out DIR`.
+"""Command line: `python -m engine generate "PROMPT" -o out.png [...]`, `python -m engine export MODEL... --out DIR`
+and `python -m engine bench [--model NAME...] [...]`.
 
-Defaults come from `engine.options.GenerateRequest` (the same dataclass the Python API uses); errors print one
-line and exit non-zero.
+Defaults come from `engine.options.GenerateRequest` and `engine.bench.BenchOptions` (the same dataclasses the
+Python API uses); errors print one line and exit non-zero.
 """
 
 from __future__ import annotations
@@ -67,7 +68,50 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                      help="precision of the U-Net graphs (the text encoder stays float32); float16 is for GPUs")
     exp.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    _add_bench_parser(commands)
     return parser
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _add_bench_parser(commands) -> None:
+    from engine.bench import BenchOptions
+    from engine.bench.components import COMPILE_MODES, DEFAULT_COMPARE, VARIANTS
+    from engine.bench.real_size import NAMES
+    from engine.loading import DTYPES
+
+    b = BenchOptions()
+    bench = commands.add_parser(
+        "bench", help="latency benchmark: text encoder, U-Net step per stage, stages, whole cascade; or a "
+                      "real-size random model, side by side with diffusers eager and torch.compile")
+    bench.add_argument("--model", nargs="+", default=list(b.models), metavar="NAME",
+                       help=f"a packaged model name or model directories (one cascade, timed through our "
+                            f"Pipeline), and/or real-size random models timed component by component: "
+                            f"{', '.join(n for n in NAMES if n.endswith(':random'))} (NAME:tiny: the same "
+                            f"architecture scaled down, for tests) (default: {' '.join(b.models)})")
+    bench.add_argument("--device", default=b.device, help="cpu, cuda or cuda:N (default: cuda if available)")
+    bench.add_argument("--dtype", choices=list(DTYPES), default=b.dtype,
+                       help="float32 (CPU default) or float16 (CUDA default); T5 runs bfloat16 instead of float16")
+    bench.add_argument("--batch", type=int, default=b.batch,
+                       help=f"images per call; a guided U-Net step runs twice as many (default: {b.batch})")
+    bench.add_argument("--steps", nargs="+", type=_steps_value, default=b.steps, metavar="N|NAME",
+                       help="steps per stage for the stage and cascade rows, as in generate (default: smart27)")
+    bench.add_argument("--iters", type=int, default=b.iters, help=f"timed calls per variant (default: {b.iters})")
+    bench.add_argument("--warmup", type=int, default=b.warmup,
+                       help=f"untimed calls per variant after the first one, which is timed apart "
+                            f"(compilation) (default: {b.warmup})")
+    bench.add_argument("--compare", type=_variants, default=b.compare, metavar="V[,V...]",
+                       help=f"variants, from {','.join(VARIANTS)} (default: {','.join(DEFAULT_COMPARE['cuda'])} "
+                            f"on CUDA, {','.join(DEFAULT_COMPARE['cpu'])} on CPU, where compiling takes minutes); "
+                            f"compile mode: {COMPILE_MODES['cuda']} on CUDA, {COMPILE_MODES['cpu']} on CPU")
+    bench.add_argument("--prompt", default=b.prompt, help="prompt of the cascade requests")
+    bench.add_argument("--threads", type=int, default=b.threads,
+                       help="torch CPU threads (default: torch's choice, one per core); on a shared machine 1 "
+                            "avoids threads waiting on a busy core")
+    bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report here")
+    bench.add_argument("--quiet", action="store_true", help="only the table")
 
 
 def _one_or_tuple(values):
@@ -132,6 +176,21 @@ def export(args) -> None:
         print(f"exported to {out}; run it with: python -m engine generate \"PROMPT\" --model {out}")
 
 
+def bench(args, argv: list[str] | None) -> None:
+    from engine.bench import BenchOptions, run
+    from engine.bench.report import command_line, save_json, table
+
+    options = BenchOptions(models=tuple(args.model), device=args.device, dtype=args.dtype, batch=args.batch,
+                           steps=_one_or_tuple(args.steps), iters=args.iters, warmup=args.warmup,
+                           compare=args.compare, prompt=args.prompt, threads=args.threads)
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    report = run(options, command_line(argv), progress=progress)
+    print(table(report))
+    save_json(report, args.json)
+    if args.json is not None and not args.quiet:
+        print(f"report written to {args.json}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -139,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             generate(args)
         elif args.command == "export":
             export(args)
+        elif args.command == "bench":
+            bench(args, argv)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

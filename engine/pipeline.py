@@ -40,9 +40,10 @@ class Pipeline:
     @property
     def image_size(self) -> int | None:
         """Side of the output images; None when the input image decides (a cascade that starts with an upscaler)."""
-        return self._sizes()[-1]
+        return self.output_sizes()[-1]
 
-    def _sizes(self) -> list[int | None]:
+    def output_sizes(self) -> list[int | None]:
+        """Side of each stage's output images (None where the input image decides)."""
         sizes, size = [], None
         for stage in self.stages:
             size = stage.output_size(size)
@@ -51,7 +52,7 @@ class Pipeline:
 
     def __repr__(self) -> str:
         sizes = " -> ".join(f"{s.name}({s.kind}, {f'{size}px' if size else 'x' + str(s.decoder.scale)})"
-                            for s, size in zip(self.stages, self._sizes()))
+                            for s, size in zip(self.stages, self.output_sizes()))
         return f"Pipeline({sizes}, device={self.device}, dtype={self.dtype}, source={self.source!r})"
 
     def generate(self, prompt, **options):

@@ -1,7 +1,8 @@
 """diffusers' own pipelines over the same model files: the oracle for parity tests and benchmarks.
 
 `reference_cascade(dir)` builds IFPipeline + IFSuperResolutionPipeline (+ StableDiffusionUpscalePipeline when
-the directory has a stage_III) from a cascade directory written in DeepFloyd's layout; `run_reference(...)`
+the directory has a stage_III) from a cascade directory written in DeepFloyd's layout (`reference_stages(...)`
+from the stage directories themselves); `run_reference(...)`
 calls them the way DESIGN.md's reproducibility contract defines it: one CPU generator passed to all, prompt
 embeddings from stage I, each stage's raw output (output_type="pt") fed to the next. The x4 upscaler encodes
 the prompts with its own CLIP encoder, one prompt per image.
@@ -15,10 +16,18 @@ import torch
 
 
 def reference_cascade(cascade_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    root = Path(cascade_dir)
+    stages = [root / name for name in ("stage_I", "stage_II", "stage_III") if (root / name).is_dir()]
+    return reference_stages(*stages, dtype=dtype, device=device)
+
+
+def reference_stages(stage_i: str | Path, stage_ii: str | Path, stage_iii: str | Path | None = None,
+                     dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """IFPipeline + IFSuperResolutionPipeline (+ StableDiffusionUpscalePipeline) from stage directories."""
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, T5EncoderModel
 
-    stage_i, stage_ii = Path(cascade_dir) / "stage_I", Path(cascade_dir) / "stage_II"
+    stage_i, stage_ii = Path(stage_i), Path(stage_ii)
     common = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
     first = IFPipeline(
         tokenizer=AutoTokenizer.from_pretrained(stage_i / "tokenizer"),
@@ -31,8 +40,8 @@ def reference_cascade(cascade_dir: str | Path, dtype: torch.dtype = torch.float3
         scheduler=DDPMScheduler.from_pretrained(stage_ii / "scheduler"),
         image_noising_scheduler=DDPMScheduler.from_pretrained(stage_ii / "image_noising_scheduler"), **common)
     pipes = [first, second]
-    if (Path(cascade_dir) / "stage_III").is_dir():
-        pipes.append(reference_upscaler(Path(cascade_dir) / "stage_III", dtype))
+    if stage_iii is not None:
+        pipes.append(reference_upscaler(stage_iii, dtype))
     for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)

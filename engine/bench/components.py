@@ -1,0 +1,135 @@
+"""What one timed call is: a component's inputs, and its three variants side by side.
+
+    eager    the plain diffusers / transformers module (diffusers' default SDPA attention processors)
+    compile  the same module under torch.compile (COMPILE_MODES), sharing its weights
+    ours     the engine's wrapper: TorchUNet (our attention processors, Triton on CUDA, channels_last on CUDA)
+             around its own copy of the weights, since it changes the module in place
+
+All three get the same inputs, built once. A U-Net step runs at the classifier-free-guidance batch (2 x images).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+VARIANTS = ("eager", "compile", "ours")
+# Table labels: "{library} eager", "{library}+compile", "ours" (library: diffusers, or transformers for text).
+LABELS = {"eager": "{library} eager", "compile": "{library}+compile", "ours": "ours"}
+# torch.compile's mode per device: max-autotune on a GPU (the issue's comparison); on CPU it only adds C++ GEMM
+# template tuning that takes minutes on a small machine, so the default mode (and compile is off by default
+# on CPU anyway: DEFAULT_COMPARE).
+COMPILE_MODES = {"cuda": "max-autotune", "cpu": "default"}
+DEFAULT_COMPARE = {"cuda": ("eager", "compile", "ours"), "cpu": ("eager", "ours")}
+TEXT_TOKENS = 77
+TIMESTEP = 500  # mid-schedule; a U-Net's cost does not depend on it
+NOISE_LEVEL = 250  # class label of the super-resolution U-Nets (IF-II's default; the x4's is 20, same cost)
+
+
+def text_width(unet_config) -> int:
+    """Width of the encoder_hidden_states a U-Net takes: the text encoder's (IF projects it) or its own."""
+    if unet_config.get("encoder_hid_dim_type"):
+        return unet_config["encoder_hid_dim"]
+    return unet_config["cross_attention_dim"]
+
+
+def unet_inputs(unet_config, batch: int, size: int, device: torch.device, dtype: torch.dtype,
+                seed: int = 0) -> dict[str, torch.Tensor | None]:
+    """Named inputs of one U-Net call at tensor batch `batch` (already 2 x images under guidance)."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    takes_class = unet_config.get("class_embed_type") is not None or unet_config.get("num_class_embeds") is not None
+    return {
+        "sample": torch.randn(batch, unet_config["in_channels"], size, size, generator=gen).to(device, dtype),
+        "timestep": torch.tensor(TIMESTEP, device=device),
+        "encoder_hidden_states": torch.randn(batch, TEXT_TOKENS, text_width(unet_config),
+                                             generator=gen).to(device, dtype),
+        # (B,) noise level: IF-II's timestep-style class embedding, the x4's 1000-entry table
+        "class_labels": torch.full((batch,), NOISE_LEVEL, device=device) if takes_class else None,
+    }
+
+
+def unet_call(model, inputs) -> Callable[[], torch.Tensor]:
+    """diffusers' call convention (eager or compiled module)."""
+    def call():
+        return model(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                     class_labels=inputs["class_labels"], return_dict=False)[0]
+    return call
+
+
+def ours_unet_call(model, inputs, device: torch.device) -> Callable[[], torch.Tensor]:
+    """The engine's TorchUNet, on a copy of `model` (it installs processors and may change the memory format),
+    with the attention engine.load would pick on this device."""
+    from engine.backends.torch_backend import TorchUNet
+    from engine.loading import _resolve_attention
+
+    unet = TorchUNet(fresh_copy(model), _resolve_attention(None, device))
+
+    def call():
+        return unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["class_labels"])
+    return call
+
+
+def compiled(fn, device: torch.device):
+    """torch.compile of a module or function in the device's mode; it compiles on its first call."""
+    return torch.compile(fn, mode=COMPILE_MODES[device.type])
+
+
+def fresh_copy(model):
+    """A plain diffusers model with `model`'s weights and config: diffusers' default attention processors and
+    contiguous weights, whatever the engine did to `model`. Built on meta, allocated empty, weights copied."""
+    with torch.device("meta"):
+        plain = type(model).from_config(model.config)
+    plain = torch.nn.Module.to(plain, model.dtype).to_empty(device=model.device)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval().requires_grad_(False)
+
+
+def unet_variants(model, inputs, device: torch.device, compare, ours=None) -> dict[str, Callable[[], object]]:
+    """eager / compile on `model` (a plain diffusers U-Net), ours on `ours` (a TorchUNet; default: one built
+    on a copy of `model`). The eager call is always first: it also serves to count FLOPs."""
+    eager = unet_call(model, inputs)
+    calls = {"eager": eager}
+    if "compile" in compare:
+        calls["compile"] = unet_call(compiled(model, device), inputs)
+    if "ours" in compare:
+        if ours is None:
+            calls["ours"] = ours_unet_call(model, inputs, device)
+        else:
+            calls["ours"] = lambda: ours(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                                         inputs["class_labels"])
+    return calls
+
+
+def module_variants(call_with: Callable[[object], object], model, device: torch.device,
+                    compare) -> dict[str, Callable[[], object]]:
+    """Eager and compiled variants of a component the engine runs unchanged (text encoders, the VAE): there
+    is no "ours" to compare, so it is left out (the table says so)."""
+    calls = {"eager": lambda: call_with(model)}
+    if "compile" in compare:  # the whole call compiled (torch.compile(vae) would compile forward, not decode)
+        calls["compile"] = compiled(lambda: call_with(model), device)
+    return calls
+
+
+def token_inputs(vocab_size: int, batch: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """(B, 77) token ids, all positions real: the text encoders' full-length cost."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, TEXT_TOKENS), generator=gen).to(device)
+
+
+def part_calls(part, model, config: dict, batch: int, size: int | None, device: torch.device,
+               dtype: torch.dtype, compare) -> tuple[dict[str, Callable[[], object]], int]:
+    """The calls of one real-size part ("eager" always first, whatever `compare` says: it counts FLOPs and
+    checks the output) and the tensor batch they run at."""
+    if part.kind == "unet":
+        inputs = unet_inputs(config, 2 * batch, size, device, dtype)  # 2 x images: batched CFG
+        return unet_variants(model, inputs, device, compare), 2 * batch
+    if part.kind == "vae_decode":
+        gen = torch.Generator("cpu").manual_seed(0)
+        latents = torch.randn(batch, config["latent_channels"], size, size, generator=gen).to(device, dtype)
+        return module_variants(lambda m: m.decode(latents, return_dict=False)[0], model, device, compare), batch
+    if part.kind in ("t5", "clip"):
+        ids = token_inputs(config["vocab_size"], batch, device)
+        mask = torch.ones_like(ids)
+        return module_variants(lambda m: m(ids, attention_mask=mask)[0], model, device, compare), batch
+    raise ValueError(f"unknown part kind {part.kind!r}")

@@ -1,0 +1,78 @@
+"""Timing: interleaved calls after warm-up, CUDA events on GPU and perf_counter on CPU; percentiles; peak memory.
+
+Interleaving (a, b, c, a, b, c, ...) makes machine noise (other processes, clock changes, thermal drift) hit
+every variant alike, so the ratios between them stay fair even when the absolute times wander.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable[[], object], device: torch.device | str | None = None) -> float:
+    """Seconds of one call of fn: CUDA events around it on a GPU (after a sync, so earlier work is not
+    counted), perf_counter on CPU."""
+    if device is not None and torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_s
+
+
+def interleaved(calls: dict[str, Callable[[], object]], iters: int, warmup: int = 0,
+                device: torch.device | str | None = None) -> dict[str, list[float]]:
+    """Seconds of every call of each named function: `warmup` untimed calls each, then `iters` rounds in which
+    the functions alternate."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, fn in calls.items():
+            samples[name].append(timed_call(fn, device))
+    return samples
+
+
+def percentiles_ms(samples_s: list[float]) -> dict[str, float]:
+    """p50 / p90 / p99 / mean in milliseconds (linear interpolation between samples, as numpy does: with
+    few samples p99 is close to the slowest call)."""
+    ms = np.asarray(samples_s, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean())}
+
+
+def peak_memory_kind(device: torch.device) -> str:
+    return ("CUDA max_memory_allocated (this variant's call, all resident models included)"
+            if device.type == "cuda" else "process peak RSS so far (resource.getrusage; not per variant)")
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory around one call of fn: on a GPU the allocator's peak during the call (tensors only, not
+    the CUDA context); on CPU the whole process's peak resident set since it started (it cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB

@@ -1,0 +1,131 @@
+"""`python -m engine bench`: the report it writes, the real-size architectures, the scaled-down path, bad input.
+
+No timing assertions: only that every figure is there, positive and finite. Iteration counts are 1.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.bench import real_size
+from engine.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# One thread: nothing here is timed, and on a shared 2-core machine two threads wait on each other's busy core.
+QUICK = ["--iters", "1", "--warmup", "0", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """--threads changes torch's process-wide thread count: put it back for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive(row, *keys):
+    for key in keys:
+        assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (row["component"], key, row[key])
+
+
+def test_bench_packaged_model_writes_report(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--steps", "1", "--device", "cpu", *QUICK, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python -m engine bench --steps 1")
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    assert {"torch", "diffusers", "transformers", "engine"} <= set(report["versions"])
+    assert report["matmul_peak_tflops"]["float32"] > 0
+    rows = {(r["component"], r["variant"]): r for r in report["rows"]}
+    components = {c for c, _ in rows}
+    assert {"text encoder", "stage_I U-Net step (32 px)", "stage_II U-Net step (128 px)",
+            "stage_I (1 steps, 32 px)", "stage_II (1 steps, 128 px)", "whole cascade (1+1 steps, 128 px)"} == components
+    for variant in ("eager", "ours"):  # side by side: U-Net steps and the whole cascade, with diffusers
+        for component in ("stage_I U-Net step (32 px)", "stage_II U-Net step (128 px)",
+                          "whole cascade (1+1 steps, 128 px)"):
+            row = rows[(component, variant)]
+            _positive(row, "p50_ms", "p90_ms", "p99_ms", "images_per_s", "peak_memory_mib", "flops", "floor_ms",
+                      "roofline_pct", "ours_speedup")
+            assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["finite"]
+    assert rows[("stage_I U-Net step (32 px)", "ours")]["batch"] == 2  # CFG: 2 x images
+    for row in report["rows"]:
+        _positive(row, "p50_ms", "images_per_s", "flops", "floor_ms")
+    table = capsys.readouterr().out
+    assert "| component | variant | p50 ms" in table and "whole cascade" in table and "diffusers eager" in table
+
+
+@pytest.mark.parametrize("name", list(real_size.MODELS))
+def test_real_size_architectures_have_the_published_parameter_counts(name):
+    for part in real_size.parts(f"{name}:random"):
+        model = real_size.on_meta(part)  # shapes only: no memory, no init
+        assert next(model.parameters()).device.type == "meta"
+        assert sum(p.numel() for p in model.parameters()) == real_size.reference_params(part), part.name
+        assert real_size.reference_flops(part, tiny=False) > 0
+
+
+def test_published_counts_are_the_ones_the_reference_states():
+    counts = {p.name: sum(t.numel() for t in real_size.on_meta(p).parameters())
+              for name in ("if-i-xl", "if-ii-l") for p in real_size.parts(f"{name}:random")}
+    assert counts == {"IF-I-XL U-Net step": 4_304_695_110, "IF-II-L U-Net step": 1_243_277_190}
+
+
+def test_random_init_is_finite_and_cast():
+    part = real_size.parts("t5-xxl:tiny")[0]
+    model = real_size.build(part, torch.device("cpu"), torch.bfloat16, tiny=True)
+    params = dict(model.named_parameters())
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in params.values())
+    weight = params["encoder.block.0.layer.0.SelfAttention.q.weight"]
+    assert 0 < weight.float().std() < 1 and weight.float().abs().max() > 0  # random, scaled by 1/sqrt(fan_in)
+
+
+def test_scaled_down_real_size_models_run_side_by_side(tmp_path):
+    out = tmp_path / "tiny.json"
+    names = [f"{m}:tiny" for m in real_size.MODELS]
+    assert main(["bench", "--model", *names, "--device", "cpu", *QUICK, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {r["component"].split()[0] for r in rows} == set(names)
+    for row in rows:
+        assert row["finite"] is True, row["component"]  # random init keeps activations finite
+        _positive(row, "p50_ms", "images_per_s", "flops", "floor_ms")
+        assert row["flops_source"] == "counted"  # tiny models: FlopCounterMode, not the real-size reference
+    unet_steps = [r for r in rows if "U-Net step" in r["component"]]
+    assert {r["variant"] for r in unet_steps} == {"eager", "ours"} and all(r["batch"] == 2 for r in unet_steps)
+    assert any("no 'ours' row" in note for note in report["notes"])  # VAE and text encoders: eager only
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--model", "if-i-xl"], "if-i-xl:random"),
+    (["--iters", "0"], "iters must be an integer >= 1"),
+    (["--batch", "0"], "batch must be an integer >= 1"),
+    (["--warmup", "-1"], "warmup must be an integer >= 0"),
+    (["--compare", "eager,fast"], "unknown --compare variant(s) fast"),
+    (["--steps", "0"], "steps"),
+    (["--threads", "0"], "threads must be an integer >= 1"),
+])
+def test_bench_bad_input_is_one_clear_error(argv, message, capsys):
+    assert main(["bench", "--device", "cpu", *argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_bench_cuda_without_gpu_is_a_clear_error(capsys):
+    assert main(["bench", "--device", "cuda", "--quiet"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_components_run_under_pytest_benchmark():
+    pytest.importorskip("pytest_benchmark")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as QUICK's --threads 1
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           str(ROOT / "bench" / "bench_components.py")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
