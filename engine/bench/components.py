@@ -103,8 +103,8 @@ def unet_variants(model, inputs, device: torch.device, compare, ours=None) -> di
 
 def module_variants(call_with: Callable[[object], object], model, device: torch.device,
                     compare) -> dict[str, Callable[[], object]]:
-    """Eager and compiled variants of a component the engine runs unchanged (text encoders, the VAE): there
-    is no "ours" to compare, so it is left out (the table says so)."""
+    """Eager and compiled variants of a component the engine runs unchanged (the text encoders): there is no
+    "ours" to compare, so it is left out (the table says so)."""
     calls = {"eager": lambda: call_with(model)}
     if "compile" in compare:  # the whole call compiled (torch.compile(vae) would compile forward, not decode)
         calls["compile"] = compiled(lambda: call_with(model), device)
@@ -127,7 +127,15 @@ def part_calls(part, model, config: dict, batch: int, size: int | None, device: 
     if part.kind == "vae_decode":
         gen = torch.Generator("cpu").manual_seed(0)
         latents = torch.randn(batch, config["latent_channels"], size, size, generator=gen).to(device, dtype)
-        return module_variants(lambda m: m.decode(latents, return_dict=False)[0], model, device, compare), batch
+        calls = module_variants(lambda m: m.decode(latents, return_dict=False)[0], model, device, compare)
+        if "ours" in compare:  # the engine's decoder (our attention kernel for the 512-wide mid-block head)
+            from engine.backends.torch_backend import TorchVAEDecoder
+            from engine.loading import _resolve_attention
+
+            decoder = TorchVAEDecoder(fresh_copy(model), _resolve_attention(None, device))
+            scaled = latents * decoder.scaling_factor  # it divides by the scaling factor itself
+            calls["ours"] = lambda: decoder(scaled)
+        return calls, batch
     if part.kind in ("t5", "clip"):
         ids = token_inputs(config["vocab_size"], batch, device)
         mask = torch.ones_like(ids)
