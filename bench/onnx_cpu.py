@@ -3,17 +3,17 @@
     python bench/onnx_cpu.py [--model tiny-random] [--runs 5] [--steps-iters 20] [--json bench/results/onnx_cpu.json]
 
 The model is exported once (into a temporary directory) and checked against torch before anything is timed.
-Per-step: one U-Net call of each stage at CFG batch 2, torch eager vs ONNX Runtime with the engine's session
-options, interleaved so machine noise hits both alike; then, on its own (its spinning threads would slow the
-torch calls next to it), ONNX Runtime with thread spin-waiting on, ORT's default. Whole cascade: the default
-request end to end (prompt, stage I, stage II), interleaved.
+Per-step: one U-Net call of each stage at CFG batch 2, torch eager vs ONNX Runtime as `engine.load` sets it up
+(spin-waiting threads), in turns of PER_TURN back-to-back calls as the denoising loop makes them, the turns
+interleaved so machine noise hits both alike, with PAUSE_S idle before each turn: ORT's threads spin for about
+40 ms after a call and would otherwise slow the torch call timed next. Whole cascade: the default request end
+to end (prompt, stage I, stage II), interleaved the same way, one run per turn.
 Medians and ratios (torch time / ORT time) are reported.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import command_line, interleaved, save_json  # noqa: E402
 
 import engine  # noqa: E402
-from engine.backends.onnxruntime_backend import OrtComponent, OrtUNet, session_options  # noqa: E402
 from export.onnx import export_onnx, versions  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
+PAUSE_S = 0.1  # idle before each turn: ORT's spinning threads (about 40 ms after a call) have parked
+PER_TURN = 5  # back-to-back U-Net calls per turn
 
 
 def unet_inputs(stage, text_dim: int, batch: int = 2):
@@ -44,8 +45,9 @@ def unet_inputs(stage, text_dim: int, batch: int = 2):
     return sample, torch.tensor(500), torch.randn(batch, 77, text_dim, generator=gen), labels
 
 
-def medians(calls: dict, iters: int, warmup: int) -> dict:
-    return {name: statistics.median(t) for name, t in interleaved(calls, iters, warmup).items()}
+def medians(calls: dict, iters: int, warmup: int, per_turn: int = 1) -> dict:
+    samples = interleaved(calls, iters, warmup, pause_s=PAUSE_S, per_turn=per_turn)
+    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def main(argv=None) -> dict:
@@ -60,23 +62,16 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_onnx(args.model, out=Path(tmp) / "onnx", progress=False)
         ort_pipe = engine.load(exported)
-        manifest = json.loads((exported / "manifest.json").read_text())
 
         steps = {}
-        for torch_stage, ort_stage in zip(torch_pipe.stages, ort_pipe.stages):
+        per_turn = min(PER_TURN, args.steps_iters)
+        turns = -(-args.steps_iters // per_turn)  # at least --steps-iters calls per backend and stage
+        for torch_stage, ort_stage in zip(torch_pipe.stages, ort_pipe.stages, strict=True):
             inputs = unet_inputs(torch_stage, torch_pipe.text.dim)
-            description = manifest["components"][f"{ort_stage.name}/unet"]
-            spinning = OrtUNet(OrtComponent(exported / description["file"], description, ["CPUExecutionProvider"],
-                                            session_options(spinning=True), torch.device("cpu")),
-                               json.loads((exported / ort_stage.name / "unet" / "config.json").read_text()),
-                               torch.float32)
             with torch.inference_mode():
-                times = medians({"torch": lambda s=torch_stage: s.unet(*inputs),
-                                     "onnxruntime": lambda s=ort_stage: s.unet(*inputs)}, args.steps_iters, 3)
-                # Apart: a spinning session's threads keep spinning after its call and slow whatever runs next.
-                times["onnxruntime_spinning"] = medians({"spin": lambda u=spinning: u(*inputs)},
-                                                        args.steps_iters, 3)["spin"]
-                del spinning
+                times = medians({"torch": lambda s=torch_stage, x=inputs: s.unet(*x),
+                                 "onnxruntime": lambda s=ort_stage, x=inputs: s.unet(*x)},
+                                turns, 3, per_turn=per_turn)
             steps[torch_stage.name] = {k: v * 1e3 for k, v in times.items()}  # ms
 
         request = engine.GenerateRequest(PROMPT, seed=0)
@@ -88,13 +83,13 @@ def main(argv=None) -> dict:
 
     report = {"benchmark": "onnx_cpu", "model": args.model, "date": time.strftime("%Y-%m-%d"),
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "pause_s": PAUSE_S, "per_turn": PER_TURN,
               "versions": versions(), "command": command_line("onnx_cpu.py", argv),
               "unet_step_ms": steps, "cascade_s": cascade, "max_abs_difference": difference}
     print(f"{args.model}: U-Net step at CFG batch 2 (median ms) and whole default cascade (median s), CPU")
     for name, t in steps.items():
         print(f"  {name}: torch {t['torch']:.1f}, onnxruntime {t['onnxruntime']:.1f} "
-              f"({t['torch'] / t['onnxruntime']:.2f}x), onnxruntime with spinning {t['onnxruntime_spinning']:.1f} "
-              f"({t['torch'] / t['onnxruntime_spinning']:.2f}x)")
+              f"({t['torch'] / t['onnxruntime']:.2f}x)")
     print(f"  cascade: torch {cascade['torch']:.2f}, onnxruntime {cascade['onnxruntime']:.2f} "
           f"({cascade['torch'] / cascade['onnxruntime']:.2f}x); outputs differ by {difference:.1e}")
     save_json(report, args.json)

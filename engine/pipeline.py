@@ -8,6 +8,7 @@ IF's stages share stage I's T5 encoder (`Pipeline.text`); an x4 upscaler stage b
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -29,13 +30,14 @@ class Generation:
 
 class Pipeline:
     def __init__(self, text: TextEncoder, stages: list[Stage], device: torch.device, dtype: torch.dtype,
-                 source: str = "", notice: str | None = None):
+                 source: str = "", notice: str | None = None, run_context=None):
         self.text = text
         self.stages = stages
         self.device = device
         self.dtype = dtype
         self.source = source  # what it was loaded from, for messages
         self.notice = notice  # something the user must know about this model (e.g. random weights)
+        self.run_context = run_context or contextlib.nullcontext  # a backend's setup around each run
 
     @property
     def image_size(self) -> int | None:
@@ -60,6 +62,10 @@ class Pipeline:
         return self.run(GenerateRequest(prompt, **options)).images
 
     def run(self, request: GenerateRequest, progress: bool = False) -> Generation:
+        with self.run_context():
+            return self._run(request, progress)
+
+    def _run(self, request: GenerateRequest, progress: bool) -> Generation:
         settings = request.per_stage([s.kind for s in self.stages])  # validates per-stage values first
         for stage, stage_settings in zip(self.stages, settings):
             stage.validate(stage_settings)

@@ -212,3 +212,24 @@ def test_x4_graphs_take_latents_of_any_size(exported_three_stage, three_stage_pi
         text = torch.randn(2, 77, 32, generator=generator)
         args = (sample, torch.tensor(500), text, torch.tensor([20, 20]))
         assert (ort_x4.unet(*args) - torch_x4.unet(*args)).abs().max() <= 1e-4
+
+
+def test_onnxruntime_runs_keep_torch_single_threaded_and_restore_it(ort_pipe):
+    # ORT's CPU threads spin between U-Net calls; the sampler's torch ops run on one thread meanwhile, and the
+    # user's torch setting comes back afterwards, also when the run fails.
+    import torch
+
+    seen = []
+    encode = ort_pipe.text.encode
+    ort_pipe.text.encode = lambda prompts: (seen.append(torch.get_num_threads()), encode(prompts))[1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ort_pipe.generate(PROMPT, steps=(1, 1))
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        with pytest.raises(InvalidRequestError):
+            ort_pipe.generate(PROMPT, steps=(1, 1), noise_level=(250, 250))  # one stage takes a noise level
+        assert torch.get_num_threads() == 2
+    finally:
+        ort_pipe.text.encode = encode
+        torch.set_num_threads(before)

@@ -7,8 +7,10 @@ only the text encoders, the U-Nets and the x4 upscaler's VAE decoder run as ONNX
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -40,10 +42,35 @@ def session_options(threads: int | None = None, spinning: bool = False):
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
-    # No spin-waiting between runs: the sampler's torch ops run between U-Net calls on the same few cores, and
-    # ORT threads spinning there slow them down (bench/RESULTS.md, ONNX Runtime log).
+    # Spin-waiting between runs (ORT's default) makes each U-Net call faster, but the spinning threads hold the
+    # cores the sampler's torch ops run on between calls: the pipeline runs torch single-threaded meanwhile
+    # (`single_threaded_torch`; bench/RESULTS.md, ONNX Runtime log).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
+
+
+_torch_threads_lock = threading.Lock()
+_torch_threads_users = 0
+_torch_threads_saved = 0
+
+
+@contextlib.contextmanager
+def single_threaded_torch():
+    """torch on one intra-op thread while ONNX Runtime's spinning threads own the cores (process-wide, so
+    counted: concurrent runs keep it at one, and the last one out restores the user's setting)."""
+    global _torch_threads_users, _torch_threads_saved
+    with _torch_threads_lock:
+        if _torch_threads_users == 0:
+            _torch_threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _torch_threads_users += 1
+    try:
+        yield
+    finally:
+        with _torch_threads_lock:
+            _torch_threads_users -= 1
+            if _torch_threads_users == 0:
+                torch.set_num_threads(_torch_threads_saved)
 
 
 def resolve_providers(providers) -> list[str]:
@@ -167,7 +194,7 @@ def load_exported(root: Path, providers=None, threads: int | None = None, notice
     device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
                           else "cpu")
     dtype = TORCH_DTYPES[manifest["precision"]]
-    options = session_options(threads)
+    options = session_options(threads, spinning=device.type == "cpu")  # CPU threads spin; see below
     components = manifest["components"]
 
     def component(name):
@@ -197,4 +224,7 @@ def load_exported(root: Path, providers=None, threads: int | None = None, notice
                                              max_noise_level=entry["max_noise_level"]))
         else:
             stages.append(Stage(name, unet, scheduler, noising, device, dtype))
-    return Pipeline(text, stages, device, dtype, source=str(root), notice=notice or manifest.get("notice"))
+    # On CPU the sampler's small torch ops run between ORT calls whose threads spin: keep torch on one thread.
+    run_context = single_threaded_torch if device.type == "cpu" else None
+    return Pipeline(text, stages, device, dtype, source=str(root), notice=notice or manifest.get("notice"),
+                    run_context=run_context)

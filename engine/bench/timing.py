@@ -37,9 +37,12 @@ def timed_call(fn: Callable[[], object], device: torch.device | str | None = Non
 
 
 def interleaved(calls: dict[str, Callable[[], object]], iters: int, warmup: int = 0,
-                device: torch.device | str | None = None) -> dict[str, list[float]]:
+                device: torch.device | str | None = None, pause_s: float = 0.0,
+                per_turn: int = 1) -> dict[str, list[float]]:
     """Seconds of every call of each named function: `warmup` untimed calls each, then `iters` rounds in which
-    the functions alternate."""
+    the functions take turns of `per_turn` back-to-back calls (each timed), as a denoising loop calls a U-Net.
+    `pause_s` of idle before each turn lets what the previous turn left running (ONNX Runtime's spin-waiting
+    threads) stop before the next is timed."""
     for fn in calls.values():
         for _ in range(warmup):
             fn()
@@ -47,7 +50,9 @@ def interleaved(calls: dict[str, Callable[[], object]], iters: int, warmup: int 
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(iters):
         for name, fn in calls.items():
-            samples[name].append(timed_call(fn, device))
+            if pause_s:
+                time.sleep(pause_s)
+            samples[name] += [timed_call(fn, device) for _ in range(per_turn)]
     return samples
 
 
