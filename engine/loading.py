@@ -215,40 +215,24 @@ def is_x4_upscaler(stage_dir: Path) -> bool:
     return (stage_dir / "vae").is_dir()
 
 
-def _load_clip_text_encoder(stage_dir: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
-    from transformers import AutoTokenizer, CLIPTextModel
+def _load_text_encoder(stage_dir: Path, device: torch.device, dtype: torch.dtype, clip: bool = False) -> TextEncoder:
+    """IF's T5 encoder (bfloat16 where the U-Nets run float16), or with clip=True the x4 upscaler's CLIP."""
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+    cls, as_dtype = (CLIPTextModel, dtype) if clip else (T5EncoderModel, text_dtype(dtype))
     folder = stage_dir / "text_encoder"
     _read_json(folder / "config.json", "text encoder config")
-    variant = _weights_variant(folder, dtype, "transformers.CLIPTextModel")
+    variant = _weights_variant(folder, dtype, f"transformers.{cls.__name__}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(stage_dir / "tokenizer")
     except Exception as exc:  # transformers raises many types for a bad tokenizer folder
         raise ModelError(stage_dir / "tokenizer", f"cannot load the tokenizer: {exc}") from exc
     try:
-        model = CLIPTextModel.from_pretrained(folder, use_safetensors=True, variant=variant, dtype=dtype)
+        model = cls.from_pretrained(folder, use_safetensors=True, variant=variant, dtype=as_dtype)
     except Exception as exc:
-        raise ModelError(folder, f"cannot load the CLIP text encoder weights: {exc}") from exc
-    return TextEncoder(tokenizer, model.to(device).eval(), device, output_dtype=dtype,
-                       dim=model.config.hidden_size, clip=True)
-
-
-def _load_text_encoder(stage_dir: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    folder = stage_dir / "text_encoder"
-    _read_json(folder / "config.json", "text encoder config")
-    variant = _weights_variant(folder, dtype, "transformers.T5EncoderModel")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(stage_dir / "tokenizer")
-    except Exception as exc:  # transformers raises many types for a bad tokenizer folder
-        raise ModelError(stage_dir / "tokenizer", f"cannot load the tokenizer: {exc}") from exc
-    try:
-        model = T5EncoderModel.from_pretrained(folder, use_safetensors=True, variant=variant,
-                                               dtype=text_dtype(dtype))
-    except Exception as exc:
-        raise ModelError(folder, f"cannot load the T5 encoder weights: {exc}") from exc
-    return TextEncoder(tokenizer, model.to(device).eval(), device, output_dtype=dtype, dim=model.config.d_model)
+        raise ModelError(folder, f"cannot load the {'CLIP' if clip else 'T5'} encoder weights: {exc}") from exc
+    dim = model.config.hidden_size if clip else model.config.d_model
+    return TextEncoder(tokenizer, model.to(device).eval(), device, output_dtype=dtype, dim=dim, clip=clip)
 
 
 def _resolve_attention(attention: str | None, device: torch.device) -> str:
@@ -328,7 +312,7 @@ def _load_x4_stage(stage_dir: Path, name: str, device: torch.device, dtype: torc
         raise ModelError(stage_dir, "the x4 U-Net has no class embedding for the noise level (num_class_embeds)")
     noising = _schedule(low_res, stage_dir / "low_res_scheduler")
     _schedule(scheduler, stage_dir / "scheduler")
-    text = _load_clip_text_encoder(stage_dir, device, dtype)
+    text = _load_text_encoder(stage_dir, device, dtype, clip=True)
     if config.get("cross_attention_dim") != text.dim:
         raise ModelError(stage_dir, f"the x4 U-Net expects text embeddings of width {config.get('cross_attention_dim')} "
                                     f"but its text encoder produces {text.dim}")

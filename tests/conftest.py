@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from engine.random_models import TinyCascadeSpec, write_if_cascade, write_three_stage_cascade
@@ -52,3 +54,15 @@ def three_stage_pipe(three_stage_dir):
     import engine
 
     return engine.load(three_stage_dir, device="cpu")
+
+
+@pytest.fixture
+def cascade_copy(cascade_dir, tmp_path):
+    """A copy of the two-stage cascade that a test may damage."""
+    return shutil.copytree(cascade_dir, tmp_path / "cascade")
+
+
+@pytest.fixture
+def three_stage_copy(three_stage_dir, tmp_path):
+    """A copy of the three-stage cascade that a test may damage."""
+    return shutil.copytree(three_stage_dir, tmp_path / "cascade3")

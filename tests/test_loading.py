@@ -11,11 +11,6 @@ from engine import InvalidRequestError, ModelError
 from engine.random_models import TinyCascadeSpec, write_if_cascade
 
 
-@pytest.fixture
-def cascade_copy(cascade_dir, tmp_path):
-    target = tmp_path / "cascade"
-    shutil.copytree(cascade_dir, target)
-    return target
 
 
 def test_super_resolution_stage_first_is_refused(cascade_dir):

@@ -2,7 +2,6 @@
 limits and its loading errors."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -86,11 +85,6 @@ def test_cli_upscales_a_png_with_the_upscaler_alone(three_stage_dir, tmp_path):
                  str(tmp_path / "missing.png"), "-o", str(out), "--quiet"]) == 2
 
 
-@pytest.fixture
-def three_stage_copy(three_stage_dir, tmp_path):
-    target = tmp_path / "cascade3"
-    shutil.copytree(three_stage_dir, target)
-    return target
 
 
 def test_upscaler_before_other_stages_is_refused(three_stage_dir):
