@@ -28,3 +28,11 @@ class InvalidRequestError(EngineError, ValueError):
 
 class NumericalError(EngineError):
     """A stage produced NaN or inf values."""
+
+
+class QueueFullError(EngineError):
+    """The serving queue is at its bound: try again later (HTTP 503 with Retry-After)."""
+
+
+class RequestTimeoutError(EngineError, TimeoutError):
+    """A served request ran past its deadline; it was dropped at a step boundary (HTTP 504)."""

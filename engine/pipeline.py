@@ -15,7 +15,7 @@ import torch
 
 from engine.errors import InvalidRequestError
 from engine.images import from_model_range, to_model_range
-from engine.options import GenerateRequest
+from engine.options import GenerateRequest, StageSettings
 from engine.stage import Conditioning, Stage, timed
 from engine.text import TextEncoder
 
@@ -66,21 +66,25 @@ class Pipeline:
             return self._run(request, progress)
 
     def _run(self, request: GenerateRequest, progress: bool) -> Generation:
-        settings = request.per_stage([s.kind for s in self.stages])  # validates per-stage values first
-        for stage, stage_settings in zip(self.stages, settings):
-            stage.validate(stage_settings)
+        settings = self.settings(request)
+        image = self.input_image(request)
         timings: dict[str, float] = {}
-        conditioning, timings["text"] = timed(self.device, self._conditioning, request, settings)
-
-        image = self._input_image(request)
+        conditioning, timings["text"] = timed(self.device, self.conditioning, request, settings)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         for stage, stage_settings in zip(self.stages, settings):
-            text = conditioning[self._encoder(stage)]
+            text = conditioning[self.encoder(stage)]
             image, timings[stage.name] = timed(
                 self.device, stage.run, text, image, stage_settings, generator, progress)
         return Generation(from_model_range(image, request.output_type), timings)
 
-    def _input_image(self, request: GenerateRequest) -> torch.Tensor | None:
+    def settings(self, request: GenerateRequest) -> list[StageSettings]:
+        """The request's settings for each stage, checked against each stage's model (before any model work)."""
+        settings = request.per_stage([s.kind for s in self.stages])
+        for stage, stage_settings in zip(self.stages, settings):
+            stage.validate(stage_settings)
+        return settings
+
+    def input_image(self, request: GenerateRequest) -> torch.Tensor | None:
         """The request's image, (B * n, 3, H, W) in [-1, 1] on the device, for a cascade that starts with an upscaler."""
         first = self.stages[0]
         if first.kind == "base":
@@ -98,14 +102,14 @@ class Pipeline:
         first.validate_input_size(image.shape[-2:])
         return image.repeat_interleave(request.num_images_per_prompt, dim=0).to(self.device)
 
-    def _encoder(self, stage: Stage) -> TextEncoder:
+    def encoder(self, stage: Stage) -> TextEncoder:
         return stage.text or self.text
 
-    def _conditioning(self, request: GenerateRequest, settings) -> dict[TextEncoder, Conditioning]:
+    def conditioning(self, request: GenerateRequest, settings) -> dict[TextEncoder, Conditioning]:
         """Each encoder's conditioning, repeated per image; the unconditional half only where a stage guides."""
         guides: dict[TextEncoder, bool] = {}
         for stage, stage_settings in zip(self.stages, settings):
-            encoder = self._encoder(stage)
+            encoder = self.encoder(stage)
             guides[encoder] = guides.get(encoder, False) or stage_settings.guidance > 1.0
         n = request.num_images_per_prompt
         return {encoder: self._encode(encoder, request, guided).repeat_interleave(n)

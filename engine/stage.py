@@ -85,37 +85,16 @@ class Stage:
     def run(self, text: Conditioning, previous: torch.Tensor | None, settings: StageSettings,
             generator: torch.Generator, progress: bool = True) -> torch.Tensor:
         """Denoise one batch; returns x_0 as float32 (B, 3, size, size), unclamped (about [-1, 1])."""
-        sampler = build_sampler(settings.sampler or self.default_sampler, self.scheduler_config,
-                                settings.timesteps, self.device)
-        batch = text.cond.shape[0]
-        x, low_res = self._initial(previous, batch, settings.noise_level, generator)  # (B, C, H, W), (B, 3, H, W)
-        x = x.float() * sampler.init_noise_sigma  # float32
+        run = self.start(text, previous, settings, generator)
+        for _ in tqdm(range(run.steps), desc=self.name, disable=not progress, leave=False):
+            run.advance(self.unet(*run.model_inputs()).float())
+        return run.result()
 
-        guided = settings.guidance > 1.0 and text.uncond is not None
-        embeddings = torch.cat([text.uncond, text.cond]) if guided else text.cond  # (2B or B, 77, D)
-        copies = 2 if guided else 1
-
-        class_labels = None
-        if low_res is not None:
-            low_res = low_res.repeat(copies, 1, 1, 1)
-            class_labels = torch.full((copies * batch,), settings.noise_level, device=self.device)
-
-        noise = [self._draw(generator, x.shape) if noisy else None for noisy in sampler.noise_steps]
-        sampler.start(x)
-        for i in tqdm(range(len(sampler)), desc=self.name, disable=not progress, leave=False):
-            model_in = x.to(self.dtype)
-            if low_res is not None:
-                model_in = torch.cat([model_in.repeat(copies, 1, 1, 1), low_res], dim=1)  # (2B, C + 3, H, W)
-            elif guided:
-                model_in = model_in.repeat(2, 1, 1, 1)
-            out = self.unet(model_in, sampler.timesteps[i], embeddings, class_labels).float()
-            eps, variance = self._guide(out, settings.guidance if guided else None)
-            x = sampler.step(i, eps, variance, x, noise[i])
-        if not torch.isfinite(x).all():
-            raise NumericalError(
-                f"{self.name} produced NaN or inf values; the likely cause is float16 overflow in the U-Net: "
-                "load with dtype='bfloat16' or 'float32'")
-        return self._finish(x)
+    @torch.inference_mode()
+    def start(self, text: Conditioning, previous: torch.Tensor | None, settings: StageSettings,
+              generator: torch.Generator) -> "StageRun":
+        """One request's run of this stage, all its random draws made: step it with StageRun.advance."""
+        return StageRun(self, text, previous, settings, generator)
 
     def _initial(self, previous, batch: int, noise_level: int | None, generator: torch.Generator):
         """x_T (B, 3, size, size) and, for super-resolution, the augmented low-res image, in diffusers' draw order."""
@@ -148,6 +127,75 @@ class Stage:
             eps = out[:, :self.sample_channels]
         variance = out[:, IMAGE_CHANNELS:] if self.learned_variance else None
         return eps, variance
+
+
+class StageRun:
+    """One request's progress through one stage, a U-Net call at a time.
+
+    `Stage.run` drives one to the end; a serving scheduler drives several together, concatenating their
+    `model_inputs()` into one U-Net call (each row carries its own timestep) and handing each its rows back
+    through `advance`. Everything random is drawn here, at the start, from the request's own generator, so
+    a request's images do not depend on what it was batched with.
+    """
+
+    def __init__(self, stage: Stage, text: Conditioning, previous: torch.Tensor | None, settings: StageSettings,
+                 generator: torch.Generator):
+        self.stage = stage
+        self.settings = settings
+        self.sampler = build_sampler(settings.sampler or stage.default_sampler, stage.scheduler_config,
+                                     settings.timesteps, stage.device)
+        batch = text.cond.shape[0]
+        x, low_res = stage._initial(previous, batch, settings.noise_level, generator)  # (B, C, H, W), (B, 3, H, W)
+        self.x = x.float() * self.sampler.init_noise_sigma  # float32
+
+        self.guided = settings.guidance > 1.0 and text.uncond is not None
+        self.embeddings = torch.cat([text.uncond, text.cond]) if self.guided else text.cond  # (2B or B, 77, D)
+        self.copies = 2 if self.guided else 1
+        self.class_labels = None
+        if low_res is not None:
+            low_res = low_res.repeat(self.copies, 1, 1, 1)
+            self.class_labels = torch.full((self.copies * batch,), settings.noise_level, device=stage.device)
+        self.low_res = low_res
+        self.noise = [stage._draw(generator, self.x.shape) if noisy else None for noisy in self.sampler.noise_steps]
+        self.sampler.start(self.x)
+        self.step = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def done(self) -> bool:
+        return self.step == self.steps
+
+    @property
+    def rows(self) -> int:
+        """U-Net batch rows this run takes per call: images, twice under guidance."""
+        return self.embeddings.shape[0]
+
+    def model_inputs(self):
+        """The next U-Net call's (sample (rows, C, H, W), timestep (rows,), embeddings, class_labels or None)."""
+        model_in = self.x.to(self.stage.dtype)
+        if self.low_res is not None:
+            model_in = torch.cat([model_in.repeat(self.copies, 1, 1, 1), self.low_res], dim=1)  # (2B, C + 3, H, W)
+        elif self.guided:
+            model_in = model_in.repeat(2, 1, 1, 1)
+        timestep = self.sampler.timesteps[self.step].expand(model_in.shape[0])
+        return model_in, timestep, self.embeddings, self.class_labels
+
+    def advance(self, out: torch.Tensor) -> None:
+        """Take this run's U-Net output (rows, out_channels, H, W), float32: guidance, then the sampler step."""
+        eps, variance = self.stage._guide(out, self.settings.guidance if self.guided else None)
+        self.x = self.sampler.step(self.step, eps, variance, self.x, self.noise[self.step])
+        self.step += 1
+
+    def result(self) -> torch.Tensor:
+        """x_0 as float32 (B, 3, H, W) once done (decoded by a latent stage); NumericalError on NaN or inf."""
+        if not torch.isfinite(self.x).all():
+            raise NumericalError(
+                f"{self.stage.name} produced NaN or inf values; the likely cause is float16 overflow in the U-Net: "
+                "load with dtype='bfloat16' or 'float32'")
+        return self.stage._finish(self.x)
 
 
 class LatentUpscaleStage(Stage):

@@ -1,0 +1,276 @@
+"""Step-level batching: requests join a stage's running batch at the next U-Net call and leave when done.
+
+A diffusion request is many U-Net calls long. Instead of running each request (or a fixed batch of them) to
+the end, the scheduler keeps one running batch per stage: every scheduler step makes one U-Net call per stage
+over all the requests currently in it, each row at its own timestep. A new request is admitted at the next
+step boundary if the stage has room (`max_batch` images); a request that finishes a stage moves on to the
+next stage's batch (or completes) without waiting for the others.
+
+Each request draws its randomness from its own generator (seeded by its seed) when it enters a stage, so its
+images are those `Pipeline.run` gives for it, whatever it shares a batch with. Cancellation and deadlines are
+checked at every step boundary; the waiting queue is bounded (`QueueFullError` when full); a request whose
+stage produces NaN fails alone.
+
+    scheduler = BatchingScheduler(pipe, max_batch=8, max_queue=32)
+    scheduler.start()                                   # a background thread runs step() in a loop
+    future = scheduler.submit(GenerateRequest("a red circle", seed=1), timeout_s=30)
+    images = future.result().images                     # concurrent.futures.Future[Generation]
+    future.cancel()                                     # works until it completes: dropped at the next step
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError
+from engine.images import from_model_range
+from engine.options import GenerateRequest, StageSettings
+from engine.pipeline import Generation, Pipeline
+from engine.stage import StageRun
+
+DEFAULT_MAX_BATCH = 8  # images per U-Net call per stage (a guided image takes two rows)
+DEFAULT_MAX_QUEUE = 32  # requests waiting for admission
+
+
+@dataclass
+class Job:
+    """One submitted request and where it is in the cascade."""
+
+    id: int
+    request: GenerateRequest
+    settings: list[StageSettings]
+    images: int  # prompts x images per prompt
+    future: Future
+    deadline: float | None  # time.monotonic() past which it is dropped
+    submitted: float = field(default_factory=time.monotonic)
+    admitted: float | None = None  # when it entered the first stage
+    stage: int = 0  # index of the stage it is in or waits for
+    run: StageRun | None = None  # its run of that stage, once admitted there
+    image: torch.Tensor | None = None  # the previous stage's output (or the request's own input image)
+    conditioning: dict = field(default_factory=dict)
+    generator: torch.Generator | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class BatchingScheduler:
+    def __init__(self, pipeline: Pipeline, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE):
+        if max_batch < 1 or max_queue < 1:
+            raise InvalidRequestError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.pipeline = pipeline
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._waiting: deque[Job] = deque()  # submitted, not yet in stage 0
+        self._jobs: list[Job] = []  # admitted and not finished, in admission order
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.on_batch = None  # optional callback(stage_name, images, rows) after each U-Net call (metrics)
+        self.on_finish = None  # optional callback(job, status) when a job leaves ("ok", "failed", ...)
+
+    # -- the caller's side ------------------------------------------------------------------------------
+
+    def submit(self, request: GenerateRequest, timeout_s: float | None = None) -> Future:
+        """Queue a request; its Future gives a Generation. Bad requests and a full queue raise here, at once."""
+        settings = self.pipeline.settings(request)  # validated before it takes a queue slot
+        image = self.pipeline.input_image(request)
+        if timeout_s is not None and not timeout_s > 0:
+            raise InvalidRequestError(f"timeout_s must be > 0, got {timeout_s}")
+        images = len(request.prompts) * request.num_images_per_prompt
+        future: Future = Future()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        job = Job(next(self._ids), request, settings, images, future, deadline, image=image)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); try again shortly")
+            self._waiting.append(job)
+            self._wake.notify()
+        return future
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def active(self, stage: int) -> list[int]:
+        """Ids of the jobs in a stage's running batch."""
+        return [job.id for job in self._jobs if job.stage == stage and job.run is not None]
+
+    def start(self) -> None:
+        """Run step() in a background thread until stop()."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._jobs:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            with self.pipeline.run_context():
+                self.step()
+
+    # -- one scheduler step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Drop cancelled and expired jobs, admit what fits, make one U-Net call per busy stage. Returns
+        whether there was anything to do."""
+        self._drop_finished_or_expired()
+        for index in reversed(range(len(self.pipeline.stages))):  # later stages first: they free their slots
+            self._admit(index)
+        busy = False
+        for index, stage in enumerate(self.pipeline.stages):
+            jobs = [j for j in self._jobs if j.stage == index and j.run is not None]
+            for group in _by_input_shape(jobs):
+                busy = True
+                self._call(stage, group)
+        return busy
+
+    def _drop_finished_or_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            kept = deque()
+            for job in self._waiting:
+                if self._dropped(job, now) is None:
+                    kept.append(job)
+            self._waiting = kept
+        self._jobs = [job for job in self._jobs if self._dropped(job, now) is None]
+
+    def _dropped(self, job: Job, now: float) -> str | None:
+        if job.future.cancelled():
+            self._finish(job, "cancelled")
+            return "cancelled"
+        if job.deadline is not None and now > job.deadline:
+            _settle(job.future, exception=RequestTimeoutError(
+                f"request {job.id} ran past its {job.deadline - job.submitted:.3g} s deadline "
+                f"(at {self.pipeline.stages[min(job.stage, len(self.pipeline.stages) - 1)].name})"))
+            self._finish(job, "timeout")
+            return "timeout"
+        return None
+
+    def _admit(self, index: int) -> None:
+        stage = self.pipeline.stages[index]
+        used = sum(j.images for j in self._jobs if j.stage == index and j.run is not None)
+        candidates = [j for j in self._jobs if j.stage == index and j.run is None]
+        while True:
+            if index == 0 and not candidates:
+                with self._lock:
+                    if not self._waiting:
+                        return
+                    job = self._waiting[0]
+                    if used and used + job.images > self.max_batch:
+                        return
+                    self._waiting.popleft()
+                if job.future.cancelled():
+                    self._finish(job, "cancelled")
+                    continue
+                self._jobs.append(job)
+                job.admitted = time.monotonic()
+                if not self._enter_first_stage(job):
+                    continue
+            elif candidates:
+                job = candidates[0]
+                if used and used + job.images > self.max_batch:
+                    return
+                candidates.pop(0)
+            else:
+                return
+            try:
+                text = job.conditioning[self.pipeline.encoder(stage)]
+                job.run = stage.start(text, job.image, job.settings[index], job.generator)
+            except EngineError as exc:
+                self._fail(job, exc)
+                continue
+            used += job.images
+
+    def _enter_first_stage(self, job: Job) -> bool:
+        """Encode the prompt (once per encoder) and seed the job's generator; False if that failed."""
+        try:
+            start = time.perf_counter()
+            job.conditioning = self.pipeline.conditioning(job.request, job.settings)
+            job.timings["text"] = time.perf_counter() - start
+        except EngineError as exc:
+            self._fail(job, exc)
+            return False
+        job.generator = torch.Generator("cpu").manual_seed(job.request.seed)
+        return True
+
+    def _call(self, stage, jobs: list[Job]) -> None:
+        """One U-Net call over the runs of `jobs` in `stage`, each given its rows back."""
+        inputs = [job.run.model_inputs() for job in jobs]
+        sample = torch.cat([i[0] for i in inputs])  # (rows, C, H, W)
+        timestep = torch.cat([i[1] for i in inputs])  # (rows,): each run at its own step
+        embeddings = torch.cat([i[2] for i in inputs])  # (rows, 77, D)
+        labels = None if inputs[0][3] is None else torch.cat([i[3] for i in inputs])
+        start = time.perf_counter()
+        out = stage.unet(sample, timestep, embeddings, labels).float()
+        seconds = time.perf_counter() - start
+        if self.on_batch is not None:
+            self.on_batch(stage.name, sum(j.images for j in jobs), len(sample))
+        for job, part in zip(jobs, out.split([i[0].shape[0] for i in inputs])):
+            job.timings[stage.name] = job.timings.get(stage.name, 0.0) + seconds
+            job.run.advance(part)
+            if job.run.done:
+                self._next_stage(job)
+
+    def _next_stage(self, job: Job) -> None:
+        try:
+            job.image = job.run.result()  # NumericalError for this job alone
+        except EngineError as exc:
+            self._fail(job, exc)
+            return
+        job.run = None
+        job.stage += 1
+        if job.stage == len(self.pipeline.stages):
+            self._jobs.remove(job)
+            _settle(job.future, result=Generation(from_model_range(job.image, job.request.output_type), job.timings))
+            self._finish(job, "ok")
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        if job in self._jobs:
+            self._jobs.remove(job)
+        _settle(job.future, exception=exc)
+        self._finish(job, "failed")
+
+    def _finish(self, job: Job, status: str) -> None:
+        if self.on_finish is not None:
+            self.on_finish(job, status)
+
+
+def _settle(future: Future, result=None, exception: Exception | None = None) -> None:
+    """Give the Future its outcome, unless the caller cancelled it meanwhile (futures stay pending while they
+    run, so that Future.cancel() works at any step boundary)."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass  # cancelled by the caller after the last check
+
+
+def _by_input_shape(jobs: list[Job]) -> list[list[Job]]:
+    """Runs that can share a U-Net call: same sample shape (an x4 stage's latents take their input's size)."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(job.run.x.shape[1:]), []).append(job)
+    return list(groups.values())

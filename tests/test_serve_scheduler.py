@@ -1,0 +1,134 @@
+"""The step-level batching scheduler: same images batched or alone, admission at step boundaries, bounded
+queue, cancellation, deadlines, and one request's NaN failing that request only."""
+
+import time
+from concurrent.futures import CancelledError
+
+import numpy as np
+import pytest
+
+from engine import GenerateRequest, InvalidRequestError, NumericalError
+from engine.errors import QueueFullError, RequestTimeoutError
+from engine.serve import BatchingScheduler
+
+STEPS = (4, 3)
+
+
+def request(seed, **options):
+    return GenerateRequest(options.pop("prompt", "a red circle"), seed=seed, steps=options.pop("steps", STEPS),
+                           output_type="np", **options)
+
+
+def drain(scheduler, limit=200):
+    for _ in range(limit):
+        if not scheduler.step():
+            return
+    raise AssertionError("the scheduler did not run dry")
+
+
+def test_requests_joining_mid_stage_get_the_images_they_get_alone(engine_pipe):
+    scheduler = BatchingScheduler(engine_pipe, max_batch=8)
+    requests = [request(1), request(2, prompt=["a blue square", "a cat"], guidance=(5.0, 1.0)),
+                request(3, steps=(3, 2), noise_level=100, num_images_per_prompt=2),
+                request(4, guidance=1.0, scheduler="ddim")]
+    futures = [scheduler.submit(requests[0])]
+    scheduler.step()
+    scheduler.step()
+    futures.append(scheduler.submit(requests[1]))
+    scheduler.step()
+    assert scheduler.active(0) == [0, 1]  # the second joined the first's running batch at a step boundary
+    futures += [scheduler.submit(r) for r in requests[2:]]
+    drain(scheduler)
+    for future, req in zip(futures, requests):
+        batched = future.result(timeout=0).images
+        alone = engine_pipe.run(req).images
+        assert batched.shape == alone.shape
+        assert np.abs(batched - alone).max() <= 1e-4
+        assert set(future.result().timings) == {"text", "stage_I", "stage_II"}
+
+
+def test_max_batch_bounds_each_call_and_stages_run_side_by_side(engine_pipe):
+    scheduler = BatchingScheduler(engine_pipe, max_batch=2)
+    calls = []
+    scheduler.on_batch = lambda stage, images, rows: calls.append((stage, images, rows))
+    futures = [scheduler.submit(request(seed)) for seed in range(3)]
+    drain(scheduler)
+    assert all(f.result(timeout=0) for f in futures)
+    assert max(images for _, images, _ in calls) == 2
+    assert all(rows == 2 * images for _, images, rows in calls)  # guided: two rows per image
+    stages_per_step = {stage for stage, _, _ in calls}
+    assert stages_per_step == {"stage_I", "stage_II"}
+    # The third request entered stage I while the first two were in stage II: fewer calls than running apart.
+    assert len(calls) < 3 * sum(STEPS)
+
+
+def test_a_full_queue_refuses_at_once_and_accepts_again_after(engine_pipe):
+    scheduler = BatchingScheduler(engine_pipe, max_batch=1, max_queue=1)
+    first = scheduler.submit(request(0))
+    with pytest.raises(QueueFullError, match="queue is full"):
+        scheduler.submit(request(1))
+    scheduler.step()  # admits the first: a queue slot frees up
+    second = scheduler.submit(request(1))
+    drain(scheduler)
+    assert first.result(timeout=0) and second.result(timeout=0)
+
+
+def test_cancelled_request_leaves_at_the_next_step_and_the_others_finish(engine_pipe):
+    scheduler = BatchingScheduler(engine_pipe)
+    keep, drop = scheduler.submit(request(0)), scheduler.submit(request(1))
+    scheduler.step()
+    assert drop.cancel()
+    scheduler.step()
+    assert scheduler.active(0) == [0]
+    drain(scheduler)
+    with pytest.raises(CancelledError):
+        drop.result(timeout=0)
+    assert np.abs(keep.result(timeout=0).images - engine_pipe.run(request(0)).images).max() <= 1e-4
+
+
+def test_deadline_fails_that_request_only(engine_pipe):
+    scheduler = BatchingScheduler(engine_pipe)
+    slow = scheduler.submit(request(0), timeout_s=0.05)
+    other = scheduler.submit(request(1))
+    scheduler.step()
+    time.sleep(0.06)
+    drain(scheduler)
+    with pytest.raises(RequestTimeoutError, match="deadline"):
+        slow.result(timeout=0)
+    size = engine_pipe.image_size
+    assert other.result(timeout=0).images.shape == (1, size, size, 3)
+
+
+def test_overflow_in_one_request_fails_it_alone(engine_pipe):
+    scheduler = BatchingScheduler(engine_pipe)
+    # Guidance 1e30 under DDIM overflows to inf in stage I; its rows share U-Net calls with the healthy one.
+    broken = scheduler.submit(request(0, guidance=(1e30, 4.0), scheduler="ddim"))
+    healthy = scheduler.submit(request(1))
+    drain(scheduler)
+    with pytest.raises(NumericalError, match="stage_I produced NaN or inf"):
+        broken.result(timeout=0)
+    assert np.abs(healthy.result(timeout=0).images - engine_pipe.run(request(1)).images).max() <= 1e-4
+
+
+def test_bad_requests_are_refused_at_submit(engine_pipe):
+    scheduler = BatchingScheduler(engine_pipe)
+    with pytest.raises(InvalidRequestError, match="base stage"):
+        scheduler.submit(GenerateRequest("a cat", image=np.zeros((8, 8, 3))))
+    with pytest.raises(InvalidRequestError, match="timeout_s must be > 0"):
+        scheduler.submit(request(0), timeout_s=0)
+    with pytest.raises(InvalidRequestError, match="max_batch and max_queue"):
+        BatchingScheduler(engine_pipe, max_batch=0)
+    assert scheduler.queue_depth == 0
+
+
+def test_background_thread_serves_concurrent_requests(engine_pipe):
+    scheduler = BatchingScheduler(engine_pipe)
+    scheduler.start()
+    try:
+        futures = [scheduler.submit(request(seed, steps=(2, 2))) for seed in range(3)]
+        results = [f.result(timeout=120).images for f in futures]
+    finally:
+        scheduler.stop()
+    size = engine_pipe.image_size
+    assert all(r.shape == (1, size, size, 3) for r in results)
+    assert not np.allclose(results[0], results[1])  # each request its own seed
