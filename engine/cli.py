@@ -1,5 +1,5 @@
-"""Command line: `python -m engine generate "PROMPT" -o out.png [...]`, `python -m engine export MODEL... --out DIR`
-and `python -m engine bench [--model NAME...] [...]`.
+"""Command line: `python -m engine generate "PROMPT" -o out.png [...]`, `python -m engine export MODEL... --out DIR`,
+`python -m engine bench [--model NAME...] [...]` and `python -m engine serve [--model ...] [--port 8000]`.
 
 Defaults come from `engine.options.GenerateRequest` and `engine.bench.BenchOptions` (the same dataclasses the
 Python API uses); errors print one line and exit non-zero.
@@ -59,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", default=None, metavar="PNG",
                      help="the picture to upscale, for a model that starts with an upscaler (an x4 upscaler alone)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
+
+    from engine.serve import http as serve_defaults  # the service's defaults are written there, once
+
+    srv = commands.add_parser("serve", help="serve the model over HTTP: OpenAI-style images API, step-level batching")
+    srv.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH",
+                     help=f"as for generate (default: {DEFAULT_MODEL})")
+    srv.add_argument("--host", default=serve_defaults.DEFAULT_HOST,
+                     help="address to listen on (default: loopback only; 0.0.0.0 for every interface)")
+    srv.add_argument("--port", type=int, default=serve_defaults.DEFAULT_PORT)
+    srv.add_argument("--max-batch", type=int, default=serve_defaults.DEFAULT_MAX_BATCH,
+                     help="images per U-Net call per stage")
+    srv.add_argument("--max-queue", type=int, default=serve_defaults.DEFAULT_MAX_QUEUE,
+                     help="requests waiting for admission before new ones get 503")
+    srv.add_argument("--timeout", type=float, default=serve_defaults.DEFAULT_TIMEOUT_S,
+                     help="longest life of a request in seconds, queue time included (then 504)")
+    srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    srv.add_argument("--dtype", choices=list(DTYPES), default=None)
+    srv.add_argument("--backend", choices=BACKENDS, default=None)
 
     exp = commands.add_parser("export", help="export a cascade's components to ONNX (checked against PyTorch)")
     exp.add_argument("model", nargs="+", metavar="MODEL",
@@ -191,6 +209,23 @@ def bench(args, argv: list[str] | None) -> None:
         print(f"report written to {args.json}", file=sys.stderr)
 
 
+def serve(args) -> None:
+    try:
+        import uvicorn
+
+        from engine.serve.http import create_app
+    except ImportError as exc:
+        raise EngineError(f"serving needs {exc.name}: pip install 'cascade-engine[serve]'") from exc
+    from engine.loading import load
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {args.host}, beyond loopback: anyone who can reach it can use the model",
+              file=sys.stderr)
+    app = create_app(lambda: load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype),
+                     max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -198,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             generate(args)
         elif args.command == "export":
             export(args)
+        elif args.command == "serve":
+            serve(args)
         elif args.command == "bench":
             bench(args, argv)
     except EngineError as exc:

@@ -1,0 +1,181 @@
+"""The HTTP service over the scheduler: the OpenAI-style endpoint, health, metrics, and its failure answers
+(400, 503 with Retry-After, 504, 500 for one request's NaN, a disconnect freeing the slot), each followed by
+a request that still succeeds."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from engine import GenerateRequest  # noqa: E402
+from engine.serve.http import create_app  # noqa: E402
+
+BODY = {"prompt": "a red circle", "seed": 3, "steps": [3, 2]}
+
+
+def wait_ready(client, limit_s=60):
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if client.get("/health/ready").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the service never became ready")
+
+
+@pytest.fixture(scope="module")
+def client(engine_pipe):
+    with TestClient(create_app(engine_pipe, max_batch=4, max_queue=8, timeout_s=60)) as client:
+        wait_ready(client)
+        yield client
+
+
+def pngs(response):
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in response.json()["data"]]
+
+
+def test_generation_returns_the_engines_pngs(client, engine_pipe):
+    response = client.post("/v1/images/generations", json={**BODY, "n": 2, "response_format": "b64_json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["seed"] == 3
+    images = pngs(response)
+    expected = engine_pipe.generate("a red circle", seed=3, steps=(3, 2), num_images_per_prompt=2)
+    assert len(images) == 2
+    for got, want in zip(images, expected):
+        # PNG is lossless: at most one 8-bit step from batching's float rounding.
+        assert np.abs(got.astype(int) - np.asarray(want).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"seed": 1}, "prompt is required"),
+    ({**BODY, "n": 0}, "num_images_per_prompt must be >= 1"),
+    ({**BODY, "steps": [3, 2, 1]}, "steps has 3 values"),
+    ({**BODY, "response_format": "url"}, "response_format must be 'b64_json'"),
+    ({**BODY, "size": "1024x1024"}, "size must be '32x32'"),
+    ({**BODY, "colour": "red"}, "unknown field"),
+    ({**BODY, "timeout": -1}, "timeout must be"),
+    (["a list"], "must be a JSON object"),
+])
+def test_bad_input_is_a_400_naming_the_problem(client, body, message):
+    response = client.post("/v1/images/generations", json=body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+
+
+def test_invalid_json_is_a_400(client):
+    response = client.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_timeout_is_a_504_and_the_service_goes_on(client):
+    response = client.post("/v1/images/generations", json={**BODY, "steps": [50, 50], "timeout": 0.01})
+    assert response.status_code == 504 and "deadline" in response.json()["error"]["message"]
+    assert client.post("/v1/images/generations", json=BODY).status_code == 200
+
+
+def test_nan_in_one_request_is_a_500_for_it_alone(client):
+    # Guidance 1e30 under DDIM overflows to inf in stage I (DDPM's thresholding would absorb it).
+    broken = {**BODY, "guidance": [1e30, 4.0], "scheduler": "ddim"}
+    response = client.post("/v1/images/generations", json=broken)
+    assert response.status_code == 500 and "NaN or inf" in response.json()["error"]["message"]
+    assert client.post("/v1/images/generations", json=BODY).status_code == 200
+
+
+def test_health_and_metrics(client):
+    assert client.get("/health/live").json() == {"status": "live"}
+    assert client.get("/health/ready").status_code == 200
+    client.post("/v1/images/generations", json=BODY)
+    text = client.get("/metrics").text
+    assert 'engine_requests_total{status="ok"}' in text
+    assert "engine_queue_depth 0" in text
+    assert "engine_batch_images_bucket" in text and "engine_compute_seconds_count" in text
+    ok = [line for line in text.splitlines() if line.startswith('engine_requests_total{status="ok"}')]
+    assert int(ok[0].split()[-1]) >= 1
+
+
+def test_full_queue_is_a_503_with_retry_after(engine_pipe):
+    app = create_app(engine_pipe, max_batch=1, max_queue=1, warmup=False, run_scheduler=False)
+    with TestClient(app) as client:
+        wait_ready(client)
+        scheduler = app.state.service.scheduler
+        waiting = scheduler.submit(GenerateRequest("a cat", steps=(2, 2)))  # fills the queue: nothing runs yet
+        response = client.post("/v1/images/generations", json=BODY)
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        scheduler.start()
+        assert waiting.result(timeout=60)
+        assert client.post("/v1/images/generations", json=BODY).status_code == 200
+        assert 'engine_requests_total{status="rejected"} 1' in client.get("/metrics").text
+
+
+def test_not_ready_while_loading():
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        raise RuntimeError("weights missing")
+
+    with TestClient(create_app(slow_load)) as client:
+        assert client.get("/health/live").status_code == 200
+        assert client.get("/health/ready").status_code == 503
+        assert client.post("/v1/images/generations", json=BODY).status_code == 503
+        release.set()
+        time.sleep(0.2)
+        response = client.get("/health/ready")
+        assert response.status_code == 503 and "weights missing" in response.json()["error"]["message"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_client_that_disconnects_cancels_its_request(engine_pipe):
+    import uvicorn
+
+    app = create_app(engine_pipe, max_batch=1, max_queue=4, warmup=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        body = json.dumps({**BODY, "steps": [200, 200]}).encode()  # long enough to be cut short
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            scheduler = app.state.service.scheduler
+            while not scheduler.active(0):
+                time.sleep(0.01)
+        # The socket is closed: the handler cancels, the scheduler drops the job at a step boundary.
+        deadline = time.monotonic() + 30
+        metrics = ""
+        while time.monotonic() < deadline and 'status="cancelled"' not in metrics:
+            time.sleep(0.05)
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'engine_requests_total{status="cancelled"} 1' in metrics
+        assert not scheduler.active(0) and not scheduler.active(1)  # the slot is free
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", json=BODY, timeout=60)
+        assert response.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
