@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests waiting for admission before new ones get 503")
     srv.add_argument("--timeout", type=float, default=serve_defaults.DEFAULT_TIMEOUT_S,
                      help="longest life of a request in seconds, queue time included (then 504)")
+    srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.POLICIES[0],
+                     help="step: requests join the running batch at every U-Net step (default); request: batches "
+                          "form when the cascade is idle and run to the end; none: one request at a time")
     srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     srv.add_argument("--dtype", choices=list(DTYPES), default=None)
     srv.add_argument("--backend", choices=BACKENDS, default=None)
@@ -222,7 +225,8 @@ def serve(args) -> None:
         print(f"note: listening on {args.host}, beyond loopback: anyone who can reach it can use the model",
               file=sys.stderr)
     app = create_app(lambda: load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype),
-                     max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout)
+                     max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
+                     policy=args.batching)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -132,3 +132,20 @@ def test_background_thread_serves_concurrent_requests(engine_pipe):
     size = engine_pipe.image_size
     assert all(r.shape == (1, size, size, 3) for r in results)
     assert not np.allclose(results[0], results[1])  # each request its own seed
+
+
+@pytest.mark.parametrize("policy", ["request", "none"])
+def test_the_comparison_policies_admit_only_when_idle(engine_pipe, policy):
+    scheduler = BatchingScheduler(engine_pipe, max_batch=4, policy=policy)
+    futures = [scheduler.submit(request(0)), scheduler.submit(request(1))]
+    scheduler.step()
+    first_batch = scheduler.active(0)
+    assert first_batch == ([0, 1] if policy == "request" else [0])
+    late = scheduler.submit(request(2))
+    scheduler.step()
+    assert 2 not in scheduler.active(0)  # no joining a running batch
+    drain(scheduler)
+    for future, seed in zip(futures + [late], range(3)):
+        assert np.abs(future.result(timeout=0).images - engine_pipe.run(request(seed)).images).max() <= 1e-4
+    with pytest.raises(InvalidRequestError, match="unknown batching policy"):
+        BatchingScheduler(engine_pipe, policy="greedy")

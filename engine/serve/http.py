@@ -31,7 +31,7 @@ from engine.errors import (EngineError, InvalidRequestError, NumericalError, Que
                            RequestTimeoutError)
 from engine.options import MAX_SEED, GenerateRequest
 from engine.serve.metrics import Metrics
-from engine.serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, BatchingScheduler  # noqa: F401 (CLI)
+from engine.serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, POLICIES, BatchingScheduler  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,11 @@ POLL_S = 0.05  # how often a waiting handler checks for its client's disconnect
 class Service:
     """The model, its scheduler and metrics, and whether it is ready; shared by the app's handlers."""
 
-    def __init__(self, load: Callable, max_batch: int, max_queue: int, timeout_s: float, warmup: bool):
+    def __init__(self, load: Callable, max_batch: int, max_queue: int, timeout_s: float, warmup: bool,
+                 policy: str):
         self.load = load  # () -> Pipeline
         self.max_batch, self.max_queue, self.timeout_s, self.warmup = max_batch, max_queue, timeout_s, warmup
+        self.policy = policy
         self.pipeline = None
         self.scheduler: BatchingScheduler | None = None
         self.metrics = Metrics()
@@ -62,7 +64,7 @@ class Service:
             self.pipeline = self.load()
             if self.warmup:
                 self.pipeline.run(GenerateRequest("warm-up", steps=1))
-            self.scheduler = BatchingScheduler(self.pipeline, self.max_batch, self.max_queue)
+            self.scheduler = BatchingScheduler(self.pipeline, self.max_batch, self.max_queue, self.policy)
             self.scheduler.on_batch = self.metrics.batch
             self.scheduler.on_finish = self.metrics.job_finished
             if run_scheduler:
@@ -78,14 +80,17 @@ class Service:
 
 
 def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
-               timeout_s: float = DEFAULT_TIMEOUT_S, warmup: bool = True, run_scheduler: bool = True):
+               timeout_s: float = DEFAULT_TIMEOUT_S, warmup: bool = True, run_scheduler: bool = True,
+               policy: str = "step"):
     """The Starlette app. `load`: a Pipeline, or a function that loads one (called in the background at
-    startup, so /health/live answers while the model loads)."""
+    startup, so /health/live answers while the model loads). `policy`: the scheduler's batching policy."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     loader = load if callable(load) and not hasattr(load, "stages") else (lambda: load)
-    service = Service(loader, max_batch, max_queue, timeout_s, warmup)
+    if policy not in POLICIES:
+        raise InvalidRequestError(f"unknown batching policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

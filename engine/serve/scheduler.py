@@ -37,6 +37,10 @@ from engine.stage import StageRun
 
 DEFAULT_MAX_BATCH = 8  # images per U-Net call per stage (a guided image takes two rows)
 DEFAULT_MAX_QUEUE = 32  # requests waiting for admission
+# Admission policies, for comparing (bench/serve_load.py): "step" admits at every step boundary (the point of
+# this module); "request" admits only when the cascade is idle, then as many waiting requests as fit, which
+# run to the end together (classic dynamic batching); "none" runs one request at a time.
+POLICIES = ("step", "request", "none")
 
 
 @dataclass
@@ -60,10 +64,14 @@ class Job:
 
 
 class BatchingScheduler:
-    def __init__(self, pipeline: Pipeline, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE):
+    def __init__(self, pipeline: Pipeline, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
+                 policy: str = "step"):
         if max_batch < 1 or max_queue < 1:
             raise InvalidRequestError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        if policy not in POLICIES:
+            raise InvalidRequestError(f"unknown batching policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.pipeline = pipeline
+        self.policy = policy
         self.max_batch = max_batch
         self.max_queue = max_queue
         self._waiting: deque[Job] = deque()  # submitted, not yet in stage 0
@@ -171,7 +179,11 @@ class BatchingScheduler:
         stage = self.pipeline.stages[index]
         used = sum(j.images for j in self._jobs if j.stage == index and j.run is not None)
         candidates = [j for j in self._jobs if j.stage == index and j.run is None]
+        if index == 0 and self.policy != "step" and self._jobs:
+            return  # "request" and "none": new requests wait until the cascade is idle
         while True:
+            if index == 0 and self.policy == "none" and used:
+                return
             if index == 0 and not candidates:
                 with self._lock:
                     if not self._waiting:
