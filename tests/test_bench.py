@@ -49,3 +49,11 @@ def test_onnx_cpu_bench_smoke(cascade_dir, tmp_path):
     assert report["max_abs_difference"] <= 1e-3  # the timed backends computed the same images
     assert set(report["unet_step_ms"]) == {"stage_I", "stage_II"}
     assert all(t > 0 for stage in report["unet_step_ms"].values() for t in stage.values())
+
+
+def test_serve_load_bench_smoke(tmp_path):
+    pytest.importorskip("uvicorn")
+    bench = _load("serve_load")
+    report = bench.main(["--requests", "2", "--rate", "20", "--steps", "1", "1", "--json", str(tmp_path / "s.json")])
+    assert set(report["policies"]) == {"none", "request", "step"}
+    assert all(p["ok"] == 2 and p["images_per_s"] > 0 for p in report["policies"].values())
