@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     srv.add_argument("--dtype", choices=list(DTYPES), default=None)
     srv.add_argument("--backend", choices=BACKENDS, default=None)
+    srv.add_argument("--ray", action="store_true",
+                     help="serve as a Ray Serve deployment (a local Ray cluster unless --ray-address)")
+    srv.add_argument("--ray-address", default=None,
+                     help="an existing Ray cluster, e.g. ray://head:10001 (default: RAY_ADDRESS, else local)")
+    srv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (each loads the model)")
+    srv.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Ray Serve autoscaling bounds")
+    srv.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray Serve replica")
 
     exp = commands.add_parser("export", help="export a cascade's components to ONNX (checked against PyTorch)")
     exp.add_argument("model", nargs="+", metavar="MODEL",
@@ -224,6 +231,22 @@ def serve(args) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {args.host}, beyond loopback: anyone who can reach it can use the model",
               file=sys.stderr)
+    if args.ray:
+        from engine.serve import ray_app
+
+        autoscale = None
+        if args.autoscale is not None:
+            try:
+                autoscale = tuple(int(n) for n in args.autoscale.split(":"))
+            except ValueError:
+                autoscale = ()
+            if len(autoscale) != 2:
+                raise EngineError(f"--autoscale takes MIN:MAX, e.g. 1:4, got {args.autoscale!r}")
+        load_kwargs = {"backend": args.backend, "device": args.device, "dtype": args.dtype}
+        app = ray_app.application(load_kwargs, args.model, args.max_batch, args.max_queue, args.timeout,
+                                  args.batching, replicas=args.replicas, autoscale=autoscale, num_gpus=args.num_gpus)
+        ray_app.run(app, args.host, args.port, address=args.ray_address)
+        return
     app = create_app(lambda: load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype),
                      max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
                      policy=args.batching)
