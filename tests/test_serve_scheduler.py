@@ -149,3 +149,31 @@ def test_the_comparison_policies_admit_only_when_idle(engine_pipe, policy):
         assert np.abs(future.result(timeout=0).images - engine_pipe.run(request(seed)).images).max() <= 1e-4
     with pytest.raises(InvalidRequestError, match="unknown batching policy"):
         BatchingScheduler(engine_pipe, policy="greedy")
+
+
+def test_an_unexpected_failure_fails_the_running_jobs_and_the_loop_goes_on(engine_pipe):
+    # Fault injection: stage I's U-Net raises once (as an out-of-memory would); the scheduler is under test.
+    from engine import EngineError
+
+    stage = engine_pipe.stages[0]
+    real_unet = stage.unet
+    failures = []
+
+    def failing_once(*args):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real_unet(*args)
+
+    scheduler = BatchingScheduler(engine_pipe)
+    stage.unet = failing_once
+    try:
+        scheduler.start()
+        hit = scheduler.submit(request(0))
+        with pytest.raises(EngineError, match="failed in the scheduler: RuntimeError: CUDA out of memory"):
+            hit.result(timeout=60)
+        after = scheduler.submit(request(1))
+        assert np.abs(after.result(timeout=60).images - engine_pipe.run(request(1)).images).max() <= 1e-4
+    finally:
+        scheduler.stop()
+        stage.unet = real_unet

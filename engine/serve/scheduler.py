@@ -21,6 +21,7 @@ stage produces NaN fails alone.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -34,6 +35,8 @@ from engine.images import from_model_range
 from engine.options import GenerateRequest, StageSettings
 from engine.pipeline import Generation, Pipeline
 from engine.stage import StageRun
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 8  # images per U-Net call per stage (a guided image takes two rows)
 DEFAULT_MAX_QUEUE = 32  # requests waiting for admission
@@ -127,14 +130,18 @@ class BatchingScheduler:
             self._thread = None
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._waiting and not self._jobs:
-                    self._wake.wait()
-                if self._stopping:
-                    return
-            with self.pipeline.run_context():
-                self.step()
+        with self.pipeline.run_context():  # a backend's setup (ORT on CPU: torch on one thread) for the loop's life
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._waiting and not self._jobs:
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as exc:  # a bug or an out-of-memory: fail what was running, keep serving
+                    log.exception("scheduler step failed")
+                    self.fail_running(exc)
 
     # -- one scheduler step -----------------------------------------------------------------------------
 
@@ -152,6 +159,11 @@ class BatchingScheduler:
                 busy = True
                 self._call(stage, group)
         return busy
+
+    def fail_running(self, exc: Exception) -> None:
+        """Fail every admitted job with `exc` (named as an engine error); the waiting ones stay queued."""
+        for job in list(self._jobs):
+            self._fail(job, EngineError(f"request {job.id} failed in the scheduler: {type(exc).__name__}: {exc}"))
 
     def _drop_finished_or_expired(self) -> None:
         now = time.monotonic()
