@@ -20,6 +20,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from engine import GenerateRequest  # noqa: E402
 from engine.serve.http import create_app  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 BODY = {"prompt": "a red circle", "seed": 3, "steps": [3, 2]}
 
@@ -133,11 +134,6 @@ def test_not_ready_while_loading():
         response = client.get("/health/ready")
         assert response.status_code == 503 and "weights missing" in response.json()["error"]["message"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_client_that_disconnects_cancels_its_request(engine_pipe):

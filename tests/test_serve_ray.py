@@ -3,7 +3,6 @@ answers a generation request with a PNG."""
 
 import base64
 import io
-import socket
 import time
 
 import pytest
@@ -14,12 +13,8 @@ serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 from engine.serve import ray_app  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_serve_deployment_answers_with_a_png(cascade_dir):
