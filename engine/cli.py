@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Ray Serve autoscaling bounds")
     srv.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray Serve replica")
 
+    from engine.evaluate import EvalOptions
+
+    ev = commands.add_parser("eval", help="prompt adherence on held-out shape captions (the quality gate)")
+    ev.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH")
+    ev.add_argument("--count", type=int, default=EvalOptions.count, help="held-out captions, one picture each")
+    ev.add_argument("--batch", type=int, default=EvalOptions.batch, help="captions per generate call")
+    ev.add_argument("--seed", type=int, default=EvalOptions.seed)
+    ev.add_argument("--steps", nargs="+", type=_steps_value, default=None, metavar="N|NAME")
+    ev.add_argument("--guidance", nargs="+", type=float, default=None, metavar="G")
+    ev.add_argument("--backend", choices=BACKENDS, default=None)
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--dtype", choices=list(DTYPES), default=None)
+    ev.add_argument("--json", type=Path, default=None, help="write the report here too")
+
     exp = commands.add_parser("export", help="export a cascade's components to ONNX (checked against PyTorch)")
     exp.add_argument("model", nargs="+", metavar="MODEL",
                      help="stage directories in cascade order, a directory with cascade.json, or a packaged name")
@@ -253,6 +267,24 @@ def serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
+def evaluate(args) -> None:
+    import json
+
+    from engine.evaluate import EvalOptions, evaluate, format_report
+    from engine.loading import load
+
+    options = EvalOptions(count=args.count, batch=args.batch, seed=args.seed)
+    GenerateRequest("check", steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance))  # early
+    pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    generate_options = {k: v for k, v in (("steps", _one_or_tuple(args.steps)),
+                                          ("guidance", _one_or_tuple(args.guidance))) if v is not None}
+    report = evaluate(pipe, options, **generate_options)
+    print(format_report(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -262,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             export(args)
         elif args.command == "serve":
             serve(args)
+        elif args.command == "eval":
+            evaluate(args)
         elif args.command == "bench":
             bench(args, argv)
     except EngineError as exc:

@@ -79,3 +79,21 @@ def test_frechet_distance_separates_renders_from_noise():
                       for _ in range(200)])
     same, apart = frechet_distance(*renders), frechet_distance(renders[0], noise)
     assert same < 0.1 < apart and same * 10 < apart
+
+
+def test_eval_reports_adherence_and_distance(engine_pipe, tmp_path):
+    import json
+
+    from engine.cli import main
+    from engine.evaluate import EvalOptions, evaluate, held_out_scenes
+
+    report = evaluate(engine_pipe, EvalOptions(count=4, batch=2), steps=(2, 2))
+    assert report["count"] == 4 and 0.0 <= report["adherence"] <= 1.0
+    assert set(report["aspects"]) == {"shape", "colour", "background", "size", "position", "all"}
+    assert np.isfinite(report["frechet_distance"]) and report["frechet_distance"] > 0  # random weights: far off
+    assert held_out_scenes(4) == held_out_scenes(4)  # the same captions for every backend and precision
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(engine_pipe.source), "--count", "2", "--batch", "2", "--steps", "1",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["count"] == 2
+    assert main(["eval", "--model", str(engine_pipe.source), "--count", "1"]) == 2
