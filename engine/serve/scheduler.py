@@ -188,37 +188,22 @@ class BatchingScheduler:
         return None
 
     def _admit(self, index: int) -> None:
+        """Start runs in stage `index` while it has room (max_batch images): the jobs that finished the stage
+        before it, or for the first stage, new requests from the queue in order."""
         stage = self.pipeline.stages[index]
         used = sum(j.images for j in self._jobs if j.stage == index and j.run is not None)
-        candidates = [j for j in self._jobs if j.stage == index and j.run is None]
-        if index == 0 and self.policy != "step" and self._jobs:
+        if index > 0:
+            ready = [j for j in self._jobs if j.stage == index and j.run is None]
+        elif self.policy != "step" and self._jobs:
             return  # "request" and "none": new requests wait until the cascade is idle
-        while True:
-            if index == 0 and self.policy == "none" and used:
-                return
-            if index == 0 and not candidates:
-                with self._lock:
-                    if not self._waiting:
-                        return
-                    job = self._waiting[0]
-                    if used and used + job.images > self.max_batch:
-                        return
-                    self._waiting.popleft()
-                if job.future.cancelled():
-                    self._finish(job, "cancelled")
-                    continue
-                self._jobs.append(job)
-                job.admitted = time.monotonic()
-                if not self._enter_first_stage(job):
-                    continue
-            elif candidates:
-                job = candidates[0]
-                if used and used + job.images > self.max_batch:
-                    return
-                candidates.pop(0)
-            else:
-                return
+        else:
+            ready = self._take_waiting(used, limit=1 if self.policy == "none" else None)
+        for job in ready:
+            if used and used + job.images > self.max_batch:
+                return  # it waits for the next step boundary (a job larger than max_batch runs alone)
             try:
+                if index == 0:
+                    self._enter_first_stage(job)
                 text = job.conditioning[self.pipeline.encoder(stage)]
                 job.run = stage.start(text, job.image, job.settings[index], job.generator)
             except EngineError as exc:
@@ -226,17 +211,32 @@ class BatchingScheduler:
                 continue
             used += job.images
 
-    def _enter_first_stage(self, job: Job) -> bool:
-        """Encode the prompt (once per encoder) and seed the job's generator; False if that failed."""
-        try:
-            start = time.perf_counter()
-            job.conditioning = self.pipeline.conditioning(job.request, job.settings)
-            job.timings["text"] = time.perf_counter() - start
-        except EngineError as exc:
-            self._fail(job, exc)
-            return False
+    def _take_waiting(self, used: int, limit: int | None) -> list[Job]:
+        """Move queued requests that fit next to `used` images into the admitted jobs, in order."""
+        taken: list[Job] = []
+        with self._lock:
+            while self._waiting and (limit is None or len(taken) < limit):
+                job = self._waiting[0]
+                if job.future.cancelled():
+                    self._waiting.popleft()
+                    self._finish(job, "cancelled")
+                    continue
+                if used and used + job.images > self.max_batch:
+                    break
+                self._waiting.popleft()
+                used += job.images
+                taken.append(job)
+        for job in taken:
+            job.admitted = time.monotonic()
+            self._jobs.append(job)
+        return taken
+
+    def _enter_first_stage(self, job: Job) -> None:
+        """Encode the prompt (once per encoder) and seed the job's generator."""
+        start = time.perf_counter()
+        job.conditioning = self.pipeline.conditioning(job.request, job.settings)
+        job.timings["text"] = time.perf_counter() - start
         job.generator = torch.Generator("cpu").manual_seed(job.request.seed)
-        return True
 
     def _call(self, stage, jobs: list[Job]) -> None:
         """One U-Net call over the runs of `jobs` in `stage`, each given its rows back."""
