@@ -86,6 +86,7 @@ class BatchingScheduler:
         self._stopping = False
         self.on_batch = None  # optional callback(stage_name, images, rows) after each U-Net call (metrics)
         self.on_finish = None  # optional callback(job, status) when a job leaves ("ok", "failed", ...)
+        self._rows_cache: dict[str, tuple] = {}  # stage -> (job ids, embeddings, class labels) of its last call
 
     # -- the caller's side ------------------------------------------------------------------------------
 
@@ -243,8 +244,7 @@ class BatchingScheduler:
         inputs = [job.run.model_inputs() for job in jobs]
         sample = torch.cat([i[0] for i in inputs])  # (rows, C, H, W)
         timestep = torch.cat([i[1] for i in inputs])  # (rows,): each run at its own step
-        embeddings = torch.cat([i[2] for i in inputs])  # (rows, 77, D)
-        labels = None if inputs[0][3] is None else torch.cat([i[3] for i in inputs])
+        embeddings, labels = self._conditioning_rows(stage.name, jobs, inputs)
         start = time.perf_counter()
         out = stage.unet(sample, timestep, embeddings, labels).float()
         seconds = time.perf_counter() - start
@@ -255,6 +255,17 @@ class BatchingScheduler:
             job.run.advance(part)
             if job.run.done:
                 self._next_stage(job)
+
+    def _conditioning_rows(self, stage_name: str, jobs: list[Job], inputs):
+        """(rows, 77, D) embeddings and (rows,) class labels of a batch: constant per job, so concatenated
+        again only when the batch's members change, not at every step."""
+        key = tuple(job.id for job in jobs)
+        cached = self._rows_cache.get(stage_name)
+        if cached is None or cached[0] != key:
+            labels = None if inputs[0][3] is None else torch.cat([i[3] for i in inputs])
+            cached = (key, torch.cat([i[2] for i in inputs]), labels)
+            self._rows_cache[stage_name] = cached
+        return cached[1], cached[2]
 
     def _next_stage(self, job: Job) -> None:
         try:
