@@ -28,7 +28,8 @@ class TorchUNet:
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        # sample (B, in_channels, H, W); timestep () int64; encoder_hidden_states (B, 77, D) -> (B, out, H, W)
+        # sample (B, in_channels, H, W); timestep (B,) int64, one per row (the scheduler batches runs at
+        # different steps); encoder_hidden_states (B, 77, D) -> (B, out, H, W)
         return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                           class_labels=class_labels, return_dict=False)[0]
 

@@ -171,22 +171,23 @@ class BatchingScheduler:
         with self._lock:
             kept = deque()
             for job in self._waiting:
-                if self._dropped(job, now) is None:
+                if not self._dropped(job, now):
                     kept.append(job)
             self._waiting = kept
-        self._jobs = [job for job in self._jobs if self._dropped(job, now) is None]
+        self._jobs = [job for job in self._jobs if not self._dropped(job, now)]
 
-    def _dropped(self, job: Job, now: float) -> str | None:
+    def _dropped(self, job: Job, now: float) -> bool:
+        """Whether the job leaves now (cancelled, or past its deadline: then its Future says so)."""
         if job.future.cancelled():
             self._finish(job, "cancelled")
-            return "cancelled"
+            return True
         if job.deadline is not None and now > job.deadline:
             _settle(job.future, exception=RequestTimeoutError(
                 f"request {job.id} ran past its {job.deadline - job.submitted:.3g} s deadline "
                 f"(at {self.pipeline.stages[min(job.stage, len(self.pipeline.stages) - 1)].name})"))
             self._finish(job, "timeout")
-            return "timeout"
-        return None
+            return True
+        return False
 
     def _admit(self, index: int) -> None:
         """Start runs in stage `index` while it has room (max_batch images): the jobs that finished the stage
