@@ -20,6 +20,7 @@ import torch
 from engine.backends import BACKENDS
 from engine.backends.attention import ATTENTION_CHOICES, triton_available
 from engine.errors import InvalidRequestError, ModelError
+from engine.options import StageDefaults
 from engine.pipeline import Pipeline
 from engine.samplers import SCHEDULER_CLASSES
 from engine.schedules import NoiseSchedule
@@ -96,13 +97,14 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     device = resolve_device(device)
     attention = _resolve_attention(attention, device)
     dtype = resolve_dtype(dtype, device)
-    dirs, notice, source = stage_dirs(paths)
+    dirs, notice, source, defaults = stage_dirs(paths)
     first = dirs[0]
     if is_x4_upscaler(first):  # alone: an upscaler of the images passed to generate(image=...)
         if len(dirs) > 1:
             raise ModelError(first, "an x4 upscaler stage is the last stage of a cascade; list it after the IF "
                                     "stages, e.g. engine.load(IF_I_DIR, IF_II_DIR, X4_DIR), or load it alone")
         stage = _load_x4_stage(first, "stage_I", device, dtype, attention)
+        apply_defaults([stage], defaults, first)
         return Pipeline(stage.text, [stage], device, dtype, source=source, notice=notice)
     for sub in ("tokenizer", "text_encoder"):
         if not (first / sub).is_dir():
@@ -110,6 +112,7 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
                                     "is a super-resolution stage listed first?")
     text = _load_text_encoder(first, device, dtype)
     stages = [_load_stage(d, i, text.dim, device, dtype, attention) for i, d in enumerate(dirs)]
+    apply_defaults(stages, defaults, first.parent)
     return Pipeline(text, stages, device, dtype, source=source, notice=notice)
 
 
@@ -142,7 +145,8 @@ def _load_onnxruntime(paths, exported: Path | None, device, dtype, providers) ->
     return load_exported(exported, providers=providers)
 
 
-def stage_dirs(paths) -> tuple[list[Path], str | None, str]:
+def stage_dirs(paths) -> tuple[list[Path], str | None, str, list]:
+    """(stage dirs, the model's notice, what to call it, one defaults override per stage or None)."""
     if not paths:
         raise InvalidRequestError("engine.load() needs at least one path or packaged model name, "
                                   f"e.g. engine.load({DEFAULT_MODEL!r})")
@@ -159,11 +163,12 @@ def stage_dirs(paths) -> tuple[list[Path], str | None, str]:
             raise ModelError(p, f"no such model directory (packaged models: {known})")
         resolved.append(path)
     if len(resolved) == 1 and (resolved[0] / "cascade.json").is_file():
-        return (*_read_cascade(resolved[0]), str(paths[0]))
-    return resolved, None, ", ".join(str(p) for p in paths)
+        dirs, notice, defaults = _read_cascade(resolved[0])
+        return dirs, notice, str(paths[0]), defaults
+    return resolved, None, ", ".join(str(p) for p in paths), [None] * len(resolved)
 
 
-def _read_cascade(root: Path) -> tuple[list[Path], str | None]:
+def _read_cascade(root: Path) -> tuple[list[Path], str | None, list]:
     file = root / "cascade.json"
     try:
         spec = json.loads(file.read_text())
@@ -177,7 +182,21 @@ def _read_cascade(root: Path) -> tuple[list[Path], str | None]:
     for d in dirs:
         if not d.is_dir():
             raise ModelError(d, "stage directory listed in cascade.json does not exist")
-    return dirs, spec.get("notice")
+    # A model's own generation defaults, by stage directory: {"defaults": {"stage_II": {"steps": 20, ...}}}.
+    defaults = spec.get("defaults", {})
+    if not isinstance(defaults, dict) or set(defaults) - set(stages):
+        raise ModelError(file, f'cascade.json "defaults" must map stage directories ({", ".join(stages)}) to '
+                               '{"steps": ..., "guidance": ..., "noise_level": ...}')
+    return dirs, spec.get("notice"), [defaults.get(s) for s in stages]
+
+
+def apply_defaults(stages: list[Stage], overrides: list, where: Path) -> None:
+    """Give each stage its model's own defaults (None: keep its kind's); ModelError names a bad entry."""
+    for stage, override in zip(stages, overrides):
+        try:
+            stage.defaults = StageDefaults.for_stage(stage.kind, override)
+        except InvalidRequestError as exc:
+            raise ModelError(where, f"{stage.name}'s defaults: {exc}") from exc
 
 
 def _read_json(file: Path, what: str) -> dict:

@@ -8,9 +8,9 @@ resolves that against the loaded cascade into one `StageSettings` per stage.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from numbers import Real
-from typing import Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 from engine.errors import InvalidRequestError
 from engine.samplers import SAMPLERS
@@ -31,6 +31,27 @@ class StageDefaults:
     steps: Steps
     guidance: float
     noise_level: int | None = None
+
+    @classmethod
+    def for_stage(cls, kind: str, overrides: Mapping[str, Any] | None = None) -> "StageDefaults":
+        """A stage kind's defaults (STAGE_DEFAULTS), with a model's own where it states them (cascade.json
+        "defaults"); InvalidRequestError names a bad or unknown entry."""
+        default = STAGE_DEFAULTS[kind]
+        if not overrides:
+            return default
+        if not isinstance(overrides, Mapping):
+            raise InvalidRequestError(f"defaults must be a mapping of steps/guidance/noise_level, got {overrides!r}")
+        allowed = {f.name for f in fields(cls)} - ({"noise_level"} if default.noise_level is None else set())
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise InvalidRequestError(f"unknown defaults {unknown} for a {kind} stage; it takes {sorted(allowed)}")
+        steps = overrides.get("steps", default.steps)
+        merged = replace(default, **{**overrides, "steps": list(steps) if isinstance(steps, (list, tuple)) else steps})
+        _check_steps(merged.steps)
+        _check_guidance(merged.guidance)
+        if merged.noise_level is not None:
+            _check_int("noise_level", merged.noise_level, 0, MAX_STEPS - 1)
+        return merged
 
 
 # "smart27" is DeepFloyd's 27-step respaced schedule, tuned for the 1000-step IF models: close to the quality
@@ -58,7 +79,8 @@ class GenerateRequest:
     """One call to `Pipeline.generate`; validated on construction, before any model work.
 
     `steps`, `guidance` and `noise_level` take one value for every stage or a tuple with one per stage
-    (for `noise_level`, one per stage after the base stage); None means each stage's default (STAGE_DEFAULTS). Classifier-free guidance runs when guidance > 1, as in
+    (for `noise_level`, one per stage after the base stage); None means each stage's default (`Stage.defaults`: the model's own, else
+    STAGE_DEFAULTS). Classifier-free guidance runs when guidance > 1, as in
     diffusers; at 1 or below the unconditional half of the batch is dropped.
     """
 
@@ -85,8 +107,7 @@ class GenerateRequest:
         for value in _values(self.steps, is_sequence=_is_steps_tuple):
             _check_steps(value)
         for value in _values(self.guidance):
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-                raise InvalidRequestError(f"guidance must be a finite number >= 0, got {value!r}")
+            _check_guidance(value)
         for value in _values(self.noise_level):
             _check_int("noise_level", value, 0, MAX_STEPS - 1)
         if self.scheduler is not None and self.scheduler not in SAMPLERS:
@@ -111,19 +132,18 @@ class GenerateRequest:
         negatives = _string_list(self.negative_prompt, "negative_prompt")
         return negatives * len(self.prompts) if len(negatives) == 1 else negatives
 
-    def per_stage(self, kinds: Sequence[str]) -> list[StageSettings]:
-        """One StageSettings per stage of a cascade whose stage kinds are `kinds`.
+    def per_stage(self, defaults: Sequence[StageDefaults]) -> list[StageSettings]:
+        """One StageSettings per stage of a cascade whose stages have these defaults (`Stage.defaults`).
 
         A tuple of noise levels has one value per stage that takes one (every stage but a base stage).
         """
-        n = len(kinds)
+        n = len(defaults)
         steps = _spread(self.steps, n, "steps", is_sequence=_is_steps_tuple)
         guidance = _spread(self.guidance, n, "guidance")
-        noisy = [kind for kind in kinds if STAGE_DEFAULTS[kind].noise_level is not None]
+        noisy = [default for default in defaults if default.noise_level is not None]
         noise = iter(_spread(self.noise_level, len(noisy), "noise_level", what="stages that take a noise level"))
         settings = []
-        for kind, s, g in zip(kinds, steps, guidance):
-            default = STAGE_DEFAULTS[kind]
+        for default, s, g in zip(defaults, steps, guidance):
             s = default.steps if s is None else s
             nl = None if default.noise_level is None else next(noise)
             settings.append(StageSettings(
@@ -156,6 +176,11 @@ def _check_int(name: str, value, low: int, high: int | None) -> None:
     if value < low or (high is not None and value > high):
         bound = f"{low}..{high}" if high is not None else f">= {low}"
         raise InvalidRequestError(f"{name} must be {bound}, got {value}")
+
+
+def _check_guidance(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise InvalidRequestError(f"guidance must be a finite number >= 0, got {value!r}")
 
 
 def _check_steps(value) -> None:

@@ -79,7 +79,7 @@ class Pipeline:
 
     def settings(self, request: GenerateRequest) -> list[StageSettings]:
         """The request's settings for each stage, checked against each stage's model (before any model work)."""
-        settings = request.per_stage([s.kind for s in self.stages])
+        settings = request.per_stage([s.defaults for s in self.stages])
         for stage, stage_settings in zip(self.stages, settings):
             stage.validate(stage_settings)
         return settings

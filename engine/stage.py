@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine.errors import InvalidRequestError, NumericalError
-from engine.options import StageSettings
+from engine.options import StageDefaults, StageSettings
 from engine.samplers import SCHEDULER_CLASSES, build_sampler
 from engine.schedules import NoiseSchedule
 
@@ -58,6 +58,8 @@ class Stage:
         self.dtype = dtype
         self.size = unet.sample_size
         self.learned_variance = unet.out_channels == 2 * IMAGE_CHANNELS
+        # Its kind's defaults; the loader puts the model's own (cascade.json "defaults") here where it has them.
+        self.defaults = StageDefaults.for_stage(self.kind)
 
     @property
     def kind(self) -> str:

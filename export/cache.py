@@ -34,8 +34,10 @@ def cache_root() -> Path:
     return Path(base) / "cascade-engine"
 
 
-def cache_key(source_sha256: str, dtype: str) -> str:
-    key = {"source": source_sha256, "options": {"format": "onnx", "dtype": dtype}, "versions": versions()}
+def cache_key(source_sha256: str, dtype: str, defaults: list | None = None) -> str:
+    """defaults: the model's own generation defaults (cascade.json), which the export's manifest carries."""
+    key = {"source": source_sha256, "options": {"format": "onnx", "dtype": dtype}, "versions": versions(),
+           "defaults": defaults}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -43,9 +45,9 @@ def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path
     """The directory of a verified ONNX export of the cascade at `paths`, exporting it first if needed."""
     from engine.loading import stage_dirs
 
-    dirs, _, source = stage_dirs(paths)
+    dirs, _, source, defaults = stage_dirs(paths)
     source_sha256 = source_hash(dirs)  # reads every source file once; the export reuses it
-    entry = cache_root() / "onnx" / cache_key(source_sha256, dtype)[:24]
+    entry = cache_root() / "onnx" / cache_key(source_sha256, dtype, defaults)[:24]
     if entry.exists():
         try:
             manifest_io.verify(entry) if manifest_io.is_exported(entry) else _no_manifest(entry)

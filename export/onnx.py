@@ -32,7 +32,7 @@ import logging
 import shutil
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -297,7 +297,7 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not manifest_io.is_exported(out):
         raise EngineError(f"{out} exists and is not an earlier export; choose an empty or new directory")
-    dirs, notice, source = stage_dirs(paths)
+    dirs, notice, source, _ = stage_dirs(paths)
     pipe = load(*paths, backend="torch", device="cpu", dtype="float32", attention="sdpa")
     if isinstance(pipe.stages[0], LatentUpscaleStage):
         raise EngineError("exporting an x4 upscaler on its own is not supported yet: export it as the last stage "
@@ -311,7 +311,8 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
         components = [(text_encoder_contract(pipe.text.model), _TextEncoderGraph(pipe.text.model))]
         stages, size = [], None
         for stage in pipe.stages:
-            entry = {"name": stage.name, "kind": stage.kind, "unet": f"{stage.name}/unet/model.onnx"}
+            entry = {"name": stage.name, "kind": stage.kind, "unet": f"{stage.name}/unet/model.onnx",
+                     "defaults": {k: v for k, v in asdict(stage.defaults).items() if v is not None}}
             unet = stage.unet.model if dtype == "float32" else stage.unet.model.half()
             if isinstance(stage, LatentUpscaleStage):  # its latents take the size of the image it receives
                 vae_dtype = "float32" if dtype == "float32" or stage.decoder.vae.config.force_upcast else dtype

@@ -2,12 +2,14 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import engine
 from engine import InvalidRequestError, ModelError
+from engine.options import STAGE_DEFAULTS
 from engine.random_models import TinyCascadeSpec, write_if_cascade
 
 
@@ -125,3 +127,28 @@ def test_text_encoder_under_float16_runs_in_bfloat16():
 
     assert text_dtype(torch.float16) == torch.bfloat16
     assert text_dtype(torch.float32) == torch.float32
+
+
+def _set_defaults(cascade: Path, defaults) -> None:
+    spec = json.loads((cascade / "cascade.json").read_text())
+    (cascade / "cascade.json").write_text(json.dumps({**spec, "defaults": defaults}))
+
+
+def test_cascade_json_defaults_become_the_models_defaults(cascade_copy):
+    _set_defaults(cascade_copy, {"stage_II": {"steps": 3, "guidance": 1.0, "noise_level": 100}})
+    pipe = engine.load(cascade_copy)
+    base, sr = pipe.settings(engine.GenerateRequest("a red circle"))
+    assert (sr.timesteps, sr.guidance, sr.noise_level) == (3, 1.0, 100)
+    assert pipe.stages[0].defaults == STAGE_DEFAULTS["base"]  # a stage it does not name keeps its kind's
+    assert len(base.timesteps) == 27
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ({"stage_III": {"steps": 3}}, 'cascade.json "defaults" must map stage directories \\(stage_I, stage_II\\)'),
+    ({"stage_II": {"steps": -1}}, "stage_II's defaults: steps must be 1..1000, got -1"),
+    ({"stage_I": {"noise_level": 10}}, "stage_I's defaults: unknown defaults \\['noise_level'\\]"),
+])
+def test_bad_cascade_json_defaults_are_named(cascade_copy, defaults, message):
+    _set_defaults(cascade_copy, defaults)
+    with pytest.raises(ModelError, match=message):
+        engine.load(cascade_copy)

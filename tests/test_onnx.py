@@ -233,3 +233,13 @@ def test_onnxruntime_runs_keep_torch_single_threaded_and_restore_it(ort_pipe):
     finally:
         ort_pipe.text.encode = encode
         torch.set_num_threads(before)
+
+
+def test_a_models_own_defaults_travel_with_its_export(cascade_copy, tmp_path):
+    spec = json.loads((cascade_copy / "cascade.json").read_text())
+    spec["defaults"] = {"stage_II": {"steps": 4, "guidance": 1.0}}
+    (cascade_copy / "cascade.json").write_text(json.dumps(spec))
+    pipe = engine.load(export_onnx(cascade_copy, out=tmp_path / "x", progress=False))
+    sr = pipe.settings(engine.GenerateRequest(PROMPT))[1]
+    assert (sr.timesteps, sr.guidance, sr.noise_level) == (4, 1.0, 250)
+    assert cache.cache_key("abc", "float32", [None, spec["defaults"]["stage_II"]]) != cache.cache_key("abc", "float32")

@@ -6,6 +6,7 @@ import pytest
 
 import engine
 from engine import GenerateRequest, InvalidRequestError
+from engine.options import STAGE_DEFAULTS, StageDefaults
 
 
 @pytest.mark.parametrize("options,message", [
@@ -43,13 +44,34 @@ def test_bad_requests_are_refused(options, message):
 def test_per_stage_values_must_match_the_number_of_stages():
     request = GenerateRequest("a red circle", steps=(10, 10, 10))
     with pytest.raises(InvalidRequestError, match="steps has 3 values but the cascade has 2 stages"):
-        request.per_stage(["base", "super_resolution"])
+        request.per_stage([STAGE_DEFAULTS["base"], STAGE_DEFAULTS["super_resolution"]])
 
 
 def test_defaults_resolve_per_stage_kind():
-    base, sr = GenerateRequest("x").per_stage(["base", "super_resolution"])
+    base, sr = GenerateRequest("x").per_stage([StageDefaults.for_stage("base"),
+                                               StageDefaults.for_stage("super_resolution")])
     assert (base.guidance, sr.guidance, base.noise_level, sr.noise_level) == (7.0, 4.0, None, 250)
     assert len(base.timesteps) == 27 and base.timesteps[0] == 999 and base.timesteps[-1] == 0
+
+
+def test_a_models_own_defaults_override_its_kinds_and_the_request_overrides_both():
+    sr = StageDefaults.for_stage("super_resolution", {"steps": 12, "guidance": 1.0})
+    assert (sr.steps, sr.guidance, sr.noise_level) == (12, 1.0, 250)  # noise level: the kind's
+    base, second = GenerateRequest("x", guidance=3.0).per_stage([STAGE_DEFAULTS["base"], sr])
+    assert (second.timesteps, second.guidance, second.noise_level) == (12, 3.0, 250)
+
+
+@pytest.mark.parametrize("kind, overrides, message", [
+    ("super_resolution", {"step": 12}, "unknown defaults \\['step'\\]"),
+    ("base", {"noise_level": 100}, "unknown defaults \\['noise_level'\\]"),  # a base stage takes none
+    ("base", {"steps": 0}, "steps must be 1..1000"),
+    ("base", {"guidance": float("nan")}, "guidance must be a finite number"),
+    ("super_resolution", {"noise_level": 1000}, "noise_level must be 0..999"),
+    ("base", [12], "must be a mapping"),
+])
+def test_bad_model_defaults_are_named(kind, overrides, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        StageDefaults.for_stage(kind, overrides)
 
 
 def test_engine_generate_rejects_bad_input_before_loading(monkeypatch):

@@ -54,7 +54,7 @@ def test_unguided_upscaler_runs_without_its_unconditional_half(three_stage_pipe,
 def test_stage_kinds_sizes_and_defaults(three_stage_pipe):
     assert [s.kind for s in three_stage_pipe.stages] == ["base", "super_resolution", "latent_upscaler"]
     assert three_stage_pipe.image_size == 128
-    x4 = GenerateRequest("a cat").per_stage([s.kind for s in three_stage_pipe.stages])[2]
+    x4 = GenerateRequest("a cat").per_stage([s.defaults for s in three_stage_pipe.stages])[2]
     default = STAGE_DEFAULTS["latent_upscaler"]
     assert (x4.timesteps, x4.guidance, x4.noise_level) == (default.steps, default.guidance, default.noise_level)
     assert (x4.timesteps, x4.guidance, x4.noise_level) == (75, 9.0, 20)  # StableDiffusionUpscalePipeline's

@@ -183,7 +183,7 @@ def load_exported(root: Path, providers=None, threads: int | None = None, notice
     """A Pipeline over an exported directory, after verifying every file against its manifest."""
     from transformers import AutoTokenizer
 
-    from engine.loading import _schedule
+    from engine.loading import _schedule, apply_defaults
     from engine.pipeline import Pipeline
     from engine.stage import LatentUpscaleStage, Stage
     from engine.text import TextEncoder
@@ -224,6 +224,7 @@ def load_exported(root: Path, providers=None, threads: int | None = None, notice
                                              max_noise_level=entry["max_noise_level"]))
         else:
             stages.append(Stage(name, unet, scheduler, noising, device, dtype))
+    apply_defaults(stages, [entry.get("defaults") for entry in manifest["stages"]], root)
     # On CPU the sampler's small torch ops run between ORT calls whose threads spin: keep torch on one thread.
     run_context = single_threaded_torch if device.type == "cpu" else None
     return Pipeline(text, stages, device, dtype, source=str(root), notice=notice or manifest.get("notice"),

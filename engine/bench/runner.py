@@ -173,7 +173,7 @@ def bench_cascade(session: Session) -> list[Row]:
     opts, device, dtype = session.options, session.device, session.dtype
     request = GenerateRequest([opts.prompt] * opts.batch, seed=0, steps=opts.steps, output_type="pt")
     pipe = load(*opts.cascade, backend="torch", device=device, dtype=dtype)
-    settings = request.per_stage([s.kind for s in pipe.stages])
+    settings = request.per_stage([s.defaults for s in pipe.stages])
     rows: list[Row] = []
 
     step_flops = {}
