@@ -13,8 +13,6 @@ from engine.options import STAGE_DEFAULTS
 from engine.random_models import TinyCascadeSpec, write_if_cascade
 
 
-
-
 def test_super_resolution_stage_first_is_refused(cascade_dir):
     with pytest.raises(ModelError, match="super-resolution stage listed first") as info:
         engine.load(cascade_dir / "stage_II", cascade_dir / "stage_I")

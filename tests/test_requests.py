@@ -57,7 +57,7 @@ def test_defaults_resolve_per_stage_kind():
 def test_a_models_own_defaults_override_its_kinds_and_the_request_overrides_both():
     sr = StageDefaults.for_stage("super_resolution", {"steps": 12, "guidance": 1.0})
     assert (sr.steps, sr.guidance, sr.noise_level) == (12, 1.0, 250)  # noise level: the kind's
-    base, second = GenerateRequest("x", guidance=3.0).per_stage([STAGE_DEFAULTS["base"], sr])
+    _, second = GenerateRequest("x", guidance=3.0).per_stage([STAGE_DEFAULTS["base"], sr])
     assert (second.timesteps, second.guidance, second.noise_level) == (12, 3.0, 250)
 
 
