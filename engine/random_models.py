@@ -62,6 +62,7 @@ class TinyCascadeSpec:
     text_dim: int = 32
     text_layers: int = 2
     output_scale: float = 0.5  # shrinks conv_out so random outputs stay in a sane range over many steps
+    layers_per_block: int = 1
     stage_names: tuple[str, str] = field(default=("stage_I", "stage_II"))
 
 
@@ -98,7 +99,7 @@ def unet_config(spec: TinyCascadeSpec, super_resolution: bool) -> dict:
     config = dict(
         sample_size=spec.sr_size if super_resolution else spec.base_size,
         in_channels=6 if super_resolution else 3, out_channels=6,  # out: eps (3) + variance interpolation (3)
-        layers_per_block=1, block_out_channels=channels,
+        layers_per_block=spec.layers_per_block, block_out_channels=channels,
         # Attention only on the lower-resolution levels, as in IF (IF-II-L attends only on its last two).
         down_block_types=["ResnetDownsampleBlock2D"] * (len(channels) - attention_levels)
         + ["SimpleCrossAttnDownBlock2D"] * attention_levels,
@@ -266,6 +267,12 @@ def write_three_stage_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCasc
 # The packaged placeholder: IF's layout at 32 -> 128 px, small enough to run in seconds on a laptop CPU.
 PLACEHOLDER_SPEC = TinyCascadeSpec(base_size=32, sr_size=128, base_channels=(32, 64), sr_channels=(16, 32, 64),
                                    cross_attention_dim=64, head_dim=32, text_dim=64)
+# The packaged shapes model's architecture (engine/train.py trains it): 32 -> 128 px like the placeholder, with
+# narrower levels so that a training step fits a CPU core (about 0.6 s for 32 base pictures) and a default
+# generation fits in 3 s on two cores; the super-resolution U-Net gets a fourth level, so that its one
+# attention level runs at 16 px.
+SHAPES_SPEC = TinyCascadeSpec(base_size=32, sr_size=128, base_channels=(16, 32, 64), sr_channels=(8, 16, 32, 64),
+                              cross_attention_dim=64, head_dim=32, text_dim=64)
 PLACEHOLDER_NOTICE = ("tiny-random has random weights: it exercises the whole cascade, but its pictures are "
                       "noise-like, not drawings of the prompt. Point --model at real DeepFloyd IF weights for images.")
 

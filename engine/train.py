@@ -1,0 +1,230 @@
+"""`python -m engine.train OUT`: train the packaged shapes cascade (engine/shapes.py) from a seed, on CPU or GPU.
+
+The cascade is DeepFloyd IF's at small size (engine/random_models.py builds it): a frozen, seeded random T5
+encoder; a base U-Net at 32 px and a super-resolution U-Net 32 -> 128 px, both predicting eps plus a
+learned-range variance. What training does, and why:
+
+- data: every scene of the shapes grammar except the quality gate's held-out captions (engine/evaluate.py),
+  rendered once; each caption's T5 embedding computed once, exactly as the runtime computes it (TextEncoder);
+- loss: Improved DDPM's hybrid loss, MSE on eps plus the variational bound for the variance channels (with the
+  mean held fixed), so that few-step ancestral sampling with the learned variance works;
+- caption dropout: 10% of captions are replaced by the empty prompt, which is the runtime's unconditional
+  input, so classifier-free guidance has something to guide against;
+- super-resolution: the 32 px render, bilinearly upsampled and noise-augmented at a random level through the
+  image-noising schedule, as the runtime conditions it (engine/stage.py); trained on random 64 px crops of the
+  128 px pictures (the U-Net is convolutional; a crop costs a quarter);
+- an exponential moving average of the weights is what gets saved.
+
+Stages train one after the other, or one per process (`--stage I`, `--stage II`) to use two cores at once.
+Reproducible from `--seed` (same torch build, same thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.random_models import SHAPES_SPEC, write_if_cascade
+from engine.schedules import NoiseSchedule
+from engine.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render
+
+CROP = 64  # super-resolution training crop (px of the 128 px picture)
+CAPTION_DROPOUT = 0.1
+MAX_AUGMENTATION = 500  # noise-augmentation levels are drawn from 0..MAX_AUGMENTATION (runtime default: 250)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """One source of the training defaults."""
+
+    seed: int = 0
+    steps: tuple[int, int] = (7000, 6000)  # optimiser steps for stage I and stage II
+    batch: tuple[int, int] = (32, 24)
+    lr: float = 1e-3
+    warmup: int = 200
+    ema: float = 0.999
+    threads: int = 1
+    held_out: int = 256  # the first N held-out eval scenes never appear in training
+
+
+def all_scenes() -> list[Scene]:
+    return [Scene(shape, colour, background, size, position)
+            for shape in SHAPES for colour in COLOURS for background in COLOURS if background != colour
+            for size in SIZES for position in POSITIONS]
+
+
+def training_scenes(held_out: int) -> list[Scene]:
+    from engine.evaluate import held_out_scenes
+
+    excluded = set(held_out_scenes(held_out))
+    return [s for s in all_scenes() if s not in excluded]
+
+
+class ShapesData:
+    """Every training scene rendered at both sizes and its caption embedded, in memory; random batches."""
+
+    def __init__(self, scenes: list[Scene], text_encoder, sizes=(32, 128)):
+        self.scenes = scenes
+        self.images = {size: torch.from_numpy(np.stack([np.asarray(render(s, size)) for s in scenes]))
+                       .permute(0, 3, 1, 2).contiguous() for size in sizes}  # uint8 (N, 3, size, size)
+        captions = [caption(s) for s in scenes]
+        chunks = [text_encoder.encode(captions[k:k + 256]) for k in range(0, len(captions), 256)]
+        self.embeddings = torch.cat(chunks).float()  # (N, 77, D)
+        self.empty = text_encoder.empty().float()  # (1, 77, D)
+
+    def batch(self, size: int, count: int, generator: torch.Generator):
+        """(images (count, 3, size, size) in [-1, 1], embeddings (count, 77, D), indices) with caption dropout."""
+        index = torch.randint(len(self.scenes), (count,), generator=generator)
+        images = self.images[size][index].float() / 127.5 - 1
+        drop = torch.rand(count, generator=generator) < CAPTION_DROPOUT
+        embeddings = torch.where(drop[:, None, None], self.empty, self.embeddings[index])
+        return images, embeddings, index
+
+
+class HybridLoss:
+    """Improved DDPM's L_simple + L_vlb for an eps + learned-range-variance U-Net on one noise schedule."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        acp = schedule.alphas_cumprod.double()  # (T,)
+        prev = torch.cat([torch.ones(1, dtype=acp.dtype), acp[:-1]])
+        beta = 1 - acp / prev
+        posterior_var = beta * (1 - prev) / (1 - acp)
+        self.steps = len(acp)
+        self.sqrt_acp, self.sqrt_one_minus = acp.sqrt().float(), (1 - acp).sqrt().float()
+        self.coef_x0 = (prev.sqrt() * beta / (1 - acp)).float()
+        self.coef_xt = ((acp / prev).sqrt() * (1 - prev) / (1 - acp)).float()
+        # The sampler's range (engine/samplers.py): log posterior variance (clamped) .. log beta.
+        self.min_log = posterior_var.clamp(min=1e-20).log().float()
+        self.max_log = beta.log().float()
+
+    def __call__(self, unet, x0, embeddings, generator, low_res=None, class_labels=None) -> torch.Tensor:
+        b = x0.shape[0]
+        t = torch.randint(self.steps, (b,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        view = (b, 1, 1, 1)
+        xt = self.sqrt_acp[t].view(view) * x0 + self.sqrt_one_minus[t].view(view) * noise
+        model_in = xt if low_res is None else torch.cat([xt, low_res], dim=1)
+        out = unet(model_in, t, encoder_hidden_states=embeddings, class_labels=class_labels).sample
+        eps, v = out[:, :3], out[:, 3:]
+        mse = F.mse_loss(eps, noise)
+        # The variational bound for the variance only: the mean from a detached eps.
+        x0_pred = (xt - self.sqrt_one_minus[t].view(view) * eps.detach()) / self.sqrt_acp[t].view(view)
+        mean_true = self.coef_x0[t].view(view) * x0 + self.coef_xt[t].view(view) * xt
+        mean_pred = self.coef_x0[t].view(view) * x0_pred + self.coef_xt[t].view(view) * xt
+        frac = (v + 1) / 2
+        log_pred = frac * self.max_log[t].view(view) + (1 - frac) * self.min_log[t].view(view)
+        log_true = self.min_log[t].view(view)
+        kl = 0.5 * (-1 + log_pred - log_true + (log_true - log_pred).exp()
+                     + (mean_true - mean_pred) ** 2 * (-log_pred).exp())
+        kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)  # bits per dimension
+        vlb = torch.where(t > 0, kl, torch.zeros_like(kl)).mean()  # t = 0 (the decoder term) is left out
+        return mse + vlb * self.steps / 1000
+
+
+def _lr_factor(step: int, options: TrainOptions, total: int) -> float:
+    if step < options.warmup:
+        return (step + 1) / options.warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - options.warmup) / max(total - options.warmup, 1)))
+
+
+def train_stage(root: Path, stage: str, data: ShapesData, options: TrainOptions, log=print) -> dict:
+    """Train stage "I" or "II" of the cascade under `root` in place (its unet/ is overwritten with the EMA)."""
+    from diffusers import UNet2DConditionModel
+
+    index = 0 if stage == "I" else 1
+    folder = root / ("stage_I" if stage == "I" else "stage_II") / "unet"
+    unet = UNet2DConditionModel.from_pretrained(folder).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    scheduler = json.loads((folder.parent / "scheduler" / "scheduler_config.json").read_text())
+    loss_fn = HybridLoss(NoiseSchedule.from_config(scheduler))
+    noising = None
+    if stage == "II":
+        noising_config = json.loads((folder.parent / "image_noising_scheduler" / "scheduler_config.json").read_text())
+        noising = NoiseSchedule.from_config(noising_config).alphas_cumprod.float()
+    generator = torch.Generator().manual_seed(options.seed * 2 + index)
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=options.lr, weight_decay=0.0)
+    total, batch = options.steps[index], options.batch[index]
+    size = unet.config.sample_size
+    running, start = None, time.perf_counter()
+    for step in range(total):
+        for group in optimiser.param_groups:
+            group["lr"] = options.lr * _lr_factor(step, options, total)
+        if stage == "I":
+            x0, embeddings, _ = data.batch(size, batch, generator)
+            loss = loss_fn(unet, x0, embeddings, generator)
+        else:
+            x0, embeddings, idx = data.batch(size, batch, generator)
+            low = data.images[32][idx].float() / 127.5 - 1
+            up = F.interpolate(low, (size, size), mode="bilinear", align_corners=True)
+            level = torch.randint(MAX_AUGMENTATION + 1, (batch,), generator=generator)
+            acp = noising[level].view(batch, 1, 1, 1)
+            up = acp.sqrt() * up + (1 - acp).sqrt() * torch.randn(up.shape, generator=generator)
+            y, x = torch.randint(size - CROP + 1, (2,), generator=generator).tolist()
+            crop = (slice(None), slice(None), slice(y, y + CROP), slice(x, x + CROP))
+            loss = loss_fn(unet, x0[crop], embeddings, generator, low_res=up[crop], class_labels=level)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimiser.step()
+        decay = min(options.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == total - 1:
+            elapsed = time.perf_counter() - start
+            log(f"stage {stage} step {step + 1}/{total} loss {running:.4f} ({elapsed / (step + 1):.3f} s/step, "
+                f"{elapsed / 60:.1f} min)")
+        if step % 1000 == 999:
+            ema.save_pretrained(folder, safe_serialization=True)  # a usable checkpoint if stopped early
+    ema.save_pretrained(folder, safe_serialization=True)
+    return {"stage": stage, "steps": total, "batch": batch, "final_loss": running,
+            "seconds": time.perf_counter() - start}
+
+
+def prepare(root: Path, options: TrainOptions) -> ShapesData:
+    """Write the untrained cascade under `root` (if not there yet) and build the data from its text encoder."""
+    from engine.loading import load
+
+    if not (root / "cascade.json").is_file():
+        write_if_cascade(root, SHAPES_SPEC, seed=options.seed)
+    pipe = load(root, device="cpu", dtype="float32")
+    return ShapesData(training_scenes(options.held_out), pipe.text)
+
+
+def main(argv=None) -> int:
+    defaults = TrainOptions()
+    parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path, help="directory of the cascade (created untrained if missing)")
+    parser.add_argument("--stage", choices=("I", "II", "both"), default="both")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--steps", type=int, nargs=2, default=defaults.steps, metavar=("I", "II"))
+    parser.add_argument("--batch", type=int, nargs=2, default=defaults.batch, metavar=("I", "II"))
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    args = parser.parse_args(argv)
+    options = TrainOptions(seed=args.seed, steps=tuple(args.steps), batch=tuple(args.batch), lr=args.lr,
+                           threads=args.threads)
+    torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    data = prepare(args.out, options)
+    print(f"{len(data.scenes)} training scenes; options {asdict(options)}", flush=True)
+    stages = ("I", "II") if args.stage == "both" else (args.stage,)
+    for stage in stages:
+        report = train_stage(args.out, stage, data, options, log=lambda m: print(m, flush=True))
+        (args.out / f"train_stage_{stage}.json").write_text(json.dumps({**report, "options": asdict(options)},
+                                                                       indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
