@@ -1,8 +1,9 @@
 """CPU benchmark: our cascade vs diffusers' IF pipelines on the same model, same steps, in one run.
 
-    python bench/cpu_cascade.py [--model tiny-random] [--runs 5] [--json bench/results/cpu_cascade.json]
+    python bench/cpu_cascade.py [--model shapes] [--runs 5] [--steps N|NAME] [--json bench/results/cpu_cascade.json]
 
-Both run the whole request (prompt encoding, stage I, stage II) with the same seed and schedules; the
+Both run the whole request (prompt encoding, stage I, stage II) with the same seed, and the model's default
+steps, guidance and noise level (or --steps for both stages) resolved by our Pipeline; the
 outputs are compared too, so the two timings are of the same work. Runs alternate ours/theirs so that
 machine noise hits both alike; medians and their ratio are reported.
 """
@@ -27,7 +28,6 @@ from report import command_line, interleaved, save_json  # noqa: E402
 import engine  # noqa: E402
 from engine.loading import PACKAGED_ROOT  # noqa: E402
 from engine.reference import reference_cascade, run_reference  # noqa: E402
-from engine.schedules import named_timesteps  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 
@@ -36,28 +36,33 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=engine.DEFAULT_MODEL, help="packaged name or cascade directory")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--steps", default="smart27", help="a step count or named schedule, both stages")
+    parser.add_argument("--steps", default=None, help="a step count or named schedule for both stages "
+                                                      "(default: the model's defaults)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     model_dir = Path(args.model) if Path(args.model).is_dir() else PACKAGED_ROOT / args.model
-    steps = int(args.steps) if args.steps.isdigit() else args.steps
-    timesteps = steps if isinstance(steps, int) else named_timesteps(steps)
+    steps = None if args.steps is None else int(args.steps) if args.steps.isdigit() else args.steps
     ours = engine.load(model_dir, device="cpu")
     theirs = reference_cascade(model_dir)
-    request = engine.GenerateRequest(PROMPT, seed=0, steps=steps, guidance=(7.0, 4.0), output_type="np")
+    request = engine.GenerateRequest(PROMPT, seed=0, steps=steps, output_type="np")
+    settings = ours.settings(request)  # the same resolved steps, guidance and noise level for diffusers
+    timesteps = tuple(s.timesteps for s in settings)
+    guidance = tuple(s.guidance for s in settings)
 
     def run_ours():
         return ours.run(request).images
 
     def run_theirs():
-        return run_reference(theirs, PROMPT, 0, (timesteps, timesteps), (7.0, 4.0))
+        return run_reference(theirs, PROMPT, 0, timesteps, guidance, noise_level=settings[1].noise_level)
 
     difference = float(np.abs(run_ours() - run_theirs()).max())  # also the warm-up
     times = interleaved({"ours": run_ours, "diffusers": run_theirs}, args.runs)
     medians = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "benchmark": "cpu_cascade", "model": args.model, "steps": args.steps, "prompt": PROMPT,
+        "benchmark": "cpu_cascade", "model": args.model, "prompt": PROMPT,
+        "settings": [{"steps": s.timesteps if isinstance(s.timesteps, int) else len(s.timesteps),
+                      "guidance": s.guidance, "noise_level": s.noise_level} for s in settings],
         "runs": args.runs, "median_s": medians, "all_s": times,
         "speedup_vs_diffusers": medians["diffusers"] / medians["ours"],
         "max_abs_difference": difference,

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=EvalOptions.seed)
     ev.add_argument("--steps", nargs="+", type=_steps_value, default=None, metavar="N|NAME")
     ev.add_argument("--guidance", nargs="+", type=float, default=None, metavar="G")
+    ev.add_argument("--noise-level", nargs="+", type=int, default=None, metavar="N")
     ev.add_argument("--backend", choices=BACKENDS, default=None)
     ev.add_argument("--device", default=None)
     ev.add_argument("--dtype", choices=list(DTYPES), default=None)
@@ -274,10 +275,11 @@ def evaluate(args) -> None:
     from engine.loading import load
 
     options = EvalOptions(count=args.count, batch=args.batch, seed=args.seed)
-    GenerateRequest("check", steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance))  # early
+    given = (("steps", _one_or_tuple(args.steps)), ("guidance", _one_or_tuple(args.guidance)),
+             ("noise_level", _one_or_tuple(args.noise_level)))
+    generate_options = {k: v for k, v in given if v is not None}
+    GenerateRequest("check", **generate_options)  # bad values are refused before the model loads
     pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype)
-    generate_options = {k: v for k, v in (("steps", _one_or_tuple(args.steps)),
-                                          ("guidance", _one_or_tuple(args.guidance))) if v is not None}
     report = evaluate(pipe, options, **generate_options)
     print(format_report(report))
     if args.json is not None:

@@ -63,6 +63,7 @@ class TinyCascadeSpec:
     text_layers: int = 2
     output_scale: float = 0.5  # shrinks conv_out so random outputs stay in a sane range over many steps
     layers_per_block: int = 1
+    norm_groups: tuple[int, int] = (8, 8)  # GroupNorm groups of the base and the super-resolution U-Net
     stage_names: tuple[str, str] = field(default=("stage_I", "stage_II"))
 
 
@@ -107,7 +108,8 @@ def unet_config(spec: TinyCascadeSpec, super_resolution: bool) -> dict:
         + ["ResnetUpsampleBlock2D"] * (len(channels) - attention_levels),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=spec.cross_attention_dim,
         attention_head_dim=spec.head_dim, encoder_hid_dim=spec.text_dim, encoder_hid_dim_type="text_proj",
-        addition_embed_type="text", addition_embed_type_num_heads=2, norm_num_groups=8, act_fn="gelu",
+        addition_embed_type="text", addition_embed_type_num_heads=2,
+        norm_num_groups=spec.norm_groups[1 if super_resolution else 0], act_fn="gelu",
         resnet_time_scale_shift="scale_shift", cross_attention_norm="group_norm",
     )
     if super_resolution:  # IF-II: the noise level enters as a timestep-like class embedding
@@ -268,11 +270,12 @@ def write_three_stage_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCasc
 PLACEHOLDER_SPEC = TinyCascadeSpec(base_size=32, sr_size=128, base_channels=(32, 64), sr_channels=(16, 32, 64),
                                    cross_attention_dim=64, head_dim=32, text_dim=64)
 # The packaged shapes model's architecture (engine/train.py trains it): 32 -> 128 px like the placeholder, with
-# narrower levels so that a training step fits a CPU core (about 0.6 s for 32 base pictures) and a default
+# narrower levels so that a training step fits a CPU core (about 0.7 s for 32 base pictures) and a default
 # generation fits in 3 s on two cores; the super-resolution U-Net gets a fourth level, so that its one
-# attention level runs at 16 px.
+# attention level runs at 16 px. Few GroupNorm groups: with one or two channels per group, a norm wipes out
+# the flat colour of a plain background (a channel's own mean), which is most of what these pictures hold.
 SHAPES_SPEC = TinyCascadeSpec(base_size=32, sr_size=128, base_channels=(16, 32, 64), sr_channels=(8, 16, 32, 64),
-                              cross_attention_dim=64, head_dim=32, text_dim=64)
+                              cross_attention_dim=64, head_dim=32, text_dim=64, norm_groups=(4, 2))
 PLACEHOLDER_NOTICE = ("tiny-random has random weights: it exercises the whole cascade, but its pictures are "
                       "noise-like, not drawings of the prompt. Point --model at real DeepFloyd IF weights for images.")
 

@@ -37,6 +37,9 @@ from engine.random_models import SHAPES_SPEC, write_if_cascade
 from engine.schedules import NoiseSchedule
 from engine.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render
 
+# The packaged model's generation defaults, written into its cascade.json; why these: bench/RESULTS.md.
+SHAPES_DEFAULTS = {"stage_I": {"steps": "smart27", "guidance": 7.0},
+                   "stage_II": {"steps": "smart27", "guidance": 4.0, "noise_level": 250}}
 CROP = 64  # super-resolution training crop (px of the 128 px picture)
 CAPTION_DROPOUT = 0.1
 MAX_AUGMENTATION = 500  # noise-augmentation levels are drawn from 0..MAX_AUGMENTATION (runtime default: 250)
@@ -72,8 +75,9 @@ def training_scenes(held_out: int) -> list[Scene]:
 class ShapesData:
     """Every training scene rendered at both sizes and its caption embedded, in memory; random batches."""
 
-    def __init__(self, scenes: list[Scene], text_encoder, sizes=(32, 128)):
+    def __init__(self, scenes: list[Scene], text_encoder, sizes: tuple[int, int]):
         self.scenes = scenes
+        self.low_res = sizes[0]  # the base stage's size: super-resolution's input
         self.images = {size: torch.from_numpy(np.stack([np.asarray(render(s, size)) for s in scenes]))
                        .permute(0, 3, 1, 2).contiguous() for size in sizes}  # uint8 (N, 3, size, size)
         captions = [caption(s) for s in scenes]
@@ -163,13 +167,14 @@ def train_stage(root: Path, stage: str, data: ShapesData, options: TrainOptions,
             loss = loss_fn(unet, x0, embeddings, generator)
         else:
             x0, embeddings, idx = data.batch(size, batch, generator)
-            low = data.images[32][idx].float() / 127.5 - 1
+            low = data.images[data.low_res][idx].float() / 127.5 - 1
             up = F.interpolate(low, (size, size), mode="bilinear", align_corners=True)
             level = torch.randint(MAX_AUGMENTATION + 1, (batch,), generator=generator)
             acp = noising[level].view(batch, 1, 1, 1)
             up = acp.sqrt() * up + (1 - acp).sqrt() * torch.randn(up.shape, generator=generator)
-            y, x = torch.randint(size - CROP + 1, (2,), generator=generator).tolist()
-            crop = (slice(None), slice(None), slice(y, y + CROP), slice(x, x + CROP))
+            side = min(CROP, size)
+            y, x = torch.randint(size - side + 1, (2,), generator=generator).tolist()
+            crop = (slice(None), slice(None), slice(y, y + side), slice(x, x + side))
             loss = loss_fn(unet, x0[crop], embeddings, generator, low_res=up[crop], class_labels=level)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,14 +196,15 @@ def train_stage(root: Path, stage: str, data: ShapesData, options: TrainOptions,
             "seconds": time.perf_counter() - start}
 
 
-def prepare(root: Path, options: TrainOptions) -> ShapesData:
+def prepare(root: Path, options: TrainOptions, spec=SHAPES_SPEC, scenes: list[Scene] | None = None) -> ShapesData:
     """Write the untrained cascade under `root` (if not there yet) and build the data from its text encoder."""
     from engine.loading import load
 
     if not (root / "cascade.json").is_file():
-        write_if_cascade(root, SHAPES_SPEC, seed=options.seed)
+        write_if_cascade(root, spec, seed=options.seed)
     pipe = load(root, device="cpu", dtype="float32")
-    return ShapesData(training_scenes(options.held_out), pipe.text)
+    sizes = (pipe.stages[0].size, pipe.stages[1].size)
+    return ShapesData(training_scenes(options.held_out) if scenes is None else scenes, pipe.text, sizes)
 
 
 def main(argv=None) -> int:
@@ -223,7 +229,14 @@ def main(argv=None) -> int:
         report = train_stage(args.out, stage, data, options, log=lambda m: print(m, flush=True))
         (args.out / f"train_stage_{stage}.json").write_text(json.dumps({**report, "options": asdict(options)},
                                                                        indent=2) + "\n")
+    write_cascade_json(args.out)
     return 0
+
+
+def write_cascade_json(root: Path) -> None:
+    """The trained cascade's cascade.json: its stages and its own generation defaults (no random-weights notice)."""
+    (root / "cascade.json").write_text(json.dumps({"stages": ["stage_I", "stage_II"], "defaults": SHAPES_DEFAULTS},
+                                                  indent=2) + "\n")
 
 
 if __name__ == "__main__":

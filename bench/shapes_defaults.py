@@ -1,0 +1,70 @@
+"""How the packaged shapes model's default settings were chosen: adherence and time per image over a grid.
+
+    python bench/shapes_defaults.py [--model shapes] [--count 48] [--json bench/results/shapes_defaults.json]
+
+Each row runs the quality gate (engine/evaluate.py: the same held-out captions and seeds) at one setting of
+steps, guidance and noise level, and times it; the defaults in engine/train.py (SHAPES_DEFAULTS) are the
+cheapest row within a point or two of the best adherence. Runs on CPU, one row after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import command_line, save_json  # noqa: E402
+
+import engine  # noqa: E402
+from engine.evaluate import EvalOptions, evaluate  # noqa: E402
+
+# (steps, guidance, noise level of stage II): IF's own defaults first, then cheaper and differently guided ones.
+GRID = [
+    (("smart27", "smart27"), (7.0, 4.0), 250),
+    (("smart27", "smart27"), (4.0, 1.0), 250),
+    (("smart27", "smart27"), (4.0, 1.0), 100),
+    (("smart27", 15), (4.0, 1.0), 100),
+    (("smart27", 15), (2.0, 1.0), 100),
+    (("smart27", 15), (7.0, 1.0), 100),
+    ((50, 15), (4.0, 1.0), 100),
+    (("smart27", 15), (4.0, 4.0), 100),
+    (("smart27", 10), (4.0, 1.0), 50),
+]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=engine.DEFAULT_MODEL)
+    parser.add_argument("--count", type=int, default=48, help="held-out captions per row")
+    parser.add_argument("--rows", type=int, nargs="*", default=None, help="only these rows of the grid")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    pipe = engine.load(args.model, device="cpu", dtype="float32")
+    rows = []
+    print(f"{'steps':>18} {'guidance':>10} {'noise':>5}  adherence  shape colour backgr. size  posit.  s/image")
+    for k, (steps, guidance, noise_level) in enumerate(GRID):
+        if args.rows is not None and k not in args.rows:
+            continue
+        report = evaluate(pipe, EvalOptions(count=args.count), steps=steps, guidance=guidance, noise_level=noise_level)
+        a = report["aspects"]
+        print(f"{str(steps):>18} {str(guidance):>10} {noise_level:>5}  {report['adherence']:>8.1%}  "
+              f"{a['shape']:>5.0%} {a['colour']:>6.0%} {a['background']:>7.0%} {a['size']:>5.0%} "
+              f"{a['position']:>6.0%}  {report['seconds_per_image']:.2f}", flush=True)
+        rows.append({"steps": list(steps), "guidance": list(guidance), "noise_level": noise_level, **report})
+    result = {"benchmark": "shapes_defaults", "model": args.model, "count": args.count, "rows": rows,
+              "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "versions": {"torch": torch.__version__, "engine": engine.__version__},
+              "command": command_line("shapes_defaults.py", argv), "date": time.strftime("%Y-%m-%d")}
+    save_json(result, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
