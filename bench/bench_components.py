@@ -5,7 +5,7 @@
     BENCH_MODEL=if-i-xl:random BENCH_DEVICE=cuda pytest bench/bench_components.py --benchmark-only
 
 BENCH_MODEL: a packaged model or model directory (U-Net step of every stage, whole cascade) or a real-size
-random model name (each part); default: tiny-random and if-i-xl:tiny. The calls are those of engine.bench, so
+random model name (each part); default: shapes and if-i-xl:tiny. The calls are those of engine.bench, so
 both tools time the same thing; `python -m engine bench` adds the interleaving, CUDA events and the roofline.
 """
 

@@ -19,7 +19,7 @@ PER_MODEL_S="${PER_MODEL_S:-540}"
 COMPARE_ARGS=()
 [[ -n "${COMPARE:-}" ]] && COMPARE_ARGS=(--compare "$COMPARE")
 MODELS=("$@")
-[[ ${#MODELS[@]} -eq 0 ]] && MODELS=(if-i-xl:random if-ii-l:random sd-x4-upscaler:random t5-xxl:random tiny-random)
+[[ ${#MODELS[@]} -eq 0 ]] && MODELS=(if-i-xl:random if-ii-l:random sd-x4-upscaler:random t5-xxl:random shapes)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then

@@ -1,6 +1,6 @@
 """CPU benchmark: ONNX Runtime vs torch eager on the same cascade, per U-Net step and for the whole cascade.
 
-    python bench/onnx_cpu.py [--model tiny-random] [--runs 5] [--steps-iters 20] [--json bench/results/onnx_cpu.json]
+    python bench/onnx_cpu.py [--model shapes] [--runs 5] [--steps-iters 20] [--json bench/results/onnx_cpu.json]
 
 The model is exported once (into a temporary directory) and checked against torch before anything is timed.
 Per-step: one U-Net call of each stage at CFG batch 2, torch eager vs ONNX Runtime as `engine.load` sets it up

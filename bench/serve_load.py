@@ -1,6 +1,6 @@
 """Load test of the HTTP service on loopback: Poisson arrivals, three batching policies side by side.
 
-    python bench/serve_load.py [--model tiny-random] [--requests 16] [--rate auto] [--steps 10 10]
+    python bench/serve_load.py [--model shapes] [--requests 16] [--rate auto] [--steps 10 10]
                                [--max-batch 4] [--json bench/results/serve_load.json]
 
 For each policy (none: one request at a time; request: batches formed when idle, run to the end; step: our
@@ -29,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import command_line, save_json  # noqa: E402
 
+import engine  # noqa: E402
 from engine.bench.report import environment  # noqa: E402
 from engine.serve.scheduler import POLICIES  # noqa: E402
 
-PROMPTS = ("a red circle on a blue background", "a small green square", "a large yellow triangle at the top")
+PROMPTS = ("a large red circle on a blue background", "a small green square on a white background",
+           "a large yellow triangle at the top on a black background")
 
 
 def free_port() -> int:
@@ -114,7 +116,7 @@ def run_load(url: str, requests: list[dict], gaps: list[float], limit_s: float) 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-random")
+    parser.add_argument("--model", default=engine.DEFAULT_MODEL)
     parser.add_argument("--requests", type=int, default=16, help="requests per policy")
     parser.add_argument("--rate", default="auto", help="requests per second, or auto: where 'none' saturates")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 10], help="steps per stage of each request")

@@ -1,9 +1,10 @@
 """IF-architecture cascades with random weights, written to disk in DeepFloyd's diffusers layout.
 
 Used by the tests (tiny models, built in-process and loaded back through `engine.load`), by the benchmark,
-and to make the packaged placeholder model. The U-Nets use IF's block types (ResnetDownsampleBlock2D,
-SimpleCrossAttn blocks, text_proj + text addition embedding, learned-range output); the text encoder is a
-T5 encoder with a word-level tokenizer built locally with `tokenizers`, so nothing is downloaded.
+and as the starting point of the packaged shapes model (engine/train.py). The U-Nets use IF's block types
+(ResnetDownsampleBlock2D, SimpleCrossAttn blocks, text_proj + text addition embedding, learned-range output);
+the text encoder is a T5 encoder with a word-level tokenizer built locally with `tokenizers`, so nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class TinyCascadeSpec:
     output_scale: float = 0.5  # shrinks conv_out so random outputs stay in a sane range over many steps
     layers_per_block: int = 1
     norm_groups: tuple[int, int] = (8, 8)  # GroupNorm groups of the base and the super-resolution U-Net
+    sr_prediction_type: str = "epsilon"  # what the super-resolution U-Net predicts: IF's eps, or v
     stage_names: tuple[str, str] = field(default=("stage_I", "stage_II"))
 
 
@@ -152,7 +154,8 @@ def write_if_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCascadeSpec()
         "scheduler": ["diffusers", "DDPMScheduler"]})
 
     sr.save_pretrained(stage_ii / "unet", safe_serialization=True)
-    _write_json(stage_ii / "scheduler" / "scheduler_config.json", IF_II_SCHEDULER)
+    _write_json(stage_ii / "scheduler" / "scheduler_config.json",
+                {**IF_II_SCHEDULER, "prediction_type": spec.sr_prediction_type})
     _write_json(stage_ii / "image_noising_scheduler" / "scheduler_config.json", IF_II_NOISING_SCHEDULER)
     _write_json(stage_ii / "model_index.json", {
         "_class_name": "IFSuperResolutionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
@@ -266,20 +269,11 @@ def write_three_stage_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCasc
     return root
 
 
-# The packaged placeholder: IF's layout at 32 -> 128 px, small enough to run in seconds on a laptop CPU.
-PLACEHOLDER_SPEC = TinyCascadeSpec(base_size=32, sr_size=128, base_channels=(32, 64), sr_channels=(16, 32, 64),
-                                   cross_attention_dim=64, head_dim=32, text_dim=64)
-# The packaged shapes model's architecture (engine/train.py trains it): 32 -> 128 px like the placeholder, with
+# The packaged shapes model's architecture (engine/train.py trains it): IF's layout at 32 -> 128 px, with
 # narrower levels so that a training step fits a CPU core (about 0.7 s for 32 base pictures) and a default
 # generation fits in 3 s on two cores; the super-resolution U-Net gets a fourth level, so that its one
 # attention level runs at 16 px. Few GroupNorm groups: with one or two channels per group, a norm wipes out
 # the flat colour of a plain background (a channel's own mean), which is most of what these pictures hold.
 SHAPES_SPEC = TinyCascadeSpec(base_size=32, sr_size=128, base_channels=(16, 32, 64), sr_channels=(8, 16, 32, 64),
-                              cross_attention_dim=64, head_dim=32, text_dim=64, norm_groups=(4, 2))
-PLACEHOLDER_NOTICE = ("tiny-random has random weights: it exercises the whole cascade, but its pictures are "
-                      "noise-like, not drawings of the prompt. Point --model at real DeepFloyd IF weights for images.")
-
-if __name__ == "__main__":  # python -m engine.random_models DIR: rewrite the packaged placeholder into DIR
-    import sys
-
-    write_if_cascade(sys.argv[1], PLACEHOLDER_SPEC, seed=0, notice=PLACEHOLDER_NOTICE)
+                              cross_attention_dim=64, head_dim=32, text_dim=64, norm_groups=(4, 2),
+                              sr_prediction_type="v_prediction")

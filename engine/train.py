@@ -6,8 +6,11 @@ learned-range variance. What training does, and why:
 
 - data: every scene of the shapes grammar except the quality gate's held-out captions (engine/evaluate.py),
   rendered once; each caption's T5 embedding computed once, exactly as the runtime computes it (TextEncoder);
-- loss: Improved DDPM's hybrid loss, MSE on eps plus the variational bound for the variance channels (with the
-  mean held fixed), so that few-step ancestral sampling with the learned variance works;
+- loss: Improved DDPM's hybrid loss, MSE on the prediction plus the variational bound for the variance channels
+  (with the mean held fixed), so that few-step ancestral sampling with the learned variance works;
+- prediction: eps for the base stage, as IF; v for super-resolution (SHAPES_SPEC), whose picture is nearly given
+  by its input: at high noise an eps model's x0 = (x_t - sigma eps) / alpha magnifies every error of eps by
+  sigma / alpha, and the first run's eps super-resolution drew blotches over flat backgrounds;
 - caption dropout: 10% of captions are replaced by the empty prompt, which is the runtime's unconditional
   input, so classifier-free guidance has something to guide against;
 - super-resolution: the 32 px render, bilinearly upsampled and noise-augmented at a random level through the
@@ -25,6 +28,8 @@ import argparse
 import copy
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +55,7 @@ class TrainOptions:
     """One source of the training defaults."""
 
     seed: int = 0
-    steps: tuple[int, int] = (7000, 6000)  # optimiser steps for stage I and stage II
+    steps: tuple[int, int] = (5000, 3800)  # optimiser steps for stage I and stage II
     batch: tuple[int, int] = (32, 24)
     lr: float = 1e-3
     warmup: int = 200
@@ -97,7 +102,8 @@ class ShapesData:
 class HybridLoss:
     """Improved DDPM's L_simple + L_vlb for an eps + learned-range-variance U-Net on one noise schedule."""
 
-    def __init__(self, schedule: NoiseSchedule):
+    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+        self.prediction_type = prediction_type  # "epsilon" or "v_prediction" (v = alpha eps - sigma x0)
         acp = schedule.alphas_cumprod.double()  # (T,)
         prev = torch.cat([torch.ones(1, dtype=acp.dtype), acp[:-1]])
         beta = 1 - acp / prev
@@ -118,10 +124,15 @@ class HybridLoss:
         xt = self.sqrt_acp[t].view(view) * x0 + self.sqrt_one_minus[t].view(view) * noise
         model_in = xt if low_res is None else torch.cat([xt, low_res], dim=1)
         out = unet(model_in, t, encoder_hidden_states=embeddings, class_labels=class_labels).sample
-        eps, v = out[:, :3], out[:, 3:]
-        mse = F.mse_loss(eps, noise)
-        # The variational bound for the variance only: the mean from a detached eps.
-        x0_pred = (xt - self.sqrt_one_minus[t].view(view) * eps.detach()) / self.sqrt_acp[t].view(view)
+        pred, v = out[:, :3], out[:, 3:]
+        alpha, sigma = self.sqrt_acp[t].view(view), self.sqrt_one_minus[t].view(view)
+        if self.prediction_type == "v_prediction":
+            mse = F.mse_loss(pred, alpha * noise - sigma * x0)
+            x0_pred = alpha * xt - sigma * pred.detach()
+        else:
+            mse = F.mse_loss(pred, noise)
+            x0_pred = (xt - sigma * pred.detach()) / alpha
+        # The variational bound trains the variance only: the mean comes from the detached prediction.
         mean_true = self.coef_x0[t].view(view) * x0 + self.coef_xt[t].view(view) * xt
         mean_pred = self.coef_x0[t].view(view) * x0_pred + self.coef_xt[t].view(view) * xt
         frac = (v + 1) / 2
@@ -149,7 +160,7 @@ def train_stage(root: Path, stage: str, data: ShapesData, options: TrainOptions,
     unet = UNet2DConditionModel.from_pretrained(folder).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scheduler = json.loads((folder.parent / "scheduler" / "scheduler_config.json").read_text())
-    loss_fn = HybridLoss(NoiseSchedule.from_config(scheduler))
+    loss_fn = HybridLoss(NoiseSchedule.from_config(scheduler), scheduler.get("prediction_type", "epsilon"))
     noising = None
     if stage == "II":
         noising_config = json.loads((folder.parent / "image_noising_scheduler" / "scheduler_config.json").read_text())
@@ -200,8 +211,13 @@ def prepare(root: Path, options: TrainOptions, spec=SHAPES_SPEC, scenes: list[Sc
     """Write the untrained cascade under `root` (if not there yet) and build the data from its text encoder."""
     from engine.loading import load
 
-    if not (root / "cascade.json").is_file():
-        write_if_cascade(root, spec, seed=options.seed)
+    if not (root / "cascade.json").is_file():  # written aside and renamed: `--stage I` and `II` may race here
+        partial = root.with_name(f".{root.name}.{os.getpid()}")
+        write_if_cascade(partial, spec, seed=options.seed)
+        try:
+            partial.rename(root)
+        except OSError:  # the other stage's process was first: same seed, same cascade
+            shutil.rmtree(partial)
     pipe = load(root, device="cpu", dtype="float32")
     sizes = (pipe.stages[0].size, pipe.stages[1].size)
     return ShapesData(training_scenes(options.held_out) if scenes is None else scenes, pipe.text, sizes)

@@ -46,6 +46,6 @@ def test_ray_serve_deployment_answers_with_a_png(cascade_dir):
 
 def test_bad_ray_options_are_refused():
     with pytest.raises(Exception, match="replicas must be >= 1"):
-        ray_app.application({}, ["tiny-random"], 2, 4, 60, "step", replicas=0)
+        ray_app.application({}, ["shapes"], 2, 4, 60, "step", replicas=0)
     with pytest.raises(Exception, match="1 <= MIN <= MAX"):
-        ray_app.application({}, ["tiny-random"], 2, 4, 60, "step", autoscale=(3, 1))
+        ray_app.application({}, ["shapes"], 2, 4, 60, "step", autoscale=(3, 1))

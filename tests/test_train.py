@@ -25,25 +25,27 @@ def test_training_scenes_are_the_whole_grammar_but_the_held_out_captions():
 
 
 class _Oracle(torch.nn.Module):
-    """A stand-in U-Net that knows x0: it answers the exact noise, and `v` in every variance channel."""
+    """A stand-in U-Net that knows x0: it answers the exact eps (or v), and `v` in every variance channel."""
 
-    def __init__(self, x0, loss, v, eps_offset=0.0):
+    def __init__(self, x0, loss, v, offset=0.0):
         super().__init__()
         self.x0, self.loss, self.v = x0, loss, v
-        self.offset = torch.nn.Parameter(torch.tensor(eps_offset))
+        self.offset = torch.nn.Parameter(torch.tensor(offset))
 
     def forward(self, sample, t, encoder_hidden_states=None, class_labels=None):
         view = (-1, 1, 1, 1)
-        eps = (sample - self.loss.sqrt_acp[t].view(view) * self.x0) / self.loss.sqrt_one_minus[t].view(view)
-        return SimpleNamespace(sample=torch.cat([eps + self.offset, torch.full_like(eps, self.v)], dim=1))
+        alpha, sigma = self.loss.sqrt_acp[t].view(view), self.loss.sqrt_one_minus[t].view(view)
+        eps = (sample - alpha * self.x0) / sigma
+        pred = alpha * eps - sigma * self.x0 if self.loss.prediction_type == "v_prediction" else eps
+        return SimpleNamespace(sample=torch.cat([pred + self.offset, torch.full_like(eps, self.v)], dim=1))
 
 
-@pytest.fixture
-def hybrid():
-    return HybridLoss(NoiseSchedule.from_config(IF_I_SCHEDULER))
+@pytest.fixture(params=["epsilon", "v_prediction"])
+def hybrid(request):
+    return HybridLoss(NoiseSchedule.from_config(IF_I_SCHEDULER), request.param)
 
 
-def test_hybrid_loss_is_zero_only_for_the_true_noise_and_the_true_posterior_variance(hybrid):
+def test_hybrid_loss_is_zero_only_for_the_true_prediction_and_the_true_posterior_variance(hybrid):
     x0 = torch.rand(64, 3, 8, 8) * 2 - 1
     embeddings = torch.zeros(64, 4, 8)
 
@@ -53,13 +55,13 @@ def test_hybrid_loss_is_zero_only_for_the_true_noise_and_the_true_posterior_vari
     assert abs(loss(-1.0)) < 1e-6  # v = -1 is the posterior variance: the true reverse step's
     # v = +1 is beta_t: too wide, and the bound says so (beta_t is near the posterior variance but at small t).
     assert loss(1.0) > 1e-5
-    assert loss(-1.0, offset=0.1) >= 0.01  # a wrong eps costs its squared error (and a wrong mean in the bound)
+    assert loss(-1.0, offset=0.1) >= 0.01  # a wrong prediction costs its squared error (and more in the bound)
 
 
 def test_the_bound_trains_the_variance_not_the_mean(hybrid):
     # The mean's gradient comes from the MSE alone (Improved DDPM holds it fixed in the bound).
     x0 = torch.rand(16, 3, 8, 8) * 2 - 1
-    oracle = _Oracle(x0, hybrid, 0.3, eps_offset=0.2)
+    oracle = _Oracle(x0, hybrid, 0.3, offset=0.2)
     hybrid(oracle, x0, torch.zeros(16, 4, 8), torch.Generator().manual_seed(1)).backward()
     assert oracle.offset.grad.item() == pytest.approx(2 * 0.2, rel=1e-4)  # d/d offset of offset**2
 
