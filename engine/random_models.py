@@ -65,7 +65,7 @@ class TinyCascadeSpec:
     output_scale: float = 0.5  # shrinks conv_out so random outputs stay in a sane range over many steps
     layers_per_block: int = 1
     norm_groups: tuple[int, int] = (8, 8)  # GroupNorm groups of the base and the super-resolution U-Net
-    sr_prediction_type: str = "epsilon"  # what the super-resolution U-Net predicts: IF's eps, or v
+    prediction_types: tuple[str, str] = ("epsilon", "epsilon")  # what the two U-Nets predict: IF's eps, or v
     stage_names: tuple[str, str] = field(default=("stage_I", "stage_II"))
 
 
@@ -147,7 +147,8 @@ def write_if_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCascadeSpec()
     tokenizer.save_pretrained(stage_i / "tokenizer")
     text_encoder.save_pretrained(stage_i / "text_encoder", safe_serialization=True)
     base.save_pretrained(stage_i / "unet", safe_serialization=True)
-    _write_json(stage_i / "scheduler" / "scheduler_config.json", IF_I_SCHEDULER)
+    _write_json(stage_i / "scheduler" / "scheduler_config.json",
+                {**IF_I_SCHEDULER, "prediction_type": spec.prediction_types[0]})
     _write_json(stage_i / "model_index.json", {
         "_class_name": "IFPipeline", "text_encoder": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "T5Tokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
@@ -155,7 +156,7 @@ def write_if_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCascadeSpec()
 
     sr.save_pretrained(stage_ii / "unet", safe_serialization=True)
     _write_json(stage_ii / "scheduler" / "scheduler_config.json",
-                {**IF_II_SCHEDULER, "prediction_type": spec.sr_prediction_type})
+                {**IF_II_SCHEDULER, "prediction_type": spec.prediction_types[1]})
     _write_json(stage_ii / "image_noising_scheduler" / "scheduler_config.json", IF_II_NOISING_SCHEDULER)
     _write_json(stage_ii / "model_index.json", {
         "_class_name": "IFSuperResolutionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
@@ -274,6 +275,7 @@ def write_three_stage_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCasc
 # generation fits in 3 s on two cores; the super-resolution U-Net gets a fourth level, so that its one
 # attention level runs at 16 px. Few GroupNorm groups: with one or two channels per group, a norm wipes out
 # the flat colour of a plain background (a channel's own mean), which is most of what these pictures hold.
+# Both predict v, not eps: see engine/train.py.
 SHAPES_SPEC = TinyCascadeSpec(base_size=32, sr_size=128, base_channels=(16, 32, 64), sr_channels=(8, 16, 32, 64),
                               cross_attention_dim=64, head_dim=32, text_dim=64, norm_groups=(4, 2),
-                              sr_prediction_type="v_prediction")
+                              prediction_types=("v_prediction", "v_prediction"))

@@ -76,12 +76,12 @@ def test_loading_stage_dirs_equals_loading_cascade_json(cascade_dir, engine_pipe
     assert np.abs(ours - theirs).max() <= TOLERANCE
 
 
-def test_a_v_prediction_super_resolution_stage_matches_diffusers(tmp_path):
-    # The packaged shapes model's stage II predicts v (engine/train.py); IF's scheduler config says so.
+def test_v_prediction_stages_match_diffusers(tmp_path):
+    # The packaged shapes model's U-Nets predict v (engine/train.py); IF's scheduler configs say so.
     from engine.random_models import TinyCascadeSpec, write_if_cascade
     from engine.reference import reference_cascade
 
-    root = write_if_cascade(tmp_path / "v", TinyCascadeSpec(sr_prediction_type="v_prediction"), seed=4)
+    root = write_if_cascade(tmp_path / "v", TinyCascadeSpec(prediction_types=("v_prediction", "v_prediction")), seed=4)
     ours = engine.load(root, device="cpu").generate("a red circle", seed=1, steps=(5, 6), noise_level=100,
                                                      output_type="np")
     theirs = diffusers_cascade(reference_cascade(root), "a red circle", 1, (5, 6), (7.0, 4.0), noise_level=100)
