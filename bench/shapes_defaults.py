@@ -1,6 +1,6 @@
 """How the packaged shapes model's default settings were chosen: adherence and time per image over a grid.
 
-    python bench/shapes_defaults.py [--model shapes] [--count 48] [--json bench/results/shapes_defaults.json]
+    python bench/shapes_defaults.py [--model shapes] [--count 32] [--json bench/results/shapes_defaults.json]
 
 Each row runs the quality gate (engine/evaluate.py: the same held-out captions and seeds) at one setting of
 steps, guidance and noise level, and times it; the defaults in engine/train.py (SHAPES_DEFAULTS) are the
@@ -28,21 +28,20 @@ from engine.evaluate import EvalOptions, evaluate  # noqa: E402
 # (steps, guidance, noise level of stage II): IF's own defaults first, then cheaper and differently guided ones.
 GRID = [
     (("smart27", "smart27"), (7.0, 4.0), 250),
-    (("smart27", "smart27"), (4.0, 1.0), 250),
-    (("smart27", "smart27"), (4.0, 1.0), 100),
     (("smart27", 15), (4.0, 1.0), 100),
-    (("smart27", 15), (2.0, 1.0), 100),
     (("smart27", 15), (7.0, 1.0), 100),
+    (("smart27", 15), (2.0, 1.0), 100),
     ((50, 15), (4.0, 1.0), 100),
-    (("smart27", 15), (4.0, 4.0), 100),
-    (("smart27", 10), (4.0, 1.0), 50),
+    ((100, 15), (4.0, 1.0), 100),
+    (("smart27", 15), (4.0, 1.0), 250),
+    (("smart27", 27), (4.0, 4.0), 100),
 ]
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=engine.DEFAULT_MODEL)
-    parser.add_argument("--count", type=int, default=48, help="held-out captions per row")
+    parser.add_argument("--count", type=int, default=32, help="held-out captions per row")
     parser.add_argument("--rows", type=int, nargs="*", default=None, help="only these rows of the grid")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
