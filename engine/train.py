@@ -48,8 +48,8 @@ from engine.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, ren
 SHAPES_DEFAULTS = {"stage_I": {"steps": "smart27", "guidance": 7.0},
                    "stage_II": {"steps": 15, "guidance": 1.0, "noise_level": 100}}
 # What users must know about the packaged model as trained so far (None once it meets the quality gate's target).
-SHAPES_NOTICE = ("shapes is partly trained (4000 + 3800 steps on two CPU cores): it gets the colours and sizes "
-                 "of its captions right about two times in three, but not yet the shapes and the positions, so its "
+SHAPES_NOTICE = ("shapes is partly trained (4000 + 3800 steps on two CPU cores): it paints its captions' colours "
+                 "and sizes right a little over half the time, but not yet the shapes and the positions, so its "
                  "prompt adherence is 0% (bench/RESULTS.md). A longer training run is due.")
 CROP = 64  # super-resolution training crop (px of the 128 px picture)
 CAPTION_DROPOUT = 0.1
