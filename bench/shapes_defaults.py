@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
             continue
         report = evaluate(pipe, EvalOptions(count=args.count), steps=steps, guidance=guidance, noise_level=noise_level)
         a = report["aspects"]
-        print(f"{str(steps):>18} {str(guidance):>10} {noise_level:>5}  {report['adherence']:>8.1%}  "
+        print(f"{steps!s:>18} {guidance!s:>10} {noise_level:>5}  {report['adherence']:>8.1%}  "
               f"{a['shape']:>5.0%} {a['colour']:>6.0%} {a['background']:>7.0%} {a['size']:>5.0%} "
               f"{a['position']:>6.0%}  {report['seconds_per_image']:.2f}", flush=True)
         rows.append({"steps": list(steps), "guidance": list(guidance), "noise_level": noise_level, **report})

@@ -13,7 +13,14 @@ from engine.evaluate import held_out_scenes
 from engine.random_models import IF_I_SCHEDULER, TinyCascadeSpec
 from engine.schedules import NoiseSchedule
 from engine.shapes import caption
-from engine.train import HybridLoss, TrainOptions, all_scenes, prepare, train_stage, training_scenes
+from engine.train import (
+    HybridLoss,
+    TrainOptions,
+    all_scenes,
+    prepare,
+    train_stage,
+    training_scenes,
+)
 
 
 def test_training_scenes_are_the_whole_grammar_but_the_held_out_captions():
