@@ -32,14 +32,17 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine.random_models import SHAPES_SPEC, write_if_cascade
+from engine.samplers import build_sampler
 from engine.schedules import NoiseSchedule
 from engine.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render
 
@@ -108,19 +111,18 @@ class ShapesData:
 class HybridLoss:
     """Improved DDPM's L_simple + L_vlb for an eps + learned-range-variance U-Net on one noise schedule."""
 
-    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
-        self.prediction_type = prediction_type  # "epsilon" or "v_prediction" (v = alpha eps - sigma x0)
-        acp = schedule.alphas_cumprod.double()  # (T,)
-        prev = torch.cat([torch.ones(1, dtype=acp.dtype), acp[:-1]])
-        beta = 1 - acp / prev
-        posterior_var = beta * (1 - prev) / (1 - acp)
-        self.steps = len(acp)
-        self.sqrt_acp, self.sqrt_one_minus = acp.sqrt().float(), (1 - acp).sqrt().float()
-        self.coef_x0 = (prev.sqrt() * beta / (1 - acp)).float()
-        self.coef_xt = ((acp / prev).sqrt() * (1 - prev) / (1 - acp)).float()
-        # The sampler's range (engine/samplers.py): log posterior variance (clamped) .. log beta.
-        self.min_log = posterior_var.clamp(min=1e-20).log().float()
-        self.max_log = beta.log().float()
+    def __init__(self, scheduler_config: Mapping[str, Any]):
+        # The runtime's DDPM sampler over every training timestep: its posterior coefficients and its
+        # learned-range bounds (log clamped posterior variance .. log beta), so training and sampling agree.
+        sampler = build_sampler("ddpm", scheduler_config, list(range(
+            scheduler_config["num_train_timesteps"] - 1, -1, -1)))
+        self.prediction_type = sampler.config["prediction_type"]  # "epsilon" or "v_prediction" (v = alpha eps - sigma x0)
+        self.steps = len(sampler)
+        by_t = {name: getattr(sampler, name).flip(0) for name in  # the sampler's tables run from t = T-1 down
+                ("sqrt_alpha", "sqrt_one_minus_alpha", "coef_x0", "coef_xt", "min_log", "max_log")}
+        self.sqrt_acp, self.sqrt_one_minus = by_t["sqrt_alpha"], by_t["sqrt_one_minus_alpha"]
+        self.coef_x0, self.coef_xt = by_t["coef_x0"], by_t["coef_xt"]
+        self.min_log, self.max_log = by_t["min_log"], by_t["max_log"]
 
     def __call__(self, unet, x0, embeddings, generator, low_res=None, class_labels=None) -> torch.Tensor:
         b = x0.shape[0]
@@ -166,7 +168,7 @@ def train_stage(root: Path, stage: str, data: ShapesData, options: TrainOptions,
     unet = UNet2DConditionModel.from_pretrained(folder).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scheduler = json.loads((folder.parent / "scheduler" / "scheduler_config.json").read_text())
-    loss_fn = HybridLoss(NoiseSchedule.from_config(scheduler), scheduler.get("prediction_type", "epsilon"))
+    loss_fn = HybridLoss(scheduler)
     noising = None
     if stage == "II":
         noising_config = json.loads((folder.parent / "image_noising_scheduler" / "scheduler_config.json").read_text())

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 import engine
 from engine.evaluate import held_out_scenes
 from engine.random_models import IF_I_SCHEDULER, TinyCascadeSpec
-from engine.schedules import NoiseSchedule
 from engine.shapes import caption
 from engine.train import (
     HybridLoss,
@@ -49,7 +48,7 @@ class _Oracle(torch.nn.Module):
 
 @pytest.fixture(params=["epsilon", "v_prediction"])
 def hybrid(request):
-    return HybridLoss(NoiseSchedule.from_config(IF_I_SCHEDULER), request.param)
+    return HybridLoss({**IF_I_SCHEDULER, "prediction_type": request.param})
 
 
 def test_hybrid_loss_is_zero_only_for_the_true_prediction_and_the_true_posterior_variance(hybrid):
