@@ -56,6 +56,7 @@ SHAPES_NOTICE = ("shapes is partly trained (4000 + 3800 steps on two CPU cores):
                  "prompt adherence is 0% (bench/RESULTS.md). A longer training run is due.")
 CROP = 64  # super-resolution training crop (px of the 128 px picture)
 CAPTION_DROPOUT = 0.1
+TIMING_STEPS = (20, 60)  # with --minutes: the steps between these are timed to fit the schedule to the budget
 MAX_AUGMENTATION = 500  # noise-augmentation levels are drawn from 0..MAX_AUGMENTATION (runtime default: 250)
 
 
@@ -71,6 +72,8 @@ class TrainOptions:
     ema: float = 0.999
     threads: int = 1
     held_out: int = 256  # the first N held-out eval scenes never appear in training
+    device: str = "cpu"
+    minutes: float | None = None  # per stage: fewer steps if `steps` would not fit (the schedule is fitted to them)
 
 
 def all_scenes() -> list[Scene]:
@@ -89,21 +92,22 @@ def training_scenes(held_out: int) -> list[Scene]:
 class ShapesData:
     """Every training scene rendered at both sizes and its caption embedded, in memory; random batches."""
 
-    def __init__(self, scenes: list[Scene], text_encoder, sizes: tuple[int, int]):
+    def __init__(self, scenes: list[Scene], text_encoder, sizes: tuple[int, int], device="cpu"):
         self.scenes = scenes
         self.low_res = sizes[0]  # the base stage's size: super-resolution's input
         self.images = {size: torch.from_numpy(np.stack([np.asarray(render(s, size)) for s in scenes]))
-                       .permute(0, 3, 1, 2).contiguous() for size in sizes}  # uint8 (N, 3, size, size)
+                       .permute(0, 3, 1, 2).contiguous().to(device) for size in sizes}  # uint8 (N, 3, size, size)
         captions = [caption(s) for s in scenes]
         chunks = [text_encoder.encode(captions[k:k + 256]) for k in range(0, len(captions), 256)]
-        self.embeddings = torch.cat(chunks).float()  # (N, 77, D)
-        self.empty = text_encoder.empty().float()  # (1, 77, D)
+        self.embeddings = torch.cat(chunks).float().to(device)  # (N, 77, D)
+        self.empty = text_encoder.empty().float().to(device)  # (1, 77, D)
 
     def batch(self, size: int, count: int, generator: torch.Generator):
         """(images (count, 3, size, size) in [-1, 1], embeddings (count, 77, D), indices) with caption dropout."""
-        index = torch.randint(len(self.scenes), (count,), generator=generator)
+        device = generator.device
+        index = torch.randint(len(self.scenes), (count,), generator=generator, device=device)
         images = self.images[size][index].float() / 127.5 - 1
-        drop = torch.rand(count, generator=generator) < CAPTION_DROPOUT
+        drop = torch.rand(count, generator=generator, device=device) < CAPTION_DROPOUT
         embeddings = torch.where(drop[:, None, None], self.empty, self.embeddings[index])
         return images, embeddings, index
 
@@ -111,14 +115,14 @@ class ShapesData:
 class HybridLoss:
     """Improved DDPM's L_simple + L_vlb for an eps + learned-range-variance U-Net on one noise schedule."""
 
-    def __init__(self, scheduler_config: Mapping[str, Any]):
+    def __init__(self, scheduler_config: Mapping[str, Any], device="cpu"):
         # The runtime's DDPM sampler over every training timestep: its posterior coefficients and its
         # learned-range bounds (log clamped posterior variance .. log beta), so training and sampling agree.
         sampler = build_sampler("ddpm", scheduler_config, list(range(
             scheduler_config["num_train_timesteps"] - 1, -1, -1)))
         self.prediction_type = sampler.config["prediction_type"]  # "epsilon" or "v_prediction" (v = alpha eps - sigma x0)
         self.steps = len(sampler)
-        by_t = {name: getattr(sampler, name).flip(0) for name in  # the sampler's tables run from t = T-1 down
+        by_t = {name: getattr(sampler, name).flip(0).to(device) for name in  # the sampler's tables run from t = T-1 down
                 ("sqrt_alpha", "sqrt_one_minus_alpha", "coef_x0", "coef_xt", "min_log", "max_log")}
         self.sqrt_acp, self.sqrt_one_minus = by_t["sqrt_alpha"], by_t["sqrt_one_minus_alpha"]
         self.coef_x0, self.coef_xt = by_t["coef_x0"], by_t["coef_xt"]
@@ -126,8 +130,8 @@ class HybridLoss:
 
     def __call__(self, unet, x0, embeddings, generator, low_res=None, class_labels=None) -> torch.Tensor:
         b = x0.shape[0]
-        t = torch.randint(self.steps, (b,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(self.steps, (b,), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         view = (b, 1, 1, 1)
         xt = self.sqrt_acp[t].view(view) * x0 + self.sqrt_one_minus[t].view(view) * noise
         model_in = xt if low_res is None else torch.cat([xt, low_res], dim=1)
@@ -165,20 +169,34 @@ def train_stage(root: Path, stage: str, data: ShapesData, options: TrainOptions,
 
     index = 0 if stage == "I" else 1
     folder = root / ("stage_I" if stage == "I" else "stage_II") / "unet"
-    unet = UNet2DConditionModel.from_pretrained(folder).train()
+    device = torch.device(options.device)
+    unet = UNet2DConditionModel.from_pretrained(folder).to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    params, ema_params = list(unet.parameters()), list(ema.parameters())
     scheduler = json.loads((folder.parent / "scheduler" / "scheduler_config.json").read_text())
-    loss_fn = HybridLoss(scheduler)
+    loss_fn = HybridLoss(scheduler, device)
     noising = None
     if stage == "II":
         noising_config = json.loads((folder.parent / "image_noising_scheduler" / "scheduler_config.json").read_text())
-        noising = NoiseSchedule.from_config(noising_config).alphas_cumprod.float()
-    generator = torch.Generator().manual_seed(options.seed * 2 + index)
-    optimiser = torch.optim.AdamW(unet.parameters(), lr=options.lr, weight_decay=0.0)
+        noising = NoiseSchedule.from_config(noising_config).alphas_cumprod.float().to(device)
+    generator = torch.Generator(device).manual_seed(options.seed * 2 + index)
+    optimiser = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0, fused=device.type == "cuda")
     total, batch = options.steps[index], options.batch[index]
     size = unet.config.sample_size
     running, start = None, time.perf_counter()
-    for step in range(total):
+    step = 0
+    while step < total:
+        if options.minutes is not None and step == TIMING_STEPS[1]:  # still in warm-up: the schedule can change
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            per_step = (time.perf_counter() - timed_from) / (TIMING_STEPS[1] - TIMING_STEPS[0])
+            left = options.minutes * 60 - (time.perf_counter() - start)
+            total = min(total, step + max(int(left / per_step), 0))
+            log(f"stage {stage}: {per_step * 1000:.1f} ms/step, {total} steps fit in {options.minutes} min")
+        if step == TIMING_STEPS[0]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timed_from = time.perf_counter()
         for group in optimiser.param_groups:
             group["lr"] = options.lr * _lr_factor(step, options, total)
         if stage == "I":
@@ -188,31 +206,32 @@ def train_stage(root: Path, stage: str, data: ShapesData, options: TrainOptions,
             x0, embeddings, idx = data.batch(size, batch, generator)
             low = data.images[data.low_res][idx].float() / 127.5 - 1
             up = F.interpolate(low, (size, size), mode="bilinear", align_corners=True)
-            level = torch.randint(MAX_AUGMENTATION + 1, (batch,), generator=generator)
+            level = torch.randint(MAX_AUGMENTATION + 1, (batch,), generator=generator, device=device)
             acp = noising[level].view(batch, 1, 1, 1)
-            up = acp.sqrt() * up + (1 - acp).sqrt() * torch.randn(up.shape, generator=generator)
+            up = acp.sqrt() * up + (1 - acp).sqrt() * torch.randn(up.shape, generator=generator, device=device)
             side = min(CROP, size)
-            y, x = torch.randint(size - side + 1, (2,), generator=generator).tolist()
+            y, x = torch.randint(size - side + 1, (2,), generator=generator, device=device).tolist()
             crop = (slice(None), slice(None), slice(y, y + side), slice(x, x + side))
             loss = loss_fn(unet, x0[crop], embeddings, generator, low_res=up[crop], class_labels=level)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         decay = min(options.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        # On the device, so that a GPU is not made to wait for the host every step.
+        running = loss.detach() if running is None else 0.98 * running + 0.02 * loss.detach()
         if step % 100 == 0 or step == total - 1:
             elapsed = time.perf_counter() - start
-            log(f"stage {stage} step {step + 1}/{total} loss {running:.4f} ({elapsed / (step + 1):.3f} s/step, "
-                f"{elapsed / 60:.1f} min)")
+            log(f"stage {stage} step {step + 1}/{total} loss {running.item():.4f} "
+                f"({elapsed / (step + 1):.3f} s/step, {elapsed / 60:.1f} min)")
         if step % 1000 == 999:
             ema.save_pretrained(folder, safe_serialization=True)  # a usable checkpoint if stopped early
+        step += 1
     ema.save_pretrained(folder, safe_serialization=True)
-    return {"stage": stage, "steps": total, "batch": batch, "final_loss": running,
-            "seconds": time.perf_counter() - start}
+    return {"stage": stage, "steps": total, "batch": batch, "final_loss": running.item(),
+            "seconds": time.perf_counter() - start, "device": str(device)}
 
 
 def prepare(root: Path, options: TrainOptions, spec=SHAPES_SPEC, scenes: list[Scene] | None = None) -> ShapesData:
@@ -228,7 +247,8 @@ def prepare(root: Path, options: TrainOptions, spec=SHAPES_SPEC, scenes: list[Sc
             shutil.rmtree(partial)
     pipe = load(root, device="cpu", dtype="float32")
     sizes = (pipe.stages[0].size, pipe.stages[1].size)
-    return ShapesData(training_scenes(options.held_out) if scenes is None else scenes, pipe.text, sizes)
+    return ShapesData(training_scenes(options.held_out) if scenes is None else scenes, pipe.text, sizes,
+                      options.device)
 
 
 def main(argv=None) -> int:
@@ -241,9 +261,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs=2, default=defaults.batch, metavar=("I", "II"))
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
+    parser.add_argument("--minutes", type=float, default=defaults.minutes,
+                        help="time budget per stage: fewer steps than --steps if those would not fit")
     args = parser.parse_args(argv)
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error(f"--minutes must be positive, got {args.minutes}")
     options = TrainOptions(seed=args.seed, steps=tuple(args.steps), batch=tuple(args.batch), lr=args.lr,
-                           threads=args.threads)
+                           threads=args.threads, device=args.device, minutes=args.minutes)
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     data = prepare(args.out, options)
