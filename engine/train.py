@@ -50,10 +50,11 @@ from engine.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, ren
 # ("Quality gate"). Stage II copies its input more than it reads the caption: no guidance (half the batch), 15 steps.
 SHAPES_DEFAULTS = {"stage_I": {"steps": "smart27", "guidance": 7.0},
                    "stage_II": {"steps": 15, "guidance": 1.0, "noise_level": 100}}
-# What users must know about the packaged model as trained so far (None once it meets the quality gate's target).
-SHAPES_NOTICE = ("shapes is partly trained (4000 + 3800 steps on two CPU cores): it paints its captions' colours "
-                 "and sizes right a little over half the time, but not yet the shapes and the positions, so its "
-                 "prompt adherence is 0% (bench/RESULTS.md). A longer training run is due.")
+# What users must know about the packaged model: what it can draw, and how well (bench/RESULTS.md).
+SHAPES_NOTICE = ("shapes is a small demo model that knows one grammar of captions (engine/shapes.py): "
+                 "'a small|large <colour> circle|square|triangle [at the top left|on the right|...] on a <colour> "
+                 "background', in nine colours; it draws those right about 95% of the time (python -m engine eval) "
+                 "and anything else poorly. Load your own IF model for other prompts.")
 CROP = 64  # super-resolution training crop (px of the 128 px picture)
 CAPTION_DROPOUT = 0.1
 TIMING_STEPS = (20, 60)  # with --minutes: the steps between these are timed to fit the schedule to the budget

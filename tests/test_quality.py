@@ -1,5 +1,7 @@
 """The procedural captioned pictures and the analytic checker of the quality gate."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -99,12 +101,11 @@ def test_eval_reports_adherence_and_distance(engine_pipe, tmp_path):
     assert main(["eval", "--model", str(engine_pipe.source), "--count", "1"]) == 2
 
 
-# The gate on the packaged model at its default settings, on GATE_COUNT held-out captions. The model is only
-# partly trained (bench/RESULTS.md, "Quality gate": adherence 0%; colour, background and size right in 52-59% of
-# 64 captions), so the floors are on those aspects, below what it scores and far above what an untrained
-# network scores (12%, 12%, 45%). Once it is trained to the 90% target, the floor moves to adherence.
-GATE_COUNT = 16
-GATE_FLOORS = {"colour": 0.4, "background": 0.4, "size": 0.5}
+# The gate on the packaged model at its default settings, on GATE_COUNT held-out captions: it scores about 95%
+# adherence (bench/RESULTS.md, "Quality gate"; an untrained network scores 0%), so an optimisation that changes
+# what the model draws fails here.
+GATE_COUNT = 32
+GATE_FLOOR = 0.85
 
 
 def test_packaged_model_passes_the_quality_gate():
@@ -112,5 +113,16 @@ def test_packaged_model_passes_the_quality_gate():
     from engine.evaluate import EvalOptions, evaluate, format_report
 
     report = evaluate(engine.load(engine.DEFAULT_MODEL, device="cpu"), EvalOptions(count=GATE_COUNT))
-    for aspect, floor in GATE_FLOORS.items():
-        assert report["aspects"][aspect] >= floor, format_report(report)
+    assert report["adherence"] >= GATE_FLOOR, format_report(report)
+
+
+def test_the_readme_prompt_draws_what_it_says():
+    """The README's example: its picture must be what its caption says, judged by the checker."""
+    import engine
+
+    prompt = "a large green square on a white background"
+    assert prompt in Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    for seed in range(3):
+        image = engine.generate(prompt, seed=seed)[0]
+        verdict = judge(image, parse_caption(prompt))
+        assert verdict["all"], (seed, verdict)

@@ -51,7 +51,7 @@ def test_default_model_generates_offline_and_is_reused():
     images = engine.generate("a red circle on a blue background", seed=0, steps=(2, 2))
     assert len(images) == 1 and images[0].size == (128, 128)
     assert engine.default_pipeline() is engine.default_pipeline()
-    assert "adherence" in engine.default_pipeline().notice  # partly trained: it says how well it draws
+    assert "grammar" in engine.default_pipeline().notice  # a demo model: it says what it can draw
 
 
 def test_cli_writes_a_png_of_the_final_size(cascade_dir, tmp_path, capsys):
