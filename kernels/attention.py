@@ -67,7 +67,7 @@ if triton is not None:
         stride_mb, stride_mn,
         H, LQ, LK, LQ_BUCKET, LK_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QK_CHUNKS: tl.constexpr,
-        HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+        HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         start_m = tl.program_id(0)
@@ -101,7 +101,7 @@ if triton is not None:
                             mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
                 if DOT_FP32:
                     k = k.to(tl.float32)
-                s = tl.dot(q, k).to(tl.float32)  # (BLOCK_M, BLOCK_N)
+                s = tl.dot(q, k, input_precision=DOT_PRECISION).to(tl.float32)  # (BLOCK_M, BLOCK_N)
             else:  # a wide head: sum the scores over chunks of D, reloading q's chunks (L1/L2-resident)
                 s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 for c in tl.static_range(QK_CHUNKS):
@@ -113,7 +113,7 @@ if triton is not None:
                                  mask=col_ok[None, :] & c_ok[:, None], other=0.0)
                     if DOT_FP32:
                         qc, kc = qc.to(tl.float32), kc.to(tl.float32)
-                    s += tl.dot(qc, kc).to(tl.float32)
+                    s += tl.dot(qc, kc, input_precision=DOT_PRECISION).to(tl.float32)
             s = s * qk_scale
             keep = col_ok
             if HAS_MASK:
@@ -129,7 +129,7 @@ if triton is not None:
                         mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
             if DOT_FP32:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # fully masked rows -> 0
         tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
@@ -189,6 +189,9 @@ def _launch(q, k, v, scale, key_padding_mask, out=None):
         # Triton 3.6's interpreter computes tl.dot on bfloat16 operands wrongly (off by ~1e10 in a plain
         # 16x16 product); on CPU only, bfloat16 tiles are multiplied in float32. GPUs use bf16 MMA.
         DOT_FP32=INTERPRETING and q.dtype == torch.bfloat16,
+        # float32 inputs get float32 products: Triton's default for a float32 dot is TF32 (10-bit mantissa),
+        # which put the kernel 2e-3 from an fp64 reference on an H100, where SDPA stays at 1e-6.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
 

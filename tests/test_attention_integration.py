@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+# These run the kernel on CPU tensors, which only the interpreter can read; on a GPU machine run this file with
+# TRITON_INTERPRET=1 (bench/gpu_checks.sh does). The kernel on the GPU itself: test_attention_kernel, test_gpu.
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU tensors through the kernel need TRITON_INTERPRET=1")
 
 import engine  # noqa: E402
 from engine.backends.attention import AddedKVTritonProcessor  # noqa: E402
