@@ -1,12 +1,13 @@
 """Load test of the HTTP service on loopback: Poisson arrivals, three batching policies side by side.
 
-    python bench/serve_load.py [--model shapes] [--requests 16] [--rate auto] [--steps 10 10]
+    python bench/serve_load.py [--model shapes] [--requests 16] [--rate auto] [--overload 1] [--steps 10 10]
                                [--max-batch 4] [--json bench/results/serve_load.json]
 
 For each policy (none: one request at a time; request: batches formed when idle, run to the end; step: our
 step-level batching) a fresh `python -m engine serve` runs on 127.0.0.1 in a subprocess, and the same seeded
 sequence of requests arrives at the same Poisson rate. `--rate auto` is the rate where "none" saturates: one
-over its measured service time (a request alone). Bounded: --requests requests per policy, --limit seconds.
+over its measured service time (a request alone); `--overload K` offers K times that, a load that "none"
+cannot keep up with, so the table shows what each policy can do rather than what arrives. Bounded: --requests requests per policy, --limit seconds.
 Reported per policy: p50 / p99 latency (send to response), images/s (images over first send to last response).
 """
 
@@ -119,6 +120,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default=engine.DEFAULT_MODEL)
     parser.add_argument("--requests", type=int, default=16, help="requests per policy")
     parser.add_argument("--rate", default="auto", help="requests per second, or auto: where 'none' saturates")
+    parser.add_argument("--overload", type=float, default=1.0,
+                        help="offer this many times the rate (with auto: 1 = where 'none' just saturates)")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 10], help="steps per stage of each request")
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--limit", type=float, default=600.0, help="seconds any one request may take")
@@ -134,6 +137,9 @@ def main(argv=None) -> dict:
         rate = 1.0 / service_s
     else:
         rate = float(args.rate)
+    if args.overload <= 0:
+        parser.error(f"--overload must be positive, got {args.overload}")
+    rate *= args.overload
     gaps = list(np.random.default_rng(args.seed).exponential(1.0 / rate, size=args.requests))
     gaps[0] = 0.0
 
@@ -146,7 +152,7 @@ def main(argv=None) -> dict:
     base = policies["none"]["images_per_s"]
     report = {"benchmark": "serve_load", "command": command_line("serve_load.py", argv),
               **environment(torch.device("cpu")),
-              "model": args.model, "requests": args.requests, "rate_per_s": rate, "steps": args.steps,
+              "model": args.model, "requests": args.requests, "rate_per_s": rate, "overload": args.overload, "steps": args.steps,
               "max_batch": args.max_batch, "policies": policies}
     print(f"\n{args.model}, {args.requests} requests at {rate:.2f}/s (Poisson), steps {args.steps}, "
           f"max batch {args.max_batch}\n")
