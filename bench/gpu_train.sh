@@ -7,8 +7,9 @@
 #
 # Here, once:  bash bench/gpu_checks.sh --fetch-wheels    (diffusers is not on the GPU machine)
 # Device:      run(command="bash bench/gpu_train.sh", carry=[".whl"])
-# MINUTES (default 6.5) is each stage's training budget: the whole call takes it plus about 1.5 minutes (and
-# more: the step time measured at the start under-counts the other processes' share of the GPU by about 25%).
+# MINUTES (default 6.5) is each stage's training budget: the whole call takes up to 1.15 times it (a stage past
+# that stops and saves: the step time measured at its start under-counted the other processes' share of the
+# GPU by about 25% on the first run) plus about 1.5 minutes.
 # FROM (default the packaged model) is the cascade to continue from; VARIANTS=a trains one stage I variant only;
 # LR is the peak learning rate.
 set -uo pipefail

@@ -94,6 +94,18 @@ def test_a_seeded_run_reproduces_itself_and_loads_into_the_engine(tmp_path):
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
+def test_a_time_budget_cuts_the_steps_to_it(tmp_path):
+    # 1000 steps asked for, 0.6 s allowed: the steps are fitted to the budget after TIMING_STEPS, or the stage
+    # stops once past OVERRUN x the budget (on a slow or busy machine, before the timing ends).
+    options = TrainOptions(seed=3, steps=(1000, 1000), batch=(2, 2), warmup=200, minutes=0.01)
+    data = prepare(tmp_path, options, spec=SPEC, scenes=training_scenes(64)[:24])
+    messages = []
+    report = train_stage(tmp_path, "I", data, options, log=messages.append)
+    assert report["steps"] < 1000, messages
+    assert any("fit in 0.01 min" in m or "its 0.01 min" in m for m in messages), messages
+    assert (tmp_path / "stage_I" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def test_training_changes_the_weights(tmp_path):
     from engine.random_models import write_if_cascade
 
