@@ -10,7 +10,6 @@ cheapest row within a point or two of the best adherence. Runs on CPU, one row a
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import command_line, save_json  # noqa: E402
 
 import engine  # noqa: E402
+from engine.bench.report import environment  # noqa: E402
 from engine.evaluate import EvalOptions, evaluate  # noqa: E402
 
 # (steps, guidance, noise level of stage II): IF's own defaults first, then cheaper and differently guided ones.
@@ -58,9 +58,7 @@ def main(argv=None) -> dict:
               f"{a['position']:>6.0%}  {report['seconds_per_image']:.2f}", flush=True)
         rows.append({"steps": list(steps), "guidance": list(guidance), "noise_level": noise_level, **report})
     result = {"benchmark": "shapes_defaults", "model": args.model, "count": args.count, "rows": rows,
-              "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "versions": {"torch": torch.__version__, "engine": engine.__version__},
-              "command": command_line("shapes_defaults.py", argv), "date": time.strftime("%Y-%m-%d")}
+              **environment(torch.device("cpu")), "command": command_line("shapes_defaults.py", argv), "date": time.strftime("%Y-%m-%d")}
     save_json(result, args.json)
     return result
 
