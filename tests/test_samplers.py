@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.pipelines.deepfloyd_if import timesteps as if_timesteps
 
-from engine.samplers import build_sampler, dynamic_threshold
+from engine.samplers import build_sampler, dynamic_threshold, upper_quantile
 from engine.schedules import NAMED_SCHEDULES, named_timesteps, spaced_timesteps
 
 # IF-I-XL's and IF-II-L's scheduler configs (shared/reference/cascade_configs.json) and a plain SD-like one.
@@ -106,6 +106,15 @@ def test_spaced_timesteps_match_diffusers(spacing, steps):
     theirs.set_timesteps(steps)
     ours = spaced_timesteps(1000, steps, spacing, offset=theirs.config.steps_offset)
     assert ours == theirs.timesteps.tolist()
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.95, 0.995, 1.0])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 3 * 32 * 32), (2, 3 * 128 * 128)])
+def test_upper_quantile_is_torch_quantile_bit_for_bit(q, shape):
+    generator = torch.Generator().manual_seed(0)
+    flat = (torch.randn(shape, generator=generator) * 3).abs()
+    flat[:, ::5] = flat[:, ::5].round()  # ties
+    assert torch.equal(upper_quantile(flat, q), torch.quantile(flat, q, dim=1))
 
 
 def test_dynamic_threshold_matches_diffusers():
