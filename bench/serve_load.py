@@ -76,11 +76,17 @@ class Server:
         self.process.wait(30)
 
 
-def send(url: str, body: dict, limit_s: float) -> tuple[float, int]:
+def client(limit_s: float):
+    """One HTTP client for all of a run's threads (httpx.Client is thread-safe): a client per request would
+    spend this machine's cores, which the server shares, on building connection pools and TLS contexts."""
     import httpx
 
+    return httpx.Client(timeout=limit_s, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+
+def send(http, url: str, body: dict) -> tuple[float, int]:
     start = time.perf_counter()
-    response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=limit_s)
+    response = http.post(f"{url}/v1/images/generations", json=body)
     return time.perf_counter() - start, response.status_code
 
 
@@ -94,8 +100,10 @@ def run_load(url: str, requests: list[dict], gaps: list[float], limit_s: float) 
     lock = threading.Lock()
     start = time.perf_counter()
 
+    http = client(limit_s)
+
     def worker(body):
-        latency, status = send(url, body, limit_s)
+        latency, status = send(http, url, body)
         with lock:
             results.append((latency, status, time.perf_counter() - start))
 
@@ -107,6 +115,7 @@ def run_load(url: str, requests: list[dict], gaps: list[float], limit_s: float) 
         threads.append(thread)
     for thread in threads:
         thread.join(limit_s)
+    http.close()
     ok = [r for r in results if r[1] == 200]
     latencies = [r[0] for r in ok]
     return {"sent": len(requests), "ok": len(ok), "statuses": sorted({r[1] for r in results}),
@@ -131,9 +140,9 @@ def main(argv=None) -> dict:
 
     requests = bodies(args.requests, args.steps)
     if args.rate == "auto":  # one over the service time of a request alone, under the "none" policy
-        with Server(args.model, "none", args.max_batch, args.limit) as server:
-            send(server.url, requests[0], args.limit)  # warm
-            service_s = statistics.median(send(server.url, body, args.limit)[0] for body in requests[:3])
+        with Server(args.model, "none", args.max_batch, args.limit) as server, client(args.limit) as http:
+            send(http, server.url, requests[0])  # warm
+            service_s = statistics.median(send(http, server.url, body)[0] for body in requests[:3])
         rate = 1.0 / service_s
     else:
         rate = float(args.rate)

@@ -41,7 +41,6 @@ DEFAULT_TIMEOUT_S = 300.0  # a request's longest life, queue time included; a bo
 RETRY_AFTER_S = 1
 FIELDS = {"prompt", "n", "response_format", "seed", "steps", "guidance", "negative_prompt", "noise_level",
           "scheduler", "timeout", "size", "model", "user"}  # "model" and "user": accepted for OpenAI clients, not used
-POLL_S = 0.05  # how often a waiting handler checks for its client's disconnect
 
 
 class Service:
@@ -196,11 +195,14 @@ def _generations(service: Service):
             return _error(503, str(exc), "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
 
         waiting = asyncio.wrap_future(future)
-        while not waiting.done():
-            await asyncio.wait({waiting}, timeout=POLL_S)
-            if not waiting.done() and await request.is_disconnected():
-                future.cancel()  # dropped at the next step boundary; its slot frees up
-                return _error(499, "client closed the request", "cancelled")
+        disconnect = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({waiting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+        if not waiting.done():
+            future.cancel()  # dropped at the next step boundary; its slot frees up
+            return _error(499, "client closed the request", "cancelled")
         try:
             generation = waiting.result()
         except RequestTimeoutError as exc:
@@ -214,6 +216,13 @@ def _generations(service: Service):
         data = [{"b64_json": _png_base64(image)} for image in generation.images]
         return JSONResponse({"created": int(time.time()), "seed": gen_request.seed, "data": data})
     return generations
+
+
+async def _disconnected(request) -> None:
+    """Return when the client goes away. The body has been read, so the next ASGI message the server sends
+    is http.disconnect (uvicorn sends it on a closed socket), with no polling while the request waits."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _png_base64(image) -> str:
