@@ -1,14 +1,18 @@
 """Load test of the HTTP service on loopback: Poisson arrivals, three batching policies side by side.
 
-    python bench/serve_load.py [--model shapes] [--requests 16] [--rate auto] [--overload 1] [--steps 10 10]
-                               [--max-batch 4] [--json bench/results/serve_load.json]
+    python bench/serve_load.py [--model shapes] [--requests 16 | --seconds S] [--rate auto] [--overload 1 [2 ...]]
+                               [--steps 10 10 | --mixed-steps 4 16] [--max-batch 8] [--json bench/results/serve_load.json]
 
 For each policy (none: one request at a time; request: batches formed when idle, run to the end; step: our
 step-level batching) a fresh `python -m engine serve` runs on 127.0.0.1 in a subprocess, and the same seeded
 sequence of requests arrives at the same Poisson rate. `--rate auto` is the rate where "none" saturates: one
 over its measured service time (a request alone); `--overload K` offers K times that, a load that "none"
-cannot keep up with, so the table shows what each policy can do rather than what arrives. Bounded: --requests requests per policy, --limit seconds.
-Reported per policy: p50 / p99 latency (send to response), images/s (images over first send to last response).
+cannot keep up with, so the table shows what each policy can do rather than what arrives; several values make a
+sweep. `--seconds S` sends as many requests as arrive in S seconds at each load, so that the end of a run (the
+last requests draining) weighs as little at every load. Bounded: that many requests per policy and load, each
+at most --limit seconds.
+Reported per policy: p50 / p99 latency (send to response), images/s (images over first send to last
+response), and images per U-Net call (the server's own /metrics).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from report import command_line, save_json  # noqa: E402
 
 import engine  # noqa: E402
 from engine.bench.report import environment  # noqa: E402
-from engine.serve.scheduler import POLICIES  # noqa: E402
+from engine.serve.scheduler import DEFAULT_MAX_BATCH, POLICIES  # noqa: E402
 
 PROMPTS = ("a large red circle on a blue background", "a small green square on a white background",
            "a large yellow triangle at the top on a black background")
@@ -90,8 +94,14 @@ def send(http, url: str, body: dict) -> tuple[float, int]:
     return time.perf_counter() - start, response.status_code
 
 
-def bodies(count: int, steps: list[int]) -> list[dict]:
-    return [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "steps": steps} for i in range(count)]
+def bodies(count: int, steps: list[int], mixed: list[int] | None = None, seed: int = 0) -> list[dict]:
+    """The requests, the same for every policy: `steps` per stage, or with `mixed` (LOW HIGH) each request's
+    own step count (for every stage) drawn uniformly from LOW..HIGH, as users who pick their own steps send."""
+    if mixed is None:
+        return [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "steps": steps} for i in range(count)]
+    draws = np.random.default_rng(seed + 1).integers(mixed[0], mixed[1] + 1, size=count)
+    return [{"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "steps": [int(n)] * len(steps)}
+            for i, n in enumerate(draws)]
 
 
 def run_load(url: str, requests: list[dict], gaps: list[float], limit_s: float) -> dict:
@@ -124,52 +134,90 @@ def run_load(url: str, requests: list[dict], gaps: list[float], limit_s: float) 
             "images_per_s": len(ok) / max(r[2] for r in ok) if ok else 0.0}
 
 
+def mean_batch(http, url: str) -> float | None:
+    """Images per U-Net call over the run, from the server's /metrics (engine_batch_images sum / count)."""
+    values = {}
+    for line in http.get(f"{url}/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("engine_batch_images_sum", "engine_batch_images_count"):
+            values[name] = float(value)
+    count = values.get("engine_batch_images_count")
+    return values["engine_batch_images_sum"] / count if count else None
+
+
+def run_policy(args, policy: str, requests: list[dict], gaps: list[float]) -> dict:
+    with Server(args.model, policy, args.max_batch, args.limit) as server:
+        result = run_load(server.url, requests, gaps, args.limit)
+        with client(args.limit) as http:
+            result["mean_batch_images"] = mean_batch(http, server.url)
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=engine.DEFAULT_MODEL)
-    parser.add_argument("--requests", type=int, default=16, help="requests per policy")
+    parser.add_argument("--requests", type=int, default=16, help="requests per policy and load")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="instead of --requests: as many requests as arrive in this many seconds at each load")
     parser.add_argument("--rate", default="auto", help="requests per second, or auto: where 'none' saturates")
-    parser.add_argument("--overload", type=float, default=1.0,
-                        help="offer this many times the rate (with auto: 1 = where 'none' just saturates)")
+    parser.add_argument("--overload", type=float, nargs="+", default=[1.0],
+                        help="offer this many times the rate, one run per value (with auto: 1 = where 'none' "
+                             "just saturates)")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 10], help="steps per stage of each request")
-    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--mixed-steps", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="each request's steps (every stage) drawn from LOW..HIGH instead of --steps; the "
+                             "auto rate is then measured at the mean, (LOW + HIGH) / 2")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="images per U-Net call per stage")
     parser.add_argument("--limit", type=float, default=600.0, help="seconds any one request may take")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if any(k <= 0 for k in args.overload):
+        parser.error(f"--overload values must be positive, got {args.overload}")
+    if args.mixed_steps is not None:
+        low, high = args.mixed_steps
+        if not 1 <= low <= high:
+            parser.error(f"--mixed-steps needs 1 <= LOW <= HIGH, got {low} {high}")
+        args.steps = [round((low + high) / 2)] * len(args.steps)  # what the auto rate is measured at
 
-    requests = bodies(args.requests, args.steps)
     if args.rate == "auto":  # one over the service time of a request alone, under the "none" policy
+        probe = bodies(3, args.steps)
         with Server(args.model, "none", args.max_batch, args.limit) as server, client(args.limit) as http:
-            send(http, server.url, requests[0])  # warm
-            service_s = statistics.median(send(http, server.url, body)[0] for body in requests[:3])
-        rate = 1.0 / service_s
+            send(http, server.url, probe[0])  # warm
+            service_s = statistics.median(send(http, server.url, body)[0] for body in probe)
+        base_rate = 1.0 / service_s
     else:
-        rate = float(args.rate)
-    if args.overload <= 0:
-        parser.error(f"--overload must be positive, got {args.overload}")
-    rate *= args.overload
-    gaps = list(np.random.default_rng(args.seed).exponential(1.0 / rate, size=args.requests))
-    gaps[0] = 0.0
+        base_rate = float(args.rate)
 
-    policies = {}
-    for policy in POLICIES[::-1]:  # none, request, step
-        with Server(args.model, policy, args.max_batch, args.limit) as server:
-            policies[policy] = run_load(server.url, requests, gaps, args.limit)
-        print(f"{policy:8s} {policies[policy]}", flush=True)
+    loads = []
+    for overload in args.overload:
+        rate = base_rate * overload
+        count = args.requests if args.seconds is None else max(2, round(rate * args.seconds))
+        requests = bodies(count, args.steps, args.mixed_steps, args.seed)
+        gaps = list(np.random.default_rng(args.seed).exponential(1.0 / rate, size=count))
+        gaps[0] = 0.0
+        policies = {}
+        for policy in POLICIES[::-1]:  # none, request, step
+            policies[policy] = run_policy(args, policy, requests, gaps)
+            print(f"{overload:g}x {policy:8s} {policies[policy]}", flush=True)
+        loads.append({"overload": overload, "rate_per_s": rate, "requests": count, "policies": policies})
 
-    base = policies["none"]["images_per_s"]
     report = {"benchmark": "serve_load", "command": command_line("serve_load.py", argv),
-              **environment(torch.device("cpu")),
-              "model": args.model, "requests": args.requests, "rate_per_s": rate, "overload": args.overload, "steps": args.steps,
-              "max_batch": args.max_batch, "policies": policies}
-    print(f"\n{args.model}, {args.requests} requests at {rate:.2f}/s (Poisson), steps {args.steps}, "
-          f"max batch {args.max_batch}\n")
-    print("| policy | ok | p50 s | p99 s | images/s | vs none |\n|---|---:|---:|---:|---:|---:|")
-    for name, r in policies.items():
-        ratio = r["images_per_s"] / base if base else float("nan")
-        print(f"| {name} | {r['ok']}/{r['sent']} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['images_per_s']:.3f} "
-              f"| {ratio:.2f}x |")
+              **environment(torch.device("cpu")), "model": args.model, "base_rate_per_s": base_rate,
+              "steps": args.steps, "mixed_steps": args.mixed_steps, "max_batch": args.max_batch, "loads": loads}
+    steps = f"steps {args.steps}" if args.mixed_steps is None else "steps {}..{} per request".format(*args.mixed_steps)
+    print(f"\n{args.model}, {steps}, max batch {args.max_batch}; 'none' saturates at "
+          f"{base_rate:.2f} requests/s\n")
+    print("| offered | requests | policy | ok | p50 s | p99 s | images/s | vs none | images per U-Net call |\n"
+          "|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for load in loads:
+        base = load["policies"]["none"]["images_per_s"]
+        for name, r in load["policies"].items():
+            ratio = r["images_per_s"] / base if base else float("nan")
+            batch = "-" if r["mean_batch_images"] is None else f"{r['mean_batch_images']:.1f}"
+            print(f"| {load['overload']:g}x ({load['rate_per_s']:.2f}/s) | {load['requests']} | {name} "
+                  f"| {r['ok']}/{r['sent']} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['images_per_s']:.3f} "
+                  f"| {ratio:.2f}x | {batch} |")
     save_json(report, args.json)
     return report
 

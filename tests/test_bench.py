@@ -55,5 +55,7 @@ def test_serve_load_bench_smoke(tmp_path):
     pytest.importorskip("uvicorn")
     bench = _load("serve_load")
     report = bench.main(["--requests", "2", "--rate", "20", "--steps", "1", "1", "--json", str(tmp_path / "s.json")])
-    assert set(report["policies"]) == {"none", "request", "step"}
-    assert all(p["ok"] == 2 and p["images_per_s"] > 0 for p in report["policies"].values())
+    [load] = report["loads"]
+    assert set(load["policies"]) == {"none", "request", "step"}
+    assert all(p["ok"] == 2 and p["images_per_s"] > 0 for p in load["policies"].values())
+    assert all(p["mean_batch_images"] >= 1 for p in load["policies"].values())
