@@ -62,6 +62,20 @@ def test_max_batch_bounds_each_call_and_stages_run_side_by_side(engine_pipe):
     assert len(calls) < 3 * sum(STEPS)
 
 
+def test_each_step_calls_the_fullest_stage_and_the_later_one_on_a_tie(engine_pipe):
+    scheduler = BatchingScheduler(engine_pipe, max_batch=2)
+    calls = []
+    scheduler.on_batch = lambda stage, images, rows: calls.append((stage, images))
+    futures = [scheduler.submit(request(seed)) for seed in range(3)]
+    drain(scheduler)
+    assert all(f.result(timeout=0) for f in futures)
+    first, later = STEPS
+    # Requests 0 and 1 fill stage I; when they move on, request 2 enters stage I alone, and stage II (2 images)
+    # runs to the end before stage I (1 image) is called again; then request 2 goes through stage II.
+    assert calls == ([("stage_I", 2)] * first + [("stage_II", 2)] * later
+                     + [("stage_I", 1)] * first + [("stage_II", 1)] * later)
+
+
 def test_a_full_queue_refuses_at_once_and_accepts_again_after(engine_pipe):
     scheduler = BatchingScheduler(engine_pipe, max_batch=1, max_queue=1)
     first = scheduler.submit(request(0))
