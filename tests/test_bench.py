@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,3 +60,15 @@ def test_serve_load_bench_smoke(tmp_path):
     assert set(load["policies"]) == {"none", "request", "step"}
     assert all(p["ok"] == 2 and p["images_per_s"] > 0 for p in load["policies"].values())
     assert all(p["mean_batch_images"] >= 1 for p in load["policies"].values())
+
+
+def test_serve_model_times_a_lone_request_as_the_sum_of_its_calls():
+    model = _load("serve_model")
+    costs, per_request = model.COSTS["cpu"]
+    alone = 7 * sum(a + c for a, c in costs) + per_request  # 7 steps per stage, batch 1
+    for policy in model.POLICIES:
+        throughput, p50, p99 = model.simulate(policy, 1e-3, np.array([7]), costs, per_request)
+        assert p50 == pytest.approx(alone) and p99 == pytest.approx(alone)
+    # Two requests at once: every policy batches them, so both finish sooner than one after the other.
+    _, _, p99 = model.simulate("step", 1e6, np.array([7, 7]), costs, per_request)
+    assert p99 < 2 * alone
