@@ -118,8 +118,9 @@ def upper_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
     rank = torch.tensor(q, dtype=flat.dtype) * (n - 1)
     below = rank.floor()
     top = n - int(below)  # values of rank floor(rank) .. n - 1
-    values = flat.topk(top, dim=1, sorted=True).values  # (B, top), descending
-    return torch.lerp(values[:, top - 1], values[:, max(top - 2, 0)], rank - below)
+    values = flat.topk(top, dim=1, sorted=True).values  # (B, top), descending; a NaN ranks first
+    quantile = torch.lerp(values[:, top - 1], values[:, max(top - 2, 0)], rank - below)
+    return torch.where(values[:, 0].isnan(), values[:, 0], quantile)  # NaN for a row with one, as torch.quantile
 
 
 class _Sampler:

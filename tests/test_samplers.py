@@ -115,6 +115,8 @@ def test_upper_quantile_is_torch_quantile_bit_for_bit(q, shape):
     flat = (torch.randn(shape, generator=generator) * 3).abs()
     flat[:, ::5] = flat[:, ::5].round()  # ties
     assert torch.equal(upper_quantile(flat, q), torch.quantile(flat, q, dim=1))
+    flat[0, -1] = float("nan")  # an overflowed row gives NaN, the others their quantile
+    torch.testing.assert_close(upper_quantile(flat, q), torch.quantile(flat, q, dim=1), rtol=0, atol=0, equal_nan=True)
 
 
 def test_dynamic_threshold_matches_diffusers():
