@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
         args.steps = [round((low + high) / 2)] * len(args.steps)  # what the auto rate is measured at
 
     if args.rate == "auto":  # one over the service time of a request alone, under the "none" policy
-        probe = bodies(3, args.steps)
+        probe = bodies(6, args.steps)  # the median of several: one request alone varies by 10% here
         with Server(args.model, "none", args.max_batch, args.limit) as server, client(args.limit) as http:
             send(http, server.url, probe[0])  # warm
             service_s = statistics.median(send(http, server.url, body)[0] for body in probe)
