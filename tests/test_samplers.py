@@ -110,9 +110,10 @@ def test_spaced_timesteps_match_diffusers(spacing, steps):
 
 @pytest.mark.parametrize("q", [0.0, 0.5, 0.95, 0.995, 1.0])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 3 * 32 * 32), (2, 3 * 128 * 128)])
-def test_upper_quantile_is_torch_quantile_bit_for_bit(q, shape):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upper_quantile_is_torch_quantile_bit_for_bit(q, shape, dtype):
     generator = torch.Generator().manual_seed(0)
-    flat = (torch.randn(shape, generator=generator) * 3).abs()
+    flat = (torch.randn(shape, generator=generator, dtype=dtype) * 3).abs()
     flat[:, ::5] = flat[:, ::5].round()  # ties
     assert torch.equal(upper_quantile(flat, q), torch.quantile(flat, q, dim=1))
     flat[0, -1] = float("nan")  # an overflowed row gives NaN, the others their quantile
