@@ -22,10 +22,7 @@ MODELS=("$@")
 [[ ${#MODELS[@]} -eq 0 ]] && MODELS=(if-i-xl:random if-ii-l:random sd-x4-upscaler:random t5-xxl:random shapes)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+source bench/gpu_wheels.sh
 python3 -c "import diffusers, transformers" || { echo "diffusers/transformers missing: carry .whl (see above)"; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$OUT/device.txt"
 status=0

@@ -7,16 +7,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     mkdir -p .git/info; grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl "diffusers==0.42.1" importlib_metadata
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl "diffusers==0.42.1" importlib_metadata \
+        starlette uvicorn  # the last two for bench/gpu_serve.sh
     exit
 fi
 OUT="${OUT:-/tmp/gpu_checks}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+source bench/gpu_wheels.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_attention_kernel.py 2>&1 | tee "$OUT/tests.log"
 # The integration tests run the kernel on CPU tensors: the interpreter's job, also on a GPU machine.

@@ -24,10 +24,7 @@ LR="${LR:-1e-3}"
 WORK=/tmp/shapes_train
 mkdir -p "$OUT/logs" "$WORK"
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+source bench/gpu_wheels.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/logs/device.txt" || true
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" \
     | tee -a "$OUT/logs/device.txt"

@@ -58,8 +58,16 @@ def test_serve_load_bench_smoke(tmp_path):
     report = bench.main(["--requests", "2", "--rate", "20", "--steps", "1", "1", "--json", str(tmp_path / "s.json")])
     [load] = report["loads"]
     assert set(load["policies"]) == {"none", "request", "step"}
-    assert all(p["ok"] == 2 and p["images_per_s"] > 0 for p in load["policies"].values())
+    assert all(p["ok"] == 2 and p["images_per_s_overall"] > 0 for p in load["policies"].values())
     assert all(p["mean_batch_images"] >= 1 for p in load["policies"].values())
+
+
+def test_steady_rate_counts_only_completions_inside_the_window():
+    bench = _load("serve_load")
+    # 10 s window from 2 to 12 s: 5 completions inside, the 1 s ones (filling) and the 13 s one (draining) not.
+    completions = [1.0, 1.5, 2.0, 4.0, 6.0, 8.0, 11.9, 12.0, 13.0]
+    assert bench.steady_rate(completions, (2.0, 12.0)) == pytest.approx(0.5)
+    assert np.isnan(bench.steady_rate(completions, (3.0, 3.0)))
 
 
 def test_serve_model_times_a_lone_request_as_the_sum_of_its_calls():

@@ -26,3 +26,16 @@ def test_cuda_half_precision_tracks_cpu_float32(cascade_dir, engine_pipe, dtype,
     ours = gpu.generate("a red circle", **options)
     reference = engine_pipe.generate("a red circle", **options)
     assert np.abs(ours - reference).max() < HALF_BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upper_quantile_is_torch_quantile_on_cuda(dtype):
+    """The sampler's dynamic thresholding quantile (topk on the top ranks) against torch.quantile, on CUDA tensors,
+    a NaN row included: the same bits, as on the CPU."""
+    from engine.samplers import upper_quantile
+
+    flat = torch.randn(4, 3 * 64 * 64, generator=torch.Generator().manual_seed(0), dtype=dtype).abs().cuda()
+    flat[2, 17] = float("nan")
+    for q in (0.5, 0.9, 0.995):
+        torch.testing.assert_close(upper_quantile(flat, q), torch.quantile(flat, q, dim=1), rtol=0, atol=0,
+                                   equal_nan=True)
