@@ -1,7 +1,8 @@
 """Load test of the HTTP service on loopback: Poisson arrivals, three batching policies side by side.
 
     python bench/serve_load.py [--model shapes] [--requests 16 | --seconds S] [--rate auto] [--overload 1 [2 ...]]
-                               [--steps 10 10 | --mixed-steps 4 16] [--max-batch 8] [--json bench/results/serve_load.json]
+                               [--steps 10 10 | --mixed-steps 4 16] [--repeat N] [--max-batch 8]
+                               [--json bench/results/serve_load.json]
 
 For each policy (none: one request at a time; request: batches formed when idle, run to the end; step: our
 step-level batching) a fresh `python -m engine serve` runs on 127.0.0.1 in a subprocess, and the same seeded
@@ -9,8 +10,13 @@ sequence of requests arrives at the same Poisson rate. `--rate auto` is the rate
 over its measured service time (a request alone); `--overload K` offers K times that, a load that "none"
 cannot keep up with, so the table shows what each policy can do rather than what arrives; several values make a
 sweep. `--seconds S` sends as many requests as arrive in S seconds at each load, so that the end of a run (the
-last requests draining) weighs as little at every load. Bounded: that many requests per policy and load, each
-at most --limit seconds.
+last requests draining) weighs as little at every load. The arrivals are a Poisson process conditioned on its
+count (the times of `count` uniform draws over count / rate seconds, sorted), so every run offers exactly the
+stated load: an unconditioned sequence of 100 arrivals is 10% faster or slower than its rate about a third of
+the time, which would move every policy's figures together. `--repeat N` runs each load N times, each with its
+own arrival sequence (seeds seed .. seed + N - 1) and the three policies in turn, and reports every repeat and
+their medians, and in how many repeats the serving issue's target held. Bounded: that many requests per policy
+and load, each at most --limit seconds.
 Reported per policy: p50 / p99 latency (send to response); steady images/s, the rate of completions over the
 last three quarters of the arrival window (what a policy sustains: the first quarter fills the pipeline, and the
 drain after the last arrival measures the backlog, not the rate); overall images/s (all images over first
@@ -108,12 +114,22 @@ def bodies(count: int, steps: list[int], mixed: list[int] | None = None, seed: i
             for i, n in enumerate(draws)]
 
 
-def run_load(url: str, requests: list[dict], gaps: list[float], limit_s: float) -> dict:
-    """Send `requests` with the given gaps between sends (each in its own thread); latencies and throughput."""
+def arrival_times(count: int, rate: float, seed: int) -> np.ndarray:
+    """(count,) seconds from the start, ascending: a Poisson process of `rate` conditioned on `count` arrivals in
+    count / rate seconds, which is `count` uniform times over that span. Drawn as the cumulative sums of
+    count + 1 exponential gaps scaled to the span (the first count partial sums over the total are exactly
+    sorted uniforms)."""
+    gaps = np.random.default_rng(seed).exponential(1.0, size=count + 1)
+    return np.cumsum(gaps[:count]) * (count / rate) / gaps.sum()
+
+
+def run_load(url: str, requests: list[dict], arrivals: np.ndarray, limit_s: float) -> dict:
+    """Send `requests` at `arrivals` (seconds from the start, each in its own thread); latencies and throughput."""
     results: list[tuple[float, int, float]] = []  # (latency, status, completion time)
     lock = threading.Lock()
     start = time.perf_counter()
-    window = (sum(gaps) / 4, sum(gaps))  # the last three quarters of the arrivals, in seconds from the first send
+    span = float(arrivals[-1])
+    window = (span / 4, span)  # the last three quarters of the arrivals, in seconds from the start
 
     http = client(limit_s)
 
@@ -123,8 +139,8 @@ def run_load(url: str, requests: list[dict], gaps: list[float], limit_s: float) 
             results.append((latency, status, time.perf_counter() - start))
 
     threads = []
-    for body, gap in zip(requests, gaps):
-        time.sleep(gap)
+    for body, at in zip(requests, arrivals):
+        time.sleep(max(0.0, at - (time.perf_counter() - start)))  # on schedule, not drifting by the sends' cost
         thread = threading.Thread(target=worker, args=(body,))
         thread.start()
         threads.append(thread)
@@ -157,12 +173,62 @@ def mean_batch(http, url: str) -> float | None:
     return values["engine_batch_images_sum"] / count if count else None
 
 
-def run_policy(args, policy: str, requests: list[dict], gaps: list[float]) -> dict:
+def run_policy(args, policy: str, requests: list[dict], arrivals: np.ndarray) -> dict:
     with Server(args.model, policy, args.max_batch, args.limit, args.device) as server:
-        result = run_load(server.url, requests, gaps, args.limit)
+        result = run_load(server.url, requests, arrivals, args.limit)
         with client(args.limit) as http:
             result["mean_batch_images"] = mean_batch(http, server.url)
     return result
+
+
+def target(policies: dict) -> dict:
+    """The serving issue's target in one run: step batching sustains at least 1.5x the images/s of no batching,
+    with a lower p99 than request batching."""
+    none, request, step = (policies[p] for p in ("none", "request", "step"))
+    ratio = step["images_per_s"] / none["images_per_s"] if none["images_per_s"] else float("nan")
+    held = ratio >= 1.5 and step["p99_s"] is not None and request["p99_s"] is not None \
+        and step["p99_s"] < request["p99_s"]
+    return {"step_vs_none": ratio, "target_held": bool(held)}
+
+
+def medians(runs: list[dict]) -> dict:
+    """Per policy, the median of each figure over the repeats (a single run is its own median)."""
+    figures = ("p50_s", "p99_s", "images_per_s", "images_per_s_overall", "mean_batch_images")
+    out = {}
+    for policy in runs[0]:
+        out[policy] = {"ok": sum(r[policy]["ok"] for r in runs), "sent": sum(r[policy]["sent"] for r in runs)}
+        for name in figures:
+            values = [r[policy][name] for r in runs if r[policy][name] is not None]
+            out[policy][name] = statistics.median(values) if values else None
+    return out
+
+
+def print_tables(report: dict) -> None:
+    """The medians per load and policy, then each repeat's target figures (Markdown, for RESULTS.md)."""
+    steps = report["mixed_steps"]
+    steps = f"steps {report['steps']}" if steps is None else "steps {}..{} per request".format(*steps)
+    print(f"\n{report['model']}, {steps}, max batch {report['max_batch']}; 'none' saturates at "
+          f"{report['base_rate_per_s']:.2f} requests/s; medians of {report['repeat']} repeat(s)\n")
+    print("| offered | requests | policy | ok | p50 s | p99 s | steady images/s | vs none | overall images/s "
+          "| images per U-Net call |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+    for load in report["loads"]:
+        for name, r in load["policies"].items():
+            ratio = [run["policies"][name]["images_per_s"] / run["policies"]["none"]["images_per_s"]
+                     if run["policies"]["none"]["images_per_s"] else float("nan") for run in load["repeats"]]
+            print(f"| {load['overload']:g}x ({load['rate_per_s']:.2f}/s) | {load['requests']} | {name} "
+                  f"| {r['ok']}/{r['sent']} | {fmt(r['p50_s'], '.2f')} | {fmt(r['p99_s'], '.2f')} "
+                  f"| {r['images_per_s']:.3f} | {statistics.median(ratio):.2f}x | {r['images_per_s_overall']:.3f} "
+                  f"| {fmt(r['mean_batch_images'], '.1f')} |")
+    print("\n| offered | seed | step vs none | p99 request | p99 step | target held |\n|---:|---:|---:|---:|---:|---|")
+    for load in report["loads"]:
+        for run in load["repeats"]:
+            p = run["policies"]
+            print(f"| {load['overload']:g}x | {run['seed']} | {run['step_vs_none']:.2f}x "
+                  f"| {fmt(p['request']['p99_s'], '.2f')} | {fmt(p['step']['p99_s'], '.2f')} "
+                  f"| {'yes' if run['target_held'] else 'no'} |")
+        print(f"| {load['overload']:g}x | all | {load['step_vs_none']:.2f}x (median) | | "
+              f"| {load['target_held']} of {len(load['repeats'])} |")
 
 
 def main(argv=None) -> dict:
@@ -182,11 +248,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default=None, help="the server's device (default: its own, cuda if available)")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="images per U-Net call per stage")
     parser.add_argument("--limit", type=float, default=600.0, help="seconds any one request may take")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each load, each with its own arrivals (seeds seed .. seed + N - 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times (and of --mixed-steps)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if any(k <= 0 for k in args.overload):
         parser.error(f"--overload values must be positive, got {args.overload}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.mixed_steps is not None:
         low, high = args.mixed_steps
         if not 1 <= low <= high:
@@ -207,31 +277,25 @@ def main(argv=None) -> dict:
     for overload in args.overload:
         rate = base_rate * overload
         count = args.requests if args.seconds is None else max(2, round(rate * args.seconds))
-        requests = bodies(count, args.steps, args.mixed_steps, args.seed)
-        gaps = list(np.random.default_rng(args.seed).exponential(1.0 / rate, size=count))
-        gaps[0] = 0.0
-        policies = {}
-        for policy in POLICIES[::-1]:  # none, request, step
-            policies[policy] = run_policy(args, policy, requests, gaps)
-            print(f"{overload:g}x {policy:8s} {policies[policy]}", flush=True)
-        loads.append({"overload": overload, "rate_per_s": rate, "requests": count, "policies": policies})
+        repeats = []
+        for seed in range(args.seed, args.seed + args.repeat):
+            requests = bodies(count, args.steps, args.mixed_steps, seed)
+            arrivals = arrival_times(count, rate, seed)
+            policies = {}
+            for policy in POLICIES[::-1]:  # none, request, step
+                policies[policy] = run_policy(args, policy, requests, arrivals)
+                print(f"{overload:g}x seed {seed} {policy:8s} {policies[policy]}", flush=True)
+            repeats.append({"seed": seed, "policies": policies, **target(policies)})
+        loads.append({"overload": overload, "rate_per_s": rate, "requests": count,
+                      "policies": medians([r["policies"] for r in repeats]), "repeats": repeats,
+                      "step_vs_none": statistics.median(r["step_vs_none"] for r in repeats),
+                      "target_held": sum(r["target_held"] for r in repeats)})
 
     report = {"benchmark": "serve_load", "command": command_line("serve_load.py", argv),
               **environment(resolve_device(args.device)), "model": args.model, "base_rate_per_s": base_rate,
-              "steps": args.steps, "mixed_steps": args.mixed_steps, "max_batch": args.max_batch, "loads": loads}
-    steps = f"steps {args.steps}" if args.mixed_steps is None else "steps {}..{} per request".format(*args.mixed_steps)
-    print(f"\n{args.model}, {steps}, max batch {args.max_batch}; 'none' saturates at "
-          f"{base_rate:.2f} requests/s\n")
-    print("| offered | requests | policy | ok | p50 s | p99 s | steady images/s | vs none | overall images/s "
-          "| images per U-Net call |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for load in loads:
-        base = load["policies"]["none"]["images_per_s"]
-        for name, r in load["policies"].items():
-            ratio = r["images_per_s"] / base if base else float("nan")
-            batch = "-" if r["mean_batch_images"] is None else f"{r['mean_batch_images']:.1f}"
-            print(f"| {load['overload']:g}x ({load['rate_per_s']:.2f}/s) | {load['requests']} | {name} "
-                  f"| {r['ok']}/{r['sent']} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['images_per_s']:.3f} "
-                  f"| {ratio:.2f}x | {r['images_per_s_overall']:.3f} | {batch} |")
+              "steps": args.steps, "mixed_steps": args.mixed_steps, "max_batch": args.max_batch,
+              "repeat": args.repeat, "loads": loads}
+    print_tables(report)
     save_json(report, args.json)
     return report
 

@@ -55,11 +55,34 @@ def test_onnx_cpu_bench_smoke(cascade_dir, tmp_path):
 def test_serve_load_bench_smoke(tmp_path):
     pytest.importorskip("uvicorn")
     bench = _load("serve_load")
-    report = bench.main(["--requests", "2", "--rate", "20", "--steps", "1", "1", "--json", str(tmp_path / "s.json")])
+    report = bench.main(["--requests", "2", "--rate", "20", "--steps", "1", "1", "--repeat", "2",
+                         "--json", str(tmp_path / "s.json")])
     [load] = report["loads"]
     assert set(load["policies"]) == {"none", "request", "step"}
-    assert all(p["ok"] == 2 and p["images_per_s_overall"] > 0 for p in load["policies"].values())
+    assert all(p["ok"] == 4 and p["images_per_s_overall"] > 0 for p in load["policies"].values())  # 2 x 2
     assert all(p["mean_batch_images"] >= 1 for p in load["policies"].values())
+    assert [r["seed"] for r in load["repeats"]] == [0, 1]
+    assert 0 <= load["target_held"] <= 2
+
+
+def test_arrivals_offer_exactly_the_stated_load_in_a_seeded_poisson_order():
+    bench = _load("serve_load")
+    times = bench.arrival_times(200, 4.0, seed=3)
+    assert times.shape == (200,) and np.all(np.diff(times) > 0) and 0 < times[0]
+    assert 49.0 < times[-1] < 50.0  # 200 arrivals at 4/s span 50 s, whatever the seed
+    assert np.array_equal(times, bench.arrival_times(200, 4.0, seed=3))
+    assert not np.array_equal(times, bench.arrival_times(200, 4.0, seed=4))
+    gaps = np.diff(times)  # exponential-like: about as spread as they are long (coefficient of variation ~1)
+    assert 0.8 < gaps.std() / gaps.mean() < 1.2
+
+
+def test_target_needs_both_the_throughput_and_the_tail():
+    bench = _load("serve_load")
+    run = lambda rate, p99: {"images_per_s": rate, "p99_s": p99}  # noqa: E731
+    assert bench.target({"none": run(1.0, 30), "request": run(1.6, 5.0), "step": run(1.6, 4.0)})["target_held"]
+    assert not bench.target({"none": run(1.0, 30), "request": run(1.6, 5.0), "step": run(1.4, 4.0)})["target_held"]
+    assert not bench.target({"none": run(1.0, 30), "request": run(1.6, 5.0), "step": run(1.6, 5.5)})["target_held"]
+    assert bench.target({"none": run(2.0, 30), "request": run(1, 1), "step": run(3.0, 0.5)})["step_vs_none"] == 1.5
 
 
 def test_steady_rate_counts_only_completions_inside_the_window():
