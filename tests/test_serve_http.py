@@ -60,6 +60,7 @@ def test_generation_returns_the_engines_pngs(client, engine_pipe):
 @pytest.mark.parametrize("body, message", [
     ({"seed": 1}, "prompt is required"),
     ({**BODY, "n": 0}, "num_images_per_prompt must be >= 1"),
+    ({**BODY, "n": 5}, "asks for 5 images"),  # more than the app's max_batch (4) in one request
     ({**BODY, "steps": [3, 2, 1]}, "steps has 3 values"),
     ({**BODY, "response_format": "url"}, "response_format must be 'b64_json'"),
     ({**BODY, "size": "1024x1024"}, "size must be '32x32'"),

@@ -132,7 +132,11 @@ def test_bad_requests_are_refused_at_submit(engine_pipe):
         scheduler.submit(request(0), timeout_s=0)
     with pytest.raises(InvalidRequestError, match="max_batch and max_queue"):
         BatchingScheduler(engine_pipe, max_batch=0)
-    assert scheduler.queue_depth == 0
+    small = BatchingScheduler(engine_pipe, max_batch=3)
+    with pytest.raises(InvalidRequestError, match=r"asks for 4 images .*\(max_batch 3\)"):
+        small.submit(request(0, prompt=["a cat", "a dog"], num_images_per_prompt=2))
+    assert scheduler.queue_depth == 0 and small.queue_depth == 0
+    assert small.submit(request(0, num_images_per_prompt=3)).running() is False  # max_batch itself is fine
 
 
 def test_background_thread_serves_concurrent_requests(engine_pipe):

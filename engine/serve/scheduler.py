@@ -8,8 +8,8 @@ a stage moves on to the next stage's batch (or completes) without waiting for th
 
 Each request draws its randomness from its own generator (seeded by its seed) when it enters a stage, so its
 images are those `Pipeline.run` gives for it, whatever it shares a batch with. Cancellation and deadlines are
-checked at every step boundary; the waiting queue is bounded (`QueueFullError` when full); a request whose
-stage produces NaN fails alone.
+checked at every step boundary; the waiting queue is bounded (`QueueFullError` when full); a request for
+more images than `max_batch` is refused at submit; a request whose stage produces NaN fails alone.
 
     scheduler = BatchingScheduler(pipe, max_batch=8, max_queue=32)
     scheduler.start()                                   # a background thread runs step() in a loop
@@ -97,6 +97,11 @@ class BatchingScheduler:
         if timeout_s is not None and not timeout_s > 0:
             raise InvalidRequestError(f"timeout_s must be > 0, got {timeout_s}")
         images = len(request.prompts) * request.num_images_per_prompt
+        if images > self.max_batch:  # it would make one call of its own size, holding every other request up
+            raise InvalidRequestError(
+                f"the request asks for {images} images (prompts x images per prompt), more than one U-Net call "
+                f"here takes (max_batch {self.max_batch}); send at most {self.max_batch} per request, or raise "
+                "max_batch (python -m engine serve --max-batch)")
         future: Future = Future()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         job = Job(next(self._ids), request, settings, images, future, deadline, image=image)
@@ -207,7 +212,7 @@ class BatchingScheduler:
             ready = self._take_waiting(used, limit=1 if self.policy == "none" else None)
         for job in ready:
             if used and used + job.images > self.max_batch:
-                return  # it waits for the next step boundary (a job larger than max_batch runs alone)
+                return  # it waits for the next step boundary
             try:
                 if index == 0:
                     self._enter_first_stage(job)
