@@ -17,16 +17,18 @@ the time, which would move every policy's figures together. `--repeat N` runs ea
 own arrival sequence (seeds seed .. seed + N - 1) and the three policies in turn, and reports every repeat and
 their medians, and in how many repeats the serving issue's target held. Bounded: that many requests per policy
 and load, each at most --limit seconds.
-Reported per policy: p50 / p99 latency (send to response); steady images/s, the rate of completions over the
-last three quarters of the arrival window (what a policy sustains: the first quarter fills the pipeline, and the
-drain after the last arrival measures the backlog, not the rate); overall images/s (all images over first
-send to last response, drain included, which understates a policy that keeps up with its arrivals by about
-latency / window); and images per U-Net call (the server's own /metrics).
+Reported per policy: p50 / p99 latency (send to response); overall images/s (all images over first send to
+last response, drain included: it understates a policy that keeps up with its arrivals by about latency /
+window, so it errs against the batching policies, and the target check uses it); steady images/s (the rate of
+completions over the last three quarters of the arrival window: no drain, but noisy, since completions come a
+batch at a time and one batch inside or outside the window moves it by a fifth of "none"'s rate here); and
+images per U-Net call (the server's own /metrics). `--table JSON` prints a saved run's tables again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import statistics
 import subprocess
@@ -182,13 +184,18 @@ def run_policy(args, policy: str, requests: list[dict], arrivals: np.ndarray) ->
 
 
 def target(policies: dict) -> dict:
-    """The serving issue's target in one run: step batching sustains at least 1.5x the images/s of no batching,
-    with a lower p99 than request batching."""
-    none, request, step = (policies[p] for p in ("none", "request", "step"))
-    ratio = step["images_per_s"] / none["images_per_s"] if none["images_per_s"] else float("nan")
+    """The serving issue's target in one run: step batching serves at least 1.5x the images/s of no batching
+    (overall, the figure that errs against batching), with a lower p99 than request batching."""
+    request, step = policies["request"], policies["step"]
+    ratio = ratio_to_none(policies, "step", "images_per_s_overall")
     held = ratio >= 1.5 and step["p99_s"] is not None and request["p99_s"] is not None \
         and step["p99_s"] < request["p99_s"]
     return {"step_vs_none": ratio, "target_held": bool(held)}
+
+
+def ratio_to_none(policies: dict, policy: str, figure: str) -> float:
+    base = policies["none"][figure]
+    return policies[policy][figure] / base if base else float("nan")
 
 
 def medians(runs: list[dict]) -> dict:
@@ -209,16 +216,17 @@ def print_tables(report: dict) -> None:
     steps = f"steps {report['steps']}" if steps is None else "steps {}..{} per request".format(*steps)
     print(f"\n{report['model']}, {steps}, max batch {report['max_batch']}; 'none' saturates at "
           f"{report['base_rate_per_s']:.2f} requests/s; medians of {report['repeat']} repeat(s)\n")
-    print("| offered | requests | policy | ok | p50 s | p99 s | steady images/s | vs none | overall images/s "
-          "| images per U-Net call |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| offered | requests | policy | ok | p50 s | p99 s | overall images/s | vs none | steady images/s "
+          "| vs none | images per U-Net call |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
     for load in report["loads"]:
         for name, r in load["policies"].items():
-            ratio = [run["policies"][name]["images_per_s"] / run["policies"]["none"]["images_per_s"]
-                     if run["policies"]["none"]["images_per_s"] else float("nan") for run in load["repeats"]]
+            overall, steady = (statistics.median(ratio_to_none(run["policies"], name, figure)
+                                                 for run in load["repeats"])
+                               for figure in ("images_per_s_overall", "images_per_s"))
             print(f"| {load['overload']:g}x ({load['rate_per_s']:.2f}/s) | {load['requests']} | {name} "
                   f"| {r['ok']}/{r['sent']} | {fmt(r['p50_s'], '.2f')} | {fmt(r['p99_s'], '.2f')} "
-                  f"| {r['images_per_s']:.3f} | {statistics.median(ratio):.2f}x | {r['images_per_s_overall']:.3f} "
+                  f"| {r['images_per_s_overall']:.3f} | {overall:.2f}x | {r['images_per_s']:.3f} | {steady:.2f}x "
                   f"| {fmt(r['mean_batch_images'], '.1f')} |")
     print("\n| offered | seed | step vs none | p99 request | p99 step | target held |\n|---:|---:|---:|---:|---:|---|")
     for load in report["loads"]:
@@ -252,7 +260,20 @@ def main(argv=None) -> dict:
                         help="runs of each load, each with its own arrivals (seeds seed .. seed + N - 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times (and of --mixed-steps)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None, metavar="JSON",
+                        help="print the tables of a saved run (its --json) and exit")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        report = json.loads(args.table.read_text())
+        if any("repeats" not in load for load in report["loads"]):
+            parser.error(f"{args.table} was saved by a version before --repeat; its tables are in bench/RESULTS.md")
+        for load in report["loads"]:  # the target as this version judges it
+            for run in load["repeats"]:
+                run.update(target(run["policies"]))
+            load["step_vs_none"] = statistics.median(r["step_vs_none"] for r in load["repeats"])
+            load["target_held"] = sum(r["target_held"] for r in load["repeats"])
+        print_tables(report)
+        return report
     if any(k <= 0 for k in args.overload):
         parser.error(f"--overload values must be positive, got {args.overload}")
     if args.repeat < 1:
