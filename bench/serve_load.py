@@ -198,6 +198,13 @@ def ratio_to_none(policies: dict, policy: str, figure: str) -> float:
     return policies[policy][figure] / base if base else float("nan")
 
 
+def summary(repeats: list[dict]) -> dict:
+    """A load's repeats in brief: each policy's medians, step's median ratio to none, repeats the target held in."""
+    return {"policies": medians([r["policies"] for r in repeats]),
+            "step_vs_none": statistics.median(r["step_vs_none"] for r in repeats),
+            "target_held": sum(r["target_held"] for r in repeats)}
+
+
 def medians(runs: list[dict]) -> dict:
     """Per policy, the median of each figure over the repeats (a single run is its own median)."""
     figures = ("p50_s", "p99_s", "images_per_s", "images_per_s_overall", "mean_batch_images")
@@ -236,8 +243,8 @@ def print_tables(report: dict) -> None:
         for run in load["repeats"]:
             p = run["policies"]
             served = p["none"]["images_per_s_overall"]
-            print(f"| {load['overload']:g}x | {run['seed']} | {load['rate_per_s'] / served if served else float('nan'):.2f}x "
-                  f"| {run['step_vs_none']:.2f}x "
+            offered = load["rate_per_s"] / served if served else float("nan")
+            print(f"| {load['overload']:g}x | {run['seed']} | {offered:.2f}x | {run['step_vs_none']:.2f}x "
                   f"| {fmt(p['request']['p99_s'], '.2f')} | {fmt(p['step']['p99_s'], '.2f')} "
                   f"| {'yes' if run['target_held'] else 'no'} |")
         print(f"| {load['overload']:g}x | all | | {load['step_vs_none']:.2f}x (median) | | "
@@ -275,8 +282,7 @@ def main(argv=None) -> dict:
         for load in report["loads"]:  # the target as this version judges it
             for run in load["repeats"]:
                 run.update(target(run["policies"]))
-            load["step_vs_none"] = statistics.median(r["step_vs_none"] for r in load["repeats"])
-            load["target_held"] = sum(r["target_held"] for r in load["repeats"])
+            load.update(summary(load["repeats"]))
         print_tables(report)
         return report
     if any(k <= 0 for k in args.overload):
@@ -312,10 +318,8 @@ def main(argv=None) -> dict:
                 policies[policy] = run_policy(args, policy, requests, arrivals)
                 print(f"{overload:g}x seed {seed} {policy:8s} {policies[policy]}", flush=True)
             repeats.append({"seed": seed, "policies": policies, **target(policies)})
-        loads.append({"overload": overload, "rate_per_s": rate, "requests": count,
-                      "policies": medians([r["policies"] for r in repeats]), "repeats": repeats,
-                      "step_vs_none": statistics.median(r["step_vs_none"] for r in repeats),
-                      "target_held": sum(r["target_held"] for r in repeats)})
+        loads.append({"overload": overload, "rate_per_s": rate, "requests": count, "repeats": repeats,
+                      **summary(repeats)})
 
     report = {"benchmark": "serve_load", "command": command_line("serve_load.py", argv),
               **environment(resolve_device(args.device)), "model": args.model, "base_rate_per_s": base_rate,

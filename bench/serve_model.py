@@ -88,7 +88,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     costs, per_request = COSTS[args.costs]
     alone = args.steps * sum(a + c for a, c in costs) + per_request  # "none" saturates at 1 / this
-    print("| offered | policy | images/s vs none | p50 s | p99 s | p99 below request's |\n|---:|---|---:|---:|---:|---:|")
+    print("| offered | policy | images/s vs none | p50 s | p99 s | p99 below request's |\n"
+          "|---:|---|---:|---:|---:|---:|")
     for overload in args.overload:
         runs = {}
         for policy in POLICIES:

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="address to listen on (default: loopback only; 0.0.0.0 for every interface)")
     srv.add_argument("--port", type=int, default=serve_defaults.DEFAULT_PORT)
     srv.add_argument("--max-batch", type=int, default=serve_defaults.DEFAULT_MAX_BATCH,
-                     help="images per U-Net call per stage")
+                     help="images per U-Net call per stage, and so per request (prompts x n; more is a 400)")
     srv.add_argument("--max-queue", type=int, default=serve_defaults.DEFAULT_MAX_QUEUE,
                      help="requests waiting for admission before new ones get 503")
     srv.add_argument("--timeout", type=float, default=serve_defaults.DEFAULT_TIMEOUT_S,

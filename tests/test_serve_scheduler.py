@@ -136,7 +136,8 @@ def test_bad_requests_are_refused_at_submit(engine_pipe):
     with pytest.raises(InvalidRequestError, match=r"asks for 4 images .*\(max_batch 3\)"):
         small.submit(request(0, prompt=["a cat", "a dog"], num_images_per_prompt=2))
     assert scheduler.queue_depth == 0 and small.queue_depth == 0
-    assert small.submit(request(0, num_images_per_prompt=3)).running() is False  # max_batch itself is fine
+    small.submit(request(0, num_images_per_prompt=3))  # max_batch itself is fine: it waits in the queue
+    assert small.queue_depth == 1
 
 
 def test_background_thread_serves_concurrent_requests(engine_pipe):
