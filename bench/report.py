@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.bench.report import save_json  # noqa: F401  (re-exported for the scripts)
+from engine.bench.report import save_json, table_cell  # noqa: F401  (re-exported for the scripts)
 from engine.bench.timing import interleaved  # noqa: F401
 
 

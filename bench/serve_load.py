@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_line, save_json  # noqa: E402
+from report import command_line, save_json, table_cell  # noqa: E402
 
 import engine  # noqa: E402
 from engine.bench.report import environment  # noqa: E402
@@ -206,7 +206,8 @@ def summary(repeats: list[dict]) -> dict:
 
 
 def medians(runs: list[dict]) -> dict:
-    """Per policy, the median of each figure over the repeats (a single run is its own median)."""
+    """Per policy, the median of each figure over the repeats (a single run is its own median), and the
+    requests sent and answered in all of them."""
     figures = ("p50_s", "p99_s", "images_per_s", "images_per_s_overall", "mean_batch_images")
     out = {}
     for policy in runs[0]:
@@ -225,16 +226,15 @@ def print_tables(report: dict) -> None:
           f"{report['base_rate_per_s']:.2f} requests/s; medians of {report['repeat']} repeat(s)\n")
     print("| offered | requests | policy | ok | p50 s | p99 s | overall images/s | vs none | steady images/s "
           "| vs none | images per U-Net call |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
     for load in report["loads"]:
         for name, r in load["policies"].items():
             overall, steady = (statistics.median(ratio_to_none(run["policies"], name, figure)
                                                  for run in load["repeats"])
                                for figure in ("images_per_s_overall", "images_per_s"))
             print(f"| {load['overload']:g}x ({load['rate_per_s']:.2f}/s) | {load['requests']} | {name} "
-                  f"| {r['ok']}/{r['sent']} | {fmt(r['p50_s'], '.2f')} | {fmt(r['p99_s'], '.2f')} "
+                  f"| {r['ok']}/{r['sent']} | {table_cell(r['p50_s'], '.2f')} | {table_cell(r['p99_s'], '.2f')} "
                   f"| {r['images_per_s_overall']:.3f} | {overall:.2f}x | {r['images_per_s']:.3f} | {steady:.2f}x "
-                  f"| {fmt(r['mean_batch_images'], '.1f')} |")
+                  f"| {table_cell(r['mean_batch_images'], '.1f')} |")
     # "offered / none served": the load against what "none" served in that very run, since the machine's speed
     # can drift between the rate probe and the run.
     print("\n| offered | seed | offered / none served | step vs none | p99 request | p99 step | target held |"
@@ -245,7 +245,7 @@ def print_tables(report: dict) -> None:
             served = p["none"]["images_per_s_overall"]
             offered = load["rate_per_s"] / served if served else float("nan")
             print(f"| {load['overload']:g}x | {run['seed']} | {offered:.2f}x | {run['step_vs_none']:.2f}x "
-                  f"| {fmt(p['request']['p99_s'], '.2f')} | {fmt(p['step']['p99_s'], '.2f')} "
+                  f"| {table_cell(p['request']['p99_s'], '.2f')} | {table_cell(p['step']['p99_s'], '.2f')} "
                   f"| {'yes' if run['target_held'] else 'no'} |")
         print(f"| {load['overload']:g}x | all | | {load['step_vs_none']:.2f}x (median) | | "
               f"| {load['target_held']} of {len(load['repeats'])} |")

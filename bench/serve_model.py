@@ -105,5 +105,6 @@ def main(argv=None) -> None:
             below = "" if policy == "request" else f"{np.mean(figures[:, 2] < runs['request'][:, 2]):.0%}"
             print(f"| {overload:g}x | {policy} | {throughput * alone:.2f}x | {p50:.2f} | {p99:.2f} | {below} |")
 
+
 if __name__ == "__main__":
     main()

@@ -59,7 +59,8 @@ def save_json(report: dict, path: Path | None) -> None:
         path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _num(value, fmt: str) -> str:
+def table_cell(value, fmt: str) -> str:
+    """A Markdown table cell: the value formatted, or '-' where there is none."""
     return "-" if value is None else format(value, fmt)
 
 
@@ -81,10 +82,10 @@ def table(report: dict) -> str:
         speedup = row["ours_speedup"]
         ratio = "-" if speedup is None or row["variant"] == "ours" else f"{speedup:.2f}x"
         flag = "" if row["finite"] is not False else " (NaN/inf!)"
-        lines.append("| " + " | ".join([
-            row["component"], row["label"] + flag, _num(row["p50_ms"], ".2f"), _num(row["p90_ms"], ".2f"),
-            _num(row["p99_ms"], ".2f"), _num(row["images_per_s"], ".3g"), _num(row["peak_memory_mib"], ".0f"),
-            _num(row["floor_ms"], ".3g"), _num(row["roofline_pct"], ".1f"), ratio]) + " |")
+        cells = [table_cell(row[name], fmt) for name, fmt in (
+            ("p50_ms", ".2f"), ("p90_ms", ".2f"), ("p99_ms", ".2f"), ("images_per_s", ".3g"),
+            ("peak_memory_mib", ".0f"), ("floor_ms", ".3g"), ("roofline_pct", ".1f"))]
+        lines.append("| " + " | ".join([row["component"], row["label"] + flag, *cells, ratio]) + " |")
     lines.append("")
     lines.append("batch: images per call (a guided U-Net step runs 2x); 'ours vs it' = its p50 / ours' p50 "
                  "(> 1: ours is faster); U-Net step img/s is per step")

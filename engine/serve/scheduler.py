@@ -211,7 +211,7 @@ class BatchingScheduler:
         else:
             ready = self._take_waiting(used, limit=1 if self.policy == "none" else None)
         for job in ready:
-            if used and used + job.images > self.max_batch:
+            if used + job.images > self.max_batch:
                 return  # it waits for the next step boundary
             try:
                 if index == 0:
@@ -233,7 +233,7 @@ class BatchingScheduler:
                     self._waiting.popleft()
                     self._finish(job, "cancelled")
                     continue
-                if used and used + job.images > self.max_batch:
+                if used + job.images > self.max_batch:  # submit refused any job larger than max_batch
                     break
                 self._waiting.popleft()
                 used += job.images
