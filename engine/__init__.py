@@ -4,6 +4,7 @@
     images = engine.generate("a red circle on a blue background", seed=0)   # packaged default model
     pipe = engine.load("/models/IF-I-XL-v1.0", "/models/IF-II-L-v1.0")     # your own cascade
     images = pipe.generate("a photo of a corgi", seed=0)
+    out = pipe("a photo of a corgi", num_inference_steps=(27, 27), guidance_scale=7.0, generator=g)  # diffusers' names
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import functools
 
 from engine.errors import EngineError, InvalidRequestError, ModelError, NumericalError
 from engine.loading import DEFAULT_MODEL, load, packaged_models
-from engine.options import GenerateRequest
+from engine.options import GenerateRequest, request_from_call
 from engine.pipeline import Generation, Pipeline
 
 __version__ = "0.1.0"
@@ -28,5 +29,6 @@ def default_pipeline() -> Pipeline:
 
 def generate(prompt, **options):
     """Images for `prompt` from the packaged default model; options as in `Pipeline.generate`."""
-    GenerateRequest(prompt, **options)  # bad input fails before the model is loaded
-    return default_pipeline().generate(prompt, **options)
+    on_step = options.pop("on_step", None)
+    request = request_from_call(prompt, options)  # bad input fails before the model is loaded
+    return default_pipeline().run(request, on_step=on_step).images

@@ -3,11 +3,20 @@ its validation, which runs before any model work.
 
 A request names steps, guidance and noise level once for every stage or once per stage; `per_stage()`
 resolves that against the loaded cascade into one `StageSettings` per stage.
+
+Seeds, one rule for the Python API, the CLI and the HTTP service: a request without a seed (and without a
+generator) draws a fresh one when it is made, and carries it, so that any picture can be drawn again; an
+explicit seed, or a CPU `torch.Generator` as diffusers takes one, is exact.
+
+`request_from_call` is the keyword door of `Pipeline.generate` and `Pipeline.__call__`: the engine's names and
+diffusers' (`num_inference_steps`, `guidance_scale`, `timesteps`, `generator`, ...), with a hint for a misspelt one.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+import secrets
 from dataclasses import dataclass, fields, replace
 from numbers import Real
 from typing import Any, Mapping, Sequence, Union
@@ -16,7 +25,7 @@ from engine.errors import InvalidRequestError
 from engine.samplers import SAMPLERS
 from engine.schedules import NAMED_SCHEDULES, named_timesteps
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 0..2**64 - 1; JSON clients handle signed 64 bit
 MAX_STEPS = 1000
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -84,9 +93,10 @@ class GenerateRequest:
     diffusers; at 1 or below the unconditional half of the batch is dropped.
     """
 
-    prompt: str | list[str]
+    prompt: str | list[str] | None
     negative_prompt: str | list[str] | None = None
-    seed: int = 0
+    seed: int | None = None  # None: a fresh seed, drawn now (unless a generator is given)
+    generator: object = None  # a CPU torch.Generator, as diffusers takes it, instead of a seed
     num_images_per_prompt: int = 1
     steps: Steps | tuple[Steps, ...] | None = None
     guidance: float | tuple[float, ...] | None = None
@@ -94,15 +104,23 @@ class GenerateRequest:
     scheduler: str | None = None
     output_type: str = "pil"
     image: object = None  # the image to upscale, for a cascade that starts with an upscaler (engine/images.py)
+    prompt_embeds: object = None  # (B, L, D) text embeddings instead of prompt (e.g. cached T5 outputs)
+    negative_prompt_embeds: object = None  # (B, L, D) instead of negative_prompt; needs prompt_embeds
 
     def __post_init__(self):
-        prompts = self.prompts
+        self._check_prompts()
+        batch = self.batch_size
         if self.negative_prompt is not None:
             negatives = _string_list(self.negative_prompt, "negative_prompt")
-            if len(negatives) not in (1, len(prompts)):
+            if len(negatives) not in (1, batch):
                 raise InvalidRequestError(f"negative_prompt has {len(negatives)} entries but prompt has "
-                                          f"{len(prompts)}: give one negative prompt, or one per prompt")
-        _check_int("seed", self.seed, 0, MAX_SEED)
+                                          f"{batch}: give one negative prompt, or one per prompt")
+        if self.generator is not None:
+            _check_generator(self.generator, self.seed)
+        elif self.seed is None:
+            object.__setattr__(self, "seed", fresh_seed())  # frozen: set once, here, and carried from now on
+        else:
+            _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("num_images_per_prompt", self.num_images_per_prompt, 1, None)
         for value in _values(self.steps, is_sequence=_is_steps_tuple):
             _check_steps(value)
@@ -120,9 +138,35 @@ class GenerateRequest:
         if self.output_type not in OUTPUT_TYPES:
             raise InvalidRequestError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
 
+    def _check_prompts(self) -> None:
+        if self.prompt_embeds is None:
+            if self.prompt is None:
+                raise InvalidRequestError("give a prompt (a string or a list of strings), or prompt_embeds")
+            _string_list(self.prompt, "prompt")
+            if self.negative_prompt_embeds is not None:
+                raise InvalidRequestError("negative_prompt_embeds needs prompt_embeds: give both, or use "
+                                          "prompt and negative_prompt")
+            return
+        if self.prompt is not None:
+            raise InvalidRequestError("give prompt or prompt_embeds, not both")
+        _check_embeddings("prompt_embeds", self.prompt_embeds)
+        if self.negative_prompt_embeds is not None:
+            if self.negative_prompt is not None:
+                raise InvalidRequestError("give negative_prompt or negative_prompt_embeds, not both")
+            _check_embeddings("negative_prompt_embeds", self.negative_prompt_embeds)
+            if self.negative_prompt_embeds.shape != self.prompt_embeds.shape:
+                raise InvalidRequestError(f"negative_prompt_embeds has shape {tuple(self.negative_prompt_embeds.shape)}"
+                                          f" but prompt_embeds {tuple(self.prompt_embeds.shape)}: they must match")
+
     @property
-    def prompts(self) -> list[str]:
-        return _string_list(self.prompt, "prompt")
+    def batch_size(self) -> int:
+        """Prompts in the request (rows of prompt_embeds where it has those instead)."""
+        return len(self.prompts) if self.prompt_embeds is None else self.prompt_embeds.shape[0]
+
+    @property
+    def prompts(self) -> list[str] | None:
+        """The prompts as a list; None where the request gives prompt_embeds instead."""
+        return None if self.prompt is None else _string_list(self.prompt, "prompt")
 
     @property
     def negative_prompts(self) -> list[str] | None:
@@ -130,7 +174,7 @@ class GenerateRequest:
         if self.negative_prompt is None:
             return None
         negatives = _string_list(self.negative_prompt, "negative_prompt")
-        return negatives * len(self.prompts) if len(negatives) == 1 else negatives
+        return negatives * self.batch_size if len(negatives) == 1 else negatives
 
     def per_stage(self, defaults: Sequence[StageDefaults]) -> list[StageSettings]:
         """One StageSettings per stage of a cascade whose stages have these defaults (`Stage.defaults`).
@@ -158,6 +202,87 @@ class GenerateRequest:
 def request_defaults() -> dict[str, object]:
     """Field name -> default, for the CLI (so defaults are written once, here)."""
     return {f.name: f.default for f in fields(GenerateRequest) if f.name not in ("prompt", "image")}
+
+
+def fresh_seed() -> int:
+    """A new random seed for a request that names none (0..MAX_SEED, from the OS's randomness)."""
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+# diffusers' names for request fields (the second door to the same engine): diffusers' name -> ours.
+DIFFUSERS_NAMES = {"num_inference_steps": "steps", "timesteps": "steps", "guidance_scale": "guidance"}
+# diffusers arguments the engine does not take, and what to do instead.
+UNSUPPORTED_ARGUMENTS = {
+    "height": "the image size is the model's own (each U-Net's sample size)",
+    "width": "the image size is the model's own (each U-Net's sample size)",
+    "eta": "DDIM runs with eta=0, diffusers' default",
+    "clean_caption": "prompts are encoded as diffusers does with clean_caption=False; clean them yourself",
+    "latents": "x_T is drawn from the seed or generator; give seed= or generator=",
+    "callback": "give on_step=fn, called as fn(stage, step, total) after each U-Net step",
+    "callback_steps": "give on_step=fn, called as fn(stage, step, total) after each U-Net step",
+    "callback_on_step_end": "give on_step=fn, called as fn(stage, step, total) after each U-Net step",
+    "cross_attention_kwargs": "attention is the backend's own (engine.load(..., attention=))",
+    "return_dict": "the call always returns an object with .images",
+}
+CALL_OPTIONS = ("on_step",)  # Pipeline.generate/__call__ arguments that are not request fields
+
+
+def closest_name(name: str, known) -> str:
+    """"; did you mean 'x'?" for the known name nearest `name`, or the list of known names."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else f"; known: {', '.join(sorted(known))}"
+
+
+def request_from_call(prompt, options: Mapping[str, Any]) -> GenerateRequest:
+    """A GenerateRequest from keyword arguments in the engine's names or diffusers' (DIFFUSERS_NAMES).
+
+    `timesteps` wins over `num_inference_steps`, as in diffusers; one of ours and its diffusers twin together
+    (steps= and num_inference_steps=) is refused. Unknown names raise InvalidRequestError with the nearest one.
+    """
+    ours = {f.name for f in fields(GenerateRequest)} - {"prompt"}
+    known = ours | set(DIFFUSERS_NAMES) | set(CALL_OPTIONS)
+    kwargs: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for name in sorted(options, key=lambda n: n == "timesteps"):  # timesteps last: it wins over num_inference_steps
+        value = options[name]
+        if name in UNSUPPORTED_ARGUMENTS:
+            raise InvalidRequestError(f"diffusers' {name}= is not supported: {UNSUPPORTED_ARGUMENTS[name]}")
+        if name not in known or name in CALL_OPTIONS:
+            raise InvalidRequestError(f"unknown argument {name!r}{closest_name(name, known - set(CALL_OPTIONS))}")
+        target = DIFFUSERS_NAMES.get(name, name)
+        if value is None:
+            continue
+        if target in kwargs and {given_as[target], name} != {"num_inference_steps", "timesteps"}:
+            raise InvalidRequestError(f"{given_as[target]}= and {name}= say the same thing: give one")
+        kwargs[target], given_as[target] = value, name
+    return GenerateRequest(prompt, **kwargs)
+
+
+def _check_generator(generator, seed) -> None:
+    import torch
+
+    if isinstance(generator, (list, tuple)):
+        raise InvalidRequestError("give one torch.Generator for the whole request, not a list: the images of a "
+                                  "request come from one generator, as when one is passed to diffusers' pipelines")
+    if not isinstance(generator, torch.Generator):
+        raise InvalidRequestError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise InvalidRequestError(f"generator is on {generator.device}; the engine draws its noise on the CPU, as "
+                                  "diffusers does with a CPU generator: pass torch.Generator('cpu').manual_seed(s), "
+                                  "or seed=s")
+    if seed is not None:
+        raise InvalidRequestError("give seed= or generator=, not both")
+
+
+def _check_embeddings(name: str, value) -> None:
+    import torch
+
+    if not isinstance(value, torch.Tensor) or value.ndim != 3 or not value.is_floating_point():
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InvalidRequestError(f"{name} must be a float tensor (batch, tokens, width), as diffusers' "
+                                  f"encode_prompt returns, got {shape}")
+    if value.shape[0] < 1:
+        raise InvalidRequestError(f"{name} has no rows")
 
 
 def _string_list(value, name: str) -> list[str]:

@@ -3,7 +3,9 @@
 IF's stages share stage I's T5 encoder (`Pipeline.text`); an x4 upscaler stage brings its own CLIP encoder
 (`stage.text`). Each encoder runs once per request, for the stages that use it.
 
-`Pipeline.generate` is the public call; `Pipeline.run` does the same and also returns per-stage timings.
+`Pipeline.generate` is the public call and returns the images; `pipe(...)` is the same call through diffusers'
+door (diffusers' argument names work too) and returns a `Generation`: `.images`, the `.seed` that draws them
+again, per-stage `.timings`. `Pipeline.run` takes a ready `GenerateRequest`.
 """
 
 from __future__ import annotations
@@ -15,17 +17,22 @@ import torch
 
 from engine.errors import InvalidRequestError
 from engine.images import from_model_range, to_model_range
-from engine.options import GenerateRequest, StageSettings
+from engine.options import GenerateRequest, StageSettings, request_from_call
 from engine.stage import Conditioning, Stage, timed
 from engine.text import TextEncoder
 
 
 @dataclass
 class Generation:
-    """The images of one request and where the time went (seconds, device synchronised per stage)."""
+    """The images of one request, the seed that draws them again, and where the time went (seconds, device
+    synchronised per stage). Shaped like diffusers' IFPipelineOutput where the two overlap."""
 
     images: object  # list[PIL.Image] | np.ndarray (B, H, W, 3) float32 | torch.Tensor (B, 3, H, W) float32
     timings: dict[str, float] = field(default_factory=dict)
+    seed: int | None = None  # None when the request gave a generator instead
+    # No safety checker or watermarker runs (README): None, as diffusers reports with safety_checker=None.
+    nsfw_detected: None = None
+    watermark_detected: None = None
 
 
 class Pipeline:
@@ -57,32 +64,51 @@ class Pipeline:
                             for s, size in zip(self.stages, self.output_sizes()))
         return f"Pipeline({sizes}, device={self.device}, dtype={self.dtype}, source={self.source!r})"
 
-    def generate(self, prompt, **options):
-        """Images for `prompt` (a string or a list of strings); options as in `GenerateRequest`."""
-        return self.run(GenerateRequest(prompt, **options)).images
+    def generate(self, prompt=None, on_step=None, **options):
+        """Images for `prompt` (a string or a list of strings); options as in `GenerateRequest`, or by
+        diffusers' names; on_step(stage, step, total) is called after each U-Net step."""
+        return self(prompt, on_step=on_step, **options).images
 
-    def run(self, request: GenerateRequest, progress: bool = False) -> Generation:
+    def __call__(self, prompt=None, on_step=None, **options) -> Generation:
+        """As `generate`, returning the Generation (images, seed, timings), as diffusers' pipelines return an
+        output with `.images`: pipe("a corgi", num_inference_steps=(50, 25), guidance_scale=7.0, generator=g)."""
+        return self.run(request_from_call(prompt, options), on_step=on_step)
+
+    def run(self, request: GenerateRequest, progress: bool = False, on_step=None) -> Generation:
         with self.run_context():
-            return self._run(request, progress)
+            return self._run(request, progress, on_step)
 
-    def _run(self, request: GenerateRequest, progress: bool) -> Generation:
+    def _run(self, request: GenerateRequest, progress: bool, on_step) -> Generation:
         settings = self.settings(request)
         image = self.input_image(request)
         timings: dict[str, float] = {}
         conditioning, timings["text"] = timed(self.device, self.conditioning, request, settings)
-        generator = torch.Generator("cpu").manual_seed(request.seed)
+        generator = request.generator or torch.Generator("cpu").manual_seed(request.seed)
         for stage, stage_settings in zip(self.stages, settings):
             text = conditioning[self.encoder(stage)]
             image, timings[stage.name] = timed(
-                self.device, stage.run, text, image, stage_settings, generator, progress)
-        return Generation(from_model_range(image, request.output_type), timings)
+                self.device, stage.run, text, image, stage_settings, generator, progress, on_step)
+        return Generation(from_model_range(image, request.output_type), timings, seed=request.seed)
 
     def settings(self, request: GenerateRequest) -> list[StageSettings]:
         """The request's settings for each stage, checked against each stage's model (before any model work)."""
         settings = request.per_stage([s.defaults for s in self.stages])
         for stage, stage_settings in zip(self.stages, settings):
             stage.validate(stage_settings)
+        self._check_embeddings(request)
         return settings
+
+    def _check_embeddings(self, request: GenerateRequest) -> None:
+        if request.prompt_embeds is None:
+            return
+        own = [s.name for s in self.stages if s.text is not None and s.text is not self.text]
+        if own:
+            raise InvalidRequestError(f"{', '.join(own)} encode(s) the prompt with their own text encoder: give "
+                                      "prompt= (prompt_embeds are the first text encoder's only)")
+        width = request.prompt_embeds.shape[-1]
+        if width != self.text.dim:
+            raise InvalidRequestError(f"prompt_embeds are {width} wide but this model's text encoder gives "
+                                      f"{self.text.dim}: embeddings from another model?")
 
     def input_image(self, request: GenerateRequest) -> torch.Tensor | None:
         """The request's image, (B * n, 3, H, W) in [-1, 1] on the device, for a cascade that starts with an upscaler."""
@@ -96,8 +122,8 @@ class Pipeline:
             raise InvalidRequestError(f"{first.name} ({first.kind}) upscales an image: pass image= (a PIL image, "
                                       "or [0, 1] arrays as output_type 'np'/'pt' give)")
         image = to_model_range(request.image)
-        if len(image) != len(request.prompts):
-            raise InvalidRequestError(f"got {len(image)} images for {len(request.prompts)} prompts: give one image "
+        if len(image) != request.batch_size:
+            raise InvalidRequestError(f"got {len(image)} images for {request.batch_size} prompts: give one image "
                                       "per prompt")
         first.validate_input_size(image.shape[-2:])
         return image.repeat_interleave(request.num_images_per_prompt, dim=0).to(self.device)
@@ -115,15 +141,20 @@ class Pipeline:
         return {encoder: self._encode(encoder, request, guided).repeat_interleave(n)
                 for encoder, guided in guides.items()}
 
-    @staticmethod
-    def _encode(encoder: TextEncoder, request: GenerateRequest, guided: bool) -> Conditioning:
-        prompts = request.prompts
-        cond = encoder.encode(prompts)  # (B, 77, D)
+    def _encode(self, encoder: TextEncoder, request: GenerateRequest, guided: bool) -> Conditioning:
+        given = request.prompt_embeds is not None and encoder is self.text  # the caller's cached embeddings
+
+        def cast(embeds):  # (B, L, D) as the caller gave them -> the U-Nets' device and dtype
+            return embeds.to(device=encoder.device, dtype=encoder.output_dtype)
+
+        cond = cast(request.prompt_embeds) if given else encoder.encode(request.prompts)  # (B, 77, D)
         if not guided:
             return Conditioning(cond, None)
         negatives = request.negative_prompts
-        if negatives is None:
-            uncond = encoder.empty().expand(len(prompts), -1, -1)
+        if given and request.negative_prompt_embeds is not None:
+            uncond = cast(request.negative_prompt_embeds)
+        elif negatives is None:
+            uncond = encoder.empty().expand(request.batch_size, -1, -1)
         else:
             uncond = encoder.encode(negatives)
         return Conditioning(cond, uncond)

@@ -60,7 +60,10 @@ def resolve_config(kind: str, config: Mapping[str, Any]) -> dict[str, Any]:
     for key, default in _UNSUPPORTED.items():
         if config.get(key, default) != default:
             raise ValueError(f"scheduler option {key}={config[key]!r} is not supported by our {kind} sampler")
-    resolved = {key: config.get(key, default) for key, default in DEFAULTS[kind].items()}
+    # Keys a diffusers-resolved config holds only as its own class's defaults give way to this kind's defaults.
+    defaulted = set(config.get("_use_default_values", ()))
+    resolved = {key: config[key] if key in config and key not in defaulted else default
+                for key, default in DEFAULTS[kind].items()}
     checks = {
         "prediction_type": ("epsilon", "v_prediction", "sample"),
         "timestep_spacing": ("leading", "trailing", "linspace"),

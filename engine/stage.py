@@ -85,11 +85,16 @@ class Stage:
 
     @torch.inference_mode()
     def run(self, text: Conditioning, previous: torch.Tensor | None, settings: StageSettings,
-            generator: torch.Generator, progress: bool = True) -> torch.Tensor:
-        """Denoise one batch; returns x_0 as float32 (B, 3, size, size), unclamped (about [-1, 1])."""
+            generator: torch.Generator, progress: bool = True, on_step=None) -> torch.Tensor:
+        """Denoise one batch; returns x_0 as float32 (B, 3, size, size), unclamped (about [-1, 1]).
+
+        on_step(stage name, step, total), if given, is called after each step's U-Net call is queued; it reads
+        no tensor, so it adds no host sync."""
         run = self.start(text, previous, settings, generator)
-        for _ in tqdm(range(run.steps), desc=self.name, disable=not progress, leave=False):
+        for step in tqdm(range(run.steps), desc=self.name, disable=not progress, leave=False):
             run.advance(self.unet(*run.model_inputs()).float())
+            if on_step is not None:
+                on_step(self.name, step + 1, run.steps)
         return run.result()
 
     @torch.inference_mode()

@@ -1,11 +1,57 @@
-"""Shared fixtures: a tiny random IF-architecture cascade on disk, our pipeline and diffusers' over it."""
+"""Shared fixtures: a tiny random IF-architecture cascade on disk, our pipeline and diffusers' over it.
+
+No test touches the network: every socket connection to an address other than loopback or this machine's own
+fails (the guard below), so a code path that would reach the Hugging Face Hub fails its test instead.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import socket
 
 import pytest
+
+
+def _local_addresses() -> set[str]:
+    names = {"localhost", socket.gethostname()}
+    addresses = set()
+    for name in names:
+        try:
+            addresses |= {info[4][0] for info in socket.getaddrinfo(name, None)}
+        except OSError:
+            pass
+    return addresses
+
+
+LOCAL_ADDRESSES = _local_addresses()
+_connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _allowed(address) -> bool:
+    if not isinstance(address, tuple):  # a Unix socket path
+        return True
+    host = address[0]
+    try:
+        return ipaddress.ip_address(host).is_loopback or host in LOCAL_ADDRESSES
+    except ValueError:  # a host name: only this machine's own
+        return host in ("localhost", socket.gethostname())
+
+
+def _guarded_connect(self, address):
+    if not _allowed(address):
+        raise ConnectionRefusedError(f"tests must not use the network: connection to {address!r} refused")
+    return _connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    if not _allowed(address):
+        raise ConnectionRefusedError(f"tests must not use the network: connection to {address!r} refused")
+    return _connect_ex(self, address)
+
+
+socket.socket.connect = _guarded_connect
+socket.socket.connect_ex = _guarded_connect_ex
 
 from engine.random_models import TinyCascadeSpec, write_if_cascade, write_three_stage_cascade
 from engine.reference import reference_cascade, run_reference, swap_scheduler

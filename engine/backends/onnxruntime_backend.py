@@ -184,11 +184,13 @@ def load_exported(root: Path, providers=None, threads: int | None = None, notice
     from transformers import AutoTokenizer
 
     from engine.loading import _schedule, apply_defaults
+    from engine.model_dir import scheduler_config
     from engine.pipeline import Pipeline
     from engine.stage import LatentUpscaleStage, Stage
     from engine.text import TextEncoder
     from export.onnx import read_manifest
 
+    root = Path(root).expanduser().resolve()
     manifest = read_manifest(root)  # hashes first: nothing unverified is loaded
     providers = resolve_providers(providers)
     device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
@@ -210,10 +212,10 @@ def load_exported(root: Path, providers=None, threads: int | None = None, notice
     stages = []
     for entry in manifest["stages"]:
         name, kind = entry["name"], entry["kind"]
-        scheduler = read(name, "scheduler", "scheduler_config.json")
+        scheduler = scheduler_config(root / name / "scheduler")
         noising_dir = root / name / {"super_resolution": "image_noising_scheduler",
                                      "latent_upscaler": "low_res_scheduler"}.get(kind, "")
-        noising = _schedule(read(noising_dir, "scheduler_config.json"), noising_dir) if kind != "base" else None
+        noising = _schedule(scheduler_config(noising_dir), noising_dir) if kind != "base" else None
         unet = OrtUNet(component(f"{name}/unet"), read(name, "unet", "config.json"), dtype)
         if kind == "latent_upscaler":
             clip = component(entry["text_encoder"])

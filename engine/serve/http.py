@@ -21,7 +21,6 @@ import base64
 import contextlib
 import io
 import logging
-import secrets
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -29,7 +28,7 @@ from typing import Callable
 
 from engine.errors import (EngineError, InvalidRequestError, NumericalError, QueueFullError,
                            RequestTimeoutError)
-from engine.options import MAX_SEED, GenerateRequest
+from engine.options import GenerateRequest
 from engine.serve.metrics import Metrics
 from engine.serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, POLICIES, BatchingScheduler  # noqa: F401
 
@@ -159,10 +158,10 @@ def parse_body(body, timeout_s: float, image_size: int | None) -> tuple[Generate
     timeout = body.get("timeout", timeout_s)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= timeout_s:
         raise InvalidRequestError(f"timeout must be a number of seconds in (0, {timeout_s:g}], got {timeout!r}")
-    seed = body.get("seed")
     request = GenerateRequest(
         body["prompt"], negative_prompt=body.get("negative_prompt"), num_images_per_prompt=body.get("n", 1),
-        seed=secrets.randbelow(MAX_SEED) if seed is None else seed, steps=_per_stage(body.get("steps")),
+        seed=body.get("seed"),  # None: GenerateRequest draws a fresh one, as for every caller
+        steps=_per_stage(body.get("steps")),
         guidance=_per_stage(body.get("guidance")), noise_level=_per_stage(body.get("noise_level")),
         scheduler=body.get("scheduler"), output_type="pil")
     return request, float(timeout)

@@ -96,7 +96,7 @@ class BatchingScheduler:
         image = self.pipeline.input_image(request)
         if timeout_s is not None and not timeout_s > 0:
             raise InvalidRequestError(f"timeout_s must be > 0, got {timeout_s}")
-        images = len(request.prompts) * request.num_images_per_prompt
+        images = request.batch_size * request.num_images_per_prompt
         if images > self.max_batch:  # it would make one call of its own size, holding every other request up
             raise InvalidRequestError(
                 f"the request asks for {images} images (prompts x images per prompt), more than one U-Net call "
@@ -248,7 +248,7 @@ class BatchingScheduler:
         start = time.perf_counter()
         job.conditioning = self.pipeline.conditioning(job.request, job.settings)
         job.timings["text"] = time.perf_counter() - start
-        job.generator = torch.Generator("cpu").manual_seed(job.request.seed)
+        job.generator = job.request.generator or torch.Generator("cpu").manual_seed(job.request.seed)
 
     def _call(self, stage, jobs: list[Job]) -> None:
         """One U-Net call over the runs of `jobs` in `stage`, each given its rows back."""

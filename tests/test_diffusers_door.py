@@ -1,0 +1,115 @@
+"""A diffusers user's code runs as written: pipe(prompt, num_inference_steps=, guidance_scale=, generator=, ...)
+gives diffusers' images and an object with .images; misspelt names get the nearest one; seeds are fresh per call
+unless given, and reported."""
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine import InvalidRequestError
+from engine.options import GenerateRequest
+from tests.conftest import diffusers_cascade
+
+TOLERANCE = 1e-4
+
+
+def test_diffusers_names_and_a_generator_give_diffusers_images(engine_pipe, reference):
+    out = engine_pipe("a red circle", num_inference_steps=(3, 2), guidance_scale=(6.0, 3.0),
+                      generator=torch.Generator("cpu").manual_seed(21), output_type="np")
+    theirs = diffusers_cascade(reference, "a red circle", 21, (3, 2), (6.0, 3.0))
+    assert np.abs(out.images - theirs).max() <= TOLERANCE
+    assert out.seed is None and set(out.timings) == {"text", "stage_I", "stage_II"}
+    assert out.nsfw_detected is None and out.watermark_detected is None
+
+
+def test_timesteps_negative_prompt_and_noise_level(engine_pipe, reference):
+    ts = ([999, 749, 499, 249], [999, 666, 333])
+    out = engine_pipe(["a cat", "a dog"], timesteps=ts, num_inference_steps=100, guidance_scale=5.0,
+                      negative_prompt="blue", noise_level=120, generator=torch.Generator("cpu").manual_seed(4),
+                      output_type="np")
+    theirs = diffusers_cascade(reference, ["a cat", "a dog"], 4, ts, (5.0, 5.0), negative=["blue"] * 2,
+                               noise_level=120)
+    assert out.images.shape == (2, 32, 32, 3)
+    assert np.abs(out.images - theirs).max() <= TOLERANCE  # timesteps won over num_inference_steps, as in diffusers
+
+
+def test_cached_prompt_embeddings(engine_pipe, reference):
+    embeds, negative = reference[0].encode_prompt("a green star", do_classifier_free_guidance=True,
+                                                  negative_prompt="red")
+    out = engine_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=(2, 2),
+                      guidance_scale=(4.0, 2.0), generator=torch.Generator("cpu").manual_seed(8), output_type="np")
+    theirs = diffusers_cascade(reference, "a green star", 8, (2, 2), (4.0, 2.0), negative="red")
+    assert np.abs(out.images - theirs).max() <= TOLERANCE
+    by_prompt = engine_pipe.generate("a green star", negative_prompt="red", seed=8, steps=(2, 2),
+                                     guidance=(4.0, 2.0), output_type="np")
+    assert np.abs(out.images - by_prompt).max() <= TOLERANCE
+
+
+def test_prompt_embeddings_that_do_not_fit_are_refused(engine_pipe):
+    with pytest.raises(InvalidRequestError, match="48 wide but this model's text encoder gives 32"):
+        engine_pipe(prompt_embeds=torch.zeros(1, 77, 48), num_inference_steps=1)
+    with pytest.raises(InvalidRequestError, match="prompt or prompt_embeds, not both"):
+        engine_pipe("a cat", prompt_embeds=torch.zeros(1, 77, 32))
+    with pytest.raises(InvalidRequestError, match="must match"):
+        engine_pipe(prompt_embeds=torch.zeros(1, 77, 32), negative_prompt_embeds=torch.zeros(2, 77, 32))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("num_inference_step", "unknown argument 'num_inference_step'; did you mean 'num_inference_steps'\\?"),
+    ("guidance_scal", "did you mean 'guidance_scale'\\?"),
+    ("sead", "did you mean 'seed'\\?"),
+    ("zzz", "unknown argument 'zzz'; known: "),
+    ("height", "diffusers' height= is not supported: the image size is the model's own"),
+    ("callback", "give on_step=fn"),
+])
+def test_unknown_and_unsupported_arguments_name_the_fix(engine_pipe, name, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        engine_pipe("a cat", **{name: 3})
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.generate("a cat", **{name: 3})
+
+
+def test_an_argument_and_its_diffusers_twin_together_are_refused(engine_pipe):
+    with pytest.raises(InvalidRequestError, match="steps= and num_inference_steps= say the same thing"):
+        engine_pipe("a cat", steps=2, num_inference_steps=3)
+
+
+@pytest.mark.parametrize("generator, seed, message", [
+    ([torch.Generator("cpu")], None, "not a list"),
+    (np.random.default_rng(0), None, "must be a torch.Generator"),
+    (torch.Generator("cpu"), 3, "seed= or generator=, not both"),
+])
+def test_bad_generators_are_refused(generator, seed, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerateRequest("a cat", generator=generator, seed=seed)
+
+
+def test_no_seed_draws_a_fresh_one_and_reports_it(engine_pipe):
+    args = dict(steps=(2, 1), output_type="np")
+    first, second = engine_pipe("a cat", **args), engine_pipe("a cat", num_images_per_prompt=2, **args)
+    assert first.seed != second.seed and not np.array_equal(first.images, second.images[:1])
+    again = engine_pipe.generate("a cat", seed=first.seed, **args)
+    assert np.array_equal(again, first.images)
+    assert GenerateRequest("a cat").seed != GenerateRequest("a cat").seed
+    assert GenerateRequest("a cat", seed=0).seed == 0  # seed 0 is a seed
+
+
+def test_on_step_reports_every_step_of_every_stage(engine_pipe):
+    seen = []
+    engine_pipe.generate("a cat", seed=0, steps=(3, 2), on_step=lambda *a: seen.append(a))
+    assert seen == [("stage_I", 1, 3), ("stage_I", 2, 3), ("stage_I", 3, 3), ("stage_II", 1, 2), ("stage_II", 2, 2)]
+
+
+def test_load_takes_diffusers_names(cascade_dir):
+    pipe = engine.load(cascade_dir, device="cpu", torch_dtype=torch.float32)
+    assert pipe.dtype == torch.float32
+    with pytest.raises(InvalidRequestError, match="not both"):
+        engine.load(cascade_dir, dtype="float32", torch_dtype=torch.float32)
+    with pytest.raises(InvalidRequestError, match="did you mean 'torch_dtype'"):
+        engine.load(cascade_dir, torch_dtpye=torch.float32)
+
+
+def test_half_precision_on_cpu_warns_with_the_reason(cascade_dir):
+    with pytest.warns(UserWarning, match="bfloat16 on CPU runs about 15x slower than float32"):
+        engine.load(cascade_dir, device="cpu", dtype="bfloat16")
