@@ -2,25 +2,76 @@
 `python -m engine bench [--model NAME...] [...]` and `python -m engine serve [--model ...] [--port 8000]`.
 
 Defaults come from `engine.options.GenerateRequest` and `engine.bench.BenchOptions` (the same dataclasses the
-Python API uses); errors print one line and exit non-zero.
+Python API uses); errors print one line and exit non-zero. Every command takes -v / --log-level for the
+engine's log lines (which weight files were read, cache hits, ...); `--version` says what is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from engine.errors import EngineError
 from engine.options import GenerateRequest, request_defaults
 from engine.samplers import SAMPLERS
+from engine.schedules import NAMED_SCHEDULES
 
 DEFAULTS = request_defaults()
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _steps_value(text: str):
     """A step count or a named schedule ("smart27")."""
-    return int(text) if text.isdigit() else text
+    if text.isdigit():
+        return int(text)
+    if text in NAMED_SCHEDULES:
+        return text
+    raise ValueError(f"not a step count or a schedule name ({', '.join(NAMED_SCHEDULES)}): {text!r}")
+
+
+# Options taking one value per stage. argparse gives them every word that follows, the prompt too
+# (`--steps 20 20 "a cat"`); they are read as strings and converted after parsing, so a trailing word that is
+# not a value of the option is handed back as the prompt (`_take_back_prompt`).
+PER_STAGE = {"steps": _steps_value, "guidance": float, "noise_level": int}
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import engine
+
+    found = []
+    for name in ("torch", "diffusers", "transformers", "onnxruntime", "triton"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return f"cascade-engine {engine.__version__} ({', '.join(found)}; python {sys.version.split()[0]})"
+
+
+def _logging_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show the engine's log lines (-v info, -vv debug)")
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                        help="level of the engine's log lines (default: warning; -v is info)")
+    return common
+
+
+def configure_logging(args) -> str:
+    """Route the engine's log lines to stderr at the level asked for; returns the level's name."""
+    level = args.log_level or {0: "warning", 1: "info"}.get(args.verbose, "debug")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("engine", "export", "kernels"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level.upper())
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+    return level
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,24 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.loading import DEFAULT_MODEL, DTYPES
 
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_versions())
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate images for a prompt")
-    gen.add_argument("prompt", help="the text prompt")
+    common = [_logging_options()]  # -v / --log-level on every command
+    gen = commands.add_parser("generate", parents=common, help="generate images for a prompt")
+    gen.add_argument("prompt", nargs="?", default=None, help="the text prompt")
     gen.add_argument("-o", "--output", default="out.png",
                      help="PNG path; with several images, -0, -1, ... are added before .png (default: out.png)")
     gen.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH",
                      help=f"stage directories in cascade order, a directory with cascade.json, or a packaged "
                           f"model name (default: {DEFAULT_MODEL})")
     gen.add_argument("--negative-prompt", default=DEFAULTS["negative_prompt"])
-    gen.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    gen.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                     help="seed of the random draws (default: a fresh one, printed, so the picture can be drawn again)")
     gen.add_argument("-n", "--num-images", type=int, default=DEFAULTS["num_images_per_prompt"],
                      help="images per prompt")
-    gen.add_argument("--steps", nargs="+", type=_steps_value, default=None, metavar="N|NAME",
+    gen.add_argument("--steps", nargs="+", default=None, metavar="N|NAME",
                      help="steps per stage (one value for all, or one per stage): a count or a named schedule "
                           "such as smart27, smart50, smart100 (default: smart27 for every stage)")
-    gen.add_argument("--guidance", nargs="+", type=float, default=None, metavar="G",
+    gen.add_argument("--guidance", nargs="+", default=None, metavar="G",
                      help="guidance per stage, one value for all or one per stage (default: 7 base, 4 upscaling)")
-    gen.add_argument("--noise-level", nargs="+", type=int, default=DEFAULTS["noise_level"], metavar="N",
+    gen.add_argument("--noise-level", nargs="+", default=DEFAULTS["noise_level"], metavar="N",
                      help="noise augmentation of the stages after the first: one value for all or one per stage "
                           "(default: 250 for IF super-resolution, 20 for the x4 upscaler)")
     gen.add_argument("--scheduler", choices=SAMPLERS, default=DEFAULTS["scheduler"],
@@ -62,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from engine.serve import http as serve_defaults  # the service's defaults are written there, once
 
-    srv = commands.add_parser("serve", help="serve the model over HTTP: OpenAI-style images API, step-level batching")
+    srv = commands.add_parser("serve", parents=common, help="serve the model over HTTP: OpenAI-style images API, step-level batching")
     srv.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH",
                      help=f"as for generate (default: {DEFAULT_MODEL})")
     srv.add_argument("--host", default=serve_defaults.DEFAULT_HOST,
@@ -90,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from engine.evaluate import EvalOptions
 
-    ev = commands.add_parser("eval", help="prompt adherence on held-out shape captions (the quality gate)")
+    ev = commands.add_parser("eval", parents=common, help="prompt adherence on held-out shape captions (the quality gate)")
     ev.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH")
     ev.add_argument("--count", type=int, default=EvalOptions.count, help="held-out captions, one picture each")
     ev.add_argument("--batch", type=int, default=EvalOptions.batch, help="captions per generate call")
@@ -102,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--dtype", choices=list(DTYPES), default=None)
     ev.add_argument("--json", type=Path, default=None, help="write the report here too")
+    ev.add_argument("--sheet", type=Path, default=None, metavar="PNG",
+                    help="write a contact sheet of the pictures, captioned, the wrong ones framed in red")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    exp = commands.add_parser("export", help="export a cascade's components to ONNX (checked against PyTorch)")
+    exp = commands.add_parser("export", parents=common, help="export a cascade's components to ONNX (checked against PyTorch)")
     exp.add_argument("model", nargs="+", metavar="MODEL",
                      help="stage directories in cascade order, a directory with cascade.json, or a packaged name")
     exp.add_argument("--format", choices=("onnx",), default="onnx")
@@ -111,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                      help="precision of the U-Net graphs (the text encoder stays float32); float16 is for GPUs")
     exp.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    _add_bench_parser(commands)
+    _add_bench_parser(commands, common)
     return parser
 
 
@@ -119,7 +176,7 @@ def _variants(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def _add_bench_parser(commands) -> None:
+def _add_bench_parser(commands, common) -> None:
     from engine.bench import BenchOptions
     from engine.bench.components import COMPILE_MODES, DEFAULT_COMPARE, VARIANTS
     from engine.bench.real_size import NAMES
@@ -127,7 +184,7 @@ def _add_bench_parser(commands) -> None:
 
     b = BenchOptions()
     bench = commands.add_parser(
-        "bench", help="latency benchmark: text encoder, U-Net step per stage, stages, whole cascade; or a "
+        "bench", parents=common, help="latency benchmark: text encoder, U-Net step per stage, stages, whole cascade; or a "
                       "real-size random model, side by side with diffusers eager and torch.compile")
     bench.add_argument("--model", nargs="+", default=list(b.models), metavar="NAME",
                        help=f"a packaged model name or model directories (one cascade, timed through our "
@@ -163,6 +220,49 @@ def _one_or_tuple(values):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _take_back_prompt(args, parser) -> None:
+    """Convert the per-stage options' words (PER_STAGE); where the prompt is missing and the last word of one
+    of them is not a value of it, that word was the prompt: give it back (`--steps 20 20 "a cat"` works)."""
+    for dest, convert in PER_STAGE.items():
+        words = getattr(args, dest, None)
+        if words is None:
+            continue
+        values = []
+        for k, word in enumerate(words):
+            try:
+                values.append(convert(word))
+            except ValueError as exc:
+                if args.prompt is None and k == len(words) - 1 and values:
+                    args.prompt = word
+                    break
+                parser.error(f"argument --{dest.replace('_', '-')}: invalid value {word!r}: {exc}")
+        setattr(args, dest, values)
+    if args.prompt is None:
+        swallowed = ""
+        if len(args.model) > 1 and not Path(args.model[-1]).exists():
+            swallowed = (f" (--model took {args.model[-1]!r} as a model path: put the prompt first, or end "
+                         "--model's values with --)")
+        parser.error(f"the prompt is missing{swallowed}: python -m engine generate \"PROMPT\" [options]")
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an -o that cannot be written now, before any model work (not after the whole generation)."""
+    if output.suffix.lower() != ".png":
+        raise EngineError(f"output must be a .png path, got {str(output)!r}")
+    if output.is_dir():
+        raise EngineError(f"output {str(output)!r} is a directory: give a file name ending in .png")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngineError(f"cannot create the output's directory {str(parent)!r}: {exc.strerror}") from exc
+    try:  # a real write, not os.access: root passes permission checks on read-only file systems too
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise EngineError(f"cannot write into {str(parent)!r} ({exc.strerror}): choose another -o") from exc
+
+
 def generate(args) -> None:
     from engine.loading import load
 
@@ -174,14 +274,13 @@ def generate(args) -> None:
             image = Image.open(args.image).convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
             raise EngineError(f"cannot read --image {args.image!r}: {exc}") from exc
-    request = GenerateRequest(  # validates before anything is loaded
+    request = GenerateRequest(  # validates before anything is loaded; draws a seed if none is given
         args.prompt, image=image, negative_prompt=args.negative_prompt, seed=args.seed, num_images_per_prompt=args.num_images,
         steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance),
         noise_level=_one_or_tuple(args.noise_level),
         scheduler=args.scheduler)
     output = Path(args.output)
-    if output.suffix.lower() != ".png":
-        raise EngineError(f"output must be a .png path, got {args.output!r}")
+    _check_output(output)
     if args.quiet:
         import diffusers
         import transformers
@@ -194,13 +293,18 @@ def generate(args) -> None:
     result = pipe.run(request, progress=not args.quiet)
     images = result.images
     paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}.png") for i in range(len(images))]
-    output.parent.mkdir(parents=True, exist_ok=True)
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()  # what draws the picture again, in the file itself
+    info.add_text("prompt", args.prompt)
+    info.add_text("seed", str(request.seed))
     for image, path in zip(images, paths):
-        image.save(path)
+        image.save(path, pnginfo=info)
     if not args.quiet:
         times = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
         width, height = images[0].size
-        print(f"{len(images)} image(s) {width}x{height} -> {', '.join(map(str, paths))}")
+        print(f"{len(images)} image(s) {width}x{height} -> {', '.join(map(str, paths))} (seed {request.seed}; "
+              f"--seed {request.seed} draws them again)")
         print(f"time: {times} (total {sum(result.timings.values()):.2f}s, {pipe.device}, {str(pipe.dtype)[6:]})")
 
 
@@ -265,7 +369,7 @@ def serve(args) -> None:
     app = create_app(lambda: load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype),
                      max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
                      policy=args.batching)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level or "info")
 
 
 def evaluate(args) -> None:
@@ -279,16 +383,24 @@ def evaluate(args) -> None:
              ("noise_level", _one_or_tuple(args.noise_level)))
     generate_options = {k: v for k, v in given if v is not None}
     GenerateRequest("check", **generate_options)  # bad values are refused before the model loads
+    if args.sheet is not None:
+        _check_output(args.sheet)
     pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype)
-    report = evaluate(pipe, options, **generate_options)
+    report = evaluate(pipe, options, progress=not args.quiet, sheet=args.sheet, **generate_options)
     print(format_report(report))
+    if args.sheet is not None:
+        print(f"contact sheet written to {args.sheet}", file=sys.stderr)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args)
+    if args.command == "generate":
+        _take_back_prompt(args, parser)
     try:
         if args.command == "generate":
             generate(args)

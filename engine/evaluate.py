@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from engine.checker import ASPECTS, frechet_distance, judge, read
 from engine.errors import InvalidRequestError
+from engine.images import contact_sheet
 from engine.shapes import caption, random_scene, render
 
 HELD_OUT_SEED = 20261122  # the evaluation's scenes; training draws from other seeds and skips these captions
@@ -36,14 +38,20 @@ def held_out_scenes(count: int):
     return [random_scene(rng) for _ in range(count)]
 
 
-def evaluate(pipe, options: EvalOptions = EvalOptions(), **generate_options) -> dict:
-    """Adherence and distance of `pipe` on `options.count` held-out captions; generate_options go to generate."""
+def evaluate(pipe, options: EvalOptions = EvalOptions(), progress: bool = False, sheet=None,
+             **generate_options) -> dict:
+    """Adherence and distance of `pipe` on `options.count` held-out captions; generate_options go to generate.
+
+    progress: a bar over the pictures. sheet: a path to write a contact sheet of them to, wrong ones marked."""
+    from tqdm.auto import tqdm
+
     if options.count < 2 or options.batch < 1:
         raise InvalidRequestError(f"eval needs count >= 2 (for a distance) and batch >= 1, got {options.count} "
                                   f"and {options.batch}")
     scenes = held_out_scenes(options.count)
-    verdicts, generated, real = [], [], []
+    verdicts, generated, real, pictures = [], [], [], []
     start = time.perf_counter()
+    bar = tqdm(total=len(scenes), desc="eval", unit="image", disable=not progress)
     for k in range(0, len(scenes), options.batch):
         chunk = scenes[k:k + options.batch]
         images = pipe.generate([caption(s) for s in chunk], seed=options.seed + k // options.batch,
@@ -52,7 +60,13 @@ def evaluate(pipe, options: EvalOptions = EvalOptions(), **generate_options) -> 
             verdicts.append(judge(image, scene))
             generated.append(read(image).features)
             real.append(read(render(scene, image.shape[0])).features)
+            if sheet is not None:
+                pictures.append(Image.fromarray((image * 255).round().astype(np.uint8)))
+        bar.update(len(chunk))
+    bar.close()
     seconds = time.perf_counter() - start
+    if sheet is not None:
+        contact_sheet(pictures, [caption(s) for s in scenes], [not v["all"] for v in verdicts]).save(sheet)
     rates = {aspect: float(np.mean([v[aspect] for v in verdicts])) for aspect in (*ASPECTS, "all")}
     return {"count": options.count, "seed": options.seed, "adherence": rates["all"], "aspects": rates,
             "frechet_distance": frechet_distance(np.stack(generated), np.stack(real)),

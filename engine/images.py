@@ -50,3 +50,28 @@ def from_model_range(image: torch.Tensor, output_type: str):
     if output_type == "np":
         return array
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+def contact_sheet(images, captions=None, wrong=None, columns: int = 8, caption_lines: int = 3) -> Image.Image:
+    """One picture of many: `images` (PIL) in rows of `columns`, each above its caption (wrapped), and those
+    whose `wrong` flag is set framed in red and marked WRONG."""
+    from textwrap import wrap
+
+    from PIL import ImageDraw
+
+    side = max(max(image.size) for image in images)
+    line = 11  # PIL's default bitmap font is 11 px high
+    strip = line * caption_lines + 4 if captions else 0
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * side, rows * (side + strip)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, image in enumerate(images):
+        x, y = (i % columns) * side, (i // columns) * (side + strip)
+        sheet.paste(image.convert("RGB"), (x, y))
+        if wrong is not None and wrong[i]:
+            draw.rectangle((x, y, x + side - 1, y + side - 1), outline="red", width=3)
+            draw.text((x + 5, y + 4), "WRONG", fill="red")
+        if captions:
+            for k, text in enumerate(wrap(captions[i], width=max(side // 6, 8))[:caption_lines]):
+                draw.text((x + 2, y + side + 2 + k * line), text, fill="black")
+    return sheet

@@ -88,6 +88,7 @@ def test_unknown_path_names_the_packaged_models():
         engine.load("/no/such/model")
 
 
+@pytest.mark.filterwarnings("ignore:bfloat16 on CPU")
 def test_fp16_variant_is_used_when_asked_for(cascade_copy):
     # An fp16 variant holding different weights must be the one loaded for float16/bfloat16, not for float32.
     unet_dir = cascade_copy / "stage_I" / "unet"
