@@ -114,6 +114,9 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
         if attention is not None:
             raise InvalidRequestError("attention= applies to the torch backend only; the onnxruntime backend "
                                       "runs the attention the exported graph holds")
+        if variant is not None:
+            raise InvalidRequestError("variant= applies to the torch backend only; the onnxruntime backend "
+                                      "exports with the weight files the dtype picks")
         if backend == "torch":
             raise InvalidRequestError(f"{exported} is an ONNX export; load it with backend='onnxruntime' (or "
                                       "no backend), or load the original model directory with backend='torch'")

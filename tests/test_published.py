@@ -91,6 +91,11 @@ def test_hub_ids_resolve_from_the_local_cache(hub_cache, published, monkeypatch)
     by_dir = engine.load(published / "stage_I", published / "stage_II", device="cpu")
     args = dict(seed=2, steps=(2, 2), output_type="np")
     assert np.array_equal(by_id.generate("a cat", **args), by_dir.generate("a cat", **args))
+    # A diffusers user's script, as written.
+    pipe = engine.load("DeepFloyd/IF-I-XL-v1.0", "DeepFloyd/IF-II-L-v1.0", torch_dtype=torch.float32)
+    images = pipe("a corgi", num_inference_steps=2, guidance_scale=7.0,
+                  generator=torch.Generator("cpu").manual_seed(0)).images
+    assert len(images) == 1 and images[0].size == (32, 32)
     assert engine.load(IDS[0], device="cpu", revision=commits[0]).image_size == 16  # a commit, as in snapshots/
     with pytest.raises(ModelError, match="at revision 'v9'"):
         engine.load(*IDS, device="cpu", revision="v9")
