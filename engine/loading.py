@@ -13,6 +13,7 @@ raises ModelError naming the path and the problem, before a U-Net is built where
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import warnings
@@ -80,9 +81,6 @@ def text_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
-LOAD_OPTIONS = ("backend", "device", "dtype", "attention", "providers", "revision", "variant", "torch_dtype")
-
-
 def load(*paths: str | Path, backend: str | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, attention: str | None = None, providers=None,
          revision: str | None = None, variant: str | None = None, torch_dtype: str | torch.dtype | None = None,
@@ -100,7 +98,8 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     """
     if unknown:
         name = sorted(unknown)[0]
-        raise InvalidRequestError(f"unknown argument {name!r} to engine.load{closest_name(name, LOAD_OPTIONS)}")
+        known = [p for p in inspect.signature(load).parameters if p not in ("paths", "unknown")]
+        raise InvalidRequestError(f"unknown argument {name!r} to engine.load{closest_name(name, known)}")
     if torch_dtype is not None:
         if dtype is not None:
             raise InvalidRequestError("give dtype= or torch_dtype= (its diffusers name), not both")
