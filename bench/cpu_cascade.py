@@ -27,7 +27,7 @@ from report import command_line, interleaved, save_json  # noqa: E402
 
 import engine  # noqa: E402
 from engine.loading import PACKAGED_ROOT  # noqa: E402
-from engine.reference import reference_cascade, run_reference  # noqa: E402
+from engine.testing.reference import reference_cascade, run_reference  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 

@@ -2,8 +2,8 @@
 
     python bench/shapes_defaults.py [--model shapes] [--count 32] [--json bench/results/shapes_defaults.json]
 
-Each row runs the quality gate (engine/evaluate.py: the same held-out captions and seeds) at one setting of
-steps, guidance and noise level, and times it; the defaults in engine/train.py (SHAPES_DEFAULTS) are the
+Each row runs the quality gate (engine/demo/evaluate.py: the same held-out captions and seeds) at one setting of
+steps, guidance and noise level, and times it; the defaults in engine/demo/train.py (SHAPES_DEFAULTS) are the
 cheapest row within a point or two of the best adherence. Runs on CPU, one row after another.
 """
 
@@ -23,7 +23,7 @@ from report import command_line, save_json  # noqa: E402
 
 import engine  # noqa: E402
 from engine.bench.report import environment  # noqa: E402
-from engine.evaluate import EvalOptions, evaluate  # noqa: E402
+from engine.demo.evaluate import EvalOptions, evaluate  # noqa: E402
 
 # (steps, guidance, noise level of stage II): IF's own defaults first, then cheaper and differently guided ones.
 GRID = [

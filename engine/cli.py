@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Ray Serve autoscaling bounds")
     srv.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray Serve replica")
 
-    from engine.evaluate import EvalOptions
+    from engine.demo.evaluate import EvalOptions
 
     ev = commands.add_parser("eval", parents=common, help="prompt adherence on held-out shape captions (the quality gate)")
     ev.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH")
@@ -375,7 +375,7 @@ def serve(args) -> None:
 def evaluate(args) -> None:
     import json
 
-    from engine.evaluate import EvalOptions, evaluate, format_report
+    from engine.demo.evaluate import EvalOptions, evaluate, format_report
     from engine.loading import load
 
     options = EvalOptions(count=args.count, batch=args.batch, seed=args.seed)

@@ -34,7 +34,7 @@ from engine.text import TextEncoder
 
 log = logging.getLogger(__name__)
 
-PACKAGED_ROOT = Path(__file__).parent / "models"
+PACKAGED_ROOT = Path(__file__).parent / "demo" / "models"  # the packaged models (engine/demo/models/NAME)
 DEFAULT_MODEL = "shapes"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 X4_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default, when model_index.json does not say

@@ -8,8 +8,8 @@ import sys
 from PIL import Image
 
 import engine
-from engine.checker import judge
-from engine.shapes import parse_caption
+from engine.demo.checker import judge
+from engine.demo.shapes import parse_caption
 
 CAPTIONS = [
     "a large green square on a white background",

@@ -53,8 +53,8 @@ def _guarded_connect_ex(self, address):
 socket.socket.connect = _guarded_connect
 socket.socket.connect_ex = _guarded_connect_ex
 
-from engine.random_models import TinyCascadeSpec, write_if_cascade, write_three_stage_cascade
-from engine.reference import reference_cascade, run_reference, swap_scheduler
+from engine.testing.random_models import TinyCascadeSpec, write_if_cascade, write_three_stage_cascade
+from engine.testing.reference import reference_cascade, run_reference, swap_scheduler
 
 
 @pytest.fixture(scope="session")

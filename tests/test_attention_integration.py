@@ -31,8 +31,8 @@ def test_triton_attention_cascade_matches_diffusers(cascade_dir, reference):
 
 def test_triton_attention_three_stage_cascade_matches_diffusers(tmp_path):
     from engine.backends.attention import TritonAttnProcessor
-    from engine.random_models import TinyCascadeSpec, write_three_stage_cascade
-    from engine.reference import reference_cascade, run_reference
+    from engine.testing.random_models import TinyCascadeSpec, write_three_stage_cascade
+    from engine.testing.reference import reference_cascade, run_reference
 
     # Small sizes (8 -> 16 -> 64 px): the interpreter runs every attention program in numpy.
     three_stage_dir = write_three_stage_cascade(tmp_path, TinyCascadeSpec(base_size=8, sr_size=16))

@@ -10,7 +10,7 @@ import torch
 import engine
 from engine import InvalidRequestError, ModelError
 from engine.options import STAGE_DEFAULTS
-from engine.random_models import TinyCascadeSpec, write_if_cascade
+from engine.testing.random_models import TinyCascadeSpec, write_if_cascade
 
 
 def test_super_resolution_stage_first_is_refused(cascade_dir):

@@ -77,9 +77,9 @@ def test_loading_stage_dirs_equals_loading_cascade_json(cascade_dir, engine_pipe
 
 
 def test_v_prediction_stages_match_diffusers(tmp_path):
-    # The packaged shapes model's U-Nets predict v (engine/train.py); IF's scheduler configs say so.
-    from engine.random_models import TinyCascadeSpec, write_if_cascade
-    from engine.reference import reference_cascade
+    # The packaged shapes model's U-Nets predict v (engine/demo/train.py); IF's scheduler configs say so.
+    from engine.testing.random_models import TinyCascadeSpec, write_if_cascade
+    from engine.testing.reference import reference_cascade
 
     root = write_if_cascade(tmp_path / "v", TinyCascadeSpec(prediction_types=("v_prediction", "v_prediction")), seed=4)
     ours = engine.load(root, device="cpu").generate("a red circle", seed=1, steps=(5, 6), noise_level=100,

@@ -1,4 +1,4 @@
-"""Snapshots laid out as DeepFloyd and Stability publish them (engine/published_layouts.py) load as diffusers
+"""Snapshots laid out as DeepFloyd and Stability publish them (engine/testing/published_layouts.py) load as diffusers
 loads them and give diffusers' images: diffusers 0.16 configs, sharded and fp16 weights, a sentencepiece
 tokenizer, the folders the engine does not run, and hub ids from a local Hugging Face cache tree."""
 
@@ -12,9 +12,9 @@ import torch
 
 import engine
 from engine import ModelError
-from engine.published_layouts import publish_if_cascade, publish_x4_upscaler, write_hub_cache
-from engine.random_models import write_if_cascade, write_x4_upscaler
-from engine.reference import run_reference
+from engine.testing.published_layouts import publish_if_cascade, publish_x4_upscaler, write_hub_cache
+from engine.testing.random_models import write_if_cascade, write_x4_upscaler
+from engine.testing.reference import run_reference
 
 TOLERANCE = 1e-4
 IDS = ("DeepFloyd/IF-I-XL-v1.0", "DeepFloyd/IF-II-L-v1.0")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from engine.checker import ASPECTS, frechet_distance, judge, read
-from engine.shapes import COLOURS, Scene, caption, parse_caption, random_scene, render
+from engine.demo.checker import ASPECTS, frechet_distance, judge, read
+from engine.demo.shapes import COLOURS, Scene, caption, parse_caption, random_scene, render
 
 
 def fresh_rng():
@@ -87,7 +87,7 @@ def test_eval_reports_adherence_and_distance(engine_pipe, tmp_path):
     import json
 
     from engine.cli import main
-    from engine.evaluate import EvalOptions, evaluate, held_out_scenes
+    from engine.demo.evaluate import EvalOptions, evaluate, held_out_scenes
 
     report = evaluate(engine_pipe, EvalOptions(count=4, batch=2), steps=(2, 2))
     assert report["count"] == 4 and 0.0 <= report["adherence"] <= 1.0
@@ -110,7 +110,7 @@ GATE_FLOOR = 0.85
 
 def test_packaged_model_passes_the_quality_gate():
     import engine
-    from engine.evaluate import EvalOptions, evaluate, format_report
+    from engine.demo.evaluate import EvalOptions, evaluate, format_report
 
     report = evaluate(engine.load(engine.DEFAULT_MODEL, device="cpu"), EvalOptions(count=GATE_COUNT))
     assert report["adherence"] >= GATE_FLOOR, format_report(report)

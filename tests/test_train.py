@@ -1,4 +1,4 @@
-"""Training the shapes cascade (engine/train.py): the loss's arithmetic, the data split, a seeded run that
+"""Training the shapes cascade (engine/demo/train.py): the loss's arithmetic, the data split, a seeded run that
 reproduces itself and loads back into the engine."""
 
 from types import SimpleNamespace
@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import engine
-from engine.evaluate import held_out_scenes
-from engine.random_models import IF_I_SCHEDULER, TinyCascadeSpec
-from engine.shapes import caption
-from engine.train import (
+from engine.demo.evaluate import held_out_scenes
+from engine.testing.random_models import IF_I_SCHEDULER, TinyCascadeSpec
+from engine.demo.shapes import caption
+from engine.demo.train import (
     HybridLoss,
     TrainOptions,
     all_scenes,
@@ -107,7 +107,7 @@ def test_a_time_budget_cuts_the_steps_to_it(tmp_path):
 
 
 def test_training_changes_the_weights(tmp_path):
-    from engine.random_models import write_if_cascade
+    from engine.testing.random_models import write_if_cascade
 
     untrained = write_if_cascade(tmp_path / "untrained", SPEC, seed=3)
     trained = _train(tmp_path / "trained", training_scenes(64)[:24])

@@ -11,7 +11,7 @@ import engine
 from engine import InvalidRequestError, ModelError
 from engine.cli import main
 from engine.options import STAGE_DEFAULTS, GenerateRequest
-from engine.reference import reference_cascade, run_reference
+from engine.testing.reference import reference_cascade, run_reference
 
 STEPS = (4, 3, 5)
 
@@ -101,7 +101,7 @@ def _pictures(count, size=(32, 24), seed=0):
 def test_upscaler_alone_upscales_the_given_images_as_diffusers_does(three_stage_dir):
     import torch
 
-    from engine.reference import reference_upscaler
+    from engine.testing.reference import reference_upscaler
 
     pipe = engine.load(three_stage_dir / "stage_III", device="cpu")
     assert [s.kind for s in pipe.stages] == ["latent_upscaler"]

@@ -225,7 +225,7 @@ def bench_cascade(session: Session) -> list[Row]:
 
 def _diffusers_cascade(session: Session, dirs: list[Path], request: GenerateRequest, settings) -> dict:
     """diffusers' IF pipelines over the same files, eager and with compiled U-Nets (sharing the weights)."""
-    from engine.reference import reference_stages, run_reference
+    from engine.testing.reference import reference_stages, run_reference
 
     wanted = [v for v in ("eager", "compile") if v in session.compare]
     if not wanted:

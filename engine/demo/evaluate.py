@@ -1,4 +1,4 @@
-"""`python -m engine eval`: how well a model draws what the prompt says, judged by engine/checker.py.
+"""`python -m engine eval`: how well a model draws what the prompt says, judged by engine/demo/checker.py.
 
 It generates one picture per held-out caption of the shapes grammar (a fixed, seeded set), and reports:
 - prompt adherence: the share of pictures whose shape, colour, background, size and position all match,
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from engine.checker import ASPECTS, frechet_distance, judge, read
+from engine.demo.checker import ASPECTS, frechet_distance, judge, read
 from engine.errors import InvalidRequestError
 from engine.images import contact_sheet
-from engine.shapes import caption, random_scene, render
+from engine.demo.shapes import caption, random_scene, render
 
 HELD_OUT_SEED = 20261122  # the evaluation's scenes; training draws from other seeds and skips these captions
 

@@ -1,7 +1,7 @@
 """IF-architecture cascades with random weights, written to disk in DeepFloyd's diffusers layout.
 
 Used by the tests (tiny models, built in-process and loaded back through `engine.load`), by the benchmark,
-and as the starting point of the packaged shapes model (engine/train.py). The U-Nets use IF's block types
+and as the starting point of the packaged shapes model (engine/demo/train.py). The U-Nets use IF's block types
 (ResnetDownsampleBlock2D, SimpleCrossAttn blocks, text_proj + text addition embedding, learned-range output);
 the text encoder is a T5 encoder with a word-level tokenizer built locally with `tokenizers`, so nothing is
 downloaded.
@@ -270,12 +270,12 @@ def write_three_stage_cascade(root: str | Path, spec: TinyCascadeSpec = TinyCasc
     return root
 
 
-# The packaged shapes model's architecture (engine/train.py trains it): IF's layout at 32 -> 128 px, with
+# The packaged shapes model's architecture (engine/demo/train.py trains it): IF's layout at 32 -> 128 px, with
 # narrower levels so that a training step fits a CPU core (about 0.7 s for 32 base pictures) and a default
 # generation fits in 3 s on two cores; the super-resolution U-Net gets a fourth level, so that its one
 # attention level runs at 16 px. Few GroupNorm groups: with one or two channels per group, a norm wipes out
 # the flat colour of a plain background (a channel's own mean), which is most of what these pictures hold.
-# Both predict v, not eps: see engine/train.py.
+# Both predict v, not eps: see engine/demo/train.py.
 SHAPES_SPEC = TinyCascadeSpec(base_size=32, sr_size=128, base_channels=(16, 32, 64), sr_channels=(8, 16, 32, 64),
                               cross_attention_dim=64, head_dim=32, text_dim=64, norm_groups=(4, 2),
                               prediction_types=("v_prediction", "v_prediction"))

@@ -1,6 +1,6 @@
 """Procedural captioned pictures: one shape on a plain background, and the caption that describes it.
 
-The training set of the packaged model and the ground truth of the quality gate (engine/checker.py). Nothing is
+The training set of the packaged model and the ground truth of the quality gate (engine/demo/checker.py). Nothing is
 downloaded: `random_scene(rng)` draws a scene, `render(scene, size)` draws it, `caption(scene)` describes it:
 
     "a large red circle on a blue background"

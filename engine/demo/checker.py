@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from engine.shapes import COLOURS, POSITIONS, SIZES, Scene
+from engine.demo.shapes import COLOURS, POSITIONS, SIZES, Scene
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background beyond which a pixel is foreground
 # Shapes by the widths of their rows, relative to the box's width, in a band near the top and one near the

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from engine.random_models import VOCABULARY
+from engine.testing.random_models import VOCABULARY
 
 # Keys of today's configs that diffusers 0.16 did not write: DeepFloyd's published configs lack them.
 NEWER_UNET_KEYS = ("encoder_hid_dim_type", "addition_time_embed_dim", "transformer_layers_per_block",

@@ -1,10 +1,10 @@
-"""`python -m engine.train OUT`: train the packaged shapes cascade (engine/shapes.py) from a seed, on CPU or GPU.
+"""`python -m engine.demo.train OUT`: train the packaged shapes cascade (engine/demo/shapes.py) from a seed, on CPU or GPU.
 
-The cascade is DeepFloyd IF's at small size (engine/random_models.py builds it): a frozen, seeded random T5
+The cascade is DeepFloyd IF's at small size (engine/testing/random_models.py builds it): a frozen, seeded random T5
 encoder; a base U-Net at 32 px and a super-resolution U-Net 32 -> 128 px, both predicting v plus a
 learned-range variance. What training does, and why:
 
-- data: every scene of the shapes grammar except the quality gate's held-out captions (engine/evaluate.py),
+- data: every scene of the shapes grammar except the quality gate's held-out captions (engine/demo/evaluate.py),
   rendered once; each caption's T5 embedding computed once, exactly as the runtime computes it (TextEncoder);
 - loss: Improved DDPM's hybrid loss, MSE on the prediction plus the variational bound for the variance channels
   (with the mean held fixed), so that few-step ancestral sampling with the learned variance works;
@@ -41,17 +41,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.random_models import SHAPES_SPEC, write_if_cascade
+from engine.testing.random_models import SHAPES_SPEC, write_if_cascade
 from engine.samplers import build_sampler
 from engine.schedules import NoiseSchedule
-from engine.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render
+from engine.demo.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render
 
 # The packaged model's generation defaults, written into its cascade.json; why these: bench/RESULTS.md
 # ("Quality gate"). Stage II copies its input more than it reads the caption: no guidance (half the batch), 15 steps.
 SHAPES_DEFAULTS = {"stage_I": {"steps": "smart27", "guidance": 7.0},
                    "stage_II": {"steps": 15, "guidance": 1.0, "noise_level": 100}}
 # What users must know about the packaged model: what it can draw, and how well (bench/RESULTS.md).
-SHAPES_NOTICE = ("shapes is a small demo model that knows one grammar of captions (engine/shapes.py): "
+SHAPES_NOTICE = ("shapes is a small demo model that knows one grammar of captions (engine/demo/shapes.py): "
                  "'a small|large <colour> circle|square|triangle [at the top left|on the right|...] on a <colour> "
                  "background', in nine colours; it draws those right about 95% of the time (python -m engine eval) "
                  "and anything else poorly. Load your own IF model for other prompts.")
@@ -88,7 +88,7 @@ def all_scenes() -> list[Scene]:
 
 
 def training_scenes(held_out: int) -> list[Scene]:
-    from engine.evaluate import held_out_scenes
+    from engine.demo.evaluate import held_out_scenes
 
     excluded = set(held_out_scenes(held_out))
     return [s for s in all_scenes() if s not in excluded]
@@ -261,7 +261,7 @@ def prepare(root: Path, options: TrainOptions, spec=SHAPES_SPEC, scenes: list[Sc
 
 def main(argv=None) -> int:
     defaults = TrainOptions()
-    parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.demo.train", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="directory of the cascade (created untrained if missing)")
     parser.add_argument("--stage", choices=("I", "II", "both"), default="both")
     parser.add_argument("--seed", type=int, default=defaults.seed)

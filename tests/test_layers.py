@@ -1,0 +1,87 @@
+"""The layers import one way: no cycle among the project's modules (every import, those inside functions too),
+the runtime's core imports nothing above it, and export/ never imports engine.loading."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("engine", "kernels", "export")
+CORE = ("engine.errors", "engine.options", "engine.schedules", "engine.samplers", "engine.stage",
+        "engine.pipeline", "engine.text", "engine.images")
+ABOVE_CORE = ("engine.backends", "engine.serve", "engine.bench", "engine.demo", "engine.testing", "engine.loading",
+              "engine.assemble", "engine.model_dir", "engine.exported", "export", "engine.cli")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules `name` imports anywhere in its file (a package import counts as its __init__)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets.add(base)
+            targets |= {f"{base}.{alias.name}" for alias in node.names}
+    return {t for t in targets if t in known and t != name}
+
+
+def graph() -> dict[str, set[str]]:
+    found = modules()
+    return {name: imports(name, path, set(found)) for name, path in found.items()}
+
+
+def cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycle():
+    assert cycle(graph()) is None, " -> ".join(cycle(graph()))
+
+
+def test_the_cycle_finder_finds_one():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_core_imports_nothing_above_it():
+    edges = graph()
+    for module in CORE:
+        above = sorted(t for t in edges[module] if t.startswith(ABOVE_CORE))
+        assert not above, f"{module} imports {above}"
+
+
+def test_export_never_imports_loading():
+    edges = graph()
+    for module, targets in edges.items():
+        if module == "export" or module.startswith("export."):
+            assert "engine.loading" not in targets and "engine" not in targets, f"{module} imports {targets}"
