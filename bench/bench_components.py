@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 from engine.bench import components, real_size  # noqa: E402
-from engine.loading import resolve_device, resolve_dtype, stage_dirs  # noqa: E402
+from engine.loading import resolve_device, resolve_dtype  # noqa: E402
+from engine.model_dir import stage_dirs  # noqa: E402
 
 MODELS = os.environ.get("BENCH_MODEL", f"{engine.DEFAULT_MODEL},if-i-xl:tiny").split(",")
 DEVICE = resolve_device(os.environ.get("BENCH_DEVICE"))
@@ -46,7 +47,7 @@ def pipeline(model: str):
 
 
 # (model, stage index): known from the directories, before any model is loaded
-STAGES = [(m, i) for m in CASCADES for i in range(len(stage_dirs([m])[0]))]
+STAGES = [(m, i) for m in CASCADES for i in range(len(stage_dirs([m]).dirs))]
 
 
 @pytest.mark.parametrize("variant", ["eager", "ours"])

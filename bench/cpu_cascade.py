@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import command_line, interleaved, save_json  # noqa: E402
 
 import engine  # noqa: E402
-from engine.loading import PACKAGED_ROOT  # noqa: E402
+from engine.model_dir import PACKAGED_ROOT  # noqa: E402
 from engine.testing.reference import reference_cascade, run_reference  # noqa: E402
 
 PROMPT = "a red circle on a blue background"

@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 
 from engine.errors import EngineError, InvalidRequestError, ModelError, NumericalError
-from engine.loading import DEFAULT_MODEL, load, packaged_models
+from engine.loading import load
+from engine.model_dir import DEFAULT_MODEL, packaged_models
 from engine.options import GenerateRequest, request_from_call
 from engine.pipeline import Generation, Pipeline
+from engine.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["generate", "load", "Pipeline", "Generation", "GenerateRequest", "EngineError", "ModelError",
            "InvalidRequestError", "NumericalError", "DEFAULT_MODEL", "packaged_models", "__version__"]
 

@@ -76,7 +76,8 @@ def configure_logging(args) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.backends import BACKENDS
-    from engine.loading import DEFAULT_MODEL, DTYPES
+    from engine.loading import DTYPES
+    from engine.model_dir import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_versions())

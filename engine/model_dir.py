@@ -1,4 +1,8 @@
-"""Model directories read as their owners read them.
+"""Model directories read as their owners read them, and the cascade they describe.
+
+- `stage_dirs` turns what `engine.load` was given (directories, a directory with cascade.json, packaged model
+  names, hub ids) into stage directories in cascade order; `read_stages` reads and checks each stage's configs
+  into a `StageSpec`, before any weight file is opened.
 
 - Hub ids ("DeepFloyd/IF-I-XL-v1.0") resolve to a snapshot of the local Hugging Face cache through
   huggingface_hub's own lookup, local files only: no network call is ever made, whatever HF_HUB_OFFLINE says.
@@ -11,23 +15,205 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.errors import ModelError
+from engine.errors import InvalidRequestError, ModelError
+from engine.stage import IMAGE_CHANNELS
 
 log = logging.getLogger(__name__)
 
+PACKAGED_ROOT = Path(__file__).parent / "demo" / "models"  # the packaged models: engine/demo/models/NAME
+DEFAULT_MODEL = "shapes"
+X4_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default, when model_index.json does not say
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # An organisation/name pair as the Hub spells repository ids.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Folders of a published snapshot that diffusers' IF pipelines can load but this engine does not run.
 UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "watermarker")
+
+
+# -- stage directories ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CascadeDirs:
+    """What `engine.load`'s paths name: stage directories in cascade order and what the model says of itself."""
+
+    dirs: list[Path]
+    notice: str | None  # something the user must know about this model (cascade.json "notice")
+    source: str  # what to call it in messages
+    defaults: list  # per stage: the model's own generation defaults (cascade.json "defaults"), or None
+
+
+def packaged_models() -> list[str]:
+    return sorted(p.name for p in PACKAGED_ROOT.iterdir() if (p / "cascade.json").is_file())
+
+
+def stage_dirs(paths, revision: str | None = None) -> CascadeDirs:
+    """The cascade at `paths`: each a directory (relative to the working directory, or absolute), a packaged
+    model name, or a hub id looked up in the local Hugging Face cache at `revision`; one directory may hold a
+    cascade.json listing its stages."""
+    if not paths:
+        raise InvalidRequestError("engine.load() needs at least one path or packaged model name, "
+                                  f"e.g. engine.load({DEFAULT_MODEL!r})")
+    for p in paths:
+        if not isinstance(p, (str, Path)):
+            raise InvalidRequestError(f"model paths must be strings or paths, got {type(p).__name__}")
+    resolved = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.exists() and isinstance(p, str) and (PACKAGED_ROOT / p / "cascade.json").is_file():
+            path = PACKAGED_ROOT / p
+        elif not path.exists() and isinstance(p, str) and looks_like_hub_id(p):
+            path = resolve_hub_id(p, revision)
+            log.info("%s: the local Hugging Face cache's snapshot at %s", p, path)
+        if not path.is_dir():
+            known = ", ".join(packaged_models()) or "none"
+            raise ModelError(p, f"no such model directory (packaged models: {known}; hub ids are ORG/NAME)")
+        resolved.append(path.resolve())
+    if len(resolved) == 1 and (resolved[0] / "cascade.json").is_file():
+        return _read_cascade(resolved[0], str(paths[0]))
+    return CascadeDirs(resolved, None, ", ".join(str(p) for p in paths), [None] * len(resolved))
+
+
+def _read_cascade(root: Path, source: str) -> CascadeDirs:
+    file = root / "cascade.json"
+    spec = _read_json(file, "cascade.json")
+    stages = spec.get("stages")
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages):
+        raise ModelError(file, 'cascade.json must hold {"stages": ["stage_I", "stage_II", ...]} '
+                               "(stage directories relative to it, in cascade order)")
+    dirs = [(root / s).resolve() for s in stages]
+    for d in dirs:
+        if not d.is_dir():
+            raise ModelError(d, "stage directory listed in cascade.json does not exist")
+    # A model's own generation defaults, by stage directory: {"defaults": {"stage_II": {"steps": 20, ...}}}.
+    defaults = spec.get("defaults", {})
+    if not isinstance(defaults, dict) or set(defaults) - set(stages):
+        raise ModelError(file, f'cascade.json "defaults" must map stage directories ({", ".join(stages)}) to '
+                               '{"steps": ..., "guidance": ..., "noise_level": ...}')
+    return CascadeDirs(dirs, spec.get("notice"), source, [defaults.get(s) for s in stages])
+
+
+def is_x4_upscaler(stage_dir: Path) -> bool:
+    """Whether a stage directory holds Stability's x4 upscaler: a latent stage, the only kind with a vae/."""
+    return (stage_dir / "vae").is_dir()
+
+
+def stage_name(index: int) -> str:
+    return f"stage_{'I' * (index + 1)}" if index < 3 else f"stage_{index + 1}"
+
+
+# -- stages ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage as its configs describe it: what assemble.py needs, besides the backend's components."""
+
+    name: str  # "stage_I", ...
+    kind: str  # "base" | "super_resolution" | "latent_upscaler"
+    directory: Path  # where its files are (a model directory, or its part of an exported one)
+    scheduler_config: dict  # resolved (scheduler_config)
+    noising_config: dict | None  # the image-noising (or x4 low-res) scheduler's; None for a base stage
+    defaults: dict | None = None  # the model's own generation defaults (cascade.json), or None
+    max_noise_level: int | None = None  # the x4 upscaler's bound on noise_level
+
+
+def read_stages(cascade: CascadeDirs) -> list[StageSpec]:
+    """Every stage's configs, read and checked against each other (channels, text widths, variance) before any
+    weights are read; ModelError names the stage directory and the problem."""
+    dirs = cascade.dirs
+    if is_x4_upscaler(dirs[0]):  # alone: an upscaler of the images passed to generate(image=...)
+        if len(dirs) > 1:
+            raise ModelError(dirs[0], "an x4 upscaler stage is the last stage of a cascade; list it after the IF "
+                                      "stages, e.g. engine.load(IF_I_DIR, IF_II_DIR, X4_DIR), or load it alone")
+        return [_x4_stage(dirs[0], "stage_I", cascade.defaults[0])]
+    for sub in ("tokenizer", "text_encoder"):
+        if not (dirs[0] / sub).is_dir():
+            raise ModelError(dirs[0], f"the first stage needs {sub}/ (a base stage as IF-I ships it); "
+                                      "is a super-resolution stage listed first?")
+    text_dim = text_config(dirs[0] / "text_encoder").d_model
+    specs = []
+    for index, (directory, defaults) in enumerate(zip(dirs, cascade.defaults)):
+        name = stage_name(index)
+        if is_x4_upscaler(directory):
+            specs.append(_x4_stage(directory, name, defaults))
+        else:
+            specs.append(_if_stage(directory, index, name, text_dim, defaults))
+    return specs
+
+
+def text_width(unet_config: dict) -> int:
+    """The width of the text embeddings a resolved U-Net config takes: encoder_hid_dim where the U-Net
+    projects them (IF's text_proj), else cross_attention_dim."""
+    if unet_config.get("encoder_hid_dim_type") is not None:
+        return unet_config["encoder_hid_dim"]
+    return unet_config["cross_attention_dim"]
+
+
+def _if_stage(stage_dir: Path, index: int, name: str, text_dim: int, defaults) -> StageSpec:
+    config = model_config(stage_dir / "unet", "UNet2DConditionModel", "U-Net config")  # diffusers' defaulting
+    scheduler = scheduler_config(stage_dir / "scheduler")
+    in_ch, out_ch = config["in_channels"], config["out_channels"]
+    if index == 0 and in_ch != IMAGE_CHANNELS:
+        raise ModelError(stage_dir, f"the first stage must be a base stage with a {IMAGE_CHANNELS}-channel "
+                                    f"U-Net input; this U-Net takes {in_ch} channels (a super-resolution stage "
+                                    "listed first?)")
+    if index > 0 and in_ch != 2 * IMAGE_CHANNELS:
+        raise ModelError(stage_dir, f"stages after the first must be super-resolution stages with a "
+                                    f"{2 * IMAGE_CHANNELS}-channel U-Net input (x_t + upsampled image); "
+                                    f"this U-Net takes {in_ch}")
+    if out_ch not in (IMAGE_CHANNELS, 2 * IMAGE_CHANNELS):
+        raise ModelError(stage_dir, f"U-Net out_channels={out_ch}; expected {IMAGE_CHANNELS} (eps) or "
+                                    f"{2 * IMAGE_CHANNELS} (eps + learned variance)")
+    if scheduler.get("variance_type") in ("learned", "learned_range") and out_ch != 2 * IMAGE_CHANNELS:
+        raise ModelError(stage_dir, f"the scheduler wants a learned variance but the U-Net has only "
+                                    f"{out_ch} output channels")
+    if text_width(config) != text_dim:
+        raise ModelError(stage_dir, f"the U-Net expects text embeddings of width {text_width(config)} but the "
+                                    f"text encoder produces {text_dim}: these stages do not belong to one cascade")
+    noising = None
+    if index > 0:
+        if not (stage_dir / "image_noising_scheduler").is_dir():
+            raise ModelError(stage_dir, "missing image_noising_scheduler/ (the image-noising scheduler of a "
+                                        "super-resolution stage)")
+        noising = scheduler_config(stage_dir / "image_noising_scheduler",
+                                   "image-noising scheduler config of a super-resolution stage")
+    return StageSpec(name, "base" if index == 0 else "super_resolution", stage_dir, scheduler, noising, defaults)
+
+
+def _x4_stage(stage_dir: Path, name: str, defaults) -> StageSpec:
+    config = model_config(stage_dir / "unet", "UNet2DConditionModel", "U-Net config")
+    vae = model_config(stage_dir / "vae", "AutoencoderKL", "VAE config")
+    scheduler = scheduler_config(stage_dir / "scheduler", default_class="DDIMScheduler")
+    if not (stage_dir / "low_res_scheduler").is_dir():
+        raise ModelError(stage_dir, "missing low_res_scheduler/ (the low-res noising scheduler config of the "
+                                    "x4 upscaler)")
+    low_res = scheduler_config(stage_dir / "low_res_scheduler", "low-res noising scheduler config")
+    index = stage_dir / "model_index.json"
+    pipeline_config = _read_json(index, "pipeline config") if index.is_file() else {}
+    latent = vae["latent_channels"]
+    if config["in_channels"] != latent + IMAGE_CHANNELS:
+        raise ModelError(stage_dir, f"the x4 U-Net takes {config['in_channels']} channels; expected "
+                                    f"{latent + IMAGE_CHANNELS} ({latent} latent + {IMAGE_CHANNELS} image)")
+    if config["out_channels"] != latent:
+        raise ModelError(stage_dir, f"the x4 U-Net predicts {config['out_channels']} channels; expected the "
+                                    f"VAE's {latent} latent channels")
+    if config.get("num_class_embeds") is None and config.get("class_embed_type") is None:
+        raise ModelError(stage_dir, "the x4 U-Net has no class embedding for the noise level (num_class_embeds)")
+    clip_dim = text_config(stage_dir / "text_encoder").hidden_size
+    if text_width(config) != clip_dim:
+        raise ModelError(stage_dir, f"the x4 U-Net expects text embeddings of width {text_width(config)} "
+                                    f"but its text encoder produces {clip_dim}")
+    return StageSpec(name, "latent_upscaler", stage_dir, scheduler, low_res, defaults,
+                     max_noise_level=int(pipeline_config.get("max_noise_level", X4_MAX_NOISE_LEVEL)))
 
 
 # -- hub ids --------------------------------------------------------------------------------------------------
@@ -121,8 +307,6 @@ def _load_config(cls, folder: Path, what: str) -> dict[str, Any]:
 
 
 def _read_json(file: Path, what: str) -> dict:
-    import json
-
     if not file.is_file():
         raise ModelError(file.parent, f"missing {file.name} ({what})")
     try:

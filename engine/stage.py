@@ -47,7 +47,8 @@ class Conditioning:
 
 class Stage:
     def __init__(self, name: str, unet, scheduler_config: Mapping[str, Any],
-                 noising: NoiseSchedule | None, device: torch.device, dtype: torch.dtype, text=None):
+                 noising: NoiseSchedule | None, device: torch.device, dtype: torch.dtype, text=None,
+                 defaults: StageDefaults | None = None):
         self.name = name
         self.text = text  # its own TextEncoder, or None for the cascade's first (IF-II uses IF-I's T5)
         self.unet = unet  # a backend U-Net: unet(sample, timestep, encoder_hidden_states, class_labels)
@@ -58,8 +59,8 @@ class Stage:
         self.dtype = dtype
         self.size = unet.sample_size
         self.learned_variance = unet.out_channels == 2 * IMAGE_CHANNELS
-        # Its kind's defaults; the loader puts the model's own (cascade.json "defaults") here where it has them.
-        self.defaults = StageDefaults.for_stage(self.kind)
+        # The model's own defaults (cascade.json "defaults", via assemble.py), else its kind's.
+        self.defaults = defaults or StageDefaults.for_stage(self.kind)
 
     @property
     def kind(self) -> str:
@@ -213,8 +214,9 @@ class LatentUpscaleStage(Stage):
     """
 
     def __init__(self, name: str, unet, decoder, scheduler_config: Mapping[str, Any], noising: NoiseSchedule,
-                 device: torch.device, dtype: torch.dtype, text, max_noise_level: int):
-        super().__init__(name, unet, scheduler_config, noising, device, dtype, text=text)
+                 device: torch.device, dtype: torch.dtype, text, max_noise_level: int,
+                 defaults: StageDefaults | None = None):
+        super().__init__(name, unet, scheduler_config, noising, device, dtype, text=text, defaults=defaults)
         self.decoder = decoder
         self.max_noise_level = max_noise_level
         self.latent_channels = decoder.latent_channels

@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 
 from engine.errors import ModelError
-from export import manifest as manifest_io
+from engine.exported import manifest as manifest_io
+from engine.model_dir import stage_dirs
 from export.onnx import export_onnx, source_hash, versions
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,8 @@ def cache_key(source_sha256: str, dtype: str, defaults: list | None = None) -> s
 
 def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path:
     """The directory of a verified ONNX export of the cascade at `paths`, exporting it first if needed."""
-    from engine.loading import stage_dirs
-
-    dirs, _, source, defaults = stage_dirs(paths)
+    cascade = stage_dirs(paths)
+    dirs, source, defaults = cascade.dirs, cascade.source, cascade.defaults
     source_sha256 = source_hash(dirs)  # reads every source file once; the export reuses it
     entry = cache_root() / "onnx" / cache_key(source_sha256, dtype, defaults)[:24]
     if entry.exists():

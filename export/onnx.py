@@ -32,34 +32,30 @@ import logging
 import shutil
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.errors import EngineError, ModelError
-from export import manifest as manifest_io
+from engine.assemble import build_pipeline
+from engine.backends.onnxruntime_backend import require_onnx
+from engine.backends.torch_backend import TorchComponents, TorchVAEDecoder
+from engine.errors import EngineError
+from engine.exported import manifest as manifest_io
+from engine.exported.contract import Contract
+from engine.model_dir import is_x4_upscaler, read_stages, stage_dirs, text_width
+from engine.stage import LatentUpscaleStage
+from engine.text import MAX_TOKENS as TEXT_TOKENS
+from engine.version import __version__
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-TEXT_TOKENS = 77
 PRECISIONS = ("float32", "float16")
 # Export check: max |onnx - torch| <= ATOL + RTOL * max |torch|, per precision.
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: bigger graphs keep weights in a side file
-
-
-def require_onnx():
-    """Import onnx and onnxruntime or say which extra installs them."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as exc:
-        raise EngineError(f"ONNX export and the onnxruntime backend need {exc.name}: "
-                          "pip install 'cascade-engine[onnx]'") from exc
-    return onnx, onnxruntime
 
 
 class _TextEncoderGraph(torch.nn.Module):
@@ -100,51 +96,6 @@ class _UNetGraph(torch.nn.Module):
                          return_dict=False)[0]
 
 
-@dataclass(frozen=True)
-class Contract:
-    """One component's export contract; dtypes are numpy names.
-
-    A dimension is an int, or the name of a dynamic axis ("batch"; "height", "width" for the x4 upscaler's
-    latents), or in an output "name*k": k times that input axis (the VAE decoder's 4x larger image).
-    """
-
-    name: str  # "text_encoder", "stage_I/unet"
-    file: str  # graph path relative to the exported directory
-    inputs: dict  # name -> (shape, dtype), in the graph's argument order
-    outputs: dict  # name -> (shape, dtype)
-    precision: str
-    value_ranges: dict  # integer input name -> (low, high) for example inputs
-    example_sizes: dict = field(default_factory=dict)  # dynamic axis other than batch -> its example size
-
-    def dynamic_axes(self) -> dict:
-        return {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)}
-                for name, (shape, _) in {**self.inputs, **self.outputs}.items()}
-
-    def example_inputs(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        tensors = []
-        for name, (shape, dtype) in self.inputs.items():
-            size = [resolve_dim(d, {"batch": batch, **self.example_sizes}) for d in shape]
-            if name in self.value_ranges:
-                low, high = self.value_ranges[name]
-                tensors.append(torch.randint(low, high, size, generator=generator))
-            else:
-                tensors.append(torch.randn(size, generator=generator).to(getattr(torch, dtype)))
-        return tuple(tensors)
-
-    def describe(self) -> dict:
-        return {"file": self.file, "precision": self.precision,
-                "inputs": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.inputs.items()},
-                "outputs": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.outputs.items()}}
-
-
-def resolve_dim(dim, sizes: dict) -> int:
-    """A contract dimension's size, given the sizes of the named axes."""
-    if isinstance(dim, int):
-        return dim
-    name, _, factor = dim.partition("*")
-    return sizes[name] * int(factor or 1)
-
-
 def text_encoder_contract(t5) -> Contract:
     tokens = ("batch", TEXT_TOKENS)
     return Contract("text_encoder", "text_encoder/model.onnx",
@@ -183,7 +134,7 @@ def unet_contract(stage_name: str, unet, precision: str, latent_size: int | None
                               "U-Net inputs that the ONNX contract (sample, timestep, encoder_hidden_states, "
                               "class_labels) does not carry; only IF-style U-Nets are supported")
     height, width = (config.sample_size,) * 2 if latent_size is None else ("height", "width")
-    text_dim = config.encoder_hid_dim if config.encoder_hid_dim_type else config.cross_attention_dim
+    text_dim = text_width(config)
     inputs = {"sample": (("batch", config.in_channels, height, width), precision),
               "timestep": (("batch",), "int64"),
               "encoder_hidden_states": (("batch", TEXT_TOKENS, text_dim), precision)}
@@ -238,14 +189,12 @@ def check_graph(module: torch.nn.Module, contract: Contract, root: Path, seed: i
     return result
 
 
-def _copy_configs(stage_dirs: list[Path], names: list[str], root: Path) -> None:
-    from engine.loading import is_x4_upscaler
-
-    first = stage_dirs[0]
+def _copy_configs(dirs: list[Path], names: list[str], root: Path) -> None:
+    first = dirs[0]
     shutil.copytree(first / "tokenizer", root / "tokenizer")
     (root / "text_encoder").mkdir()
     shutil.copy2(first / "text_encoder" / "config.json", root / "text_encoder" / "config.json")
-    for stage_dir, name in zip(stage_dirs, names):
+    for stage_dir, name in zip(dirs, names):
         for sub in ("scheduler", "image_noising_scheduler", "low_res_scheduler"):
             if (stage_dir / sub).is_dir():
                 shutil.copytree(stage_dir / sub, root / name / sub)
@@ -258,22 +207,20 @@ def _copy_configs(stage_dirs: list[Path], names: list[str], root: Path) -> None:
             shutil.copy2(stage_dir / config, root / name / config)
 
 
-def source_hash(stage_dirs: list[Path]) -> str:
+def source_hash(dirs: list[Path]) -> str:
     """One SHA-256 over the content of every file of every stage directory (weights, configs, tokenizer)."""
     import hashlib
 
     digest = hashlib.sha256()
-    for i, stage_dir in enumerate(stage_dirs):
+    for i, stage_dir in enumerate(dirs):
         for relative, file_hash in manifest_io.hash_tree(stage_dir).items():
             digest.update(f"{i}/{relative}:{file_hash}\n".encode())
     return digest.hexdigest()
 
 
 def versions() -> dict:
-    import engine
-
     onnx, ort = require_onnx()
-    return {"engine": engine.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+    return {"engine": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": ort.__version__, "opset": OPSET}
 
 
@@ -288,17 +235,16 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
     """
     from tqdm.auto import tqdm
 
-    from engine.loading import load, stage_dirs
-    from engine.stage import LatentUpscaleStage
-
     require_onnx()
     if dtype not in PRECISIONS:
         raise EngineError(f"unknown export dtype {dtype!r}; choose one of {', '.join(PRECISIONS)}")
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not manifest_io.is_exported(out):
         raise EngineError(f"{out} exists and is not an earlier export; choose an empty or new directory")
-    dirs, notice, source, _ = stage_dirs(paths)
-    pipe = load(*paths, backend="torch", device="cpu", dtype="float32", attention="sdpa")
+    cascade = stage_dirs(paths)
+    dirs, notice, source = cascade.dirs, cascade.notice, cascade.source
+    pipe = build_pipeline(read_stages(cascade), TorchComponents(torch.device("cpu"), torch.float32, "sdpa"),
+                          source=source, notice=notice)
     if isinstance(pipe.stages[0], LatentUpscaleStage):
         raise EngineError("exporting an x4 upscaler on its own is not supported yet: export it as the last stage "
                           "of an IF cascade, or run it with the torch backend")
@@ -345,8 +291,6 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
 
 
 def _half_decoder(decoder):
-    from engine.backends.torch_backend import TorchVAEDecoder
-
     return TorchVAEDecoder(decoder.vae.half())
 
 
@@ -357,11 +301,3 @@ def _replace(work: Path, out: Path) -> None:
         out.rename(old)
     work.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def read_manifest(root: Path) -> dict:
-    """The verified manifest of an exported directory (ModelError if anything is missing or changed)."""
-    if not manifest_io.is_exported(root):
-        raise ModelError(root, "not an exported directory (no manifest.json)")
-    return manifest_io.verify(root)
-

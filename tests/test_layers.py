@@ -22,7 +22,8 @@ def modules() -> dict[str, Path]:
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The project modules `name` imports anywhere in its file (a package import counts as its __init__)."""
+    """The project modules `name` imports anywhere in its file: `from pkg import sub` counts the submodule,
+    `from pkg import name` and `import pkg` count pkg itself (its __init__)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -33,8 +34,10 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            targets.add(base)
-            targets |= {f"{base}.{alias.name}" for alias in node.names}
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & known
+            if len(submodules) < len(node.names):  # names defined in `base` itself (its __init__ for a package)
+                targets.add(base)
+            targets |= submodules
     return {t for t in targets if t in known and t != name}
 
 

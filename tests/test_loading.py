@@ -122,7 +122,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(cascade_dir):
 
 
 def test_text_encoder_under_float16_runs_in_bfloat16():
-    from engine.loading import text_dtype
+    from engine.backends.torch_backend import text_dtype
 
     assert text_dtype(torch.float16) == torch.bfloat16
     assert text_dtype(torch.float32) == torch.float32

@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: runs an exported directory (export/onnx.py) behind the same Pipeline.
+"""The ONNX Runtime backend: the components of an exported directory (export/onnx.py, engine/exported/).
 
 The runtime around it (prompt handling, samplers, guidance, noise) is the torch code every backend shares;
 only the text encoders, the U-Nets and the x4 upscaler's VAE decoder run as ONNX Runtime sessions. Tensors cross by pointer with IO binding
@@ -15,10 +15,24 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import InvalidRequestError, ModelError
+from engine.errors import EngineError, InvalidRequestError, ModelError
+from engine.exported.contract import resolve_dim
+from engine.exported.manifest import read_manifest
+from engine.model_dir import StageSpec, load_tokenizer, scheduler_config
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # the first one available is used
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+
+def require_onnx():
+    """Import onnx and onnxruntime (optional: the [onnx] extra) or say which extra installs them."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise EngineError(f"ONNX export and the onnxruntime backend need {exc.name}: "
+                          "pip install 'cascade-engine[onnx]'") from exc
+    return onnx, onnxruntime
 
 
 def physical_cores() -> int:
@@ -33,8 +47,6 @@ def physical_cores() -> int:
 
 
 def session_options(threads: int | None = None, spinning: bool = False):
-    from export.onnx import require_onnx
-
     _, ort = require_onnx()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -74,8 +86,6 @@ def single_threaded_torch():
 
 
 def resolve_providers(providers) -> list[str]:
-    from export.onnx import require_onnx
-
     _, ort = require_onnx()
     available = ort.get_available_providers()
     if providers is None:
@@ -92,8 +102,6 @@ class OrtComponent:
     """One exported graph as a session; call(**named torch tensors) -> torch tensor of its (only) output."""
 
     def __init__(self, path: Path, description: dict, providers: list[str], options, device: torch.device):
-        from export.onnx import require_onnx
-
         _, ort = require_onnx()
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -106,8 +114,6 @@ class OrtComponent:
         self.device = device
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
-        from export.onnx import resolve_dim
-
         binding = self.session.io_binding()
         kept = []  # contiguous copies must outlive the run
         sizes = {}  # dynamic axis name -> this call's size
@@ -179,55 +185,56 @@ class OrtUNet:
         return self.component(**named)
 
 
-def load_exported(root: Path, providers=None, threads: int | None = None, notice: str | None = None):
-    """A Pipeline over an exported directory, after verifying every file against its manifest."""
-    from transformers import AutoTokenizer
+class OrtComponents:
+    """Components (backends/protocol.py) of an exported directory, after verifying every file against its
+    manifest; providers: ONNX Runtime execution providers (default: CUDA when usable, else CPU)."""
 
-    from engine.loading import _schedule, apply_defaults
-    from engine.model_dir import scheduler_config
-    from engine.pipeline import Pipeline
-    from engine.stage import LatentUpscaleStage, Stage
-    from engine.text import TextEncoder
-    from export.onnx import read_manifest
+    def __init__(self, root: Path, providers=None, threads: int | None = None):
+        self.root = Path(root).expanduser().resolve()
+        self.manifest = read_manifest(self.root)  # hashes first: nothing unverified is loaded
+        self.providers = resolve_providers(providers)
+        cuda = self.providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
+        self.device = torch.device("cuda" if cuda else "cpu")
+        self.dtype = TORCH_DTYPES[self.manifest["precision"]]
+        self.options = session_options(threads, spinning=self.device.type == "cpu")  # CPU threads spin; above
 
-    root = Path(root).expanduser().resolve()
-    manifest = read_manifest(root)  # hashes first: nothing unverified is loaded
-    providers = resolve_providers(providers)
-    device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
-                          else "cpu")
-    dtype = TORCH_DTYPES[manifest["precision"]]
-    options = session_options(threads, spinning=device.type == "cpu")  # CPU threads spin; see below
-    components = manifest["components"]
+    def stages(self) -> list[StageSpec]:
+        """The exported cascade's stages, as the manifest and the copied configs describe them."""
+        specs = []
+        for entry in self.manifest["stages"]:
+            name, kind = entry["name"], entry["kind"]
+            noising = {"super_resolution": "image_noising_scheduler", "latent_upscaler": "low_res_scheduler"}.get(kind)
+            specs.append(StageSpec(
+                name, kind, self.root / name, scheduler_config(self.root / name / "scheduler"),
+                None if noising is None else scheduler_config(self.root / name / noising), entry.get("defaults"),
+                max_noise_level=entry.get("max_noise_level")))
+        return specs
 
-    def component(name):
-        return OrtComponent(root / components[name]["file"], components[name], providers, options, device)
+    def run_context(self):
+        # On CPU the sampler's small torch ops run between ORT calls whose threads spin: torch on one thread.
+        return single_threaded_torch if self.device.type == "cpu" else None
 
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    text_shape = components["text_encoder"]["outputs"]["last_hidden_state"]["shape"]
-    text = TextEncoder(tokenizer, OrtTextModel(component("text_encoder")), device, output_dtype=dtype,
-                       dim=text_shape[-1])
-    def read(*parts):
-        return json.loads(root.joinpath(*parts).read_text())
+    def text_encoder(self, stage: StageSpec):
+        if stage.kind == "latent_upscaler":  # its own CLIP, in its stage's folder
+            component = self._component(self._entry(stage)["text_encoder"])
+            tokenizer = load_tokenizer(self.root / stage.name)
+        else:  # the cascade's T5, at the top of the export
+            component, tokenizer = self._component("text_encoder"), load_tokenizer(self.root)
+        return tokenizer, OrtTextModel(component), component.output_shape[-1]
 
-    stages = []
-    for entry in manifest["stages"]:
-        name, kind = entry["name"], entry["kind"]
-        scheduler = scheduler_config(root / name / "scheduler")
-        noising_dir = root / name / {"super_resolution": "image_noising_scheduler",
-                                     "latent_upscaler": "low_res_scheduler"}.get(kind, "")
-        noising = _schedule(scheduler_config(noising_dir), noising_dir) if kind != "base" else None
-        unet = OrtUNet(component(f"{name}/unet"), read(name, "unet", "config.json"), dtype)
-        if kind == "latent_upscaler":
-            clip = component(entry["text_encoder"])
-            clip_text = TextEncoder(AutoTokenizer.from_pretrained(root / name / "tokenizer"), OrtTextModel(clip),
-                                    device, output_dtype=dtype, dim=clip.output_shape[-1], clip=True)
-            decoder = OrtVAEDecoder(component(entry["vae_decoder"]), read(name, "vae", "config.json"))
-            stages.append(LatentUpscaleStage(name, unet, decoder, scheduler, noising, device, dtype, text=clip_text,
-                                             max_noise_level=entry["max_noise_level"]))
-        else:
-            stages.append(Stage(name, unet, scheduler, noising, device, dtype))
-    apply_defaults(stages, [entry.get("defaults") for entry in manifest["stages"]], root)
-    # On CPU the sampler's small torch ops run between ORT calls whose threads spin: keep torch on one thread.
-    run_context = single_threaded_torch if device.type == "cpu" else None
-    return Pipeline(text, stages, device, dtype, source=str(root), notice=notice or manifest.get("notice"),
-                    run_context=run_context)
+    def unet(self, stage: StageSpec):
+        return OrtUNet(self._component(f"{stage.name}/unet"), self._json(stage.name, "unet", "config.json"), self.dtype)
+
+    def vae_decoder(self, stage: StageSpec):
+        return OrtVAEDecoder(self._component(self._entry(stage)["vae_decoder"]),
+                             self._json(stage.name, "vae", "config.json"))
+
+    def _component(self, name: str) -> OrtComponent:
+        description = self.manifest["components"][name]
+        return OrtComponent(self.root / description["file"], description, self.providers, self.options, self.device)
+
+    def _entry(self, stage: StageSpec) -> dict:
+        return next(e for e in self.manifest["stages"] if e["name"] == stage.name)
+
+    def _json(self, *parts) -> dict:
+        return json.loads(self.root.joinpath(*parts).read_text())

@@ -1,8 +1,68 @@
-"""The PyTorch backend: diffusers' UNet2DConditionModel and AutoencoderKL behind the runtime's component calls."""
+"""The PyTorch backend: diffusers' UNet2DConditionModel and AutoencoderKL and transformers' T5 and CLIP encoders,
+read from a stage's directory, behind the runtime's component calls (backends/protocol.py)."""
 
 from __future__ import annotations
 
 import torch
+
+from engine.errors import ModelError
+from engine.model_dir import load_tokenizer, model_config, text_config, weights_variant
+
+
+def text_dtype(dtype: torch.dtype) -> torch.dtype:
+    """T5 overflows in float16: it runs in bfloat16 instead (or float32 when everything does)."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
+class TorchComponents:
+    """Components (backends/protocol.py) from model directories: `variant` None picks the weight files by
+    dtype (model_dir.weights_variant); attention is "sdpa" or "triton" (attention.py)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, attention: str, variant: str | None = None):
+        self.device, self.dtype, self.attention, self.variant = device, dtype, attention, variant
+
+    def run_context(self):
+        return None
+
+    def text_encoder(self, stage):
+        """IF's T5 encoder (bfloat16 where the U-Nets run float16), or the x4 upscaler's CLIP."""
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        clip = stage.kind == "latent_upscaler"
+        cls, as_dtype = (CLIPTextModel, self.dtype) if clip else (T5EncoderModel, text_dtype(self.dtype))
+        folder = stage.directory / "text_encoder"
+        config = text_config(folder)
+        chosen = weights_variant(folder, self.dtype, f"transformers.{cls.__name__}", self.variant)
+        tokenizer = load_tokenizer(stage.directory)
+        try:
+            model = cls.from_pretrained(folder, config=config, use_safetensors=True, variant=chosen, dtype=as_dtype)
+        except Exception as exc:  # transformers raises many types for bad weight files
+            raise ModelError(folder, f"cannot load the {'CLIP' if clip else 'T5'} encoder weights: {exc}") from exc
+        dim = model.config.hidden_size if clip else model.config.d_model
+        return tokenizer, model.to(self.device).eval(), dim
+
+    def unet(self, stage):
+        from diffusers import UNet2DConditionModel
+
+        model = self._diffusers(UNet2DConditionModel, stage.directory / "unet", "U-Net", self.dtype)
+        return TorchUNet(model.to(self.device), self.attention)
+
+    def vae_decoder(self, stage):
+        from diffusers import AutoencoderKL
+
+        folder = stage.directory / "vae"
+        # The VAE overflows in float16: diffusers decodes in float32 when the config says force_upcast (default).
+        upcast = self.dtype == torch.float16 and model_config(folder, "AutoencoderKL", "VAE config")["force_upcast"]
+        vae = self._diffusers(AutoencoderKL, folder, "vae", torch.float32 if upcast else self.dtype)
+        return TorchVAEDecoder(vae.to(self.device), self.attention)
+
+    def _diffusers(self, cls, folder, what: str, dtype: torch.dtype):
+        # The variant follows the stage's dtype, also for an upcast VAE, as diffusers' variant= does.
+        chosen = weights_variant(folder, self.dtype, f"diffusers.{cls.__name__}", self.variant)
+        try:
+            return cls.from_pretrained(folder, use_safetensors=True, variant=chosen, torch_dtype=dtype)
+        except Exception as exc:  # diffusers raises many types for bad weight files
+            raise ModelError(folder, f"cannot load the {what} weights: {exc}") from exc
 
 
 class TorchUNet:

@@ -22,7 +22,7 @@ from engine.bench import components, real_size
 from engine.bench.roofline import count_flops, floor_seconds, matmul_peak_tflops
 from engine.bench.timing import interleaved, peak_memory_bytes, peak_memory_kind, percentiles_ms, timed_call
 from engine.errors import InvalidRequestError
-from engine.loading import DEFAULT_MODEL, packaged_models
+from engine.model_dir import DEFAULT_MODEL, packaged_models
 from engine.options import GenerateRequest, Steps
 
 PROMPT = "a red circle on a blue background"
@@ -168,7 +168,8 @@ def _steps_count(timesteps) -> int:
 
 def bench_cascade(session: Session) -> list[Row]:
     """Our Pipeline on a cascade: U-Net step per stage side by side, then whole requests (text, stages, total)."""
-    from engine.loading import load, stage_dirs
+    from engine.loading import load
+    from engine.model_dir import stage_dirs
 
     opts, device, dtype = session.options, session.device, session.dtype
     request = GenerateRequest([opts.prompt] * opts.batch, seed=0, steps=opts.steps, output_type="pt")
@@ -198,7 +199,7 @@ def bench_cascade(session: Session) -> list[Row]:
         return result.images
 
     calls = {"ours": ours}
-    calls.update(_diffusers_cascade(session, stage_dirs(opts.cascade)[0], request, settings))
+    calls.update(_diffusers_cascade(session, stage_dirs(opts.cascade).dirs, request, settings))
     text_flops = count_flops(lambda: pipe.text.encode(request.prompts))
     stage_flops = {s.name: step_flops[s.name] * _steps_count(st.timesteps)
                    for s, st in zip(pipe.stages, settings, strict=True)}
@@ -263,7 +264,7 @@ def _swapped_unets(pipes, unets):
 
 def bench_real_size(session: Session, name: str) -> list[Row]:
     """Each part of a real-size random model, side by side (ours only where the engine has its own wrapper)."""
-    from engine.loading import text_dtype
+    from engine.backends.torch_backend import text_dtype
 
     tiny = real_size.split_name(name)[1] == "tiny"
     rows: list[Row] = []

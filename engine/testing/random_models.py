@@ -238,7 +238,7 @@ def write_x4_upscaler(root: str | Path, spec: TinyUpscalerSpec = TinyUpscalerSpe
     """Write a random x4-upscaler stage in stabilityai/stable-diffusion-x4-upscaler's layout; return `root`."""
     from diffusers import UNet2DConditionModel
 
-    from engine.loading import X4_MAX_NOISE_LEVEL
+    from engine.model_dir import X4_MAX_NOISE_LEVEL
 
     root = Path(root)
     torch.manual_seed(seed)

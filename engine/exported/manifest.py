@@ -66,3 +66,10 @@ def verify(root: Path) -> dict:
             raise ModelError(path, "does not match its SHA-256 in manifest.json: the file is corrupt or was "
                                    "changed after export; re-export the model")
     return manifest
+
+
+def read_manifest(root: Path) -> dict:
+    """The verified manifest of an exported directory (ModelError if anything is missing or changed)."""
+    if not is_exported(root):
+        raise ModelError(root, "not an exported directory (no manifest.json)")
+    return verify(root)
