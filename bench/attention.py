@@ -20,25 +20,21 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine.bench.report import command_line, save_json
 
-from report import command_line, save_json  # noqa: E402
+from engine.bench.roofline import matmul_peak_tflops
+from engine.bench.timing import interleaved
+from engine.text import MAX_TOKENS as TEXT_TOKENS
 
-from engine.bench.roofline import matmul_peak_tflops  # noqa: E402
-from engine.bench.timing import interleaved  # noqa: E402
-
-from kernels import attention, reference_attention  # noqa: E402
+from kernels import attention, reference_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "engine" / "configs" / "real_size.json"  # a copy of shared/reference/cascade_configs.json
-TEXT_TOKENS = 77
 HEAD_DIM = 64  # IF's attention_head_dim
 LONG_TOKENS = (4096, 16384)
 LONG_HEAD_DIMS = (64, 128)
@@ -159,7 +155,7 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "triton": __import__("triton").__version__, "dtype": args.dtype,
-        "command": command_line("attention.py", argv),
+        "command": command_line(argv, "attention.py"),
         "matmul_peak_tflops": peak, "rows": rows,
     }
     print(table(rows, peak))

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import engine  # noqa: E402
-from engine.bench import components, real_size  # noqa: E402
-from engine.loading import resolve_device, resolve_dtype  # noqa: E402
-from engine.model_dir import stage_dirs  # noqa: E402
+import engine
+from engine.bench import components, real_size
+from engine.loading import resolve_device, resolve_dtype
+from engine.model_dir import stage_dirs
 
 MODELS = os.environ.get("BENCH_MODEL", f"{engine.DEFAULT_MODEL},if-i-xl:tiny").split(",")
 DEVICE = resolve_device(os.environ.get("BENCH_DEVICE"))

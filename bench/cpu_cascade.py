@@ -13,21 +13,17 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from report import command_line, interleaved, save_json  # noqa: E402
-
-import engine  # noqa: E402
-from engine.model_dir import PACKAGED_ROOT  # noqa: E402
-from engine.testing.reference import reference_cascade, run_reference  # noqa: E402
+import engine
+from engine.bench.report import command_line, save_json
+from engine.bench.timing import interleaved
+from engine.model_dir import PACKAGED_ROOT
+from engine.testing.reference import reference_cascade, run_reference
 
 PROMPT = "a red circle on a blue background"
 
@@ -70,7 +66,7 @@ def main(argv=None) -> dict:
         "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "diffusers": __import__("diffusers").__version__, "engine": engine.__version__},
-        "command": command_line("cpu_cascade.py", argv),
+        "command": command_line(argv, "cpu_cascade.py"),
         "date": time.strftime("%Y-%m-%d"),
     }
     print(f"{'':12}{'median s':>10}  runs")

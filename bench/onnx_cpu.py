@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from report import command_line, interleaved, save_json  # noqa: E402
-
-import engine  # noqa: E402
-from export.onnx import export_onnx, versions  # noqa: E402
+import engine
+from engine.bench.report import command_line, save_json
+from engine.bench.timing import interleaved
+from export.onnx import export_onnx, versions
 
 PROMPT = "a red circle on a blue background"
 PAUSE_S = 0.1  # idle before each turn: ORT's spinning threads (about 40 ms after a call) have parked
@@ -84,7 +80,7 @@ def main(argv=None) -> dict:
     report = {"benchmark": "onnx_cpu", "model": args.model, "date": time.strftime("%Y-%m-%d"),
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "pause_s": PAUSE_S, "per_turn": PER_TURN,
-              "versions": versions(), "command": command_line("onnx_cpu.py", argv),
+              "versions": versions(), "command": command_line(argv, "onnx_cpu.py"),
               "unet_step_ms": steps, "cascade_s": cascade, "max_abs_difference": difference}
     print(f"{args.model}: U-Net step at CFG batch 2 (median ms) and whole default cascade (median s), CPU")
     for name, t in steps.items():

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,26 +37,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_line, save_json, table_cell  # noqa: E402
-
-import engine  # noqa: E402
-from engine.bench.report import environment  # noqa: E402
-from engine.loading import resolve_device  # noqa: E402
-from engine.serve.scheduler import DEFAULT_MAX_BATCH, POLICIES  # noqa: E402
+import engine
+from engine.bench.report import command_line, environment, save_json, table_cell
+from engine.loading import resolve_device
+from engine.serve.scheduler import DEFAULT_MAX_BATCH, POLICIES
+from engine.testing.ports import free_port
 
 PROMPTS = ("a large red circle on a blue background", "a small green square on a white background",
            "a large yellow triangle at the top on a black background")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -321,7 +310,7 @@ def main(argv=None) -> dict:
         loads.append({"overload": overload, "rate_per_s": rate, "requests": count, "repeats": repeats,
                       **summary(repeats)})
 
-    report = {"benchmark": "serve_load", "command": command_line("serve_load.py", argv),
+    report = {"benchmark": "serve_load", "command": command_line(argv, "serve_load.py"),
               **environment(resolve_device(args.device)), "model": args.model, "base_rate_per_s": base_rate,
               "steps": args.steps, "mixed_steps": args.mixed_steps, "max_batch": args.max_batch,
               "repeat": args.repeat, "loads": loads}

@@ -14,14 +14,11 @@ load-test run is one such sequence). A model, not a measurement: bench/serve_loa
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_load import arrival_times  # noqa: E402
+from serve_load import arrival_times
 
 COSTS = {  # (a, c) per stage in seconds, and the fixed cost per request
     # cpu: a straight line through the packaged model's U-Net calls at 1, 2, 4 and 8 images (stage I guided, so

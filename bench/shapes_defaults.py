@@ -10,20 +10,15 @@ cheapest row within a point or two of the best adherence. Runs on CPU, one row a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import command_line, save_json  # noqa: E402
-
-import engine  # noqa: E402
-from engine.bench.report import environment  # noqa: E402
-from engine.demo.evaluate import EvalOptions, evaluate  # noqa: E402
+import engine
+from engine.bench.report import command_line, environment, save_json
+from engine.demo.evaluate import EvalOptions, evaluate
 
 # (steps, guidance, noise level of stage II): IF's own defaults first, then cheaper and differently guided ones.
 GRID = [
@@ -58,7 +53,7 @@ def main(argv=None) -> dict:
               f"{a['position']:>6.0%}  {report['seconds_per_image']:.2f}", flush=True)
         rows.append({"steps": list(steps), "guidance": list(guidance), "noise_level": noise_level, **report})
     result = {"benchmark": "shapes_defaults", "model": args.model, "count": args.count, "rows": rows,
-              **environment(torch.device("cpu")), "command": command_line("shapes_defaults.py", argv), "date": time.strftime("%Y-%m-%d")}
+              **environment(torch.device("cpu")), "command": command_line(argv, "shapes_defaults.py"), "date": time.strftime("%Y-%m-%d")}
     save_json(result, args.json)
     return result
 

@@ -38,6 +38,15 @@ def _steps_value(text: str):
 PER_STAGE = {"steps": _steps_value, "guidance": float, "noise_level": int}
 
 
+def _stage_defaults(name: str) -> str:
+    """A setting's default per stage kind, for help texts: "smart27 (base), smart27 (super_resolution), ..."."""
+    from engine.options import STAGE_DEFAULTS
+
+    values = [(kind, getattr(d, name)) for kind, d in STAGE_DEFAULTS.items() if getattr(d, name) is not None]
+    return ", ".join(f"{value:g} ({kind})" if isinstance(value, float) else f"{value} ({kind})"
+                     for kind, value in values) + "; or the model's own"
+
+
 def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -97,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per prompt")
     gen.add_argument("--steps", nargs="+", default=None, metavar="N|NAME",
                      help="steps per stage (one value for all, or one per stage): a count or a named schedule "
-                          "such as smart27, smart50, smart100 (default: smart27 for every stage)")
+                          f"such as smart27, smart50, smart100 (default: {_stage_defaults('steps')})")
     gen.add_argument("--guidance", nargs="+", default=None, metavar="G",
-                     help="guidance per stage, one value for all or one per stage (default: 7 base, 4 upscaling)")
+                     help=f"guidance per stage, one value for all or one per stage (default: {_stage_defaults('guidance')})")
     gen.add_argument("--noise-level", nargs="+", default=DEFAULTS["noise_level"], metavar="N",
                      help="noise augmentation of the stages after the first: one value for all or one per stage "
-                          "(default: 250 for IF super-resolution, 20 for the x4 upscaler)")
+                          f"(default: {_stage_defaults('noise_level')})")
     gen.add_argument("--scheduler", choices=SAMPLERS, default=DEFAULTS["scheduler"],
                      help="sampler for every stage (default: each stage's own scheduler config)")
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -129,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests waiting for admission before new ones get 503")
     srv.add_argument("--timeout", type=float, default=serve_defaults.DEFAULT_TIMEOUT_S,
                      help="longest life of a request in seconds, queue time included (then 504)")
-    srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.POLICIES[0],
+    srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.DEFAULT_POLICY,
                      help="step: requests join the running batch at every U-Net step (default); request: batches "
                           "form when the cascade is idle and run to the end; none: one request at a time")
     srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from engine.assemble import build_pipeline
-from engine.backends import BACKENDS
-from engine.backends.attention import ATTENTION_CHOICES, triton_available
+from engine.backends import BACKENDS, PRECISIONS, TORCH_DTYPES
+from engine.backends.attention import resolve_attention
 from engine.backends.torch_backend import TorchComponents
 from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import is_exported
@@ -29,7 +29,7 @@ from engine.model_dir import read_stages, stage_dirs
 from engine.options import closest_name
 from engine.pipeline import Pipeline
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: TORCH_DTYPES[name] for name in PRECISIONS}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -106,7 +106,7 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     if providers is not None:
         raise InvalidRequestError("providers= applies to the onnxruntime backend only")
     device = resolve_device(device)
-    attention = _resolve_attention(attention, device)
+    attention = resolve_attention(attention, device)
     dtype = resolve_dtype(dtype, device)
     cascade = stage_dirs(paths, revision)
     specs = read_stages(cascade)  # every config checked before any weights are read
@@ -151,13 +151,3 @@ def load_exported(root: Path, providers=None, threads: int | None = None) -> Pip
     components = OrtComponents(root, providers, threads)
     return build_pipeline(components.stages(), components, source=str(components.root),
                           notice=components.manifest.get("notice"))
-
-
-def _resolve_attention(attention: str | None, device: torch.device) -> str:
-    if attention is None:
-        return "triton" if device.type == "cuda" and triton_available() else "sdpa"
-    if attention not in ATTENTION_CHOICES:
-        raise InvalidRequestError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
-    if attention == "triton" and not triton_available():
-        raise InvalidRequestError("attention='triton' needs Triton: pip install 'cascade-engine[triton]'")
-    return attention

@@ -150,6 +150,12 @@ def read_stages(cascade: CascadeDirs) -> list[StageSpec]:
     return specs
 
 
+def downsampling(block_out_channels) -> int:
+    """How much a diffusers U-Net (or VAE) scales the sides between its first and last block: each block but
+    the last halves (or, decoding, doubles) them."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def text_width(unet_config: dict) -> int:
     """The width of the text embeddings a resolved U-Net config takes: encoder_hid_dim where the U-Net
     projects them (IF's text_proj), else cross_attention_dim."""

@@ -18,7 +18,7 @@ import torch
 from engine.errors import InvalidRequestError
 from engine.images import from_model_range, to_model_range
 from engine.options import GenerateRequest, StageSettings, request_from_call
-from engine.stage import Conditioning, Stage, timed
+from engine.stage import Conditioning, Stage, StageRun, timed
 from engine.text import TextEncoder
 
 
@@ -78,17 +78,20 @@ class Pipeline:
         with self.run_context():
             return self._run(request, progress, on_step)
 
+    @torch.inference_mode()
     def _run(self, request: GenerateRequest, progress: bool, on_step) -> Generation:
-        settings = self.settings(request)
-        image = self.input_image(request)
-        timings: dict[str, float] = {}
-        conditioning, timings["text"] = timed(self.device, self.conditioning, request, settings)
-        generator = request.generator or torch.Generator("cpu").manual_seed(request.seed)
-        for stage, stage_settings in zip(self.stages, settings):
-            text = conditioning[self.encoder(stage)]
-            image, timings[stage.name] = timed(
-                self.device, stage.run, text, image, stage_settings, generator, progress, on_step)
-        return Generation(from_model_range(image, request.output_type), timings, seed=request.seed)
+        walk = CascadeRun(self, request)
+        walk.begin()
+        while not walk.done:
+            stage = walk.stage
+
+            def whole_stage():
+                run = walk.start_stage()
+                stage.denoise(run, progress, on_step)
+                walk.finish_stage(run)
+
+            _, walk.timings[stage.name] = timed(self.device, whole_stage)
+        return walk.result()
 
     def settings(self, request: GenerateRequest) -> list[StageSettings]:
         """The request's settings for each stage, checked against each stage's model (before any model work)."""
@@ -158,3 +161,52 @@ class Pipeline:
         else:
             uncond = encoder.encode(negatives)
         return Conditioning(cond, uncond)
+
+
+class CascadeRun:
+    """One request's walk through the cascade, the one place it is written.
+
+    Made from a request, it holds the request's settings and input image, both checked then (before any model
+    work). `begin` encodes the prompt once per text encoder and seeds the request's generator; then each stage
+    in order is started (`start_stage`, a StageRun with all its random draws made), stepped by the caller and
+    finished (`finish_stage`: its output goes to the next stage). `Pipeline.run` walks one to the end; the
+    step-level scheduler (engine/serve/scheduler.py) walks many together, a U-Net call at a time.
+    """
+
+    def __init__(self, pipeline: Pipeline, request: GenerateRequest):
+        self.pipeline = pipeline
+        self.request = request
+        self.settings = pipeline.settings(request)
+        self.image = pipeline.input_image(request)  # the previous stage's output, or the request's own image
+        self.index = 0  # the stage it is in, or waits for
+        self.timings: dict[str, float] = {}  # seconds: "text", then per stage
+        self.conditioning: dict[TextEncoder, Conditioning] | None = None
+        self.generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.index == len(self.pipeline.stages)
+
+    @property
+    def stage(self) -> Stage:
+        return self.pipeline.stages[self.index]
+
+    def begin(self) -> None:
+        """Encode the prompt (once per text encoder) and seed the generator, as the first stage starts."""
+        self.conditioning, self.timings["text"] = timed(
+            self.pipeline.device, self.pipeline.conditioning, self.request, self.settings)
+        self.generator = self.request.generator or torch.Generator("cpu").manual_seed(self.request.seed)
+
+    def start_stage(self) -> StageRun:
+        stage = self.stage
+        text = self.conditioning[self.pipeline.encoder(stage)]
+        return stage.start(text, self.image, self.settings[self.index], self.generator)
+
+    def finish_stage(self, run: StageRun) -> None:
+        """Take the finished run's output (NumericalError on NaN or inf) and move on to the next stage."""
+        self.image = run.result()
+        self.index += 1
+
+    def result(self) -> Generation:
+        return Generation(from_model_range(self.image, self.request.output_type), self.timings,
+                          seed=self.request.seed)

@@ -21,6 +21,7 @@ Contract shared by all samplers (resolved once, before the loop):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -28,23 +29,11 @@ import torch
 
 from engine.schedules import NoiseSchedule, spaced_timesteps
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-SCHEDULER_CLASSES = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm++2m"}
-
 # diffusers' defaults for the config keys each sampler reads (what `Scheduler.from_config` fills in).
 _COMMON = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "prediction_type": "epsilon", "thresholding": False,
     "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "steps_offset": 0,
-}
-DEFAULTS = {
-    "ddpm": {**_COMMON, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
-             "timestep_spacing": "leading"},
-    "ddim": {**_COMMON, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
-             "timestep_spacing": "leading"},
-    "dpm++2m": {**_COMMON, "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
-                "lower_order_final": True, "euler_at_final": False, "final_sigmas_type": "zero",
-                "variance_type": None, "timestep_spacing": "linspace", "lambda_min_clipped": -math.inf},
 }
 # Options diffusers offers that these samplers do not implement: a config that turns one on is refused.
 _UNSUPPORTED = {
@@ -55,7 +44,7 @@ _UNSUPPORTED = {
 
 def resolve_config(kind: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """The config a diffusers scheduler of this kind would run with: its defaults, overridden by `config`."""
-    if kind not in DEFAULTS:
+    if kind not in REGISTRY:
         raise ValueError(f"unknown sampler {kind!r}; known: {', '.join(SAMPLERS)}")
     for key, default in _UNSUPPORTED.items():
         if config.get(key, default) != default:
@@ -63,7 +52,7 @@ def resolve_config(kind: str, config: Mapping[str, Any]) -> dict[str, Any]:
     # Keys a diffusers-resolved config holds only as its own class's defaults give way to this kind's defaults.
     defaulted = set(config.get("_use_default_values", ()))
     resolved = {key: config[key] if key in config and key not in defaulted else default
-                for key, default in DEFAULTS[kind].items()}
+                for key, default in REGISTRY[kind].defaults.items()}
     checks = {
         "prediction_type": ("epsilon", "v_prediction", "sample"),
         "timestep_spacing": ("leading", "trailing", "linspace"),
@@ -83,8 +72,7 @@ def resolve_config(kind: str, config: Mapping[str, Any]) -> dict[str, Any]:
 def build_sampler(kind: str, config: Mapping[str, Any], steps: int | Sequence[int], device: torch.device | str = "cpu"):
     """A sampler of `kind` ("ddpm", "ddim", "dpm++2m") for a scheduler config and a step count or timestep list."""
     cfg = resolve_config(kind, config)
-    cls = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm++2m": DPMSolverPlusPlus2M}[kind]
-    return cls(cfg, steps, torch.device(device))
+    return REGISTRY[kind].implementation(cfg, steps, torch.device(device))
 
 
 def _timesteps(cfg: Mapping[str, Any], steps: int | Sequence[int]) -> list[int]:
@@ -287,3 +275,27 @@ class DPMSolverPlusPlus2M(_Sampler):
         out = self.coef_xt[i] * sample + self.coef_x0[i] * x0 + self.coef_dx0[i] * (x0 - self._prev_x0)
         self._prev_x0.copy_(x0)
         return out
+
+
+@dataclass(frozen=True)
+class SamplerKind:
+    """One sampler of the registry."""
+
+    scheduler_class: str  # the diffusers scheduler it reproduces (a scheduler config's _class_name)
+    defaults: dict  # that class's defaults for the config keys the sampler reads
+    implementation: type
+
+
+# The one registry of samplers, by the name a request gives (GenerateRequest.scheduler).
+REGISTRY = {
+    "ddpm": SamplerKind("DDPMScheduler", {**_COMMON, "variance_type": "fixed_small", "clip_sample": True,
+                                          "clip_sample_range": 1.0, "timestep_spacing": "leading"}, DDPMSampler),
+    "ddim": SamplerKind("DDIMScheduler", {**_COMMON, "clip_sample": True, "clip_sample_range": 1.0,
+                                          "set_alpha_to_one": True, "timestep_spacing": "leading"}, DDIMSampler),
+    "dpm++2m": SamplerKind("DPMSolverMultistepScheduler", {
+        **_COMMON, "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+        "lower_order_final": True, "euler_at_final": False, "final_sigmas_type": "zero", "variance_type": None,
+        "timestep_spacing": "linspace", "lambda_min_clipped": -math.inf}, DPMSolverPlusPlus2M),
+}
+SAMPLERS = tuple(REGISTRY)
+SCHEDULER_CLASSES = {kind.scheduler_class: name for name, kind in REGISTRY.items()}  # diffusers class -> ours

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -92,11 +92,16 @@ class Stage:
         on_step(stage name, step, total), if given, is called after each step's U-Net call is queued; it reads
         no tensor, so it adds no host sync."""
         run = self.start(text, previous, settings, generator)
+        self.denoise(run, progress, on_step)
+        return run.result()
+
+    @torch.inference_mode()
+    def denoise(self, run: "StageRun", progress: bool = False, on_step=None) -> None:
+        """Step `run` to its end, one U-Net call per step."""
         for step in tqdm(range(run.steps), desc=self.name, disable=not progress, leave=False):
             run.advance(self.unet(*run.model_inputs()).float())
             if on_step is not None:
                 on_step(self.name, step + 1, run.steps)
-        return run.result()
 
     @torch.inference_mode()
     def start(self, text: Conditioning, previous: torch.Tensor | None, settings: StageSettings,
@@ -135,6 +140,15 @@ class Stage:
             eps = out[:, :self.sample_channels]
         variance = out[:, IMAGE_CHANNELS:] if self.learned_variance else None
         return eps, variance
+
+
+class UNetInputs(NamedTuple):
+    """One U-Net call's inputs, in the order backends/protocol.py's UNet takes them."""
+
+    sample: torch.Tensor  # (rows, C, H, W) in the stage dtype
+    timestep: torch.Tensor  # (rows,) int64
+    embeddings: torch.Tensor  # (rows, 77, D)
+    class_labels: torch.Tensor | None  # (rows,) the noise level, for super-resolution and x4 stages
 
 
 class StageRun:
@@ -181,15 +195,15 @@ class StageRun:
         """U-Net batch rows this run takes per call: images, twice under guidance."""
         return self.embeddings.shape[0]
 
-    def model_inputs(self):
-        """The next U-Net call's (sample (rows, C, H, W), timestep (rows,), embeddings, class_labels or None)."""
+    def model_inputs(self) -> "UNetInputs":
+        """The next U-Net call's inputs (call the U-Net with `*inputs`)."""
         model_in = self.x.to(self.stage.dtype)
         if self.low_res is not None:
             model_in = torch.cat([model_in.repeat(self.copies, 1, 1, 1), self.low_res], dim=1)  # (2B, C + 3, H, W)
         elif self.guided:
             model_in = model_in.repeat(2, 1, 1, 1)
         timestep = self.sampler.timesteps[self.step].expand(model_in.shape[0])
-        return model_in, timestep, self.embeddings, self.class_labels
+        return UNetInputs(model_in, timestep, self.embeddings, self.class_labels)
 
     def advance(self, out: torch.Tensor) -> None:
         """Take this run's U-Net output (rows, out_channels, H, W), float32: guidance, then the sampler step."""

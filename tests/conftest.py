@@ -113,10 +113,3 @@ def cascade_copy(cascade_dir, tmp_path):
 def three_stage_copy(three_stage_dir, tmp_path):
     """A copy of the three-stage cascade that a test may damage."""
     return shutil.copytree(three_stage_dir, tmp_path / "cascade3")
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now, for a test server."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _load(name):
+    # As `python bench/NAME.py` runs it: bench/ on the path, for a script's sibling (serve_model imports serve_load).
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -20,7 +20,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from engine import GenerateRequest  # noqa: E402
 from engine.serve.http import create_app  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from engine.testing.ports import free_port  # noqa: E402
 
 BODY = {"prompt": "a red circle", "seed": 3, "steps": [3, 2]}
 

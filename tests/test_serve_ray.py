@@ -13,7 +13,7 @@ serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 from engine.serve import ray_app  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from engine.testing.ports import free_port  # noqa: E402
 
 
 

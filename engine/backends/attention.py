@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.errors import InvalidRequestError
+
 ATTENTION_CHOICES = ("sdpa", "triton")
 
 
@@ -125,3 +127,14 @@ def install(model, attention: str) -> int:
             module.set_processor(replacement())
             count += 1
     return count
+
+
+def resolve_attention(attention: str | None, device: torch.device) -> str:
+    """The attention a load asked for, checked; None: triton on CUDA where Triton is installed, else sdpa."""
+    if attention is None:
+        return "triton" if device.type == "cuda" and triton_available() else "sdpa"
+    if attention not in ATTENTION_CHOICES:
+        raise InvalidRequestError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
+    if attention == "triton" and not triton_available():
+        raise InvalidRequestError("attention='triton' needs Triton: pip install 'cascade-engine[triton]'")
+    return attention

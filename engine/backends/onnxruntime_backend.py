@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from engine.backends import TORCH_DTYPES
 from engine.errors import EngineError, InvalidRequestError, ModelError
 from engine.exported.contract import resolve_dim
 from engine.exported.manifest import read_manifest
-from engine.model_dir import StageSpec, load_tokenizer, scheduler_config
+from engine.model_dir import StageSpec, downsampling, load_tokenizer, scheduler_config
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # the first one available is used
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
 
 def require_onnx():
@@ -158,7 +158,7 @@ class OrtVAEDecoder:
     def __init__(self, component: OrtComponent, vae_config: dict):
         self.component = component
         self.latent_channels = vae_config.get("latent_channels", 4)
-        self.scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.scale = downsampling(vae_config["block_out_channels"])
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         return self.component(latents=latents)  # (B, 4, h, w) -> (B, 3, scale * h, scale * w)
@@ -172,7 +172,7 @@ class OrtUNet:
         self.in_channels = config["in_channels"]
         self.out_channels = config["out_channels"]
         self.sample_size = config["sample_size"]
-        self.downsampling = 2 ** (len(config["block_out_channels"]) - 1)
+        self.downsampling = downsampling(config["block_out_channels"])
         self.dtype = dtype
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from engine.errors import ModelError
-from engine.model_dir import load_tokenizer, model_config, text_config, weights_variant
+from engine.model_dir import downsampling, load_tokenizer, model_config, text_config, weights_variant
 
 
 def text_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,7 +83,7 @@ class TorchUNet:
         self.in_channels = config.in_channels
         self.out_channels = config.out_channels
         self.sample_size = config.sample_size
-        self.downsampling = 2 ** (len(config.block_out_channels) - 1)  # input sides must be multiples of it
+        self.downsampling = downsampling(config.block_out_channels)  # input sides must be multiples of it
         self.dtype = model.dtype
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -105,7 +105,7 @@ class TorchVAEDecoder:
         config = vae.config
         self.scaling_factor = config.scaling_factor
         self.latent_channels = config.latent_channels
-        self.scale = 2 ** (len(config.block_out_channels) - 1)  # each decoder up block but the last doubles H, W
+        self.scale = downsampling(config.block_out_channels)  # each decoder up block but the last doubles H, W
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         # latents (B, 4, h, w) -> (B, 3, scale * h, scale * w). Cast first, then divide, in diffusers' order.

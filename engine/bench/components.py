@@ -14,6 +14,9 @@ from typing import Callable
 
 import torch
 
+from engine.model_dir import text_width
+from engine.text import MAX_TOKENS as TEXT_TOKENS
+
 VARIANTS = ("eager", "compile", "ours")
 # Table labels: "{library} eager", "{library}+compile", "ours" (library: diffusers, or transformers for text).
 LABELS = {"eager": "{library} eager", "compile": "{library}+compile", "ours": "ours"}
@@ -22,16 +25,8 @@ LABELS = {"eager": "{library} eager", "compile": "{library}+compile", "ours": "o
 # on CPU anyway: DEFAULT_COMPARE).
 COMPILE_MODES = {"cuda": "max-autotune", "cpu": "default"}
 DEFAULT_COMPARE = {"cuda": ("eager", "compile", "ours"), "cpu": ("eager", "ours")}
-TEXT_TOKENS = 77
 TIMESTEP = 500  # mid-schedule; a U-Net's cost does not depend on it
 NOISE_LEVEL = 250  # class label of the super-resolution U-Nets (IF-II's default; the x4's is 20, same cost)
-
-
-def text_width(unet_config) -> int:
-    """Width of the encoder_hidden_states a U-Net takes: the text encoder's (IF projects it) or its own."""
-    if unet_config.get("encoder_hid_dim_type"):
-        return unet_config["encoder_hid_dim"]
-    return unet_config["cross_attention_dim"]
 
 
 def unet_inputs(unet_config, batch: int, size: int, device: torch.device, dtype: torch.dtype,
@@ -61,9 +56,9 @@ def ours_unet_call(model, inputs, device: torch.device) -> Callable[[], torch.Te
     """The engine's TorchUNet, on a copy of `model` (it installs processors and may change the memory format),
     with the attention engine.load would pick on this device."""
     from engine.backends.torch_backend import TorchUNet
-    from engine.loading import _resolve_attention
+    from engine.backends.attention import resolve_attention
 
-    unet = TorchUNet(fresh_copy(model), _resolve_attention(None, device))
+    unet = TorchUNet(fresh_copy(model), resolve_attention(None, device))
 
     def call():
         return unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["class_labels"])
@@ -130,9 +125,9 @@ def part_calls(part, model, config: dict, batch: int, size: int | None, device: 
         calls = module_variants(lambda m: m.decode(latents, return_dict=False)[0], model, device, compare)
         if "ours" in compare:  # the engine's decoder (our attention kernel for the 512-wide mid-block head)
             from engine.backends.torch_backend import TorchVAEDecoder
-            from engine.loading import _resolve_attention
+            from engine.backends.attention import resolve_attention
 
-            decoder = TorchVAEDecoder(fresh_copy(model), _resolve_attention(None, device))
+            decoder = TorchVAEDecoder(fresh_copy(model), resolve_attention(None, device))
             scaled = latents * decoder.scaling_factor  # it divides by the scaling factor itself
             calls["ours"] = lambda: decoder(scaled)
         return calls, batch

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 
-def command_line(argv: list[str] | None) -> str:
-    """The exact command, for RESULTS.md: `python -m engine ARGS` (argv None: this process's arguments)."""
-    return shlex.join(["python", "-m", "engine", *(sys.argv[1:] if argv is None else argv)])
+def command_line(argv: list[str] | None, script: str | None = None) -> str:
+    """The exact command, for RESULTS.md: `python -m engine ARGS`, or `python bench/SCRIPT ARGS` for a script
+    of bench/ (argv None: this process's arguments)."""
+    program = ["python", f"bench/{script}"] if script else ["python", "-m", "engine"]
+    return shlex.join([*program, *(sys.argv[1:] if argv is None else argv)])
 
 
 def cpu_name() -> str:

@@ -30,7 +30,8 @@ from engine.errors import (EngineError, InvalidRequestError, NumericalError, Que
                            RequestTimeoutError)
 from engine.options import GenerateRequest
 from engine.serve.metrics import Metrics
-from engine.serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, POLICIES, BatchingScheduler  # noqa: F401
+from engine.serve.scheduler import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_POLICY, POLICIES,  # noqa: F401
+                                    BatchingScheduler)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Service:
 
 def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout_s: float = DEFAULT_TIMEOUT_S, warmup: bool = True, run_scheduler: bool = True,
-               policy: str = "step"):
+               policy: str = DEFAULT_POLICY):
     """The Starlette app. `load`: a Pipeline, or a function that loads one (called in the background at
     startup, so /health/live answers while the model loads). `policy`: the scheduler's batching policy."""
     from starlette.applications import Starlette

@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError
-from engine.images import from_model_range
-from engine.options import GenerateRequest, StageSettings
-from engine.pipeline import Generation, Pipeline
+from engine.options import GenerateRequest
+from engine.pipeline import CascadeRun, Pipeline
 from engine.stage import StageRun
 
 log = logging.getLogger(__name__)
@@ -44,31 +43,44 @@ DEFAULT_MAX_QUEUE = 32  # requests waiting for admission
 # this module); "request" admits only when the cascade is idle, then as many waiting requests as fit, which
 # run to the end together (classic dynamic batching); "none" runs one request at a time.
 POLICIES = ("step", "request", "none")
+DEFAULT_POLICY = POLICIES[0]
 
 
 @dataclass
 class Job:
-    """One submitted request and where it is in the cascade."""
+    """One submitted request: its walk through the cascade (pipeline.CascadeRun) and its place in the queue."""
 
     id: int
-    request: GenerateRequest
-    settings: list[StageSettings]
+    walk: CascadeRun
     images: int  # prompts x images per prompt
     future: Future
     deadline: float | None  # time.monotonic() past which it is dropped
     submitted: float = field(default_factory=time.monotonic)
     admitted: float | None = None  # when it entered the first stage
-    stage: int = 0  # index of the stage it is in or waits for
-    run: StageRun | None = None  # its run of that stage, once admitted there
-    image: torch.Tensor | None = None  # the previous stage's output (or the request's own input image)
-    conditioning: dict = field(default_factory=dict)
-    generator: torch.Generator | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    run: StageRun | None = None  # its run of its current stage (walk.stage), once admitted there
+
+    @property
+    def request(self) -> GenerateRequest:
+        return self.walk.request
+
+    @property
+    def stage(self) -> int:
+        """Index of the stage it is in or waits for."""
+        return self.walk.index
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """The conditioning rows of one stage's last U-Net call, kept while its members stay the same."""
+
+    job_ids: tuple[int, ...]
+    embeddings: torch.Tensor  # (rows, 77, D)
+    class_labels: torch.Tensor | None  # (rows,)
 
 
 class BatchingScheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
-                 policy: str = "step"):
+                 policy: str = DEFAULT_POLICY):
         if max_batch < 1 or max_queue < 1:
             raise InvalidRequestError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         if policy not in POLICIES:
@@ -86,14 +98,13 @@ class BatchingScheduler:
         self._stopping = False
         self.on_batch = None  # optional callback(stage_name, images, rows) after each U-Net call (metrics)
         self.on_finish = None  # optional callback(job, status) when a job leaves ("ok", "failed", ...)
-        self._rows_cache: dict[str, tuple] = {}  # stage -> (job ids, embeddings, class labels) of its last call
+        self._rows_cache: dict[str, BatchRows] = {}  # stage name -> the rows of its last call
 
     # -- the caller's side ------------------------------------------------------------------------------
 
     def submit(self, request: GenerateRequest, timeout_s: float | None = None) -> Future:
         """Queue a request; its Future gives a Generation. Bad requests and a full queue raise here, at once."""
-        settings = self.pipeline.settings(request)  # validated before it takes a queue slot
-        image = self.pipeline.input_image(request)
+        walk = CascadeRun(self.pipeline, request)  # validated before it takes a queue slot
         if timeout_s is not None and not timeout_s > 0:
             raise InvalidRequestError(f"timeout_s must be > 0, got {timeout_s}")
         images = request.batch_size * request.num_images_per_prompt
@@ -104,7 +115,7 @@ class BatchingScheduler:
                 "max_batch (python -m engine serve --max-batch)")
         future: Future = Future()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        job = Job(next(self._ids), request, settings, images, future, deadline, image=image)
+        job = Job(next(self._ids), walk, images, future, deadline)
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); try again shortly")
@@ -202,7 +213,6 @@ class BatchingScheduler:
     def _admit(self, index: int) -> None:
         """Start runs in stage `index` while it has room (max_batch images): the jobs that finished the stage
         before it, or for the first stage, new requests from the queue in order."""
-        stage = self.pipeline.stages[index]
         used = sum(j.images for j in self._jobs if j.stage == index and j.run is not None)
         if index > 0:
             ready = [j for j in self._jobs if j.stage == index and j.run is None]
@@ -215,9 +225,8 @@ class BatchingScheduler:
                 return  # it waits for the next step boundary
             try:
                 if index == 0:
-                    self._enter_first_stage(job)
-                text = job.conditioning[self.pipeline.encoder(stage)]
-                job.run = stage.start(text, job.image, job.settings[index], job.generator)
+                    job.walk.begin()  # encodes the prompt once per text encoder, seeds the generator
+                job.run = job.walk.start_stage()
             except EngineError as exc:
                 self._fail(job, exc)
                 continue
@@ -243,26 +252,19 @@ class BatchingScheduler:
             self._jobs.append(job)
         return taken
 
-    def _enter_first_stage(self, job: Job) -> None:
-        """Encode the prompt (once per encoder) and seed the job's generator."""
-        start = time.perf_counter()
-        job.conditioning = self.pipeline.conditioning(job.request, job.settings)
-        job.timings["text"] = time.perf_counter() - start
-        job.generator = job.request.generator or torch.Generator("cpu").manual_seed(job.request.seed)
-
     def _call(self, stage, jobs: list[Job]) -> None:
         """One U-Net call over the runs of `jobs` in `stage`, each given its rows back."""
         inputs = [job.run.model_inputs() for job in jobs]
-        sample = torch.cat([i[0] for i in inputs])  # (rows, C, H, W)
-        timestep = torch.cat([i[1] for i in inputs])  # (rows,): each run at its own step
+        sample = torch.cat([i.sample for i in inputs])  # (rows, C, H, W)
+        timestep = torch.cat([i.timestep for i in inputs])  # (rows,): each run at its own step
         embeddings, labels = self._conditioning_rows(stage.name, jobs, inputs)
         start = time.perf_counter()
         out = stage.unet(sample, timestep, embeddings, labels).float()
         seconds = time.perf_counter() - start
         if self.on_batch is not None:
             self.on_batch(stage.name, sum(j.images for j in jobs), len(sample))
-        for job, part in zip(jobs, out.split([i[0].shape[0] for i in inputs])):
-            job.timings[stage.name] = job.timings.get(stage.name, 0.0) + seconds
+        for job, part in zip(jobs, out.split([i.sample.shape[0] for i in inputs])):
+            job.walk.timings[stage.name] = job.walk.timings.get(stage.name, 0.0) + seconds
             job.run.advance(part)
             if job.run.done:
                 self._next_stage(job)
@@ -272,23 +274,22 @@ class BatchingScheduler:
         again only when the batch's members change, not at every step."""
         key = tuple(job.id for job in jobs)
         cached = self._rows_cache.get(stage_name)
-        if cached is None or cached[0] != key:
-            labels = None if inputs[0][3] is None else torch.cat([i[3] for i in inputs])
-            cached = (key, torch.cat([i[2] for i in inputs]), labels)
+        if cached is None or cached.job_ids != key:
+            labels = None if inputs[0].class_labels is None else torch.cat([i.class_labels for i in inputs])
+            cached = BatchRows(key, torch.cat([i.embeddings for i in inputs]), labels)
             self._rows_cache[stage_name] = cached
-        return cached[1], cached[2]
+        return cached.embeddings, cached.class_labels
 
     def _next_stage(self, job: Job) -> None:
         try:
-            job.image = job.run.result()  # NumericalError for this job alone
+            job.walk.finish_stage(job.run)  # NumericalError for this job alone
         except EngineError as exc:
             self._fail(job, exc)
             return
         job.run = None
-        job.stage += 1
-        if job.stage == len(self.pipeline.stages):
+        if job.walk.done:
             self._jobs.remove(job)
-            _settle(job.future, result=Generation(from_model_range(job.image, job.request.output_type), job.timings))
+            _settle(job.future, result=job.walk.result())
             self._finish(job, "ok")
 
     def _fail(self, job: Job, exc: Exception) -> None:
