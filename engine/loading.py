@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from engine.assemble import build_pipeline
-from engine.backends import BACKENDS, PRECISIONS, TORCH_DTYPES
+from engine.backends import BACKENDS, PRECISIONS, TORCH_DTYPES, components_class
 from engine.backends.attention import resolve_attention
-from engine.backends.torch_backend import TorchComponents
 from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import is_exported
 from engine.model_dir import read_stages, stage_dirs
@@ -110,8 +109,8 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     dtype = resolve_dtype(dtype, device)
     cascade = stage_dirs(paths, revision)
     specs = read_stages(cascade)  # every config checked before any weights are read
-    return build_pipeline(specs, TorchComponents(device, dtype, attention, variant), source=cascade.source,
-                          notice=cascade.notice)
+    components = components_class(backend or "torch")(device, dtype, attention, variant)
+    return build_pipeline(specs, components, source=cascade.source, notice=cascade.notice)
 
 
 def _exported_dir(paths) -> Path | None:
