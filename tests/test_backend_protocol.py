@@ -44,13 +44,14 @@ def test_a_registered_backend_runs_the_cascade(registered, cascade_dir, engine_p
     assert [stage.unet.calls for stage in pipe.stages] == [3, 2]
 
 
-def test_both_backends_conform_to_the_protocol(cascade_dir, three_stage_pipe):
+def test_both_backends_conform_to_the_protocol(cascade_dir, three_stage_pipe, tmp_path, monkeypatch):
     assert isinstance(TorchComponents(None, None, "sdpa"), Components)
     for stage in three_stage_pipe.stages:
         assert isinstance(stage.unet, UNet)
     assert isinstance(three_stage_pipe.stages[-1].decoder, VAEDecoder)
     assert isinstance(three_stage_pipe.text.model, TextModel)
     pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("CASCADE_ENGINE_CACHE", str(tmp_path / "cache"))
     exported = engine.load(cascade_dir, backend="onnxruntime")  # exported into the cache, then run by ORT
     assert all(isinstance(stage.unet, UNet) for stage in exported.stages)
     assert isinstance(exported.text.model, TextModel)
