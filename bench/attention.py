@@ -34,7 +34,7 @@ from engine.text import MAX_TOKENS as TEXT_TOKENS
 from kernels import attention, reference_attention
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "engine" / "configs" / "real_size.json"  # a copy of shared/reference/cascade_configs.json
+CONFIGS = ROOT / "engine" / "configs" / "real_size.json"  # the published architectures (engine/bench/real_size.py)
 HEAD_DIM = 64  # IF's attention_head_dim
 LONG_TOKENS = (4096, 16384)
 LONG_HEAD_DIMS = (64, 128)

@@ -9,15 +9,29 @@ engine's log lines (which weight files were read, cache hits, ...); `--version` 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
 from pathlib import Path
 
+from engine.backends import BACKENDS
+from engine.bench import BenchOptions, run
+from engine.bench.components import COMPILE_MODES, DEFAULT_COMPARE, VARIANTS
+from engine.bench.real_size import NAMES
+from engine.bench.report import command_line, save_json, table
+from engine.demo import evaluate as quality_gate
 from engine.errors import EngineError
-from engine.options import GenerateRequest, request_defaults
+from engine.loading import DTYPES, load
+from engine.model_dir import DEFAULT_MODEL
+from engine.options import STAGE_DEFAULTS, GenerateRequest, request_defaults
 from engine.samplers import SAMPLERS
 from engine.schedules import NAMED_SCHEDULES
+from engine.serve import http as serve_defaults  # the service's defaults are written there, once
+from engine.serve import ray_app
+from engine.serve.http import create_app
+from engine.version import __version__
+from export.onnx import export_onnx
 
 DEFAULTS = request_defaults()
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -40,7 +54,6 @@ PER_STAGE = {"steps": _steps_value, "guidance": float, "noise_level": int}
 
 def _stage_defaults(name: str) -> str:
     """A setting's default per stage kind, for help texts: "smart27 (base), smart27 (super_resolution), ..."."""
-    from engine.options import STAGE_DEFAULTS
 
     values = [(kind, getattr(d, name)) for kind, d in STAGE_DEFAULTS.items() if getattr(d, name) is not None]
     return ", ".join(f"{value:g} ({kind})" if isinstance(value, float) else f"{value} ({kind})"
@@ -50,15 +63,13 @@ def _stage_defaults(name: str) -> str:
 def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    import engine
-
     found = []
     for name in ("torch", "diffusers", "transformers", "onnxruntime", "triton"):
         try:
             found.append(f"{name} {version(name)}")
         except PackageNotFoundError:
             pass
-    return f"cascade-engine {engine.__version__} ({', '.join(found)}; python {sys.version.split()[0]})"
+    return f"cascade-engine {__version__} ({', '.join(found)}; python {sys.version.split()[0]})"
 
 
 def _logging_options() -> argparse.ArgumentParser:
@@ -84,10 +95,6 @@ def configure_logging(args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.backends import BACKENDS
-    from engine.loading import DTYPES
-    from engine.model_dir import DEFAULT_MODEL
-
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_versions())
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,7 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the picture to upscale, for a model that starts with an upscaler (an x4 upscaler alone)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
 
-    from engine.serve import http as serve_defaults  # the service's defaults are written there, once
 
     srv = commands.add_parser("serve", parents=common, help="serve the model over HTTP: OpenAI-style images API, step-level batching")
     srv.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH",
@@ -152,13 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Ray Serve autoscaling bounds")
     srv.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray Serve replica")
 
-    from engine.demo.evaluate import EvalOptions
 
     ev = commands.add_parser("eval", parents=common, help="prompt adherence on held-out shape captions (the quality gate)")
     ev.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH")
-    ev.add_argument("--count", type=int, default=EvalOptions.count, help="held-out captions, one picture each")
-    ev.add_argument("--batch", type=int, default=EvalOptions.batch, help="captions per generate call")
-    ev.add_argument("--seed", type=int, default=EvalOptions.seed)
+    ev.add_argument("--count", type=int, default=quality_gate.EvalOptions.count, help="held-out captions, one picture each")
+    ev.add_argument("--batch", type=int, default=quality_gate.EvalOptions.batch, help="captions per generate call")
+    ev.add_argument("--seed", type=int, default=quality_gate.EvalOptions.seed)
     ev.add_argument("--steps", nargs="+", type=_steps_value, default=None, metavar="N|NAME")
     ev.add_argument("--guidance", nargs="+", type=float, default=None, metavar="G")
     ev.add_argument("--noise-level", nargs="+", type=int, default=None, metavar="N")
@@ -187,11 +192,6 @@ def _variants(text: str) -> tuple[str, ...]:
 
 
 def _add_bench_parser(commands, common) -> None:
-    from engine.bench import BenchOptions
-    from engine.bench.components import COMPILE_MODES, DEFAULT_COMPARE, VARIANTS
-    from engine.bench.real_size import NAMES
-    from engine.loading import DTYPES
-
     b = BenchOptions()
     bench = commands.add_parser(
         "bench", parents=common, help="latency benchmark: text encoder, U-Net step per stage, stages, whole cascade; or a "
@@ -274,8 +274,6 @@ def _check_output(output: Path) -> None:
 
 
 def generate(args) -> None:
-    from engine.loading import load
-
     image = None
     if args.image is not None:
         from PIL import Image, UnidentifiedImageError
@@ -319,9 +317,6 @@ def generate(args) -> None:
 
 
 def export(args) -> None:
-    import json
-
-    from export.onnx import export_onnx
 
     out = export_onnx(*args.model, out=args.out, dtype=args.dtype, progress=not args.quiet)
     if not args.quiet:
@@ -334,9 +329,6 @@ def export(args) -> None:
 
 
 def bench(args, argv: list[str] | None) -> None:
-    from engine.bench import BenchOptions, run
-    from engine.bench.report import command_line, save_json, table
-
     options = BenchOptions(models=tuple(args.model), device=args.device, dtype=args.dtype, batch=args.batch,
                            steps=_one_or_tuple(args.steps), iters=args.iters, warmup=args.warmup,
                            compare=args.compare, prompt=args.prompt, threads=args.threads)
@@ -350,19 +342,14 @@ def bench(args, argv: list[str] | None) -> None:
 
 def serve(args) -> None:
     try:
-        import uvicorn
-
-        from engine.serve.http import create_app
+        import uvicorn  # optional: the [serve] extra
     except ImportError as exc:
         raise EngineError(f"serving needs {exc.name}: pip install 'cascade-engine[serve]'") from exc
-    from engine.loading import load
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {args.host}, beyond loopback: anyone who can reach it can use the model",
               file=sys.stderr)
     if args.ray:
-        from engine.serve import ray_app
-
         autoscale = None
         if args.autoscale is not None:
             try:
@@ -383,12 +370,8 @@ def serve(args) -> None:
 
 
 def evaluate(args) -> None:
-    import json
 
-    from engine.demo.evaluate import EvalOptions, evaluate, format_report
-    from engine.loading import load
-
-    options = EvalOptions(count=args.count, batch=args.batch, seed=args.seed)
+    options = quality_gate.EvalOptions(count=args.count, batch=args.batch, seed=args.seed)
     given = (("steps", _one_or_tuple(args.steps)), ("guidance", _one_or_tuple(args.guidance)),
              ("noise_level", _one_or_tuple(args.noise_level)))
     generate_options = {k: v for k, v in given if v is not None}
@@ -396,8 +379,8 @@ def evaluate(args) -> None:
     if args.sheet is not None:
         _check_output(args.sheet)
     pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype)
-    report = evaluate(pipe, options, progress=not args.quiet, sheet=args.sheet, **generate_options)
-    print(format_report(report))
+    report = quality_gate.evaluate(pipe, options, progress=not args.quiet, sheet=args.sheet, **generate_options)
+    print(quality_gate.format_report(report))
     if args.sheet is not None:
         print(f"contact sheet written to {args.sheet}", file=sys.stderr)
     if args.json is not None:

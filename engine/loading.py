@@ -22,11 +22,13 @@ import torch
 from engine.assemble import build_pipeline
 from engine.backends import BACKENDS, PRECISIONS, TORCH_DTYPES, components_class
 from engine.backends.attention import resolve_attention
+from engine.backends.onnxruntime_backend import OrtComponents
 from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import is_exported
 from engine.model_dir import read_stages, stage_dirs
 from engine.options import closest_name
 from engine.pipeline import Pipeline
+from export.cache import cached_export
 
 DTYPES = {name: TORCH_DTYPES[name] for name in PRECISIONS}
 
@@ -126,8 +128,6 @@ def _exported_dir(paths) -> Path | None:
 
 
 def _load_onnxruntime(paths, exported: Path | None, device, dtype, providers, revision) -> Pipeline:
-    from export.cache import cached_export  # the export path: onnx and onnxruntime are optional
-
     device = resolve_device(device)
     if providers is None and device.type == "cpu":
         providers = ["CPUExecutionProvider"]
@@ -145,7 +145,6 @@ def _load_onnxruntime(paths, exported: Path | None, device, dtype, providers, re
 
 def load_exported(root: Path, providers=None, threads: int | None = None) -> Pipeline:
     """A Pipeline over an exported directory, every file verified against its manifest first."""
-    from engine.backends.onnxruntime_backend import OrtComponents
 
     components = OrtComponents(root, providers, threads)
     return build_pipeline(components.stages(), components, source=str(components.root),

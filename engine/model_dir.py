@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from engine.errors import InvalidRequestError, ModelError
+from engine.samplers import SCHEDULER_CLASSES
 from engine.stage import IMAGE_CHANNELS
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,6 @@ def model_config(folder: Path, cls_name: str, what: str) -> dict[str, Any]:
 def scheduler_config(folder: Path, what: str = "scheduler config", default_class: str = "DDPMScheduler") -> dict[str, Any]:
     """A scheduler config with diffusers' defaults for its class filled in (keys added after the config was
     written included); the class must be one the engine's samplers implement."""
-    from engine.samplers import SCHEDULER_CLASSES
 
     raw = _read_json(folder / "scheduler_config.json", what)
     name = raw.get("_class_name", default_class)

@@ -22,6 +22,7 @@ from numbers import Real
 from typing import Any, Mapping, Sequence, Union
 
 from engine.errors import InvalidRequestError
+from engine.images import to_model_range
 from engine.samplers import SAMPLERS
 from engine.schedules import NAMED_SCHEDULES, named_timesteps
 
@@ -132,7 +133,6 @@ class GenerateRequest:
             raise InvalidRequestError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SAMPLERS)} "
                                       "(or leave it unset to use each stage's own scheduler config)")
         if self.image is not None:
-            from engine.images import to_model_range
 
             to_model_range(self.image)  # refuses a bad image now, before any model work
         if self.output_type not in OUTPUT_TYPES:

@@ -1,4 +1,5 @@
-"""Exporters from loaded components to ONNX and TensorRT, with manifests and a content-keyed cache.
-
-Empty for now: the ONNX exporter and the ONNX Runtime backend are issue 4. Exporters know components, not pipelines.
+"""Exporters: a cascade's components to ONNX (onnx.py, checked against PyTorch at export time) and the
+content-keyed export cache (cache.py). They read model directories (engine.model_dir), build the torch
+components (engine.backends.torch_backend) through the one assembler (engine.assemble) and write the format
+of engine/exported/; they never import engine.loading, which imports them.
 """

@@ -88,3 +88,24 @@ def test_export_never_imports_loading():
     for module, targets in edges.items():
         if module == "export" or module.startswith("export."):
             assert "engine.loading" not in targets and "engine" not in targets, f"{module} imports {targets}"
+
+
+# Imports of the project's own modules inside functions, each for a stated reason (a comment at the import).
+IN_FUNCTION_ALLOWED = {
+    ("engine.serve.ray_app", "engine.loading"), ("engine.serve.ray_app", "engine.serve.http"),  # on the replica
+    ("engine.backends.attention", "kernels"), ("engine.backends.attention", "kernels.attention"),  # Triton
+}
+
+
+def test_project_imports_sit_at_the_top_of_their_modules():
+    found = set()
+    for name, path in modules().items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+                        found.add((name, node.module))
+                    elif isinstance(node, ast.Import):
+                        found |= {(name, a.name) for a in node.names if a.name.split(".")[0] in PACKAGES}
+    assert found <= IN_FUNCTION_ALLOWED, sorted(found - IN_FUNCTION_ALLOWED)
+

@@ -10,7 +10,7 @@ from diffusers.pipelines.deepfloyd_if import timesteps as if_timesteps
 from engine.samplers import build_sampler, dynamic_threshold, upper_quantile
 from engine.schedules import NAMED_SCHEDULES, named_timesteps, spaced_timesteps
 
-# IF-I-XL's and IF-II-L's scheduler configs (shared/reference/cascade_configs.json) and a plain SD-like one.
+# IF-I-XL's and IF-II-L's scheduler configs (engine/configs/real_size.json) and a plain SD-like one.
 IF_I = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000, "variance_type": "learned_range",
         "prediction_type": "epsilon", "thresholding": True, "dynamic_thresholding_ratio": 0.95,
         "sample_max_value": 1.5, "clip_sample": True, "clip_sample_range": 1.0}

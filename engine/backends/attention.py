@@ -32,7 +32,7 @@ class AddedKVTritonProcessor:
     def __init__(self):
         from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
 
-        from kernels import attention
+        from kernels import attention  # optional: Triton (the [triton] extra) is imported with it
 
         self._attention = attention
         self._fallback = AttnAddedKVProcessor2_0()
@@ -63,7 +63,7 @@ class TritonAttnProcessor:
     def __init__(self):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        from kernels import attention
+        from kernels import attention  # optional: Triton (the [triton] extra) is imported with it
         from kernels.attention import MAX_HEAD_DIM
 
         self._attention = attention

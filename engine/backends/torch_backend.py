@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.backends.attention import install
 from engine.errors import ModelError
 from engine.model_dir import downsampling, load_tokenizer, model_config, text_config, weights_variant
 
@@ -69,8 +70,6 @@ class TorchUNet:
     """Calls a diffusers `UNet2DConditionModel` with named tensors and returns its output tensor."""
 
     def __init__(self, model, attention: str = "sdpa"):
-        from engine.backends.attention import install
-
         self.model = model.eval().requires_grad_(False)
         self.attention = attention
         install(self.model, attention)
@@ -98,8 +97,6 @@ class TorchVAEDecoder:
     """Decodes latents with a diffusers `AutoencoderKL`, as StableDiffusionUpscalePipeline does."""
 
     def __init__(self, vae, attention: str = "sdpa"):
-        from engine.backends.attention import install
-
         self.vae = vae.eval().requires_grad_(False)
         install(self.vae, attention)
         config = vae.config

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from engine.backends.attention import resolve_attention
+from engine.backends.torch_backend import TorchUNet, TorchVAEDecoder
 from engine.model_dir import text_width
 from engine.text import MAX_TOKENS as TEXT_TOKENS
 
@@ -55,8 +57,6 @@ def unet_call(model, inputs) -> Callable[[], torch.Tensor]:
 def ours_unet_call(model, inputs, device: torch.device) -> Callable[[], torch.Tensor]:
     """The engine's TorchUNet, on a copy of `model` (it installs processors and may change the memory format),
     with the attention engine.load would pick on this device."""
-    from engine.backends.torch_backend import TorchUNet
-    from engine.backends.attention import resolve_attention
 
     unet = TorchUNet(fresh_copy(model), resolve_attention(None, device))
 
@@ -124,8 +124,6 @@ def part_calls(part, model, config: dict, batch: int, size: int | None, device: 
         latents = torch.randn(batch, config["latent_channels"], size, size, generator=gen).to(device, dtype)
         calls = module_variants(lambda m: m.decode(latents, return_dict=False)[0], model, device, compare)
         if "ours" in compare:  # the engine's decoder (our attention kernel for the 512-wide mid-block head)
-            from engine.backends.torch_backend import TorchVAEDecoder
-            from engine.backends.attention import resolve_attention
 
             decoder = TorchVAEDecoder(fresh_copy(model), resolve_attention(None, device))
             scaled = latents * decoder.scaling_factor  # it divides by the scaling factor itself

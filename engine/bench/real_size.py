@@ -6,8 +6,8 @@ then `to_empty` on the target device (one uninitialised allocation) and a random
     sd-x4-upscaler:random  the x4 upscaler's U-Net (473M), VAE (55M) and CLIP text encoder (340M), 256 -> 1024 px
     t5-xxl:random          T5-v1.1-XXL encoder (4.8B), 77 tokens
 
-The architectures are engine/configs/real_size.json (a copy of shared/reference/cascade_configs.json, whose
-parameter counts and FLOPs this module reads too). `NAME:tiny` builds the same architecture scaled down
+The architectures are engine/configs/real_size.json (the published configs, with the parameter counts checked
+against them and the FLOPs per forward, which this module reads too). `NAME:tiny` builds the same architecture scaled down
 (TINY_OVERRIDES: fewer and narrower layers, smaller images) so tests run the same code path on a CPU in seconds.
 Random weights time like real ones; they make noise, not pictures.
 """

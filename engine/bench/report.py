@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from engine.version import __version__
+
 
 def command_line(argv: list[str] | None, script: str | None = None) -> str:
     """The exact command, for RESULTS.md: `python -m engine ARGS`, or `python bench/SCRIPT ARGS` for a script
@@ -39,8 +41,6 @@ def _version(package: str) -> str | None:
 
 
 def environment(device: torch.device) -> dict:
-    import engine
-
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -50,7 +50,7 @@ def environment(device: torch.device) -> dict:
         "device": {"type": device.type, "name": name},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                      "diffusers": _version("diffusers"), "transformers": _version("transformers"),
-                     "triton": _version("triton"), "engine": engine.__version__},
+                     "triton": _version("triton"), "engine": __version__},
     }
 
 

@@ -12,6 +12,7 @@ import statistics
 from typing import Callable
 
 import torch
+from engine.bench.timing import interleaved
 
 # Square matmul sizes for the peak: big enough to saturate the device, small enough to take well under a second.
 PEAK_MATMUL_N = {"cuda": 8192, "cpu": 1024}
@@ -22,7 +23,6 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int | None =
                        iters: int | None = None) -> float:
     """Measured TFLOP/s of an (n x n) @ (n x n) matmul in `dtype` (median of `iters` timed calls after 3 warm-up
     calls): fp16/bf16 tensor cores on a GPU, the BLAS (fp32 unless asked otherwise) on CPU."""
-    from engine.bench.timing import interleaved
 
     n = n or PEAK_MATMUL_N[device.type]
     iters = iters or PEAK_ITERS[device.type]

@@ -18,12 +18,16 @@ from typing import Callable
 
 import torch
 
+from engine.backends.torch_backend import text_dtype
 from engine.bench import components, real_size
+from engine.bench.report import environment
 from engine.bench.roofline import count_flops, floor_seconds, matmul_peak_tflops
 from engine.bench.timing import interleaved, peak_memory_bytes, peak_memory_kind, percentiles_ms, timed_call
 from engine.errors import InvalidRequestError
-from engine.model_dir import DEFAULT_MODEL, packaged_models
+from engine.loading import load, resolve_device, resolve_dtype
+from engine.model_dir import DEFAULT_MODEL, packaged_models, stage_dirs
 from engine.options import GenerateRequest, Steps
+from engine.testing.reference import reference_stages, run_reference
 
 PROMPT = "a red circle on a blue background"
 
@@ -91,7 +95,7 @@ class Row:
     first_call_s: float | None = None  # the first call, untimed in the percentiles: compilation, autotuning
     peak_memory_bytes: int | None = None
     flops: int | None = None
-    flops_source: str = ""  # "reference" (shared/reference FLOPs) or "counted" (FlopCounterMode, this run)
+    flops_source: str = ""  # "reference" (engine/configs/real_size.json's FLOPs) or "counted" (FlopCounterMode, this run)
     floor_s: float | None = None  # flops / matmul peak
     finite: bool | None = None  # the first call's output had no NaN/inf
     library: str = "diffusers"  # whose module the eager / compile variants run
@@ -168,8 +172,6 @@ def _steps_count(timesteps) -> int:
 
 def bench_cascade(session: Session) -> list[Row]:
     """Our Pipeline on a cascade: U-Net step per stage side by side, then whole requests (text, stages, total)."""
-    from engine.loading import load
-    from engine.model_dir import stage_dirs
 
     opts, device, dtype = session.options, session.device, session.dtype
     request = GenerateRequest([opts.prompt] * opts.batch, seed=0, steps=opts.steps, output_type="pt")
@@ -226,7 +228,6 @@ def bench_cascade(session: Session) -> list[Row]:
 
 def _diffusers_cascade(session: Session, dirs: list[Path], request: GenerateRequest, settings) -> dict:
     """diffusers' IF pipelines over the same files, eager and with compiled U-Nets (sharing the weights)."""
-    from engine.testing.reference import reference_stages, run_reference
 
     wanted = [v for v in ("eager", "compile") if v in session.compare]
     if not wanted:
@@ -264,7 +265,6 @@ def _swapped_unets(pipes, unets):
 
 def bench_real_size(session: Session, name: str) -> list[Row]:
     """Each part of a real-size random model, side by side (ours only where the engine has its own wrapper)."""
-    from engine.backends.torch_backend import text_dtype
 
     tiny = real_size.split_name(name)[1] == "tiny"
     rows: list[Row] = []
@@ -300,8 +300,6 @@ def _free(device: torch.device) -> None:
 
 def run(options: BenchOptions, command: str = "", progress: Callable[[str], None] | None = None) -> dict:
     """Run every benchmark `options` asks for; the report (also what --json writes)."""
-    from engine.bench.report import environment
-    from engine.loading import resolve_device, resolve_dtype
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)

@@ -41,10 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.testing.random_models import SHAPES_SPEC, write_if_cascade
+from engine.demo.evaluate import held_out_scenes
+from engine.demo.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render
+from engine.loading import load
 from engine.samplers import build_sampler
 from engine.schedules import NoiseSchedule
-from engine.demo.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render
+from engine.testing.random_models import SHAPES_SPEC, write_if_cascade
 
 # The packaged model's generation defaults, written into its cascade.json; why these: bench/RESULTS.md
 # ("Quality gate"). Stage II copies its input more than it reads the caption: no guidance (half the batch), 15 steps.
@@ -88,8 +90,6 @@ def all_scenes() -> list[Scene]:
 
 
 def training_scenes(held_out: int) -> list[Scene]:
-    from engine.demo.evaluate import held_out_scenes
-
     excluded = set(held_out_scenes(held_out))
     return [s for s in all_scenes() if s not in excluded]
 
@@ -244,7 +244,6 @@ def train_stage(root: Path, stage: str, data: ShapesData, options: TrainOptions,
 
 def prepare(root: Path, options: TrainOptions, spec=SHAPES_SPEC, scenes: list[Scene] | None = None) -> ShapesData:
     """Write the untrained cascade under `root` (if not there yet) and build the data from its text encoder."""
-    from engine.loading import load
 
     if not (root / "cascade.json").is_file():  # written aside and renamed: `--stage I` and `II` may race here
         partial = root.with_name(f".{root.name}.{os.getpid()}")

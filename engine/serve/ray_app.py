@@ -25,6 +25,7 @@ def application(load_kwargs: dict, model: list[str], max_batch: int, max_queue: 
         raise InvalidRequestError(f"replicas must be >= 1 and num_gpus >= 0, got {replicas} and {num_gpus}")
 
     def build_app():  # runs on the replica: the model is loaded there, never pickled from the driver
+        # Imported on the replica, in the Ray worker's own process (a closure that Ray pickles carries no modules).
         from engine.loading import load
         from engine.serve.http import create_app
 

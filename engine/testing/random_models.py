@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from engine.model_dir import X4_MAX_NOISE_LEVEL
 
-# The scheduler configs DeepFloyd ships (shared/reference/cascade_configs.json).
+# The scheduler configs DeepFloyd ships (as engine/configs/real_size.json records them).
 IF_I_SCHEDULER = {
     "_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000,
     "variance_type": "learned_range", "prediction_type": "epsilon", "thresholding": True,
@@ -238,7 +239,6 @@ def write_x4_upscaler(root: str | Path, spec: TinyUpscalerSpec = TinyUpscalerSpe
     """Write a random x4-upscaler stage in stabilityai/stable-diffusion-x4-upscaler's layout; return `root`."""
     from diffusers import UNet2DConditionModel
 
-    from engine.model_dir import X4_MAX_NOISE_LEVEL
 
     root = Path(root)
     torch.manual_seed(seed)

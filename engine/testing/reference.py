@@ -3,7 +3,7 @@
 `reference_cascade(dir)` builds IFPipeline + IFSuperResolutionPipeline (+ StableDiffusionUpscalePipeline when
 the directory has a stage_III) from a cascade directory written in DeepFloyd's layout (`reference_stages(...)`
 from the stage directories themselves); `run_reference(...)`
-calls them the way DESIGN.md's reproducibility contract defines it: one CPU generator passed to all, prompt
+calls them the way the README's reproducibility contract states it ("Seeds"): one CPU generator passed to all, prompt
 embeddings from stage I, each stage's raw output (output_type="pt") fed to the next. The x4 upscaler encodes
 the prompts with its own CLIP encoder, one prompt per image.
 """
