@@ -44,13 +44,28 @@ UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "watermarker")
 # -- stage directories ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class CascadeDirs:
-    """What `engine.load`'s paths name: stage directories in cascade order and what the model says of itself."""
+class StageDir:
+    """One stage's directory and the model's own generation defaults for it (cascade.json "defaults"), if any."""
 
-    dirs: list[Path]
+    path: Path
+    defaults: dict | None = None
+
+
+@dataclass(frozen=True)
+class CascadeDirs:
+    """What `engine.load`'s paths name: its stages in cascade order and what the model says of itself."""
+
+    stages: list[StageDir]
     notice: str | None  # something the user must know about this model (cascade.json "notice")
     source: str  # what to call it in messages
-    defaults: list  # per stage: the model's own generation defaults (cascade.json "defaults"), or None
+
+    @property
+    def dirs(self) -> list[Path]:
+        return [stage.path for stage in self.stages]
+
+    @property
+    def defaults(self) -> list[dict | None]:
+        return [stage.defaults for stage in self.stages]
 
 
 def packaged_models() -> list[str]:
@@ -81,7 +96,7 @@ def stage_dirs(paths, revision: str | None = None) -> CascadeDirs:
         resolved.append(path.resolve())
     if len(resolved) == 1 and (resolved[0] / "cascade.json").is_file():
         return _read_cascade(resolved[0], str(paths[0]))
-    return CascadeDirs(resolved, None, ", ".join(str(p) for p in paths), [None] * len(resolved))
+    return CascadeDirs([StageDir(path) for path in resolved], None, ", ".join(str(p) for p in paths))
 
 
 def _read_cascade(root: Path, source: str) -> CascadeDirs:
@@ -100,7 +115,7 @@ def _read_cascade(root: Path, source: str) -> CascadeDirs:
     if not isinstance(defaults, dict) or set(defaults) - set(stages):
         raise ModelError(file, f'cascade.json "defaults" must map stage directories ({", ".join(stages)}) to '
                                '{"steps": ..., "guidance": ..., "noise_level": ...}')
-    return CascadeDirs(dirs, spec.get("notice"), source, [defaults.get(s) for s in stages])
+    return CascadeDirs([StageDir(d, defaults.get(s)) for d, s in zip(dirs, stages)], spec.get("notice"), source)
 
 
 def is_x4_upscaler(stage_dir: Path) -> bool:
@@ -130,24 +145,24 @@ class StageSpec:
 def read_stages(cascade: CascadeDirs) -> list[StageSpec]:
     """Every stage's configs, read and checked against each other (channels, text widths, variance) before any
     weights are read; ModelError names the stage directory and the problem."""
-    dirs = cascade.dirs
-    if is_x4_upscaler(dirs[0]):  # alone: an upscaler of the images passed to generate(image=...)
+    dirs, first = cascade.dirs, cascade.stages[0]
+    if is_x4_upscaler(first.path):  # alone: an upscaler of the images passed to generate(image=...)
         if len(dirs) > 1:
-            raise ModelError(dirs[0], "an x4 upscaler stage is the last stage of a cascade; list it after the IF "
-                                      "stages, e.g. engine.load(IF_I_DIR, IF_II_DIR, X4_DIR), or load it alone")
-        return [_x4_stage(dirs[0], "stage_I", cascade.defaults[0])]
+            raise ModelError(first.path, "an x4 upscaler stage is the last stage of a cascade; list it after the "
+                                         "IF stages, e.g. engine.load(IF_I_DIR, IF_II_DIR, X4_DIR), or load it alone")
+        return [_x4_stage(first.path, "stage_I", first.defaults)]
     for sub in ("tokenizer", "text_encoder"):
         if not (dirs[0] / sub).is_dir():
             raise ModelError(dirs[0], f"the first stage needs {sub}/ (a base stage as IF-I ships it); "
                                       "is a super-resolution stage listed first?")
     text_dim = text_config(dirs[0] / "text_encoder").d_model
     specs = []
-    for index, (directory, defaults) in enumerate(zip(dirs, cascade.defaults)):
+    for index, stage in enumerate(cascade.stages):
         name = stage_name(index)
-        if is_x4_upscaler(directory):
-            specs.append(_x4_stage(directory, name, defaults))
+        if is_x4_upscaler(stage.path):
+            specs.append(_x4_stage(stage.path, name, stage.defaults))
         else:
-            specs.append(_if_stage(directory, index, name, text_dim, defaults))
+            specs.append(_if_stage(stage.path, index, name, text_dim, stage.defaults))
     return specs
 
 
