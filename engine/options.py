@@ -285,11 +285,29 @@ def _check_embeddings(name: str, value) -> None:
         raise InvalidRequestError(f"{name} has no rows")
 
 
+# C0 control characters and DEL, except tab, newline and carriage return: nothing a prompt means by them.
+_CONTROL = {chr(c) for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F)}
+
+
+def _check_text(text: str, name: str) -> str:
+    """Refuse text the tokenizer cannot take: invalid Unicode (a lone surrogate, as JSON's "\\ud800" decodes to)
+    or control characters; refused here, before admission, so that no tokenizer error reaches a batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{name} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+                                  f"{exc.start}; send UTF-8 text") from None
+    bad = next((i for i, c in enumerate(text) if c in _CONTROL), None)
+    if bad is not None:
+        raise InvalidRequestError(f"{name} holds the control character U+{ord(text[bad]):04X} at character {bad}")
+    return text
+
+
 def _string_list(value, name: str) -> list[str]:
     if isinstance(value, str):
-        return [value]
+        return [_check_text(value, name)]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
+        return [_check_text(v, name) for v in value]
     if isinstance(value, (list, tuple)) and not value:
         raise InvalidRequestError(f"{name} is an empty list: give at least one string")
     raise InvalidRequestError(f"{name} must be a string or a non-empty list of strings, got {type(value).__name__}")

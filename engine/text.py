@@ -39,7 +39,7 @@ class TextEncoder:
         full_lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True).input_ids]
         for prompt, length in zip(prompts, full_lengths):
             if length > MAX_TOKENS:
-                log.warning("prompt is %d tokens, truncated to %d: %r", length, MAX_TOKENS, prompt)
+                log.warning("prompt is %d tokens, truncated to %d: %r", length, MAX_TOKENS, prompt[:200])
         mask = None if self.clip else tokens.attention_mask.to(self.device)
         hidden = self.model(tokens.input_ids.to(self.device), attention_mask=mask)[0]
         return hidden.to(self.output_dtype)

@@ -196,3 +196,51 @@ def test_an_unexpected_failure_fails_the_running_jobs_and_the_loop_goes_on(engin
     finally:
         scheduler.stop()
         stage.unet = real_unet
+
+
+POISON = "a poisoned prompt"
+
+
+@pytest.mark.parametrize("where", ["admission", "unet", "sampler"])
+def test_a_failure_in_one_request_fails_it_alone(engine_pipe, monkeypatch, where):
+    """Fault injection, one request at a time, with others in flight: only the poisoned one fails."""
+    from engine import EngineError
+    from engine.stage import StageRun
+
+    poison = engine_pipe.text.encode([POISON])  # (1, 77, D): its rows in a U-Net call
+    if where == "admission":
+        real = engine_pipe.conditioning
+
+        def conditioning(req, settings):
+            if req.prompts == [POISON]:
+                raise TypeError("the tokenizer choked (injected)")
+            return real(req, settings)
+        monkeypatch.setattr(engine_pipe, "conditioning", conditioning)
+    elif where == "unet":
+        for stage in engine_pipe.stages:
+            real_unet = stage.unet
+
+            def unet(sample, timestep, embeddings, labels, real_unet=real_unet):
+                if (embeddings == poison).flatten(1).all(1).any():
+                    raise RuntimeError("the U-Net failed on these rows (injected)")
+                return real_unet(sample, timestep, embeddings, labels)
+            monkeypatch.setattr(stage, "unet", unet)
+    else:
+        real_advance = StageRun.advance
+
+        def advance(run, out):
+            if run.settings.guidance == 6.5:
+                raise FloatingPointError("the sampler failed (injected)")
+            return real_advance(run, out)
+        monkeypatch.setattr(StageRun, "advance", advance)
+    scheduler = BatchingScheduler(engine_pipe)
+    before = scheduler.submit(request(1))
+    scheduler.step()
+    bad = scheduler.submit(request(0, prompt=POISON, guidance=6.5 if where == "sampler" else 7.0))
+    after = scheduler.submit(request(2))
+    drain(scheduler)
+    with pytest.raises(EngineError, match="injected"):
+        bad.result(timeout=0)
+    monkeypatch.undo()
+    for future, seed in ((before, 1), (after, 2)):
+        assert np.abs(future.result(timeout=0).images - engine_pipe.run(request(seed)).images).max() <= 1e-4

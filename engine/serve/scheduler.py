@@ -183,9 +183,9 @@ class BatchingScheduler:
         return True
 
     def fail_running(self, exc: Exception) -> None:
-        """Fail every admitted job with `exc` (named as an engine error); the waiting ones stay queued."""
+        """Fail every admitted job with `exc` (a fault of the scheduler itself); the waiting ones stay queued."""
         for job in list(self._jobs):
-            self._fail(job, EngineError(f"request {job.id} failed in the scheduler: {type(exc).__name__}: {exc}"))
+            self._fail(job, exc)
 
     def _drop_finished_or_expired(self) -> None:
         now = time.monotonic()
@@ -227,7 +227,7 @@ class BatchingScheduler:
                 if index == 0:
                     job.walk.begin()  # encodes the prompt once per text encoder, seeds the generator
                 job.run = job.walk.start_stage()
-            except EngineError as exc:
+            except Exception as exc:  # whatever it is, it is this job's alone
                 self._fail(job, exc)
                 continue
             used += job.images
@@ -253,19 +253,37 @@ class BatchingScheduler:
         return taken
 
     def _call(self, stage, jobs: list[Job]) -> None:
-        """One U-Net call over the runs of `jobs` in `stage`, each given its rows back."""
+        """One U-Net call over the runs of `jobs` in `stage`, each given its rows back.
+
+        A failing call is made again for each job alone, so that what fails (one request's rows, or a batch too
+        large for the memory left) fails that job only; a job whose own call or sampler step fails leaves alone."""
         inputs = [job.run.model_inputs() for job in jobs]
         sample = torch.cat([i.sample for i in inputs])  # (rows, C, H, W)
         timestep = torch.cat([i.timestep for i in inputs])  # (rows,): each run at its own step
         embeddings, labels = self._conditioning_rows(stage.name, jobs, inputs)
         start = time.perf_counter()
-        out = stage.unet(sample, timestep, embeddings, labels).float()
+        try:
+            out = stage.unet(sample, timestep, embeddings, labels).float()
+        except Exception as exc:
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc)
+                return
+            log.warning("a U-Net call over %d requests failed (%s: %s); calling each alone", len(jobs),
+                        type(exc).__name__, exc)
+            self._rows_cache.pop(stage.name, None)
+            for job in jobs:
+                self._call(stage, [job])
+            return
         seconds = time.perf_counter() - start
         if self.on_batch is not None:
             self.on_batch(stage.name, sum(j.images for j in jobs), len(sample))
         for job, part in zip(jobs, out.split([i.sample.shape[0] for i in inputs])):
             job.walk.timings[stage.name] = job.walk.timings.get(stage.name, 0.0) + seconds
-            job.run.advance(part)
+            try:
+                job.run.advance(part)
+            except Exception as exc:  # its guidance or sampler step: its own
+                self._fail(job, exc)
+                continue
             if job.run.done:
                 self._next_stage(job)
 
@@ -282,8 +300,8 @@ class BatchingScheduler:
 
     def _next_stage(self, job: Job) -> None:
         try:
-            job.walk.finish_stage(job.run)  # NumericalError for this job alone
-        except EngineError as exc:
+            job.walk.finish_stage(job.run)  # NumericalError (or a decoder's failure) for this job alone
+        except Exception as exc:
             self._fail(job, exc)
             return
         job.run = None
@@ -293,6 +311,10 @@ class BatchingScheduler:
             self._finish(job, "ok")
 
     def _fail(self, job: Job, exc: Exception) -> None:
+        """Fail one job; an exception that is not the engine's own is named as an EngineError for its caller."""
+        if not isinstance(exc, EngineError):
+            log.error("request %d failed: %s: %s", job.id, type(exc).__name__, exc)
+            exc = EngineError(f"request {job.id} failed in the scheduler: {type(exc).__name__}: {exc}")
         if job in self._jobs:
             self._jobs.remove(job)
         _settle(job.future, exception=exc)
