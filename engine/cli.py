@@ -9,6 +9,7 @@ engine's log lines (which weight files were read, cache hits, ...); `--version` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests waiting for admission before new ones get 503")
     srv.add_argument("--timeout", type=float, default=serve_defaults.DEFAULT_TIMEOUT_S,
                      help="longest life of a request in seconds, queue time included (then 504)")
+    limits = serve_defaults.Limits()
+    srv.add_argument("--max-body-bytes", type=int, default=None,
+                     help=f"largest request body, else 413 (default: $CASCADE_ENGINE_MAX_BODY_BYTES or "
+                          f"{limits.max_body_bytes})")
+    srv.add_argument("--max-prompt-chars", type=int, default=None,
+                     help=f"longest prompt or negative prompt in characters, else 400 (default: "
+                          f"$CASCADE_ENGINE_MAX_PROMPT_CHARS or {limits.max_prompt_chars})")
     srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.DEFAULT_POLICY,
                      help="step: requests join the running batch at every U-Net step (default); request: batches "
                           "form when the cascade is idle and run to the end; none: one request at a time")
@@ -363,9 +371,15 @@ def serve(args) -> None:
                                   args.batching, replicas=args.replicas, autoscale=autoscale, num_gpus=args.num_gpus)
         ray_app.run(app, args.host, args.port, address=args.ray_address)
         return
+    limits = serve_defaults.Limits.from_environment()
+    given = {"max_body_bytes": args.max_body_bytes, "max_prompt_chars": args.max_prompt_chars}
+    for name, value in given.items():
+        if value is not None and value < 1:
+            raise EngineError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
     app = create_app(lambda: load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype),
                      max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
-                     policy=args.batching)
+                     policy=args.batching, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level or "info")
 
 

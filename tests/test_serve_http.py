@@ -85,12 +85,59 @@ def test_timeout_is_a_504_and_the_service_goes_on(client):
     assert client.post("/v1/images/generations", json=BODY).status_code == 200
 
 
-def test_nan_in_one_request_is_a_500_for_it_alone(client):
-    # Guidance 1e30 under DDIM overflows to inf in stage I (DDPM's thresholding would absorb it).
-    broken = {**BODY, "guidance": [1e30, 4.0], "scheduler": "ddim"}
-    response = client.post("/v1/images/generations", json=broken)
+def test_nan_in_one_request_is_a_500_for_it_alone(client, engine_pipe, monkeypatch):
+    # Fault injection: stage I's U-Net gives NaN for one prompt's rows (as a float16 overflow would).
+    poison = engine_pipe.text.encode(["a poisoned prompt"])
+    real_unet = engine_pipe.stages[0].unet
+
+    def unet(sample, timestep, embeddings, labels=None):
+        out = real_unet(sample, timestep, embeddings, labels)
+        rows = (embeddings == poison).flatten(1).all(1)
+        return out.masked_fill(rows[:, None, None, None], float("nan"))
+    monkeypatch.setattr(engine_pipe.stages[0], "unet", unet)
+    response = client.post("/v1/images/generations", json={**BODY, "prompt": "a poisoned prompt"})
     assert response.status_code == 500 and "NaN or inf" in response.json()["error"]["message"]
     assert client.post("/v1/images/generations", json=BODY).status_code == 200
+
+
+NASTY = {  # body -> (status, what the message says)
+    b'{"prompt": "\\ud800"}': (400, "not valid Unicode"),  # a lone surrogate: JSON allows it, the tokenizer does not
+    b'{"prompt": "a\\u0000b"}': (400, "control character U+0000"),
+    b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}": (400, "nested too deeply"),
+    b'{"prompt": "a", "steps": ' + b"[" * 20 + b"3" + b"]" * 20 + b"}": (400, "nested more than"),
+    b'{"prompt": "a", "guidance": 1e40}': (400, "guidance must be in 0..50"),
+    b'{"prompt": "a", "guidance": NaN}': (400, "guidance must be in 0..50"),
+    b'{"prompt": "a", "seed": 1e400}': (400, "seed must be an integer"),
+    b'{"prompt": "' + b"x" * 5000 + b'"}': (400, "prompt is 5000 characters"),
+    b'{"prompt": "' + b"x" * (2 << 20) + b'"}': (413, "the body is over"),
+    b"\xff\xfe{not utf-8}": (400, "not valid JSON"),
+    b'{"prompt": 3, "n": "two", "steps": {}}': (400, ""),
+}
+
+
+def test_nasty_bodies_get_a_4xx_at_once_and_a_request_in_flight_still_succeeds(client):
+    in_flight = {}
+    thread = threading.Thread(target=lambda: in_flight.update(
+        response=client.post("/v1/images/generations", json={**BODY, "steps": [12, 12]})))
+    thread.start()
+    try:
+        for body, (status, message) in NASTY.items():
+            start = time.monotonic()
+            response = client.post("/v1/images/generations", content=body,
+                                   headers={"content-type": "application/json"})
+            assert time.monotonic() - start < 1.0, body[:40]
+            assert response.status_code == status, (body[:40], response.text[:200])
+            assert message in response.json()["error"]["message"], (body[:40], response.text[:200])
+    finally:
+        thread.join()
+    assert in_flight["response"].status_code == 200
+
+
+def test_the_request_id_is_echoed_or_made(client):
+    assert client.post("/v1/images/generations", json=BODY, headers={"X-Request-ID": "abc-1"}
+                       ).headers["X-Request-ID"] == "abc-1"
+    made = client.post("/v1/images/generations", json={"seed": 1}).headers["X-Request-ID"]
+    assert len(made) == 32  # a fresh id, on an error too
 
 
 def test_health_and_metrics(client):

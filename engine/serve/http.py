@@ -12,6 +12,12 @@
 defaults to a random one, returned in the response. Bad input answers 400 naming the field; a full queue 503
 with Retry-After; a request past its deadline 504; a NaN in a request's own stages 500 (the others go on).
 A client that disconnects cancels its request at the next step boundary.
+
+Bounds, checked before any model work (`Limits`; flags of `python -m engine serve`, or environment variables):
+a body past max_body_bytes is a 413 (read with a limit, never whole); JSON nested deeper than MAX_JSON_DEPTH, a
+prompt or negative prompt longer than max_prompt_chars characters (far above the 77 tokens the text encoder
+reads), guidance outside 0..MAX_GUIDANCE, and text that is not valid Unicode are 400s. A request's
+X-Request-ID (or a fresh one) is echoed in the response and named in its log line.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import logging
+import os
 import threading
 import time
+import uuid
 from concurrent.futures import CancelledError
+from dataclasses import dataclass
 from typing import Callable
 
 from engine.errors import (EngineError, InvalidRequestError, NumericalError, QueueFullError,
@@ -39,6 +49,28 @@ DEFAULT_HOST = "127.0.0.1"  # loopback: nothing listens beyond this machine unle
 DEFAULT_PORT = 8000
 DEFAULT_TIMEOUT_S = 300.0  # a request's longest life, queue time included; a body's "timeout" may shorten it
 RETRY_AFTER_S = 1
+MAX_JSON_DEPTH = 8  # the deepest a valid body goes is 3: {"steps": [[999, 500], 27]}
+MAX_GUIDANCE = 50.0  # IF's own are 4 and 7; far past this a step overflows (a 400, not a NumericalError's 500)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the service. Defaults here; flags, or CASCADE_ENGINE_<NAME> variables."""
+
+    max_body_bytes: int = 1 << 20  # a body with the longest prompts and per-stage lists is a few kB
+    max_prompt_chars: int = 4000  # per prompt: 77 tokens are a few hundred characters; the rest is truncated
+
+    @classmethod
+    def from_environment(cls) -> "Limits":
+        values = {}
+        for name in ("max_body_bytes", "max_prompt_chars"):
+            text = os.environ.get(f"CASCADE_ENGINE_{name.upper()}")
+            if text is not None:
+                if not text.isdigit() or int(text) < 1:
+                    raise InvalidRequestError(f"CASCADE_ENGINE_{name.upper()} must be a positive integer, "
+                                              f"got {text!r}")
+                values[name] = int(text)
+        return cls(**values)
 FIELDS = {"prompt", "n", "response_format", "seed", "steps", "guidance", "negative_prompt", "noise_level",
           "scheduler", "timeout", "size", "model", "user"}  # "model" and "user": accepted for OpenAI clients, not used
 
@@ -47,8 +79,9 @@ class Service:
     """The model, its scheduler and metrics, and whether it is ready; shared by the app's handlers."""
 
     def __init__(self, load: Callable, max_batch: int, max_queue: int, timeout_s: float, warmup: bool,
-                 policy: str):
+                 policy: str, limits: Limits):
         self.load = load  # () -> Pipeline
+        self.limits = limits
         self.max_batch, self.max_queue, self.timeout_s, self.warmup = max_batch, max_queue, timeout_s, warmup
         self.policy = policy
         self.pipeline = None
@@ -80,7 +113,7 @@ class Service:
 
 def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout_s: float = DEFAULT_TIMEOUT_S, warmup: bool = True, run_scheduler: bool = True,
-               policy: str = DEFAULT_POLICY):
+               policy: str = DEFAULT_POLICY, limits: Limits | None = None):
     """The Starlette app. `load`: a Pipeline, or a function that loads one (called in the background at
     startup, so /health/live answers while the model loads). `policy`: the scheduler's batching policy."""
     from starlette.applications import Starlette
@@ -89,7 +122,7 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     loader = load if callable(load) and not hasattr(load, "stages") else (lambda: load)
     if policy not in POLICIES:
         raise InvalidRequestError(f"unknown batching policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy)
+    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits or Limits.from_environment())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -143,10 +176,22 @@ def _metrics(service: Service):
     return metrics
 
 
-def parse_body(body, timeout_s: float, image_size: int | None) -> tuple[GenerateRequest, float]:
+def parse_body(body, timeout_s: float, image_size: int | None,
+               limits: Limits = Limits()) -> tuple[GenerateRequest, float]:
     """A GenerateRequest and the request's timeout from a JSON body; InvalidRequestError naming the field."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the body must be a JSON object")
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise InvalidRequestError(f"the body is nested more than {MAX_JSON_DEPTH} levels deep")
+    for name in ("prompt", "negative_prompt"):
+        texts = body.get(name)
+        for text in texts if isinstance(texts, list) else [texts]:
+            if isinstance(text, str) and len(text) > limits.max_prompt_chars:
+                raise InvalidRequestError(f"{name} is {len(text)} characters; this service takes at most "
+                                          f"{limits.max_prompt_chars} (the text encoder reads 77 tokens)")
+    for guidance in _flat(body.get("guidance")):
+        if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and not 0 <= guidance <= MAX_GUIDANCE:
+            raise InvalidRequestError(f"guidance must be in 0..{MAX_GUIDANCE:g}, got {guidance!r}")
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise InvalidRequestError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
@@ -168,6 +213,22 @@ def parse_body(body, timeout_s: float, image_size: int | None) -> tuple[Generate
     return request, float(timeout)
 
 
+def _depth(value, limit: int = MAX_JSON_DEPTH + 1) -> int:
+    """Nesting depth of a parsed JSON value, counted iteratively and no further than `limit`."""
+    depth, level = 0, [value]
+    while level and depth < limit:
+        children = [v for item in level if isinstance(item, (list, dict))
+                    for v in (item.values() if isinstance(item, dict) else item)]
+        depth += 1 if any(isinstance(item, (list, dict)) for item in level) else 0
+        level = children
+    return depth
+
+
+def _flat(value) -> list:
+    """The numbers of a per-stage value (one, or a list)."""
+    return value if isinstance(value, list) else [value]
+
+
 def _per_stage(value):
     """A JSON list is one value per stage (the Python API's tuple); a stage's own timestep list nests inside."""
     return tuple(value) if isinstance(value, list) else value
@@ -175,47 +236,72 @@ def _per_stage(value):
 
 def _generations(service: Service):
     async def generations(request):
-        from starlette.responses import JSONResponse
-
-        if not service.ready.is_set():
-            return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
-        try:
-            body = await request.json()
-        except ValueError:
-            service.metrics.request("invalid")
-            return _error(400, "the body is not valid JSON", "invalid_request")
-        try:
-            gen_request, timeout = parse_body(body, service.timeout_s, service.pipeline.image_size)
-            future = service.scheduler.submit(gen_request, timeout_s=timeout)
-        except InvalidRequestError as exc:
-            service.metrics.request("invalid")
-            return _error(400, str(exc), "invalid_request")
-        except QueueFullError as exc:
-            service.metrics.request("rejected")
-            return _error(503, str(exc), "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
-
-        waiting = asyncio.wrap_future(future)
-        disconnect = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({waiting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            disconnect.cancel()
-        if not waiting.done():
-            future.cancel()  # dropped at the next step boundary; its slot frees up
-            return _error(499, "client closed the request", "cancelled")
-        try:
-            generation = waiting.result()
-        except RequestTimeoutError as exc:
-            return _error(504, str(exc), "timeout")
-        except NumericalError as exc:
-            return _error(500, str(exc), "numerical_error")
-        except CancelledError:
-            return _error(499, "the request was cancelled", "cancelled")
-        except EngineError as exc:
-            return _error(500, str(exc), "engine_error")
-        data = [{"b64_json": _png_base64(image)} for image in generation.images]
-        return JSONResponse({"created": int(time.time()), "seed": gen_request.seed, "data": data})
+        # The caller's X-Request-ID (or a fresh one), echoed on every answer, errors included.
+        request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        response = await _generate(service, request, request_id)
+        response.headers["X-Request-ID"] = request_id
+        return response
     return generations
+
+
+async def _generate(service: Service, request, request_id: str):
+    """One generation request's answer (see the module docstring for the statuses)."""
+    from starlette.responses import JSONResponse
+
+    if not service.ready.is_set():
+        return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
+    limit = service.limits.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        service.metrics.request("invalid")
+        return _error(413, f"the body is over {limit} bytes", "invalid_request")
+    raw = bytearray()
+    async for chunk in request.stream():  # read with a limit, never whole
+        raw += chunk
+        if len(raw) > limit:
+            service.metrics.request("invalid")
+            return _error(413, f"the body is over {limit} bytes", "invalid_request")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's own limit
+        service.metrics.request("invalid")
+        return _error(400, "the body is not valid JSON (or nested too deeply)", "invalid_request")
+    try:
+        gen_request, timeout = parse_body(body, service.timeout_s, service.pipeline.image_size, service.limits)
+        future = service.scheduler.submit(gen_request, timeout_s=timeout)
+    except InvalidRequestError as exc:
+        service.metrics.request("invalid")
+        return _error(400, str(exc), "invalid_request")
+    except QueueFullError as exc:
+        service.metrics.request("rejected")
+        return _error(503, str(exc), "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
+
+    waiting = asyncio.wrap_future(future)
+    disconnect = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({waiting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+    if not waiting.done():
+        future.cancel()  # dropped at the next step boundary; its slot frees up
+        return _error(499, "client closed the request", "cancelled")
+    try:
+        generation = waiting.result()
+    except RequestTimeoutError as exc:
+        return _error(504, str(exc), "timeout")
+    except NumericalError as exc:
+        return _error(500, str(exc), "numerical_error")
+    except CancelledError:
+        return _error(499, "the request was cancelled", "cancelled")
+    except EngineError as exc:
+        return _error(500, str(exc), "engine_error")
+    # PNG encoding takes a few hundred ms per large image: off the event loop, so probes and others go on.
+    data = [{"b64_json": png} for png in await asyncio.gather(
+        *(asyncio.to_thread(_png_base64, image) for image in generation.images))]
+    log.info(json.dumps({"request_id": request_id, "status": 200, "images": len(data), "seed": gen_request.seed,
+                         "prompt_chars": sum(map(len, gen_request.prompts)),
+                         "seconds": {k: round(v, 4) for k, v in generation.timings.items()}}))
+    return JSONResponse({"created": int(time.time()), "seed": gen_request.seed, "data": data})
 
 
 async def _disconnected(request) -> None:
