@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -152,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prompt-chars", type=int, default=None,
                      help=f"longest prompt or negative prompt in characters, else 400 (default: "
                           f"$CASCADE_ENGINE_MAX_PROMPT_CHARS or {limits.max_prompt_chars})")
+    srv.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' on the generation endpoint (repeat for several "
+                          "keys; also $CASCADE_ENGINE_API_KEYS, comma-separated); health endpoints stay open")
+    srv.add_argument("--api-key-file", type=Path, default=None, metavar="FILE", help="API keys, one per line")
+    srv.add_argument("--metrics-auth", action="store_true", help="require an API key on /metrics too")
+    srv.add_argument("--drain-timeout", type=float, default=serve_defaults.DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
+                     help="after SIGTERM: seconds the requests in flight get to finish (readiness is 503 at once; "
+                          "what is left then gets 503)")
     srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.DEFAULT_POLICY,
                      help="step: requests join the running batch at every U-Net step (default); request: batches "
                           "form when the cascade is idle and run to the end; none: one request at a time")
@@ -350,13 +359,13 @@ def bench(args, argv: list[str] | None) -> None:
 
 def serve(args) -> None:
     try:
-        import uvicorn  # optional: the [serve] extra
+        import uvicorn  # noqa: F401  (optional: the [serve] extra)
     except ImportError as exc:
         raise EngineError(f"serving needs {exc.name}: pip install 'cascade-engine[serve]'") from exc
-
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {args.host}, beyond loopback: anyone who can reach it can use the model",
-              file=sys.stderr)
+    keys = _api_keys(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        print(f"warning: listening on {args.host}, beyond loopback, with no API key: anyone who can reach it can "
+              "use the model (--api-key)", file=sys.stderr)
     if args.ray:
         autoscale = None
         if args.autoscale is not None:
@@ -379,8 +388,23 @@ def serve(args) -> None:
     limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
     app = create_app(lambda: load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype),
                      max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
-                     policy=args.batching, limits=limits)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level or "info")
+                     policy=args.batching, limits=limits, api_keys=keys, metrics_auth=args.metrics_auth)
+    serve_defaults.run(app, args.host, args.port, log_level=args.log_level or "info",
+                       drain_timeout_s=args.drain_timeout)
+
+
+def _api_keys(args) -> list[str]:
+    """The service's API keys: --api-key, --api-key-file, $CASCADE_ENGINE_API_KEYS (empty: no auth)."""
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("CASCADE_ENGINE_API_KEYS", "").split(",") if k.strip()]
+    if args.api_key_file is not None:
+        try:
+            keys += [line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise EngineError(f"cannot read --api-key-file {str(args.api_key_file)!r}: {exc.strerror}") from exc
+    if args.metrics_auth and not keys:
+        raise EngineError("--metrics-auth needs an API key (--api-key, --api-key-file or $CASCADE_ENGINE_API_KEYS)")
+    return keys
 
 
 def evaluate(args) -> None:

@@ -34,5 +34,9 @@ class QueueFullError(EngineError):
     """The serving queue is at its bound: try again later (HTTP 503 with Retry-After)."""
 
 
+class ShuttingDownError(EngineError):
+    """The service is shutting down and its drain time ran out before this request finished (HTTP 503)."""
+
+
 class RequestTimeoutError(EngineError, TimeoutError):
     """A served request ran past its deadline; it was dropped at a step boundary (HTTP 504)."""

@@ -59,7 +59,7 @@ def test_generation_returns_the_engines_pngs(client, engine_pipe):
 
 @pytest.mark.parametrize("body, message", [
     ({"seed": 1}, "prompt is required"),
-    ({**BODY, "n": 0}, "num_images_per_prompt must be >= 1"),
+    ({**BODY, "n": 0}, "n must be >= 1"),  # the API's name, not the core's num_images_per_prompt
     ({**BODY, "n": 5}, "asks for 5 images"),  # more than the app's max_batch (4) in one request
     ({**BODY, "steps": [3, 2, 1]}, "steps has 3 values"),
     ({**BODY, "response_format": "url"}, "response_format must be 'b64_json'"),
@@ -181,6 +181,9 @@ def test_not_ready_while_loading():
         time.sleep(0.2)
         response = client.get("/health/ready")
         assert response.status_code == 503 and "weights missing" in response.json()["error"]["message"]
+        # Liveness fails too, so an orchestrator restarts the pod instead of waiting on it forever.
+        for path in ("/health/live", "/v2/health/live", "/v2/health/ready"):
+            assert client.get(path).status_code == 503, path
 
 
 
@@ -223,3 +226,69 @@ def test_a_client_that_disconnects_cancels_its_request(engine_pipe):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_errors_take_openais_shape_and_its_optional_fields_are_accepted(client):
+    error = client.post("/v1/images/generations", json={**BODY, "n": 0}).json()["error"]
+    assert error == {"message": "n must be >= 1, got 0", "type": "invalid_request_error", "param": "n",
+                     "code": "invalid_request"}
+    ignored = {"model": "dall-e-3", "user": "u1", "quality": "hd", "style": "vivid", "output_format": "png",
+               "background": "auto", "moderation": "low"}
+    assert client.post("/v1/images/generations", json={**BODY, **ignored}).status_code == 200
+    response = client.post("/v1/images/generations", json={**BODY, "output_format": "jpeg"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "output_format"
+
+
+def test_api_keys_guard_generation_and_optionally_metrics(engine_pipe):
+    app = create_app(engine_pipe, warmup=False, api_keys=["k-one", "k-two"], metrics_auth=True)
+    with TestClient(app) as client:
+        wait_ready(client)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic k-one"}):
+            response = client.post("/v1/images/generations", json=BODY, headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/health/ready").status_code == 200  # health stays open
+        good = {"Authorization": "Bearer k-two"}
+        assert client.post("/v1/images/generations", json=BODY, headers=good).status_code == 200
+        assert 'engine_requests_total{status="unauthorized"} 3' in client.get("/metrics", headers=good).text
+
+
+def test_sigterm_drains_readiness_first_then_the_requests_in_flight(cascade_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", str(cascade_dir), "--port",
+                               str(port), "--device", "cpu", "--drain-timeout", "1", "--log-level", "warning"],
+                              stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        answers = {}
+        long = threading.Thread(target=lambda: answers.update(long=httpx.post(
+            f"{url}/v1/images/generations", json={**BODY, "steps": [1000, 1000]}, timeout=60)))
+        long.start()
+        time.sleep(1.0)  # it is running
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        ready = httpx.get(f"{url}/health/ready")  # the listener is still open: readiness says it is going
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "draining"
+        assert httpx.post(f"{url}/v1/images/generations", json=BODY).status_code == 503
+        long.join(30)
+        assert answers["long"].status_code == 503 and "drain ran out" in answers["long"].json()["error"]["message"]
+        assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait()
+

@@ -26,6 +26,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import hmac
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Callable
 
-from engine.errors import (EngineError, InvalidRequestError, NumericalError, QueueFullError,
+from engine.errors import (EngineError, InvalidRequestError, NumericalError, QueueFullError, ShuttingDownError,
                            RequestTimeoutError)
 from engine.options import GenerateRequest
 from engine.serve.metrics import Metrics
@@ -49,6 +50,7 @@ DEFAULT_HOST = "127.0.0.1"  # loopback: nothing listens beyond this machine unle
 DEFAULT_PORT = 8000
 DEFAULT_TIMEOUT_S = 300.0  # a request's longest life, queue time included; a body's "timeout" may shorten it
 RETRY_AFTER_S = 1
+DEFAULT_DRAIN_TIMEOUT_S = 30.0  # after SIGTERM, how long the requests in flight get to finish
 MAX_JSON_DEPTH = 8  # the deepest a valid body goes is 3: {"steps": [[999, 500], 27]}
 MAX_GUIDANCE = 50.0  # IF's own are 4 and 7; far past this a step overflows (a 400, not a NumericalError's 500)
 
@@ -72,16 +74,25 @@ class Limits:
                 values[name] = int(text)
         return cls(**values)
 FIELDS = {"prompt", "n", "response_format", "seed", "steps", "guidance", "negative_prompt", "noise_level",
-          "scheduler", "timeout", "size", "model", "user"}  # "model" and "user": accepted for OpenAI clients, not used
+          "scheduler", "timeout", "size"}
+# OpenAI's optional fields: accepted so that its clients work unchanged, and ignored (they mean nothing to these
+# models); output_format must be png, what this service returns.
+IGNORED_FIELDS = {"model", "user", "quality", "style", "background", "moderation", "output_format",
+                  "output_compression", "partial_images", "stream"}
+API_NAMES = {"num_images_per_prompt": "n"}  # the core's names -> the API's, in error messages and `param`
+# Our error kinds -> OpenAI's error type; the kind itself is the error's `code`.
+ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error"}
 
 
 class Service:
     """The model, its scheduler and metrics, and whether it is ready; shared by the app's handlers."""
 
     def __init__(self, load: Callable, max_batch: int, max_queue: int, timeout_s: float, warmup: bool,
-                 policy: str, limits: Limits):
+                 policy: str, limits: Limits, api_keys: tuple[str, ...] = ()):
         self.load = load  # () -> Pipeline
         self.limits = limits
+        self.api_keys = tuple(key.encode() for key in api_keys)
+        self.draining = threading.Event()  # set at SIGTERM: readiness 503, new requests 503
         self.max_batch, self.max_queue, self.timeout_s, self.warmup = max_batch, max_queue, timeout_s, warmup
         self.policy = policy
         self.pipeline = None
@@ -113,16 +124,19 @@ class Service:
 
 def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout_s: float = DEFAULT_TIMEOUT_S, warmup: bool = True, run_scheduler: bool = True,
-               policy: str = DEFAULT_POLICY, limits: Limits | None = None):
+               policy: str = DEFAULT_POLICY, limits: Limits | None = None, api_keys=(), metrics_auth: bool = False):
     """The Starlette app. `load`: a Pipeline, or a function that loads one (called in the background at
-    startup, so /health/live answers while the model loads). `policy`: the scheduler's batching policy."""
+    startup, so /health/live answers while the model loads). `policy`: the scheduler's batching policy.
+    api_keys: when given, the generation endpoint (and /metrics with metrics_auth) needs
+    `Authorization: Bearer KEY` with one of them; the health endpoints stay open."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     loader = load if callable(load) and not hasattr(load, "stages") else (lambda: load)
     if policy not in POLICIES:
         raise InvalidRequestError(f"unknown batching policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits or Limits.from_environment())
+    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits or Limits.from_environment(),
+                      tuple(api_keys))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -134,31 +148,46 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
             thread.join()
             service.stop()
 
-    routes = [Route("/v1/images/generations", _generations(service), methods=["POST"]),
-              Route("/health/live", _live, methods=["GET"]),
-              Route("/health/ready", _ready(service), methods=["GET"]),
-              Route("/metrics", _metrics(service), methods=["GET"])]
+    live, ready = _live(service), _ready(service)
+    routes = [Route("/v1/images/generations", _guarded(service, _generations(service)), methods=["POST"]),
+              Route("/health/live", live, methods=["GET"]), Route("/v2/health/live", live, methods=["GET"]),
+              Route("/health/ready", ready, methods=["GET"]), Route("/v2/health/ready", ready, methods=["GET"]),
+              Route("/metrics", _guarded(service, _metrics(service), counted=False) if metrics_auth else _metrics(service),
+                    methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.service = service
     return app
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None):
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, field names as the API spells
+    them (param: the field a 400 is about, where the message starts with one)."""
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+    for core, api in API_NAMES.items():
+        message = message.replace(core, api)
+    first = message.split(" ", 1)[0]
+    param = first if kind == "invalid_request" and first in FIELDS | IGNORED_FIELDS else None
+    body = {"message": message, "type": ERROR_TYPES.get(kind, "server_error"), "param": param, "code": kind}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-async def _live(request):
-    from starlette.responses import JSONResponse
+def _live(service: Service):
+    async def live(request):
+        from starlette.responses import JSONResponse
 
-    return JSONResponse({"status": "live"})
+        if service.failure is not None:  # a pod that cannot load its model is restarted, not kept waiting
+            return _error(503, f"the model could not be loaded: {service.failure}", "not_live")
+        return JSONResponse({"status": "live"})
+    return live
 
 
 def _ready(service: Service):
     async def ready(request):
         from starlette.responses import JSONResponse
 
+        if service.draining.is_set():
+            return _error(503, "the service is shutting down", "draining")
         if service.ready.is_set():
             return JSONResponse({"status": "ready", "model": service.pipeline.source})
         if service.failure is not None:
@@ -192,9 +221,12 @@ def parse_body(body, timeout_s: float, image_size: int | None,
     for guidance in _flat(body.get("guidance")):
         if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and not 0 <= guidance <= MAX_GUIDANCE:
             raise InvalidRequestError(f"guidance must be in 0..{MAX_GUIDANCE:g}, got {guidance!r}")
-    unknown = sorted(set(body) - FIELDS)
+    unknown = sorted(set(body) - FIELDS - IGNORED_FIELDS)
     if unknown:
-        raise InvalidRequestError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+        raise InvalidRequestError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))} "
+                                  f"(and OpenAI's {', '.join(sorted(IGNORED_FIELDS))}, ignored)")
+    if body.get("output_format", "png") != "png":
+        raise InvalidRequestError("output_format must be 'png' (this service returns PNGs)")
     if "prompt" not in body:
         raise InvalidRequestError("prompt is required")
     if body.get("response_format", "b64_json") != "b64_json":
@@ -234,6 +266,26 @@ def _per_stage(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+def _guarded(service: Service, handler, counted: bool = True):
+    """`handler` behind the API keys, if the service has any: a Bearer token compared in constant time.
+    counted: a refusal counts as a generation request ("unauthorized")."""
+    if not service.api_keys:
+        return handler
+
+    async def guarded(request):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        # compare_digest against every key, so the time taken says nothing about which one came close
+        matches = [hmac.compare_digest(given, key) for key in service.api_keys]
+        if scheme.lower() != "bearer" or not any(matches):
+            if counted:
+                service.metrics.request("unauthorized")
+            return _error(401, "a valid API key is required: Authorization: Bearer KEY", "unauthorized",
+                          {"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+    return guarded
+
+
 def _generations(service: Service):
     async def generations(request):
         # The caller's X-Request-ID (or a fresh one), echoed on every answer, errors included.
@@ -248,6 +300,10 @@ async def _generate(service: Service, request, request_id: str):
     """One generation request's answer (see the module docstring for the statuses)."""
     from starlette.responses import JSONResponse
 
+    if service.draining.is_set():
+        service.metrics.request("shutdown")
+        return _error(503, "the service is shutting down: retry on another replica", "draining",
+                      {"Retry-After": str(RETRY_AFTER_S)})
     if not service.ready.is_set():
         return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
     limit = service.limits.max_body_bytes
@@ -293,6 +349,8 @@ async def _generate(service: Service, request, request_id: str):
         return _error(500, str(exc), "numerical_error")
     except CancelledError:
         return _error(499, "the request was cancelled", "cancelled")
+    except ShuttingDownError as exc:
+        return _error(503, str(exc), "draining", {"Retry-After": str(RETRY_AFTER_S)})
     except EngineError as exc:
         return _error(500, str(exc), "engine_error")
     # PNG encoding takes a few hundred ms per large image: off the event loop, so probes and others go on.
@@ -309,6 +367,36 @@ async def _disconnected(request) -> None:
     is http.disconnect (uvicorn sends it on a closed socket), with no polling while the request waits."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def run(app, host: str, port: int, log_level: str = "info", drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S):
+    """Serve `app` with uvicorn until SIGTERM or SIGINT, then drain: readiness turns 503 at once and new requests
+    get 503 while the listener stays open (so a load balancer sees it go), the requests in flight get up to
+    `drain_timeout_s` to finish, and what is left then gets a 503 (counted as "shutdown"). A second signal ends
+    it at once."""
+    import uvicorn  # optional: the [serve] extra
+
+    service = app.state.service
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if service.draining.is_set():  # the second signal
+                return super().handle_exit(sig, frame)
+            service.draining.set()
+            log.warning("signal %s: draining for up to %g s, then exiting", sig, drain_timeout_s)
+            threading.Thread(target=self._drain, args=(sig, frame), daemon=True).start()
+
+        def _drain(self, sig, frame):
+            deadline = time.monotonic() + drain_timeout_s
+            while time.monotonic() < deadline and service.scheduler is not None and not service.scheduler.idle:
+                time.sleep(0.05)
+            if service.scheduler is not None and not service.scheduler.idle:
+                service.scheduler.fail_all(ShuttingDownError(
+                    f"the service is shutting down and its {drain_timeout_s:g} s drain ran out; retry elsewhere"))
+                time.sleep(0.5)  # the handlers answer their 503s before the listener closes
+            super().handle_exit(sig, frame)
+
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
 
 
 def _png_base64(image) -> str:

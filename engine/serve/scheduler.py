@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError
+from engine.errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError, ShuttingDownError
 from engine.options import GenerateRequest
 from engine.pipeline import CascadeRun, Pipeline
 from engine.stage import StageRun
@@ -182,6 +182,20 @@ class BatchingScheduler:
             self._call(self.pipeline.stages[index], group)
         return True
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting, nothing running."""
+        with self._lock:
+            return not self._waiting and not self._jobs
+
+    def fail_all(self, exc: Exception) -> None:
+        """Fail every job, waiting or running, with `exc` (a shutdown whose drain time ran out)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            self._fail(job, exc)
+        self.fail_running(exc)
+
     def fail_running(self, exc: Exception) -> None:
         """Fail every admitted job with `exc` (a fault of the scheduler itself); the waiting ones stay queued."""
         for job in list(self._jobs):
@@ -318,7 +332,7 @@ class BatchingScheduler:
         if job in self._jobs:
             self._jobs.remove(job)
         _settle(job.future, exception=exc)
-        self._finish(job, "failed")
+        self._finish(job, "shutdown" if isinstance(exc, ShuttingDownError) else "failed")
 
     def _finish(self, job: Job, status: str) -> None:
         if self.on_finish is not None:
