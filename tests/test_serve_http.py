@@ -82,6 +82,7 @@ def test_invalid_json_is_a_400(client):
 def test_timeout_is_a_504_and_the_service_goes_on(client):
     response = client.post("/v1/images/generations", json={**BODY, "steps": [50, 50], "timeout": 0.01})
     assert response.status_code == 504 and "deadline" in response.json()["error"]["message"]
+    assert response.headers["x-should-retry"] == "false"  # the OpenAI SDKs would resend it otherwise
     assert client.post("/v1/images/generations", json=BODY).status_code == 200
 
 
@@ -107,7 +108,7 @@ NASTY = {  # body -> (status, what the message says)
     b'{"prompt": "a", "steps": ' + b"[" * 20 + b"3" + b"]" * 20 + b"}": (400, "nested more than"),
     b'{"prompt": "a", "guidance": 1e40}': (400, "guidance must be in 0..50"),
     b'{"prompt": "a", "guidance": NaN}': (400, "guidance must be in 0..50"),
-    b'{"prompt": "a", "seed": 1e400}': (400, "seed must be an integer"),
+    b'{"prompt": "a", "seed": 1e400}': (400, "seed has the wrong type"),
     b'{"prompt": "' + b"x" * 5000 + b'"}': (400, "prompt is 5000 characters"),
     b'{"prompt": "' + b"x" * (2 << 20) + b'"}': (413, "the body is over"),
     b"\xff\xfe{not utf-8}": (400, "not valid JSON"),
@@ -291,4 +292,59 @@ def test_sigterm_drains_readiness_first_then_the_requests_in_flight(cascade_dir)
         if server.poll() is None:
             os.kill(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_openapi_describes_the_api(client):
+    spec = client.get("/openapi.json").json()
+    operation = spec["paths"]["/v1/images/generations"]["post"]
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert {"prompt", "n", "steps", "guidance", "seed", "quality"} <= set(body["properties"])
+    assert {"200", "400", "401", "503", "504"} <= set(operation["responses"])
+    assert {"/health/live", "/v2/health/ready", "/metrics"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_the_openai_sdk_sees_openai_shaped_answers(engine_pipe):
+    openai = pytest.importorskip("openai")
+    import uvicorn
+
+    app = create_app(engine_pipe, max_batch=2, max_queue=1, warmup=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 30
+        while not app.state.service.ready.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = sdk.images.generate(prompt="a red circle", n=1, response_format="b64_json", quality="hd",
+                                     extra_body={"seed": 3, "steps": [2, 2]})
+        assert result.data[0].b64_json and result.model_extra["seed"] == 3
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.images.generate(prompt="a red circle", n=0)
+        assert info.value.param == "n" and "n must be >= 1" in info.value.message
+        app.state.service.draining.set()  # as after SIGTERM
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk.images.generate(prompt="a red circle")
+        assert info.value.status_code == 503 and "shutting down" in info.value.message
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_metrics_parse_and_count_what_clients_were_answered(engine_pipe):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with TestClient(create_app(engine_pipe, warmup=False)) as client:
+        wait_ready(client)
+        statuses = [client.post("/v1/images/generations", content=body, headers={"content-type": "application/json"})
+                    .status_code for body in (json.dumps(BODY), json.dumps({**BODY, "n": 0}),
+                                              b'{"prompt": "\\ud800"}', json.dumps(BODY))]
+        client.post("/v1/images/generations", content=b"{", headers={"content-type": "application/json"})
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    counts = {s.labels["status"]: s.value for s in families["engine_requests"].samples
+              if s.name == "engine_requests_total"}
+    assert statuses == [200, 400, 400, 200]
+    assert counts == {"ok": 2, "invalid": 3}
 

@@ -41,6 +41,8 @@ from engine.errors import (EngineError, InvalidRequestError, NumericalError, Que
                            RequestTimeoutError)
 from engine.options import GenerateRequest
 from engine.serve.metrics import Metrics
+from engine.version import __version__
+from engine.serve.schema import FIELDS, IGNORED_FIELDS, ErrorResponse, GenerationBody, ImagesResponse
 from engine.serve.scheduler import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_POLICY, POLICIES,  # noqa: F401
                                     BatchingScheduler)
 
@@ -73,12 +75,6 @@ class Limits:
                                               f"got {text!r}")
                 values[name] = int(text)
         return cls(**values)
-FIELDS = {"prompt", "n", "response_format", "seed", "steps", "guidance", "negative_prompt", "noise_level",
-          "scheduler", "timeout", "size"}
-# OpenAI's optional fields: accepted so that its clients work unchanged, and ignored (they mean nothing to these
-# models); output_format must be png, what this service returns.
-IGNORED_FIELDS = {"model", "user", "quality", "style", "background", "moderation", "output_format",
-                  "output_compression", "partial_images", "stream"}
 API_NAMES = {"num_images_per_prompt": "n"}  # the core's names -> the API's, in error messages and `param`
 # Our error kinds -> OpenAI's error type; the kind itself is the error's `code`.
 ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error"}
@@ -129,8 +125,7 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     startup, so /health/live answers while the model loads). `policy`: the scheduler's batching policy.
     api_keys: when given, the generation endpoint (and /metrics with metrics_auth) needs
     `Authorization: Bearer KEY` with one of them; the health endpoints stay open."""
-    from starlette.applications import Starlette
-    from starlette.routing import Route
+    from fastapi import FastAPI
 
     loader = load if callable(load) and not hasattr(load, "stages") else (lambda: load)
     if policy not in POLICIES:
@@ -148,15 +143,37 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
             thread.join()
             service.stop()
 
+    app = FastAPI(title="cascade-engine", version=__version__, lifespan=lifespan,
+                  description="OpenAI-style image generation over a cascaded diffusion model, batched per step.")
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 413, 500, 503, 504)}
+    body = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": GenerationBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+    # The handlers read the raw request themselves (the body with a size limit, then the schema and the core
+    # check), so FastAPI is given the schema for /openapi.json only.
+    _route(app, "/v1/images/generations", "POST", _guarded(service, _generations(service)),
+           responses={200: {"model": ImagesResponse}, **errors}, openapi_extra=body)
     live, ready = _live(service), _ready(service)
-    routes = [Route("/v1/images/generations", _guarded(service, _generations(service)), methods=["POST"]),
-              Route("/health/live", live, methods=["GET"]), Route("/v2/health/live", live, methods=["GET"]),
-              Route("/health/ready", ready, methods=["GET"]), Route("/v2/health/ready", ready, methods=["GET"]),
-              Route("/metrics", _guarded(service, _metrics(service), counted=False) if metrics_auth else _metrics(service),
-                    methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    for path in ("/health/live", "/v2/health/live"):
+        _route(app, path, "GET", live)
+    for path in ("/health/ready", "/v2/health/ready"):
+        _route(app, path, "GET", ready)
+    metrics = _metrics(service)
+    _route(app, "/metrics", "GET", _guarded(service, metrics, counted=False) if metrics_auth else metrics)
     app.state.service = service
     return app
+
+
+def _route(app, path: str, method: str, handler, **openapi) -> None:
+    """Add `handler(request)` (a Starlette-style handler) to the FastAPI app."""
+    from fastapi import Request
+
+    async def endpoint(request):
+        return await handler(request)
+
+    endpoint.__annotations__ = {"request": Request}  # the class itself: this module's annotations are strings
+
+    endpoint.__name__ = (path.strip("/").replace("/", "_").replace(".", "_") or "root") + "_" + method.lower()
+    app.add_api_route(path, endpoint, methods=[method], **openapi)
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None):
@@ -233,6 +250,7 @@ def parse_body(body, timeout_s: float, image_size: int | None,
         raise InvalidRequestError("response_format must be 'b64_json' (this service returns PNGs inline)")
     if "size" in body and body["size"] != f"{image_size}x{image_size}":
         raise InvalidRequestError(f"size must be '{image_size}x{image_size}' for this model, got {body['size']!r}")
+    _check_types(body)
     timeout = body.get("timeout", timeout_s)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= timeout_s:
         raise InvalidRequestError(f"timeout must be a number of seconds in (0, {timeout_s:g}], got {timeout!r}")
@@ -243,6 +261,21 @@ def parse_body(body, timeout_s: float, image_size: int | None,
         guidance=_per_stage(body.get("guidance")), noise_level=_per_stage(body.get("noise_level")),
         scheduler=body.get("scheduler"), output_type="pil")
     return request, float(timeout)
+
+
+def _check_types(body: dict) -> None:
+    """The schema's type check (schema.GenerationBody); InvalidRequestError naming the first wrong field."""
+    from pydantic import ValidationError
+
+    try:
+        GenerationBody.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = first["loc"][0]
+        got = first["input"] if len(first["loc"]) > 1 else body.get(field)
+        description = GenerationBody.model_fields[field].description
+        raise InvalidRequestError(f"{field} has the wrong type ({type(got).__name__} {str(got)[:40]!r}): it takes "
+                                  f"{description}") from None
 
 
 def _depth(value, limit: int = MAX_JSON_DEPTH + 1) -> int:
@@ -344,7 +377,8 @@ async def _generate(service: Service, request, request_id: str):
     try:
         generation = waiting.result()
     except RequestTimeoutError as exc:
-        return _error(504, str(exc), "timeout")
+        # x-should-retry: the OpenAI SDKs resend a 504 by default, which would spend its compute again.
+        return _error(504, str(exc), "timeout", {"x-should-retry": "false"})
     except NumericalError as exc:
         return _error(500, str(exc), "numerical_error")
     except CancelledError:
