@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--drain-timeout", type=float, default=serve_defaults.DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
                      help="after SIGTERM: seconds the requests in flight get to finish (readiness is 503 at once; "
                           "what is left then gets 503)")
+    srv.add_argument("--max-connections", type=int, default=serve_defaults.DEFAULT_MAX_CONNECTIONS,
+                     help="open connections before new requests get 503")
+    srv.add_argument("--keep-alive-timeout", type=float, default=serve_defaults.DEFAULT_KEEP_ALIVE_S, metavar="S",
+                     help="seconds an idle keep-alive connection stays open")
     srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.DEFAULT_POLICY,
                      help="step: requests join the running batch at every U-Net step (default); request: batches "
                           "form when the cascade is idle and run to the end; none: one request at a time")
@@ -390,7 +394,8 @@ def serve(args) -> None:
                      max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
                      policy=args.batching, limits=limits, api_keys=keys, metrics_auth=args.metrics_auth)
     serve_defaults.run(app, args.host, args.port, log_level=args.log_level or "info",
-                       drain_timeout_s=args.drain_timeout)
+                       drain_timeout_s=args.drain_timeout, max_connections=args.max_connections,
+                       keep_alive_s=args.keep_alive_timeout)
 
 
 def _api_keys(args) -> list[str]:

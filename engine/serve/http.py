@@ -53,6 +53,8 @@ DEFAULT_PORT = 8000
 DEFAULT_TIMEOUT_S = 300.0  # a request's longest life, queue time included; a body's "timeout" may shorten it
 RETRY_AFTER_S = 1
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # after SIGTERM, how long the requests in flight get to finish
+DEFAULT_MAX_CONNECTIONS = 256  # open connections (and their requests) before uvicorn answers 503
+DEFAULT_KEEP_ALIVE_S = 5.0  # an idle keep-alive connection's life
 MAX_JSON_DEPTH = 8  # the deepest a valid body goes is 3: {"steps": [[999, 500], 27]}
 MAX_GUIDANCE = 50.0  # IF's own are 4 and 7; far past this a step overflows (a 400, not a NumericalError's 500)
 
@@ -403,11 +405,13 @@ async def _disconnected(request) -> None:
         pass
 
 
-def run(app, host: str, port: int, log_level: str = "info", drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S):
+def run(app, host: str, port: int, log_level: str = "info", drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS, keep_alive_s: float = DEFAULT_KEEP_ALIVE_S):
     """Serve `app` with uvicorn until SIGTERM or SIGINT, then drain: readiness turns 503 at once and new requests
     get 503 while the listener stays open (so a load balancer sees it go), the requests in flight get up to
     `drain_timeout_s` to finish, and what is left then gets a 503 (counted as "shutdown"). A second signal ends
-    it at once."""
+    it at once. Past `max_connections` open connections a new request gets a 503 from uvicorn; an idle
+    keep-alive connection closes after `keep_alive_s`."""
     import uvicorn  # optional: the [serve] extra
 
     service = app.state.service
@@ -430,7 +434,8 @@ def run(app, host: str, port: int, log_level: str = "info", drain_timeout_s: flo
                 time.sleep(0.5)  # the handlers answer their 503s before the listener closes
             super().handle_exit(sig, frame)
 
-    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=max_connections,
+                                  timeout_keep_alive=keep_alive_s)).run()
 
 
 def _png_base64(image) -> str:
