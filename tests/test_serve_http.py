@@ -150,7 +150,8 @@ def test_health_and_metrics(client):
     assert "engine_queue_depth 0" in text
     assert "engine_batch_images_bucket" in text and "engine_compute_seconds_count" in text
     ok = [line for line in text.splitlines() if line.startswith('engine_requests_total{status="ok"}')]
-    assert int(ok[0].split()[-1]) >= 1
+    assert float(ok[0].split()[-1]) >= 1
+    assert 'engine_build_info{torch=' in text and "process_resident_memory_bytes" in text
 
 
 def test_full_queue_is_a_503_with_retry_after(engine_pipe):

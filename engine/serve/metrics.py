@@ -1,90 +1,82 @@
-"""Prometheus metrics of the service, in the text exposition format (no client library needed)."""
+"""Prometheus metrics of the service, through prometheus_client: one registry per service (so that several apps
+in one process do not share counts), with the process's own metrics and the build's.
+
+    engine_requests_total{status}   every answer to a generation request: ok, invalid (parse errors and 400s),
+                                    unauthorized, rejected (queue full), timeout, cancelled, failed, shutdown
+    engine_queue_depth              requests waiting for admission
+    engine_queue_seconds, engine_compute_seconds, engine_batch_images   histograms
+    engine_images_total, engine_images_per_second (over the last RATE_WINDOW_S)
+    engine_build_info{version, torch}, process_*                         what runs, and its memory and CPU
+"""
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections import deque
+
+import torch
+
+from engine.version import __version__
 
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 RATE_WINDOW_S = 60.0  # images/s gauge: images finished over the last minute
 
 
-class Histogram:
-    def __init__(self, name: str, help_text: str, buckets):
-        self.name, self.help, self.buckets = name, help_text, tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, count in zip(self.buckets + (float("inf"),), self.counts):
-            cumulative += count
-            le = "+Inf" if bound == float("inf") else f"{bound:g}"
-            lines.append(f'{self.name}_bucket{{le="{le}"}} {cumulative}')
-        lines += [f"{self.name}_sum {self.total:.6f}", f"{self.name}_count {cumulative}"]
-        return lines
-
-
 class Metrics:
-    """What the service counts: requests by status, queue depth, batch sizes, queue and compute time, images."""
+    """What the service counts; `render()` gives the Prometheus text exposition."""
 
     def __init__(self):
+        import prometheus_client as prom  # optional: the [serve] extra
+
         self._lock = threading.Lock()
-        self.requests: dict[str, int] = {}
-        self.queue_seconds = Histogram("engine_queue_seconds", "Time from submission to the first stage.",
-                                       SECONDS_BUCKETS)
-        self.compute_seconds = Histogram("engine_compute_seconds", "Time from the first stage to the result.",
-                                         SECONDS_BUCKETS)
-        self.batch_images = Histogram("engine_batch_images", "Images per U-Net call.", BATCH_BUCKETS)
-        self.images_total = 0
+        self.registry = prom.CollectorRegistry()
+        self.queue_depth = 0
+        self._requests = prom.Counter("engine_requests", "Generation requests by outcome.", ["status"],
+                                      registry=self.registry)
+        prom.Gauge("engine_queue_depth", "Requests waiting for admission.",
+                   registry=self.registry).set_function(lambda: self.queue_depth)
+        self.queue_seconds = prom.Histogram("engine_queue_seconds", "Time from submission to the first stage.",
+                                            buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.compute_seconds = prom.Histogram("engine_compute_seconds", "Time from the first stage to the result.",
+                                              buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.batch_images = prom.Histogram("engine_batch_images", "Images per U-Net call.", buckets=BATCH_BUCKETS,
+                                           registry=self.registry)
+        self._images = prom.Counter("engine_images", "Images generated.", registry=self.registry)
+        prom.Gauge("engine_images_per_second", f"Images generated per second over the last {RATE_WINDOW_S:g} s.",
+                   registry=self.registry).set_function(self.images_per_second)
+        prom.Gauge("engine_build_info", "The engine and torch versions that serve.", ["version", "torch"],
+                   registry=self.registry).labels(__version__, torch.__version__).set(1)
+        prom.ProcessCollector(registry=self.registry)
         self._finished: deque[tuple[float, int]] = deque()  # (time, images) within the rate window
+        self._render = lambda: prom.generate_latest(self.registry).decode()
 
     def request(self, status: str) -> None:
-        with self._lock:
-            self.requests[status] = self.requests.get(status, 0) + 1
+        self._requests.labels(status).inc()
 
     def batch(self, stage: str, images: int, rows: int) -> None:
-        with self._lock:
-            self.batch_images.observe(images)
+        self.batch_images.observe(images)
 
     def job_finished(self, job, status: str) -> None:
         now = time.monotonic()
-        with self._lock:
-            self.requests[status] = self.requests.get(status, 0) + 1
-            if job.admitted is not None:
-                self.queue_seconds.observe(job.admitted - job.submitted)
-                if status == "ok":
-                    self.compute_seconds.observe(now - job.admitted)
+        self._requests.labels(status).inc()
+        if job.admitted is not None:
+            self.queue_seconds.observe(job.admitted - job.submitted)
             if status == "ok":
-                self.images_total += job.images
+                self.compute_seconds.observe(now - job.admitted)
+        if status == "ok":
+            self._images.inc(job.images)
+            with self._lock:
                 self._finished.append((now, job.images))
 
     def images_per_second(self) -> float:
         now = time.monotonic()
-        while self._finished and self._finished[0][0] < now - RATE_WINDOW_S:
-            self._finished.popleft()
-        return sum(n for _, n in self._finished) / RATE_WINDOW_S
+        with self._lock:
+            while self._finished and self._finished[0][0] < now - RATE_WINDOW_S:
+                self._finished.popleft()
+            return sum(n for _, n in self._finished) / RATE_WINDOW_S
 
     def render(self, queue_depth: int) -> str:
-        with self._lock:
-            lines = ["# HELP engine_requests_total Generation requests by outcome.",
-                     "# TYPE engine_requests_total counter"]
-            lines += [f'engine_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-            lines += ["# HELP engine_queue_depth Requests waiting for admission.", "# TYPE engine_queue_depth gauge",
-                      f"engine_queue_depth {queue_depth}"]
-            for histogram in (self.queue_seconds, self.compute_seconds, self.batch_images):
-                lines += histogram.render()
-            lines += ["# HELP engine_images_total Images generated.", "# TYPE engine_images_total counter",
-                      f"engine_images_total {self.images_total}",
-                      f"# HELP engine_images_per_second Images generated per second over the last {RATE_WINDOW_S:g} s.",
-                      "# TYPE engine_images_per_second gauge",
-                      f"engine_images_per_second {self.images_per_second():.4f}"]
-        return "\n".join(lines) + "\n"
+        self.queue_depth = queue_depth
+        return self._render()
