@@ -325,8 +325,12 @@ def _generations(service: Service):
     async def generations(request):
         # The caller's X-Request-ID (or a fresh one), echoed on every answer, errors included.
         request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        start = time.perf_counter()
         response = await _generate(service, request, request_id)
         response.headers["X-Request-ID"] = request_id
+        if response.status_code != 200:  # a 200's line, with its images and timings, is written by _generate
+            log.info(json.dumps({"request_id": request_id, "status": response.status_code,
+                                 "seconds": round(time.perf_counter() - start, 4)}))
         return response
     return generations
 
