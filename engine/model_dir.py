@@ -37,8 +37,6 @@ X4_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default, when model
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # An organisation/name pair as the Hub spells repository ids.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Folders of a published snapshot that diffusers' IF pipelines can load but this engine does not run.
-UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "watermarker")
 
 
 # -- stage directories ----------------------------------------------------------------------------------------
@@ -294,17 +292,12 @@ def model_config(folder: Path, cls_name: str, what: str) -> dict[str, Any]:
 def scheduler_config(folder: Path, what: str = "scheduler config", default_class: str = "DDPMScheduler") -> dict[str, Any]:
     """A scheduler config with diffusers' defaults for its class filled in (keys added after the config was
     written included); the class must be one the engine's samplers implement."""
+    import diffusers
 
     raw = _read_json(folder / "scheduler_config.json", what)
     name = raw.get("_class_name", default_class)
     if name not in SCHEDULER_CLASSES:
         raise ModelError(folder, f"scheduler {name} is not supported; supported: {', '.join(SCHEDULER_CLASSES)}")
-    return resolve_scheduler_config(raw, name)
-
-
-def resolve_scheduler_config(raw: dict[str, Any], name: str) -> dict[str, Any]:
-    import diffusers
-
     # `_use_default_values` lists the keys diffusers filled in: another scheduler class built from this config
     # takes its own defaults for them (diffusers' from_config rule), so it stays (engine/samplers.py reads it).
     resolved = dict(getattr(diffusers, name).from_config(raw).config)
@@ -349,7 +342,9 @@ def variant_pattern(variant: str) -> re.Pattern:
     return re.compile(rf"\.{v}(-\d+-of-\d+)?\.safetensors$|\.safetensors\.index\.{v}\.json$")
 
 
-FULL_PATTERN = re.compile(r"(-\d+-of-\d+)?\.safetensors$|\.safetensors\.index\.json$")
+# Full-precision files: no variant between the stem and the suffix (model.safetensors, model-00001-of-00002.
+# safetensors, model.safetensors.index.json); "model.fp16.safetensors" or "model.ema.safetensors" are variants.
+FULL_PATTERN = re.compile(r"^[^.]+(-\d+-of-\d+)?\.safetensors$|^[^.]+\.safetensors\.index\.json$")
 
 
 def weights_variant(folder: Path, dtype: torch.dtype, loader: str, variant: str | None = None) -> str | None:
@@ -362,7 +357,7 @@ def weights_variant(folder: Path, dtype: torch.dtype, loader: str, variant: str 
     names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     fp16 = [n for n in names if variant_pattern("fp16").search(n)]
     chosen = [n for n in names if variant and variant_pattern(variant).search(n)]
-    full = [n for n in names if FULL_PATTERN.search(n) and n not in fp16 and not _is_other_variant(n)]
+    full = [n for n in names if FULL_PATTERN.search(n)]
     if not fp16 and not full and not chosen:
         pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
         if pickles:
@@ -385,12 +380,6 @@ def weights_variant(folder: Path, dtype: torch.dtype, loader: str, variant: str 
         return "fp16"
     log.info("%s: reading the full-precision weight files", folder)
     return None
-
-
-def _is_other_variant(name: str) -> bool:
-    # model.ema.safetensors, model.safetensors.index.ema.json: a variant other than fp16 (never chosen by dtype)
-    stem = name.split(".safetensors")[0]
-    return "." in stem.split("-")[0] or bool(re.search(r"\.safetensors\.index\.[^.]+\.json$", name))
 
 
 # -- tokenizers -----------------------------------------------------------------------------------------------

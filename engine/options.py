@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields, replace
 from numbers import Real
 from typing import Any, Mapping, Sequence, Union
 
+import torch
+
 from engine.errors import InvalidRequestError
 from engine.images import to_model_range
 from engine.samplers import SAMPLERS
@@ -133,7 +135,6 @@ class GenerateRequest:
             raise InvalidRequestError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SAMPLERS)} "
                                       "(or leave it unset to use each stage's own scheduler config)")
         if self.image is not None:
-
             to_model_range(self.image)  # refuses a bad image now, before any model work
         if self.output_type not in OUTPUT_TYPES:
             raise InvalidRequestError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
@@ -166,14 +167,14 @@ class GenerateRequest:
     @property
     def prompts(self) -> list[str] | None:
         """The prompts as a list; None where the request gives prompt_embeds instead."""
-        return None if self.prompt is None else _string_list(self.prompt, "prompt")
+        return None if self.prompt is None else _as_list(self.prompt)  # checked in __post_init__
 
     @property
     def negative_prompts(self) -> list[str] | None:
         """One negative prompt per prompt, or None for the empty prompt (whose embedding is cached)."""
         if self.negative_prompt is None:
             return None
-        negatives = _string_list(self.negative_prompt, "negative_prompt")
+        negatives = _as_list(self.negative_prompt)  # checked in __post_init__
         return negatives * self.batch_size if len(negatives) == 1 else negatives
 
     def per_stage(self, defaults: Sequence[StageDefaults]) -> list[StageSettings]:
@@ -259,8 +260,6 @@ def request_from_call(prompt, options: Mapping[str, Any]) -> GenerateRequest:
 
 
 def _check_generator(generator, seed) -> None:
-    import torch
-
     if isinstance(generator, (list, tuple)):
         raise InvalidRequestError("give one torch.Generator for the whole request, not a list: the images of a "
                                   "request come from one generator, as when one is passed to diffusers' pipelines")
@@ -275,8 +274,6 @@ def _check_generator(generator, seed) -> None:
 
 
 def _check_embeddings(name: str, value) -> None:
-    import torch
-
     if not isinstance(value, torch.Tensor) or value.ndim != 3 or not value.is_floating_point():
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise InvalidRequestError(f"{name} must be a float tensor (batch, tokens, width), as diffusers' "
@@ -301,6 +298,10 @@ def _check_text(text: str, name: str) -> str:
     if bad is not None:
         raise InvalidRequestError(f"{name} holds the control character U+{ord(text[bad]):04X} at character {bad}")
     return text
+
+
+def _as_list(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _string_list(value, name: str) -> list[str]:

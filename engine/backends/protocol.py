@@ -71,4 +71,5 @@ class Components(Protocol):
         """The x4 upscaler's VAE decoder (asked of latent_upscaler stages only)."""
 
     def run_context(self):
-        """A context manager entered around each generation (the backend's own setup), or None."""
+        """A function returning the context manager entered around each generation (the backend's own setup:
+        ORT on CPU keeps torch on one thread), or None for none."""

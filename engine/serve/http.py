@@ -274,7 +274,7 @@ def _check_types(body: dict) -> None:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = first["loc"][0]
-        got = first["input"] if len(first["loc"]) > 1 else body.get(field)
+        got = body.get(field)
         description = GenerationBody.model_fields[field].description
         raise InvalidRequestError(f"{field} has the wrong type ({type(got).__name__} {str(got)[:40]!r}): it takes "
                                   f"{description}") from None
