@@ -370,6 +370,15 @@ def serve(args) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         print(f"warning: listening on {args.host}, beyond loopback, with no API key: anyone who can reach it can "
               "use the model (--api-key)", file=sys.stderr)
+    limits = serve_defaults.Limits.from_environment()
+    given = {"max_body_bytes": args.max_body_bytes, "max_prompt_chars": args.max_prompt_chars}
+    for name, value in given.items():
+        if value is not None and value < 1:
+            raise EngineError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
+    app_kwargs = {"max_batch": args.max_batch, "max_queue": args.max_queue, "timeout_s": args.timeout,
+                  "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth}
+    load_kwargs = {"backend": args.backend, "device": args.device, "dtype": args.dtype}
     if args.ray:
         autoscale = None
         if args.autoscale is not None:
@@ -379,20 +388,11 @@ def serve(args) -> None:
                 autoscale = ()
             if len(autoscale) != 2:
                 raise EngineError(f"--autoscale takes MIN:MAX, e.g. 1:4, got {args.autoscale!r}")
-        load_kwargs = {"backend": args.backend, "device": args.device, "dtype": args.dtype}
-        app = ray_app.application(load_kwargs, args.model, args.max_batch, args.max_queue, args.timeout,
-                                  args.batching, replicas=args.replicas, autoscale=autoscale, num_gpus=args.num_gpus)
+        app = ray_app.application(load_kwargs, args.model, app_kwargs, replicas=args.replicas, autoscale=autoscale,
+                                  num_gpus=args.num_gpus)
         ray_app.run(app, args.host, args.port, address=args.ray_address)
         return
-    limits = serve_defaults.Limits.from_environment()
-    given = {"max_body_bytes": args.max_body_bytes, "max_prompt_chars": args.max_prompt_chars}
-    for name, value in given.items():
-        if value is not None and value < 1:
-            raise EngineError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
-    app = create_app(lambda: load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype),
-                     max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
-                     policy=args.batching, limits=limits, api_keys=keys, metrics_auth=args.metrics_auth)
+    app = create_app(lambda: load(*args.model, **load_kwargs), **app_kwargs)
     serve_defaults.run(app, args.host, args.port, log_level=args.log_level or "info",
                        drain_timeout_s=args.drain_timeout, max_connections=args.max_connections,
                        keep_alive_s=args.keep_alive_timeout)

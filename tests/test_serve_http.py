@@ -196,6 +196,20 @@ def test_not_ready_while_loading():
             assert client.get(path).status_code == 503, path
 
 
+def test_a_stopped_scheduler_fails_liveness_and_a_readiness_hook_holds_readiness(engine_pipe):
+    reasons = ["the deployment is DEPLOYING: 1 of 2 replicas", None]
+    app = create_app(engine_pipe, warmup=False, readiness=lambda: reasons[0])
+    with TestClient(app) as client:  # a loaded Pipeline: ready as soon as the app has started
+        response = client.get("/health/ready")
+        assert response.status_code == 503 and "DEPLOYING" in response.json()["error"]["message"]
+        reasons.pop(0)
+        assert client.get("/health/ready").status_code == 200
+        assert client.get("/health/live").status_code == 200
+        app.state.service.scheduler.stop()  # what a broken scheduler loop leaves: no thread to run requests
+        for path in ("/health/live", "/health/ready"):
+            response = client.get(path)
+            assert response.status_code == 503 and "scheduler has stopped" in response.json()["error"]["message"]
+
 
 def test_a_client_that_disconnects_cancels_its_request(engine_pipe):
     import uvicorn

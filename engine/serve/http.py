@@ -98,6 +98,7 @@ class Service:
         self.metrics = Metrics()
         self.ready = threading.Event()
         self.failure: str | None = None  # why loading failed, for /health/ready
+        self.scheduling = False  # whether start() runs the scheduler's thread (tests drive it by hand)
 
     def start(self, run_scheduler: bool = True) -> None:
         """Load, warm up (one short generation), then start the scheduler; /health/ready turns 200 after."""
@@ -110,6 +111,7 @@ class Service:
             self.scheduler.on_finish = self.metrics.job_finished
             if run_scheduler:
                 self.scheduler.start()
+                self.scheduling = True
             self.ready.set()
         except Exception as exc:  # reported by /health/ready and the log; the process stays up to say so
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -119,17 +121,29 @@ class Service:
         if self.scheduler is not None:
             self.scheduler.stop()
 
+    def fault(self) -> str | None:
+        """Why this process can no longer serve (its model failed to load, or its scheduler stopped), or None.
+        Liveness and Ray's check_health fail on it, so the orchestrator restarts the process."""
+        if self.failure is not None:
+            return f"the model could not be loaded: {self.failure}"
+        if self.ready.is_set() and self.scheduling and not self.draining.is_set() and not self.scheduler.running:
+            return "the scheduler has stopped"
+        return None
+
 
 def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout_s: float = DEFAULT_TIMEOUT_S, warmup: bool = True, run_scheduler: bool = True,
-               policy: str = DEFAULT_POLICY, limits: Limits | None = None, api_keys=(), metrics_auth: bool = False):
-    """The Starlette app. `load`: a Pipeline, or a function that loads one (called in the background at
-    startup, so /health/live answers while the model loads). `policy`: the scheduler's batching policy.
-    api_keys: when given, the generation endpoint (and /metrics with metrics_auth) needs
-    `Authorization: Bearer KEY` with one of them; the health endpoints stay open."""
+               policy: str = DEFAULT_POLICY, limits: Limits | None = None, api_keys=(), metrics_auth: bool = False,
+               readiness: Callable[[], str | None] | None = None):
+    """The FastAPI app. `load`: a Pipeline (started at once), or a function that loads one (called in the
+    background at startup, so /health/live answers while the model loads). `policy`: the scheduler's batching
+    policy. api_keys: when given, the generation endpoint (and /metrics with metrics_auth) needs
+    `Authorization: Bearer KEY` with one of them; the health endpoints stay open. `readiness`: a further check
+    for /health/ready, giving why it is not ready or None (Ray: the deployment's status); it may block."""
     from fastapi import FastAPI
 
-    loader = load if callable(load) and not hasattr(load, "stages") else (lambda: load)
+    loaded = not callable(load) or hasattr(load, "stages")
+    loader = (lambda: load) if loaded else load
     if policy not in POLICIES:
         raise InvalidRequestError(f"unknown batching policy {policy!r}; choose one of {', '.join(POLICIES)}")
     service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits or Limits.from_environment(),
@@ -139,6 +153,8 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     async def lifespan(app):
         thread = threading.Thread(target=service.start, args=(run_scheduler,), name="engine-load", daemon=True)
         thread.start()
+        if loaded:  # nothing to load: ready before the first request
+            await asyncio.to_thread(thread.join)
         try:
             yield
         finally:
@@ -154,7 +170,7 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     # check), so FastAPI is given the schema for /openapi.json only.
     _route(app, "/v1/images/generations", "POST", _guarded(service, _generations(service)),
            responses={200: {"model": ImagesResponse}, **errors}, openapi_extra=body)
-    live, ready = _live(service), _ready(service)
+    live, ready = _live(service), _ready(service, readiness)
     for path in ("/health/live", "/v2/health/live"):
         _route(app, path, "GET", live)
     for path in ("/health/ready", "/v2/health/ready"):
@@ -195,23 +211,28 @@ def _live(service: Service):
     async def live(request):
         from starlette.responses import JSONResponse
 
-        if service.failure is not None:  # a pod that cannot load its model is restarted, not kept waiting
-            return _error(503, f"the model could not be loaded: {service.failure}", "not_live")
+        fault = service.fault()
+        if fault is not None:  # a pod that cannot serve is restarted, not kept waiting
+            return _error(503, fault, "not_live")
         return JSONResponse({"status": "live"})
     return live
 
 
-def _ready(service: Service):
+def _ready(service: Service, readiness: Callable[[], str | None] | None):
     async def ready(request):
         from starlette.responses import JSONResponse
 
         if service.draining.is_set():
             return _error(503, "the service is shutting down", "draining")
-        if service.ready.is_set():
-            return JSONResponse({"status": "ready", "model": service.pipeline.source})
-        if service.failure is not None:
-            return _error(503, f"the model could not be loaded: {service.failure}", "not_ready")
-        return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
+        fault = service.fault()
+        if fault is not None:
+            return _error(503, fault, "not_ready")
+        if not service.ready.is_set():
+            return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
+        reason = await asyncio.to_thread(readiness) if readiness is not None else None
+        if reason is not None:
+            return _error(503, reason, "not_ready", {"Retry-After": "5"})
+        return JSONResponse({"status": "ready", "model": service.pipeline.source})
     return ready
 
 

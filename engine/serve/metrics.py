@@ -51,15 +51,23 @@ class Metrics:
         prom.ProcessCollector(registry=self.registry)
         self._finished: deque[tuple[float, int]] = deque()  # (time, images) within the rate window
         self._render = lambda: prom.generate_latest(self.registry).decode()
+        # Further recorders with request/batch/job_finished (Ray Serve's metrics, on a replica).
+        self.sinks: list = []
 
     def request(self, status: str) -> None:
         self._requests.labels(status).inc()
+        for sink in self.sinks:
+            sink.request(status)
 
     def batch(self, stage: str, images: int, rows: int) -> None:
         self.batch_images.observe(images)
+        for sink in self.sinks:
+            sink.batch(stage, images, rows)
 
     def job_finished(self, job, status: str) -> None:
         now = time.monotonic()
+        for sink in self.sinks:
+            sink.job_finished(job, status)
         self._requests.labels(status).inc()
         if job.admitted is not None:
             self.queue_seconds.observe(job.admitted - job.submitted)

@@ -183,6 +183,11 @@ class BatchingScheduler:
         return True
 
     @property
+    def running(self) -> bool:
+        """The loop's thread is alive (it stops only at stop(), or when the scheduler itself breaks)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def idle(self) -> bool:
         """Nothing waiting, nothing running."""
         with self._lock:
