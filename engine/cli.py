@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="open connections before new requests get 503")
     srv.add_argument("--keep-alive-timeout", type=float, default=serve_defaults.DEFAULT_KEEP_ALIVE_S, metavar="S",
                      help="seconds an idle keep-alive connection stays open")
+    srv.add_argument("--header-timeout", type=float, default=serve_defaults.DEFAULT_HEADER_TIMEOUT_S, metavar="S",
+                     help="seconds a connection gets to send a request's headers whole, else 408 and closed")
     srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.DEFAULT_POLICY,
                      help="step: requests join the running batch at every U-Net step (default); request: batches "
                           "form when the cascade is idle and run to the end; none: one request at a time")
@@ -376,6 +378,10 @@ def serve(args) -> None:
         if value is not None and value < 1:
             raise EngineError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     limits = dataclasses.replace(limits, **{k: v for k, v in given.items() if v is not None})
+    for flag, seconds in (("--header-timeout", args.header_timeout), ("--keep-alive-timeout", args.keep_alive_timeout),
+                          ("--drain-timeout", args.drain_timeout)):
+        if not seconds > 0:
+            raise EngineError(f"{flag} must be a positive number of seconds, got {seconds:g}")
     app_kwargs = {"max_batch": args.max_batch, "max_queue": args.max_queue, "timeout_s": args.timeout,
                   "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth}
     load_kwargs = {"backend": args.backend, "device": args.device, "dtype": args.dtype}
@@ -395,7 +401,7 @@ def serve(args) -> None:
     app = create_app(lambda: load(*args.model, **load_kwargs), **app_kwargs)
     serve_defaults.run(app, args.host, args.port, log_level=args.log_level or "info",
                        drain_timeout_s=args.drain_timeout, max_connections=args.max_connections,
-                       keep_alive_s=args.keep_alive_timeout)
+                       keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout)
 
 
 def _api_keys(args) -> list[str]:

@@ -106,3 +106,9 @@ def test_eval_shows_progress_and_writes_a_marked_contact_sheet(tmp_path, capsys)
     wrong = round((1 - json.loads(report.read_text())["adherence"]) * 4)
     red = [picture.getpixel((i * 128 + 1, 1)) == (255, 0, 0) for i in range(4)]
     assert sum(red) == wrong  # the wrong ones, and only those, framed in red
+
+
+@pytest.mark.parametrize("flag", ["--header-timeout", "--keep-alive-timeout", "--drain-timeout"])
+def test_serve_refuses_timeouts_that_are_not_positive(flag, capsys):
+    assert main(["serve", flag, "0"]) == 2  # before any model loads or port opens
+    assert f"{flag} must be a positive number of seconds" in capsys.readouterr().err

@@ -317,6 +317,54 @@ def test_sigterm_drains_readiness_first_then_the_requests_in_flight(cascade_dir)
             server.wait()
 
 
+def test_slow_and_silent_clients_get_a_408_and_lose_their_connection(engine_pipe):
+    import uvicorn
+
+    import httpx
+
+    from engine.serve.http import Limits, header_timeout_protocol
+
+    port = free_port()
+    app = create_app(engine_pipe, warmup=False, limits=Limits(body_timeout_s=1.0))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning",
+                                           http=header_timeout_protocol(1.0), timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        slow = []
+        for k in range(40):  # half send part of their headers, half nothing at all
+            sock = socket.create_connection(("127.0.0.1", port))
+            if k % 2:
+                sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n")
+            sock.settimeout(5)
+            slow.append(sock)
+        dripper = socket.create_connection(("127.0.0.1", port))  # whole headers, then 10 of 100 body bytes
+        dripper.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"prompt\":")
+        dripper.settimeout(5)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:  # one keep-alive connection
+            assert client.get("/health/live").status_code == 200  # served while they hang
+            time.sleep(1.5)
+            assert client.get("/health/live").status_code == 200  # whole headers each time: kept alive
+        started = time.monotonic()
+        for sock in slow:
+            answer = b""
+            while chunk := sock.recv(1024):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            sock.close()
+        assert time.monotonic() - started < 3  # closed by the server, not by our 5 s socket timeout
+        answer = dripper.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer, answer
+        dripper.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_openapi_describes_the_api(client):
     spec = client.get("/openapi.json").json()
     operation = spec["paths"]["/v1/images/generations"]["post"]

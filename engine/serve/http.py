@@ -55,6 +55,7 @@ RETRY_AFTER_S = 1
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # after SIGTERM, how long the requests in flight get to finish
 DEFAULT_MAX_CONNECTIONS = 256  # open connections (and their requests) before uvicorn answers 503
 DEFAULT_KEEP_ALIVE_S = 5.0  # an idle keep-alive connection's life
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive whole within this (slow clients get a 408)
 MAX_JSON_DEPTH = 8  # the deepest a valid body goes is 3: {"steps": [[999, 500], 27]}
 MAX_GUIDANCE = 50.0  # IF's own are 4 and 7; far past this a step overflows (a 400, not a NumericalError's 500)
 
@@ -65,17 +66,22 @@ class Limits:
 
     max_body_bytes: int = 1 << 20  # a body with the longest prompts and per-stage lists is a few kB
     max_prompt_chars: int = 4000  # per prompt: 77 tokens are a few hundred characters; the rest is truncated
+    body_timeout_s: float = 10.0  # to read the whole body: a 1 MiB body takes under a second on a working link
 
     @classmethod
     def from_environment(cls) -> "Limits":
         values = {}
-        for name in ("max_body_bytes", "max_prompt_chars"):
-            text = os.environ.get(f"CASCADE_ENGINE_{name.upper()}")
+        for name, kind in (("max_body_bytes", int), ("max_prompt_chars", int), ("body_timeout_s", float)):
+            variable = f"CASCADE_ENGINE_{name.upper()}"
+            text = os.environ.get(variable)
             if text is not None:
-                if not text.isdigit() or int(text) < 1:
-                    raise InvalidRequestError(f"CASCADE_ENGINE_{name.upper()} must be a positive integer, "
-                                              f"got {text!r}")
-                values[name] = int(text)
+                try:
+                    value = kind(text)
+                except ValueError:
+                    value = 0
+                if not value > 0 or value == float("inf"):
+                    raise InvalidRequestError(f"{variable} must be a positive {kind.__name__}, got {text!r}")
+                values[name] = value
         return cls(**values)
 API_NAMES = {"num_images_per_prompt": "n"}  # the core's names -> the API's, in error messages and `param`
 # Our error kinds -> OpenAI's error type; the kind itself is the error's `code`.
@@ -163,7 +169,7 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
 
     app = FastAPI(title="cascade-engine", version=__version__, lifespan=lifespan,
                   description="OpenAI-style image generation over a cascaded diffusion model, batched per step.")
-    errors = {status: {"model": ErrorResponse} for status in (400, 401, 413, 500, 503, 504)}
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 500, 503, 504)}
     body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": GenerationBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
     # The handlers read the raw request themselves (the body with a size limit, then the schema and the core
@@ -356,6 +362,16 @@ def _generations(service: Service):
     return generations
 
 
+async def _read_body(request, limit: int) -> bytearray | None:
+    """The body, read with a limit and never whole; None past `limit` bytes."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            return None
+    return raw
+
+
 async def _generate(service: Service, request, request_id: str):
     """One generation request's answer (see the module docstring for the statuses)."""
     from starlette.responses import JSONResponse
@@ -371,12 +387,14 @@ async def _generate(service: Service, request, request_id: str):
     if declared.isdigit() and int(declared) > limit:
         service.metrics.request("invalid")
         return _error(413, f"the body is over {limit} bytes", "invalid_request")
-    raw = bytearray()
-    async for chunk in request.stream():  # read with a limit, never whole
-        raw += chunk
-        if len(raw) > limit:
-            service.metrics.request("invalid")
-            return _error(413, f"the body is over {limit} bytes", "invalid_request")
+    try:  # a client that drips its body holds nothing for long
+        raw = await asyncio.wait_for(_read_body(request, limit), service.limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        service.metrics.request("invalid")
+        return _error(408, f"the body did not arrive within {service.limits.body_timeout_s:g} s", "invalid_request")
+    if raw is None:
+        service.metrics.request("invalid")
+        return _error(413, f"the body is over {limit} bytes", "invalid_request")
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested past the parser's own limit
@@ -431,12 +449,14 @@ async def _disconnected(request) -> None:
 
 
 def run(app, host: str, port: int, log_level: str = "info", drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS, keep_alive_s: float = DEFAULT_KEEP_ALIVE_S):
+        max_connections: int = DEFAULT_MAX_CONNECTIONS, keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S):
     """Serve `app` with uvicorn until SIGTERM or SIGINT, then drain: readiness turns 503 at once and new requests
     get 503 while the listener stays open (so a load balancer sees it go), the requests in flight get up to
     `drain_timeout_s` to finish, and what is left then gets a 503 (counted as "shutdown"). A second signal ends
     it at once. Past `max_connections` open connections a new request gets a 503 from uvicorn; an idle
-    keep-alive connection closes after `keep_alive_s`."""
+    keep-alive connection closes after `keep_alive_s`, and a connection whose request headers have not arrived
+    whole `header_timeout_s` after it opened (or after its previous request) gets a 408 and is closed."""
     import uvicorn  # optional: the [serve] extra
 
     service = app.state.service
@@ -460,7 +480,44 @@ def run(app, host: str, port: int, log_level: str = "info", drain_timeout_s: flo
             super().handle_exit(sig, frame)
 
     DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=max_connections,
-                                  timeout_keep_alive=keep_alive_s)).run()
+                                  timeout_keep_alive=keep_alive_s, http=header_timeout_protocol(header_timeout_s))
+                   ).run()
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline for request headers, which uvicorn lacks: a client that opens a
+    connection and sends its headers slowly, or never, holds a connection slot for `seconds` at most."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(seconds, self._headers_late)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # IDLE after reading: headers begun but not whole. A request whose headers are whole moves h11 on.
+            waiting = self.conn.their_state is h11.IDLE
+            if waiting and self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._headers_late)
+            elif not waiting and self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
 
 
 def _png_base64(image) -> str:
