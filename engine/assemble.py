@@ -17,9 +17,10 @@ from engine.stage import LatentUpscaleStage, Stage
 from engine.text import TextEncoder
 
 
-def build_pipeline(specs: list, components, source: str = "", notice: str | None = None) -> Pipeline:
+def build_pipeline(specs: list, components, source: str = "", notice: str | None = None,
+                   presets: dict | None = None) -> Pipeline:
     """A Pipeline over `specs` (model_dir.StageSpec, cascade order) whose components come from `components`
-    (backends/protocol.py's Components)."""
+    (backends/protocol.py's Components). presets: name -> model_dir.Preset, the model's named settings."""
     device, dtype = components.device, components.dtype
     text = None if specs[0].kind == "latent_upscaler" else _text_encoder(components, specs[0], clip=False)
     stages = []
@@ -35,8 +36,14 @@ def build_pipeline(specs: list, components, source: str = "", notice: str | None
                 defaults=defaults))
         else:
             stages.append(Stage(spec.name, unet, spec.scheduler_config, noising, device, dtype, defaults=defaults))
+    for name, preset in (presets or {}).items():
+        for stage, spec, overrides in zip(stages, specs, preset.stages):
+            try:
+                stage.presets[name] = stage.defaults.merged(stage.kind, overrides)
+            except InvalidRequestError as exc:
+                raise ModelError(spec.directory, f"preset {name!r} for {spec.name}: {exc}") from exc
     return Pipeline(text or stages[0].text, stages, device, dtype, source=source, notice=notice,
-                    run_context=components.run_context())
+                    run_context=components.run_context(), presets=presets)
 
 
 def stage_defaults(spec) -> StageDefaults:

@@ -51,7 +51,17 @@ def _steps_value(text: str):
 # Options taking one value per stage. argparse gives them every word that follows, the prompt too
 # (`--steps 20 20 "a cat"`); they are read as strings and converted after parsing, so a trailing word that is
 # not a value of the option is handed back as the prompt (`_take_back_prompt`).
-PER_STAGE = {"steps": _steps_value, "guidance": float, "noise_level": int}
+def _interval_value(text: str):
+    """LO:HI, a guidance interval (guidance at timesteps LO <= t < HI), or "default" (the stage's own)."""
+    if text == "default":
+        return None
+    lo, colon, hi = text.partition(":")
+    if not (colon and lo.isdigit() and hi.isdigit()):
+        raise ValueError(f"not LO:HI (e.g. 0:600) or 'default': {text!r}")
+    return int(lo), int(hi)
+
+
+PER_STAGE = {"steps": _steps_value, "guidance": float, "noise_level": int, "guidance_interval": _interval_value}
 
 
 def _stage_defaults(name: str) -> str:
@@ -123,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default: {_stage_defaults('noise_level')})")
     gen.add_argument("--scheduler", choices=SAMPLERS, default=DEFAULTS["scheduler"],
                      help="sampler for every stage (default: each stage's own scheduler config)")
+    _add_speed_options(gen)
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     gen.add_argument("--dtype", choices=list(DTYPES), default=None,
                      help="float32 (CPU default), float16 (CUDA default) or bfloat16")
@@ -190,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", nargs="+", type=_steps_value, default=None, metavar="N|NAME")
     ev.add_argument("--guidance", nargs="+", type=float, default=None, metavar="G")
     ev.add_argument("--noise-level", nargs="+", type=int, default=None, metavar="N")
+    ev.add_argument("--scheduler", choices=SAMPLERS, default=None)
+    _add_speed_options(ev, convert=True)
     ev.add_argument("--backend", choices=BACKENDS, default=None)
     ev.add_argument("--device", default=None)
     ev.add_argument("--dtype", choices=list(DTYPES), default=None)
@@ -245,6 +258,17 @@ def _add_bench_parser(commands, common) -> None:
                             "avoids threads waiting on a busy core")
     bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report here")
     bench.add_argument("--quiet", action="store_true", help="only the table")
+
+
+def _add_speed_options(parser, convert: bool = False) -> None:
+    """--guidance-interval and --preset (generate, eval, batch)."""
+    parser.add_argument("--guidance-interval", nargs="+", default=None, metavar="LO:HI",
+                        type=_interval_value if convert else None,
+                        help="guidance only at timesteps LO <= t < HI (0..1000), one for all stages or one per "
+                             "stage ('default': the stage's own); elsewhere a step costs half the U-Net rows")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="one of the model's presets (e.g. fast, balanced; see the README), under the options "
+                             "given here")
 
 
 def _one_or_tuple(values):
@@ -308,8 +332,8 @@ def generate(args) -> None:
     request = GenerateRequest(  # validates before anything is loaded; draws a seed if none is given
         args.prompt, image=image, negative_prompt=args.negative_prompt, seed=args.seed, num_images_per_prompt=args.num_images,
         steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance),
-        noise_level=_one_or_tuple(args.noise_level),
-        scheduler=args.scheduler)
+        noise_level=_one_or_tuple(args.noise_level), guidance_interval=_one_or_tuple(args.guidance_interval),
+        scheduler=args.scheduler, preset=args.preset)
     output = Path(args.output)
     _check_output(output)
     if args.quiet:
@@ -422,7 +446,8 @@ def evaluate(args) -> None:
 
     options = quality_gate.EvalOptions(count=args.count, batch=args.batch, seed=args.seed)
     given = (("steps", _one_or_tuple(args.steps)), ("guidance", _one_or_tuple(args.guidance)),
-             ("noise_level", _one_or_tuple(args.noise_level)))
+             ("noise_level", _one_or_tuple(args.noise_level)), ("scheduler", args.scheduler),
+             ("guidance_interval", _one_or_tuple(args.guidance_interval)), ("preset", args.preset))
     generate_options = {k: v for k, v in given if v is not None}
     GenerateRequest("check", **generate_options)  # bad values are refused before the model loads
     if args.sheet is not None:

@@ -25,7 +25,7 @@ from engine.backends.attention import resolve_attention
 from engine.backends.onnxruntime_backend import OrtComponents
 from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import is_exported
-from engine.model_dir import read_stages, stage_dirs
+from engine.model_dir import read_presets, read_stages, stage_dirs
 from engine.options import closest_name
 from engine.pipeline import Pipeline
 from export.cache import cached_export
@@ -112,7 +112,7 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     cascade = stage_dirs(paths, revision)
     specs = read_stages(cascade)  # every config checked before any weights are read
     components = components_class(backend or "torch")(device, dtype, attention, variant)
-    return build_pipeline(specs, components, source=cascade.source, notice=cascade.notice)
+    return build_pipeline(specs, components, source=cascade.source, notice=cascade.notice, presets=cascade.presets)
 
 
 def _exported_dir(paths) -> Path | None:
@@ -147,5 +147,7 @@ def load_exported(root: Path, providers=None, threads: int | None = None) -> Pip
     """A Pipeline over an exported directory, every file verified against its manifest first."""
 
     components = OrtComponents(root, providers, threads)
-    return build_pipeline(components.stages(), components, source=str(components.root),
-                          notice=components.manifest.get("notice"))
+    specs = components.stages()
+    presets = read_presets(components.manifest.get("presets", {}), [spec.name for spec in specs], root)
+    return build_pipeline(specs, components, source=str(components.root), notice=components.manifest.get("notice"),
+                          presets=presets)

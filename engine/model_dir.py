@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,25 @@ class StageDir:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A named set of generation settings the model ships (cascade.json "presets"), with the quality gate's
+    verdict on it: {"fast": {"stages": {"stage_I": {"steps": 10, ...}, ...}, "certified": {"adherence": ...}}}."""
+
+    stages: list  # per stage, in cascade order: its settings over the model's defaults, or None
+    certified: dict  # what `python -m engine eval` measured for it (adherence, captions, seconds per image, ...)
+
+    def to_json(self, stage_names: list[str]) -> dict:
+        return {"stages": {n: s for n, s in zip(stage_names, self.stages) if s}, "certified": self.certified}
+
+
+@dataclass(frozen=True)
 class CascadeDirs:
     """What `engine.load`'s paths name: its stages in cascade order and what the model says of itself."""
 
     stages: list[StageDir]
     notice: str | None  # something the user must know about this model (cascade.json "notice")
     source: str  # what to call it in messages
+    presets: dict = field(default_factory=dict)  # name -> Preset (cascade.json "presets")
 
     @property
     def dirs(self) -> list[Path]:
@@ -113,7 +126,23 @@ def _read_cascade(root: Path, source: str) -> CascadeDirs:
     if not isinstance(defaults, dict) or set(defaults) - set(stages):
         raise ModelError(file, f'cascade.json "defaults" must map stage directories ({", ".join(stages)}) to '
                                '{"steps": ..., "guidance": ..., "noise_level": ...}')
-    return CascadeDirs([StageDir(d, defaults.get(s)) for d, s in zip(dirs, stages)], spec.get("notice"), source)
+    return CascadeDirs([StageDir(d, defaults.get(s)) for d, s in zip(dirs, stages)], spec.get("notice"), source,
+                       read_presets(spec.get("presets", {}), stages, file))
+
+
+def read_presets(presets, stages: list[str], where) -> dict[str, Preset]:
+    """cascade.json's (or an export manifest's) "presets", by stage directory name; ModelError on a bad one."""
+    shape = ('"presets" must map names to {"stages": {STAGE_DIR: {"steps": ..., ...}}, "certified": {...}} '
+             f"with stage directories among {', '.join(stages)}")
+    if not isinstance(presets, dict):
+        raise ModelError(where, shape)
+    read = {}
+    for name, preset in presets.items():
+        if (not isinstance(preset, dict) or set(preset) - {"stages", "certified"}
+                or not isinstance(preset.get("stages", {}), dict) or set(preset.get("stages", {})) - set(stages)):
+            raise ModelError(where, f"preset {name!r}: {shape}")
+        read[name] = Preset([preset.get("stages", {}).get(s) for s in stages], dict(preset.get("certified", {})))
+    return read
 
 
 def is_x4_upscaler(stage_dir: Path) -> bool:

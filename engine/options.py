@@ -43,26 +43,38 @@ class StageDefaults:
     steps: Steps
     guidance: float
     noise_level: int | None = None
+    guidance_interval: tuple[int, int] | None = None  # None: guide every step
+    scheduler: str | None = None  # a sampler name (SAMPLERS); None: the stage's own scheduler config
 
     @classmethod
     def for_stage(cls, kind: str, overrides: Mapping[str, Any] | None = None) -> "StageDefaults":
         """A stage kind's defaults (STAGE_DEFAULTS), with a model's own where it states them (cascade.json
         "defaults"); InvalidRequestError names a bad or unknown entry."""
-        default = STAGE_DEFAULTS[kind]
+        return STAGE_DEFAULTS[kind].merged(kind, overrides)
+
+    def merged(self, kind: str, overrides: Mapping[str, Any] | None) -> "StageDefaults":
+        """These defaults with `overrides` (a cascade.json entry: the model's defaults, or a preset's) over them;
+        InvalidRequestError names a bad or unknown entry."""
+        default = self
         if not overrides:
             return default
         if not isinstance(overrides, Mapping):
             raise InvalidRequestError(f"defaults must be a mapping of steps/guidance/noise_level, got {overrides!r}")
-        allowed = {f.name for f in fields(cls)} - ({"noise_level"} if default.noise_level is None else set())
+        allowed = {f.name for f in fields(self)} - ({"noise_level"} if default.noise_level is None else set())
         unknown = sorted(set(overrides) - allowed)
         if unknown:
             raise InvalidRequestError(f"unknown defaults {unknown} for a {kind} stage; it takes {sorted(allowed)}")
         steps = overrides.get("steps", default.steps)
-        merged = replace(default, **{**overrides, "steps": list(steps) if isinstance(steps, (list, tuple)) else steps})
+        interval = overrides.get("guidance_interval", default.guidance_interval)
+        merged = replace(default, **{**overrides, "steps": list(steps) if isinstance(steps, (list, tuple)) else steps,
+                                     "guidance_interval": None if interval is None else tuple(interval)})
         _check_steps(merged.steps)
         _check_guidance(merged.guidance)
         if merged.noise_level is not None:
             _check_int("noise_level", merged.noise_level, 0, MAX_STEPS - 1)
+        if merged.guidance_interval is not None:
+            _check_interval(merged.guidance_interval)
+        _check_scheduler(merged.scheduler)
         return merged
 
 
@@ -84,6 +96,15 @@ class StageSettings:
     guidance: float
     noise_level: int | None
     sampler: str | None  # None: the stage's own scheduler config decides
+    # Guidance only at steps whose timestep t has lo <= t < hi (None: every step); elsewhere the conditional
+    # half alone runs, at half the U-Net rows.
+    guidance_interval: tuple[int, int] | None = None
+
+    def guided_at(self, timestep: int) -> bool:
+        """Whether the step at `timestep` runs classifier-free guidance (guidance > 1 and inside the interval)."""
+        if self.guidance <= 1.0:
+            return False
+        return self.guidance_interval is None or self.guidance_interval[0] <= timestep < self.guidance_interval[1]
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,14 @@ class GenerateRequest:
     (for `noise_level`, one per stage after the base stage); None means each stage's default (`Stage.defaults`: the model's own, else
     STAGE_DEFAULTS). Classifier-free guidance runs when guidance > 1, as in
     diffusers; at 1 or below the unconditional half of the batch is dropped.
+
+    `preset` names one of the model's presets (cascade.json "presets"): its per-stage settings replace the
+    model's defaults; what the request gives itself still wins.
+
+    `guidance_interval` (lo, hi) limits guidance to the steps whose timestep t has lo <= t < hi, in 0..1000
+    (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves sample and distribution quality
+    in diffusion models"); a step outside runs the conditional half only, at half the U-Net rows. (0, 1000) is
+    full guidance, lo == hi none. One pair for every stage, or a tuple with a pair (or None) per stage.
     """
 
     prompt: str | list[str] | None
@@ -104,7 +133,9 @@ class GenerateRequest:
     steps: Steps | tuple[Steps, ...] | None = None
     guidance: float | tuple[float, ...] | None = None
     noise_level: int | tuple[int, ...] | None = None
+    guidance_interval: tuple[int, int] | tuple[tuple[int, int] | None, ...] | None = None
     scheduler: str | None = None
+    preset: str | None = None  # one of the model's named presets (Pipeline.presets): its settings under these
     output_type: str = "pil"
     image: object = None  # the image to upscale, for a cascade that starts with an upscaler (engine/images.py)
     prompt_embeds: object = None  # (B, L, D) text embeddings instead of prompt (e.g. cached T5 outputs)
@@ -131,9 +162,11 @@ class GenerateRequest:
             _check_guidance(value)
         for value in _values(self.noise_level):
             _check_int("noise_level", value, 0, MAX_STEPS - 1)
-        if self.scheduler is not None and self.scheduler not in SAMPLERS:
-            raise InvalidRequestError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SAMPLERS)} "
-                                      "(or leave it unset to use each stage's own scheduler config)")
+        for value in _values(self.guidance_interval, is_sequence=_is_interval_tuple):
+            _check_interval(value)
+        _check_scheduler(self.scheduler)
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise InvalidRequestError(f"preset must be a preset's name, got {self.preset!r}")
         if self.image is not None:
             to_model_range(self.image)  # refuses a bad image now, before any model work
         if self.output_type not in OUTPUT_TYPES:
@@ -185,17 +218,19 @@ class GenerateRequest:
         n = len(defaults)
         steps = _spread(self.steps, n, "steps", is_sequence=_is_steps_tuple)
         guidance = _spread(self.guidance, n, "guidance")
+        intervals = _spread(self.guidance_interval, n, "guidance_interval", is_sequence=_is_interval_tuple)
         noisy = [default for default in defaults if default.noise_level is not None]
         noise = iter(_spread(self.noise_level, len(noisy), "noise_level", what="stages that take a noise level"))
         settings = []
-        for default, s, g in zip(defaults, steps, guidance):
+        for default, s, g, gi in zip(defaults, steps, guidance, intervals):
             s = default.steps if s is None else s
             nl = None if default.noise_level is None else next(noise)
             settings.append(StageSettings(
                 timesteps=named_timesteps(s) if isinstance(s, str) else (s if isinstance(s, int) else list(s)),
                 guidance=float(default.guidance if g is None else g),
                 noise_level=default.noise_level if nl is None else nl,
-                sampler=self.scheduler,
+                sampler=self.scheduler or default.scheduler,
+                guidance_interval=default.guidance_interval if gi is None else tuple(gi),
             ))
         return settings
 
@@ -325,6 +360,26 @@ def _check_int(name: str, value, low: int, high: int | None) -> None:
 def _check_guidance(value) -> None:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
         raise InvalidRequestError(f"guidance must be a finite number >= 0, got {value!r}")
+
+
+def _check_scheduler(name) -> None:
+    if name is not None and name not in SAMPLERS:
+        raise InvalidRequestError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)} "
+                                  "(or leave it unset to use each stage's own scheduler config)")
+
+
+def _check_interval(value) -> None:
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+    if not ok or not 0 <= value[0] <= value[1] <= MAX_STEPS:
+        raise InvalidRequestError(f"guidance_interval must be a pair of timesteps (lo, hi) with "
+                                  f"0 <= lo <= hi <= {MAX_STEPS} (guidance where lo <= t < hi), got {value!r} "
+                                  "(for one interval per stage, pass a tuple of pairs, e.g. ((0, 600), None))")
+
+
+def _is_interval_tuple(value) -> bool:
+    # One interval per stage: a sequence of pairs (or None); a pair of ints is one interval for every stage.
+    return isinstance(value, (tuple, list)) and any(v is None or isinstance(v, (tuple, list)) for v in value)
 
 
 def _check_steps(value) -> None:

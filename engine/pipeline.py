@@ -37,7 +37,7 @@ class Generation:
 
 class Pipeline:
     def __init__(self, text: TextEncoder, stages: list[Stage], device: torch.device, dtype: torch.dtype,
-                 source: str = "", notice: str | None = None, run_context=None):
+                 source: str = "", notice: str | None = None, run_context=None, presets: dict | None = None):
         self.text = text
         self.stages = stages
         self.device = device
@@ -45,6 +45,8 @@ class Pipeline:
         self.source = source  # what it was loaded from, for messages
         self.notice = notice  # something the user must know about this model (e.g. random weights)
         self.run_context = run_context or contextlib.nullcontext  # a backend's setup around each run
+        # The model's named presets (cascade.json), name -> model_dir.Preset; each stage holds its settings.
+        self.presets = dict(presets or {})
 
     @property
     def image_size(self) -> int | None:
@@ -95,11 +97,20 @@ class Pipeline:
 
     def settings(self, request: GenerateRequest) -> list[StageSettings]:
         """The request's settings for each stage, checked against each stage's model (before any model work)."""
-        settings = request.per_stage([s.defaults for s in self.stages])
+        settings = request.per_stage(self.stage_defaults(request.preset))
         for stage, stage_settings in zip(self.stages, settings):
             stage.validate(stage_settings)
         self._check_embeddings(request)
         return settings
+
+    def stage_defaults(self, preset: str | None = None) -> list:
+        """Each stage's defaults: the model's own, or a named preset's (InvalidRequestError for an unknown one)."""
+        if preset is None:
+            return [s.defaults for s in self.stages]
+        if preset not in self.presets:
+            known = ", ".join(self.presets) or "none"
+            raise InvalidRequestError(f"unknown preset {preset!r}; this model's presets: {known}")
+        return [s.presets[preset] for s in self.stages]
 
     def _check_embeddings(self, request: GenerateRequest) -> None:
         if request.prompt_embeds is None:

@@ -61,6 +61,7 @@ class Stage:
         self.learned_variance = unet.out_channels == 2 * IMAGE_CHANNELS
         # The model's own defaults (cascade.json "defaults", via assemble.py), else its kind's.
         self.defaults = defaults or StageDefaults.for_stage(self.kind)
+        self.presets: dict[str, StageDefaults] = {}  # the model's named presets' settings for this stage
 
     @property
     def kind(self) -> str:
@@ -170,14 +171,15 @@ class StageRun:
         x, low_res = stage._initial(previous, batch, settings.noise_level, generator)  # (B, C, H, W), (B, 3, H, W)
         self.x = x.float() * self.sampler.init_noise_sigma  # float32
 
-        self.guided = settings.guidance > 1.0 and text.uncond is not None
-        self.embeddings = torch.cat([text.uncond, text.cond]) if self.guided else text.cond  # (2B or B, 77, D)
-        self.copies = 2 if self.guided else 1
-        self.class_labels = None
+        # Which steps guide, read from the host once per stage (the guidance interval); each guided step runs
+        # [uncond; cond] (2B rows), any other the cond half alone (B rows).
+        guides = text.uncond is not None
+        self.guided_steps = [guides and settings.guided_at(t) for t in self.sampler.timesteps.tolist()]
+        self.cond = text.cond  # (B, 77, D)
+        self.pair = torch.cat([text.uncond, text.cond]) if any(self.guided_steps) else None  # (2B, 77, D)
+        self.low_res, self.class_labels = low_res, None  # (B, 3, H, W), (B,)
         if low_res is not None:
-            low_res = low_res.repeat(self.copies, 1, 1, 1)
-            self.class_labels = torch.full((self.copies * batch,), settings.noise_level, device=stage.device)
-        self.low_res = low_res
+            self.class_labels = torch.full((batch,), settings.noise_level, device=stage.device)
         self.noise = [stage._draw(generator, self.x.shape) if noisy else None for noisy in self.sampler.noise_steps]
         self.sampler.start(self.x)
         self.step = 0
@@ -191,19 +193,25 @@ class StageRun:
         return self.step == self.steps
 
     @property
+    def guided(self) -> bool:
+        """Whether the next step runs classifier-free guidance."""
+        return self.guided_steps[self.step]
+
+    @property
     def rows(self) -> int:
-        """U-Net batch rows this run takes per call: images, twice under guidance."""
-        return self.embeddings.shape[0]
+        """U-Net batch rows the next call takes: images, twice when the step guides."""
+        return self.cond.shape[0] * (2 if self.guided else 1)
 
     def model_inputs(self) -> "UNetInputs":
         """The next U-Net call's inputs (call the U-Net with `*inputs`)."""
+        copies = 2 if self.guided else 1
         model_in = self.x.to(self.stage.dtype)
         if self.low_res is not None:
-            model_in = torch.cat([model_in.repeat(self.copies, 1, 1, 1), self.low_res], dim=1)  # (2B, C + 3, H, W)
-        elif self.guided:
-            model_in = model_in.repeat(2, 1, 1, 1)
+            model_in = torch.cat([model_in, self.low_res], dim=1)  # (B, C + 3, H, W)
+        model_in = model_in.repeat(copies, 1, 1, 1)  # (rows, ...)
         timestep = self.sampler.timesteps[self.step].expand(model_in.shape[0])
-        return UNetInputs(model_in, timestep, self.embeddings, self.class_labels)
+        labels = None if self.class_labels is None else self.class_labels.repeat(copies)
+        return UNetInputs(model_in, timestep, self.pair if self.guided else self.cond, labels)
 
     def advance(self, out: torch.Tensor) -> None:
         """Take this run's U-Net output (rows, out_channels, H, W), float32: guidance, then the sampler step."""

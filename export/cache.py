@@ -35,10 +35,13 @@ def cache_root() -> Path:
     return Path(base) / "cascade-engine"
 
 
-def cache_key(source_sha256: str, dtype: str, defaults: list | None = None) -> str:
-    """defaults: the model's own generation defaults (cascade.json), which the export's manifest carries."""
+def cache_key(source_sha256: str, dtype: str, defaults: list | None = None, presets: dict | None = None) -> str:
+    """defaults, presets: the model's own generation defaults and presets (cascade.json), which the export's
+    manifest carries."""
     key = {"source": source_sha256, "options": {"format": "onnx", "dtype": dtype}, "versions": versions(),
            "defaults": defaults}
+    if presets:  # absent from keys made before presets existed, so those entries stay valid
+        key["presets"] = presets
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -47,7 +50,8 @@ def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path
     cascade = stage_dirs(paths)
     dirs, source, defaults = cascade.dirs, cascade.source, cascade.defaults
     source_sha256 = source_hash(dirs)  # reads every source file once; the export reuses it
-    entry = cache_root() / "onnx" / cache_key(source_sha256, dtype, defaults)[:24]
+    presets = {name: preset.to_json([d.name for d in dirs]) for name, preset in cascade.presets.items()}
+    entry = cache_root() / "onnx" / cache_key(source_sha256, dtype, defaults, presets)[:24]
     if entry.exists():
         try:
             manifest_io.verify(entry) if manifest_io.is_exported(entry) else _no_manifest(entry)

@@ -244,7 +244,7 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
     cascade = stage_dirs(paths)
     dirs, notice, source = cascade.dirs, cascade.notice, cascade.source
     pipe = build_pipeline(read_stages(cascade), TorchComponents(torch.device("cpu"), torch.float32, "sdpa"),
-                          source=source, notice=notice)
+                          source=source, notice=notice, presets=cascade.presets)  # presets checked here
     if isinstance(pipe.stages[0], LatentUpscaleStage):
         raise EngineError("exporting an x4 upscaler on its own is not supported yet: export it as the last stage "
                           "of an IF cascade, or run it with the torch backend")
@@ -282,6 +282,7 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
             "precision": dtype, "source": {"model": source, "sha256": source_sha256 or source_hash(dirs)}, "notice": notice,
             "versions": versions(), "components": described,
             "stages": stages,
+            "presets": {name: preset.to_json(names) for name, preset in cascade.presets.items()},
         })
         _replace(work, out)
     except BaseException:

@@ -32,6 +32,7 @@ def ort_pipe(exported):
     dict(seed=0, steps=(3, 2), guidance=(7.0, 4.0)),
     dict(seed=5, steps=(2, 2), guidance=(1.0, 1.0), num_images_per_prompt=2),  # no guidance: uncond half dropped
     dict(seed=9, steps=(3, 2), guidance=(5.0, 3.0), scheduler="ddim", negative_prompt="blurry", noise_level=100),
+    dict(seed=3, steps=(4, 3), guidance=(7.0, 4.0), guidance_interval=((500, 1000), (0, 400))),  # rows vary per step
 ])
 def test_onnxruntime_matches_torch(ort_pipe, engine_pipe, options):
     ours = ort_pipe.generate([PROMPT, "a small yellow triangle"], output_type="np", **options)

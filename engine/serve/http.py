@@ -7,6 +7,7 @@
     GET /health/live              200 while the process serves HTTP
     GET /health/ready             200 once the model is loaded and warmed up, else 503
     GET /metrics                  Prometheus text format
+    GET /v1/presets               the model's presets ({"presets": {name: what the quality gate measured}})
 
 `steps`, `guidance` and `noise_level` take a value or a list (one per stage), as the Python API does; `seed`
 defaults to a random one, returned in the response. Bad input answers 400 naming the field; a full queue 503
@@ -183,6 +184,7 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
         _route(app, path, "GET", ready)
     metrics = _metrics(service)
     _route(app, "/metrics", "GET", _guarded(service, metrics, counted=False) if metrics_auth else metrics)
+    _route(app, "/v1/presets", "GET", _presets(service))
     app.state.service = service
     return app
 
@@ -242,6 +244,16 @@ def _ready(service: Service, readiness: Callable[[], str | None] | None):
     return ready
 
 
+def _presets(service: Service):
+    async def presets(request):
+        from starlette.responses import JSONResponse
+
+        if not service.ready.is_set():
+            return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
+        return JSONResponse({"presets": {name: preset.certified for name, preset in service.pipeline.presets.items()}})
+    return presets
+
+
 def _metrics(service: Service):
     async def metrics(request):
         from starlette.responses import PlainTextResponse
@@ -288,7 +300,8 @@ def parse_body(body, timeout_s: float, image_size: int | None,
         seed=body.get("seed"),  # None: GenerateRequest draws a fresh one, as for every caller
         steps=_per_stage(body.get("steps")),
         guidance=_per_stage(body.get("guidance")), noise_level=_per_stage(body.get("noise_level")),
-        scheduler=body.get("scheduler"), output_type="pil")
+        scheduler=body.get("scheduler"), preset=body.get("preset"), output_type="pil",
+        guidance_interval=_interval(body.get("guidance_interval")))
     return request, float(timeout)
 
 
@@ -321,6 +334,13 @@ def _depth(value, limit: int = MAX_JSON_DEPTH + 1) -> int:
 def _flat(value) -> list:
     """The numbers of a per-stage value (one, or a list)."""
     return value if isinstance(value, list) else [value]
+
+
+def _interval(value):
+    """[lo, hi] is one interval for every stage; a list holding lists or nulls is one per stage."""
+    if isinstance(value, list) and any(v is None or isinstance(v, list) for v in value):
+        return tuple(None if v is None else tuple(v) for v in value)
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _per_stage(value):

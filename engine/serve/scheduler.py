@@ -73,7 +73,7 @@ class Job:
 class BatchRows:
     """The conditioning rows of one stage's last U-Net call, kept while its members stay the same."""
 
-    job_ids: tuple[int, ...]
+    job_ids: tuple[tuple[int, bool], ...]  # (job id, whether its rows are guided) per member
     embeddings: torch.Tensor  # (rows, 77, D)
     class_labels: torch.Tensor | None  # (rows,)
 
@@ -307,9 +307,9 @@ class BatchingScheduler:
                 self._next_stage(job)
 
     def _conditioning_rows(self, stage_name: str, jobs: list[Job], inputs):
-        """(rows, 77, D) embeddings and (rows,) class labels of a batch: constant per job, so concatenated
-        again only when the batch's members change, not at every step."""
-        key = tuple(job.id for job in jobs)
+        """(rows, 77, D) embeddings and (rows,) class labels of a batch: constant per job and step kind (guided
+        or not, under a guidance interval), so concatenated again only when those change, not at every step."""
+        key = tuple((job.id, job.run.guided) for job in jobs)
         cached = self._rows_cache.get(stage_name)
         if cached is None or cached.job_ids != key:
             labels = None if inputs[0].class_labels is None else torch.cat([i.class_labels for i in inputs])

@@ -30,6 +30,10 @@ class GenerationBody(BaseModel):
     noise_level: Union[int, list[int], None] = Field(None, description="an integer (noise augmentation); or a "
                                                                        "list, one per stage after the first")
     scheduler: str | None = Field(None, description="a string, ddpm | ddim | dpm++2m; default: each stage's own")
+    guidance_interval: Union[list[int], list[Union[list[int], None]], None] = Field(
+        None, description="[lo, hi]: guidance only at timesteps lo <= t < hi (0..1000); or a list, one per stage "
+                          "([lo, hi] or null)")
+    preset: str | None = Field(None, description="a string: one of the model's presets (GET /v1/presets)")
     timeout: Number | None = Field(None, description="a number of seconds, at most the server's --timeout")
     # OpenAI's optional fields: accepted so that its clients work unchanged, and ignored.
     model: Any = Field(None, description="ignored")
