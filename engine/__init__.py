@@ -4,6 +4,7 @@
     images = engine.generate("a red circle on a blue background", seed=0)   # packaged default model
     pipe = engine.load("/models/IF-I-XL-v1.0", "/models/IF-II-L-v1.0")     # your own cascade
     images = pipe.generate("a photo of a corgi", seed=0)
+    engine.batch("prompts.csv", "out/")                                    # every row, batched, resumable
     out = pipe("a photo of a corgi", num_inference_steps=(27, 27), guidance_scale=7.0, generator=g)  # diffusers' names
 """
 
@@ -14,11 +15,12 @@ import functools
 from engine.errors import EngineError, InvalidRequestError, ModelError, NumericalError
 from engine.loading import load
 from engine.model_dir import DEFAULT_MODEL, packaged_models
+from engine.offline import batch
 from engine.options import GenerateRequest, request_from_call
 from engine.pipeline import Generation, Pipeline
 from engine.version import __version__
 
-__all__ = ["generate", "load", "Pipeline", "Generation", "GenerateRequest", "EngineError", "ModelError",
+__all__ = ["generate", "batch", "load", "Pipeline", "Generation", "GenerateRequest", "EngineError", "ModelError",
            "InvalidRequestError", "NumericalError", "DEFAULT_MODEL", "packaged_models", "__version__"]
 
 

@@ -22,6 +22,7 @@ from engine.bench import BenchOptions, run
 from engine.bench.components import COMPILE_MODES, DEFAULT_COMPARE, VARIANTS
 from engine.bench.real_size import NAMES
 from engine.bench.report import command_line, save_json, table
+from engine import offline
 from engine.demo import evaluate as quality_gate
 from engine.errors import EngineError
 from engine.loading import DTYPES, load
@@ -210,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sheet", type=Path, default=None, metavar="PNG",
                     help="write a contact sheet of the pictures, captioned, the wrong ones framed in red")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    bat = commands.add_parser("batch", parents=common, help="generate every row of a .txt/.csv/.jsonl file into a "
+                                                           "directory, batched per step, resumable")
+    bat.add_argument("input", type=Path, help=".txt (a prompt a line), .csv (a prompt column, plus request fields) "
+                                              "or .jsonl (one request a line, the HTTP API's fields)")
+    bat.add_argument("--out", type=Path, required=True, help="the directory: images/ and manifest.jsonl")
+    bat.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH")
+    bat.add_argument("--max-batch", type=int, default=serve_defaults.DEFAULT_MAX_BATCH,
+                     help="images per U-Net call (rows with different settings share calls)")
+    bat.add_argument("--preset", default=None, metavar="NAME", help="the model's preset for rows that name none")
+    bat.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
+    bat.add_argument("--sheet", type=Path, default=None, metavar="PNG", help="a captioned contact sheet of every image")
+    bat.add_argument("--backend", choices=BACKENDS, default=None)
+    bat.add_argument("--device", default=None)
+    bat.add_argument("--dtype", choices=list(DTYPES), default=None)
+    bat.add_argument("--quiet", action="store_true", help="no progress bar")
 
     exp = commands.add_parser("export", parents=common, help="export a cascade's components to ONNX (checked against PyTorch)")
     exp.add_argument("model", nargs="+", metavar="MODEL",
@@ -442,6 +459,26 @@ def _api_keys(args) -> list[str]:
     return keys
 
 
+def run_batch(args) -> None:
+    if args.max_batch < 1:
+        raise EngineError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.sheet is not None:
+        _check_output(args.sheet)
+    summary = offline.batch(args.input, args.out, model=args.model, max_batch=args.max_batch, strict=args.strict,
+                            progress=not args.quiet, sheet=args.sheet,
+                            defaults={"preset": args.preset} if args.preset else None,
+                            backend=args.backend, device=args.device, dtype=args.dtype)
+    for bad in summary.bad_rows:
+        print(f"line {bad.line} skipped: {bad.reason}", file=sys.stderr)
+    for failed in summary.failed_rows:
+        print(f"line {failed.line} failed: {failed.reason}", file=sys.stderr)
+    print(summary)
+    if args.sheet is not None and not summary.stopped:
+        print(f"contact sheet written to {args.sheet}", file=sys.stderr)
+    if summary.stopped:
+        raise KeyboardInterrupt
+
+
 def evaluate(args) -> None:
 
     options = quality_gate.EvalOptions(count=args.count, batch=args.batch, seed=args.seed)
@@ -477,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             serve(args)
         elif args.command == "eval":
             evaluate(args)
+        elif args.command == "batch":
+            run_batch(args)
         elif args.command == "bench":
             bench(args, argv)
     except EngineError as exc:

@@ -294,6 +294,29 @@ def request_from_call(prompt, options: Mapping[str, Any]) -> GenerateRequest:
     return GenerateRequest(prompt, **kwargs)
 
 
+# The HTTP API's (and batch files') request fields -> GenerateRequest's, where they differ.
+API_FIELDS = {"n": "num_images_per_prompt"}
+API_REQUEST_FIELDS = ("prompt", "negative_prompt", "n", "seed", "steps", "guidance", "noise_level", "scheduler",
+                      "guidance_interval", "preset")
+
+
+def request_from_api(fields: Mapping[str, Any]) -> GenerateRequest:
+    """A GenerateRequest from the API's fields (API_REQUEST_FIELDS, JSON-typed: a list is one value per stage,
+    as the Python API's tuple; a stage's own timestep list nests inside). Other keys are the caller's to check;
+    output_type passes through."""
+    kwargs = {API_FIELDS.get(name, name): fields[name] for name in (*API_REQUEST_FIELDS, "output_type")
+              if fields.get(name) is not None}
+    for name in ("steps", "guidance", "noise_level"):
+        if isinstance(kwargs.get(name), list):
+            kwargs[name] = tuple(kwargs[name])
+    interval = kwargs.get("guidance_interval")
+    if isinstance(interval, list):  # [lo, hi] for every stage, or one [lo, hi] (or null) per stage
+        per_stage = any(v is None or isinstance(v, list) for v in interval)
+        kwargs["guidance_interval"] = (tuple(None if v is None else tuple(v) if isinstance(v, list) else v
+                                             for v in interval) if per_stage else tuple(interval))
+    return GenerateRequest(kwargs.pop("prompt", None), **kwargs)
+
+
 def _check_generator(generator, seed) -> None:
     if isinstance(generator, (list, tuple)):
         raise InvalidRequestError("give one torch.Generator for the whole request, not a list: the images of a "

@@ -40,7 +40,7 @@ from typing import Callable
 
 from engine.errors import (EngineError, InvalidRequestError, NumericalError, QueueFullError, ShuttingDownError,
                            RequestTimeoutError)
-from engine.options import GenerateRequest
+from engine.options import API_FIELDS, GenerateRequest, request_from_api
 from engine.serve.metrics import Metrics
 from engine.version import __version__
 from engine.serve.schema import FIELDS, IGNORED_FIELDS, ErrorResponse, GenerationBody, ImagesResponse
@@ -84,7 +84,7 @@ class Limits:
                     raise InvalidRequestError(f"{variable} must be a positive {kind.__name__}, got {text!r}")
                 values[name] = value
         return cls(**values)
-API_NAMES = {"num_images_per_prompt": "n"}  # the core's names -> the API's, in error messages and `param`
+API_NAMES = {core: api for api, core in API_FIELDS.items()}  # the core's names -> the API's, in messages and `param`
 # Our error kinds -> OpenAI's error type; the kind itself is the error's `code`.
 ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error"}
 
@@ -295,13 +295,7 @@ def parse_body(body, timeout_s: float, image_size: int | None,
     timeout = body.get("timeout", timeout_s)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= timeout_s:
         raise InvalidRequestError(f"timeout must be a number of seconds in (0, {timeout_s:g}], got {timeout!r}")
-    request = GenerateRequest(
-        body["prompt"], negative_prompt=body.get("negative_prompt"), num_images_per_prompt=body.get("n", 1),
-        seed=body.get("seed"),  # None: GenerateRequest draws a fresh one, as for every caller
-        steps=_per_stage(body.get("steps")),
-        guidance=_per_stage(body.get("guidance")), noise_level=_per_stage(body.get("noise_level")),
-        scheduler=body.get("scheduler"), preset=body.get("preset"), output_type="pil",
-        guidance_interval=_interval(body.get("guidance_interval")))
+    request = request_from_api({**body, "output_type": "pil"})
     return request, float(timeout)
 
 
@@ -334,18 +328,6 @@ def _depth(value, limit: int = MAX_JSON_DEPTH + 1) -> int:
 def _flat(value) -> list:
     """The numbers of a per-stage value (one, or a list)."""
     return value if isinstance(value, list) else [value]
-
-
-def _interval(value):
-    """[lo, hi] is one interval for every stage; a list holding lists or nulls is one per stage."""
-    if isinstance(value, list) and any(v is None or isinstance(v, list) for v in value):
-        return tuple(None if v is None else tuple(v) for v in value)
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _per_stage(value):
-    """A JSON list is one value per stage (the Python API's tuple); a stage's own timestep list nests inside."""
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _guarded(service: Service, handler, counted: bool = True):

@@ -1,0 +1,155 @@
+"""Sweep generation settings of the packaged model through the quality gate: adherence (and each aspect), the
+Fréchet distance and seconds per image for each setting, on the same held-out captions and seeds.
+
+    python bench/preset_sweep.py [--count 64] [--json bench/results/preset_sweep.json] [--svg docs/preset_sweep.svg]
+    python bench/preset_sweep.py --count 256 --only default fast balanced      # certify chosen settings
+
+Each setting is a dict of generate() options; "default" is the model's own. The table printed (Markdown) and the
+SVG plot (adherence against seconds per image, the Pareto front joined) go into bench/RESULTS.md and docs/.
+Seconds per image are per image in batches of 8 captions on this machine, so read them as ratios to "default".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+from engine.demo.evaluate import EvalOptions, evaluate  # noqa: E402
+
+# Stage I of the packaged model guides at 7 with smart27 DDPM steps; stage II runs 15 steps unguided.
+SETTINGS: dict[str, dict] = {
+    "default": {},
+    "smart50": {"steps": ("smart50", 15)},
+    "fast27": {"steps": ("fast27", 15)},
+    "ddim 20/10": {"scheduler": "ddim", "steps": (20, 10)},
+    "ddim 10/6": {"scheduler": "ddim", "steps": (10, 6)},
+    "dpm++ 20/10": {"scheduler": "dpm++2m", "steps": (20, 10)},
+    "dpm++ 15/8": {"scheduler": "dpm++2m", "steps": (15, 8)},
+    "dpm++ 10/6": {"scheduler": "dpm++2m", "steps": (10, 6)},
+    "dpm++ 8/5": {"scheduler": "dpm++2m", "steps": (8, 5)},
+    "dpm++ 8/4": {"scheduler": "dpm++2m", "steps": (8, 4)},
+    "dpm++ 10/6 g4": {"scheduler": "dpm++2m", "steps": (10, 6), "guidance": (4.0, 1.0)},
+    "dpm++ 10/6 g10": {"scheduler": "dpm++2m", "steps": (10, 6), "guidance": (10.0, 1.0)},
+    "smart27 interval 0:700": {"guidance_interval": ((0, 700), None)},
+    "smart27 interval 200:1000": {"guidance_interval": ((200, 1000), None)},
+    "smart27 interval 400:1000": {"guidance_interval": ((400, 1000), None)},
+    "dpm++ 10/6 interval 0:700": {"scheduler": "dpm++2m", "steps": (10, 6), "guidance_interval": ((0, 700), None)},
+    "dpm++ 10/6 interval 300:1000": {"scheduler": "dpm++2m", "steps": (10, 6),
+                                     "guidance_interval": ((300, 1000), None)},
+    "dpm++ 8/5 interval 300:1000": {"scheduler": "dpm++2m", "steps": (8, 5), "guidance_interval": ((300, 1000), None)},
+    "dpm++ 8/4 interval 500:1000": {"scheduler": "dpm++2m", "steps": (8, 4), "guidance_interval": ((500, 1000), None)},
+    "no guidance, dpm++ 10/6": {"scheduler": "dpm++2m", "steps": (10, 6), "guidance": 1.0},
+}
+
+
+def pareto(rows: list[dict]) -> set[str]:
+    """Names of the settings no other beats on both adherence (higher) and seconds per image (lower)."""
+    front = set()
+    for row in rows:
+        beaten = any(o["adherence"] >= row["adherence"] and o["seconds_per_image"] < row["seconds_per_image"]
+                     and (o["adherence"] > row["adherence"] or o["seconds_per_image"] < row["seconds_per_image"])
+                     for o in rows if o is not row)
+        if not beaten:
+            front.add(row["name"])
+    return front
+
+
+def svg(rows: list[dict], front: set[str], title: str) -> str:
+    """Adherence against seconds per image, one labelled point per setting, the Pareto front joined."""
+    width, height, margin = 760, 460, 60
+    xs = [r["seconds_per_image"] for r in rows]
+    x_max = max(xs) * 1.1
+    y_min = min(0.5, min(r["adherence"] for r in rows) - 0.05)
+
+    def at(row):
+        x = margin + row["seconds_per_image"] / x_max * (width - 2 * margin)
+        y = height - margin - (row["adherence"] - y_min) / (1 - y_min) * (height - 2 * margin)
+        return x, y
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="13">{title}</text>',
+           f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="black"/>',
+           f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="black"/>',
+           f'<text x="{width / 2}" y="{height - 20}" text-anchor="middle">seconds per image (CPU)</text>',
+           f'<text x="15" y="{height / 2}" transform="rotate(-90 15 {height / 2})" text-anchor="middle">'
+           'prompt adherence</text>']
+    for k in range(6):
+        value = y_min + (1 - y_min) * k / 5
+        y = height - margin - k / 5 * (height - 2 * margin)
+        out.append(f'<text x="{margin - 6}" y="{y + 4}" text-anchor="end">{value:.0%}</text>')
+        seconds = x_max * k / 5
+        x = margin + k / 5 * (width - 2 * margin)
+        out.append(f'<text x="{x}" y="{height - margin + 16}" text-anchor="middle">{seconds:.2f}</text>')
+    on_front = sorted((r for r in rows if r["name"] in front), key=lambda r: r["seconds_per_image"])
+    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(at, on_front))
+    out.append(f'<polyline points="{points}" fill="none" stroke="#c33" stroke-width="1.5"/>')
+    for row in rows:
+        x, y = at(row)
+        colour = "#c33" if row["name"] in front else "#36c"
+        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"/>')
+        out.append(f'<text x="{x + 6:.1f}" y="{y - 5:.1f}" fill="{colour}">{row["name"]}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def table(rows: list[dict], front: set[str]) -> str:
+    base = next((r for r in rows if r["name"] == "default"), rows[0])
+    lines = ["| setting | adherence | shape | colour | background | size | position | Fréchet | s/image | "
+             "speed vs default |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: r["seconds_per_image"]):
+        a = r["aspects"]
+        name = f"**{r['name']}**" if r["name"] in front else r["name"]
+        lines.append(f"| {name} | {r['adherence']:.1%} | {a['shape']:.0%} | {a['colour']:.0%} | "
+                     f"{a['background']:.0%} | {a['size']:.0%} | {a['position']:.0%} | {r['frechet_distance']:.4f} | "
+                     f"{r['seconds_per_image']:.3f} | {base['seconds_per_image'] / r['seconds_per_image']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=64, help="held-out captions per setting")
+    parser.add_argument("--only", nargs="+", default=None, help="these settings (or preset names) only")
+    parser.add_argument("--presets", action="store_true", help="sweep the model's own presets instead")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--svg", type=Path, default=None)
+    args = parser.parse_args()
+
+    torch.set_num_threads(torch.get_num_threads())
+    pipe = engine.load(engine.DEFAULT_MODEL, device="cpu")
+    settings = dict(SETTINGS)
+    if args.presets:
+        settings = {"default": {}, **{name: {"preset": name} for name in pipe.presets}}
+    if args.only:
+        settings = {name: settings[name] for name in args.only}
+    rows = []
+    for name, options in settings.items():
+        evaluate(pipe, EvalOptions(count=8), **options)  # warm-up: first-call costs out of the timing
+        report = evaluate(pipe, EvalOptions(count=args.count), **options)
+        rows.append({"name": name, **report})
+        print(f"{name}: {report['adherence']:.1%}, {report['seconds_per_image']:.3f} s/image", file=sys.stderr)
+    front = pareto(rows)
+    print(table(rows, front))
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "count": args.count,
+            "command": " ".join(sys.argv)}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**meta, "pareto": sorted(front), "rows": rows}, indent=2, default=str) + "\n")
+    if args.svg is not None:
+        args.svg.parent.mkdir(parents=True, exist_ok=True)
+        args.svg.write_text(svg(rows, front, f"shapes: quality gate ({args.count} held-out captions) "
+                                             "against CPU seconds per image"))
+
+
+if __name__ == "__main__":
+    main()
