@@ -36,8 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tqdm.auto import tqdm
+
 from engine.errors import EngineError, InvalidRequestError
 from engine.images import contact_sheet
+from engine.loading import load
+from engine.model_dir import DEFAULT_MODEL
 from engine.options import API_REQUEST_FIELDS, GenerateRequest, request_from_api
 from engine.pipeline import Generation, Pipeline
 from engine.serve.scheduler import DEFAULT_MAX_BATCH, BatchingScheduler
@@ -208,11 +212,6 @@ def batch(source, out, model: Pipeline | str | None = None, max_batch: int = DEF
     resumable (see the module's docstring). model: a Pipeline, or what engine.load takes (default: the packaged
     model), with load_options (backend=, device=, dtype=). strict: stop at the first bad row (InvalidRequestError)
     instead of skipping it. sheet: a PNG path for a captioned contact sheet of every image made."""
-    from tqdm.auto import tqdm
-
-    from engine.loading import load
-    from engine.model_dir import DEFAULT_MODEL
-
     out = Path(out)
     rows, bad = [], []
     for row in read_rows(source):
