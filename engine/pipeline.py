@@ -109,7 +109,7 @@ class Pipeline:
             return [s.defaults for s in self.stages]
         if preset not in self.presets:
             known = ", ".join(self.presets) or "none"
-            raise InvalidRequestError(f"unknown preset {preset!r}; this model's presets: {known}")
+            raise InvalidRequestError(f"preset {preset!r} is not one of this model's presets: {known}")
         return [s.presets[preset] for s in self.stages]
 
     def _check_embeddings(self, request: GenerateRequest) -> None:

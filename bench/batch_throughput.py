@@ -1,0 +1,83 @@
+"""Offline throughput: `engine.batch` (the step-level scheduler) against a loop of `generate()` calls, on the same
+rows with mixed step counts, interleaved in one run, on the packaged model.
+
+    python bench/batch_throughput.py [--rows 64] [--rounds 2] [--max-batch 8] [--json bench/results/batch_throughput.json]
+
+Each round times the loop, then the batch job (into a fresh directory, PNG writing and hashing included), so
+both see the same machine state; the figures are images per second, with the ratio per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+from engine.demo.evaluate import held_out_scenes  # noqa: E402
+from engine.demo.shapes import caption  # noqa: E402
+from engine.offline import Row, row_request  # noqa: E402
+
+# Mixed per-row settings: (stage I steps, stage II steps), cycled over the rows.
+STEP_MIX = [["smart27", 15], [20, 10], [10, 6], [27, 15]]
+
+
+def rows(count: int) -> list[dict]:
+    return [{"prompt": caption(scene), "seed": k, "steps": STEP_MIX[k % len(STEP_MIX)]}
+            for k, scene in enumerate(held_out_scenes(count))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    pipe = engine.load(engine.DEFAULT_MODEL, device="cpu")
+    work = rows(args.rows)
+    requests = [row_request(Row(k + 1, fields)) for k, fields in enumerate(work)]
+    pipe.run(requests[0])  # warm-up
+    loop_rates, batch_rates = [], []
+    for round_ in range(args.rounds):
+        start = time.perf_counter()
+        for request in requests:
+            pipe.run(request)
+        loop_rates.append(len(requests) / (time.perf_counter() - start))
+        out = Path(tempfile.mkdtemp(prefix="batch-bench-"))
+        try:
+            summary = engine.batch(work, out, model=pipe, max_batch=args.max_batch, progress=False)
+            batch_rates.append(summary.images_written / summary.seconds)
+        finally:
+            shutil.rmtree(out)
+        print(f"round {round_ + 1}: loop {loop_rates[-1]:.2f} images/s, batch {batch_rates[-1]:.2f} images/s, "
+              f"{batch_rates[-1] / loop_rates[-1]:.2f}x", file=sys.stderr)
+    ratios = [b / loop for b, loop in zip(batch_rates, loop_rates)]
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "engine": engine.__version__,
+              "command": " ".join(sys.argv), "rows": args.rows, "max_batch": args.max_batch, "step_mix": STEP_MIX,
+              "loop_images_per_s": loop_rates, "batch_images_per_s": batch_rates, "ratios": ratios,
+              "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    print(f"| loop of generate() | {np.median(loop_rates):.2f} images/s ({min(loop_rates):.2f}-{max(loop_rates):.2f}) |")
+    print(f"| engine.batch, max_batch {args.max_batch} | {np.median(batch_rates):.2f} images/s "
+          f"({min(batch_rates):.2f}-{max(batch_rates):.2f}) |")
+    print(f"| ratio | {report['ratio_median']:.2f}x ({report['ratio_min']:.2f}-{report['ratio_max']:.2f}) |")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
