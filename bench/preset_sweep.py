@@ -48,7 +48,45 @@ SETTINGS: dict[str, dict] = {
     "dpm++ 8/5 interval 300:1000": {"scheduler": "dpm++2m", "steps": (8, 5), "guidance_interval": ((300, 1000), None)},
     "dpm++ 8/4 interval 500:1000": {"scheduler": "dpm++2m", "steps": (8, 4), "guidance_interval": ((500, 1000), None)},
     "no guidance, dpm++ 10/6": {"scheduler": "dpm++2m", "steps": (10, 6), "guidance": 1.0},
+    # Per-stage samplers (what a preset can say): stage II, unguided at 128 px, is most of the time.
+    "smart27 interval 200:1000 + II dpm++ 8": {"stages": [{"guidance_interval": [200, 1000]},
+                                                         {"scheduler": "dpm++2m", "steps": 8}]},
+    "smart27 interval 200:1000 + II dpm++ 6": {"stages": [{"guidance_interval": [200, 1000]},
+                                                         {"scheduler": "dpm++2m", "steps": 6}]},
+    "smart27 interval 200:1000 + II dpm++ 4": {"stages": [{"guidance_interval": [200, 1000]},
+                                                         {"scheduler": "dpm++2m", "steps": 4}]},
+    "smart27 interval 200:1000 + II dpm++ 3": {"stages": [{"guidance_interval": [200, 1000]},
+                                                         {"scheduler": "dpm++2m", "steps": 3}]},
+    "smart27 interval 200:1000 + II ddim 8": {"stages": [{"guidance_interval": [200, 1000]},
+                                                        {"scheduler": "ddim", "steps": 8}]},
+    "smart27 interval 200:1000 + II ddim 5": {"stages": [{"guidance_interval": [200, 1000]},
+                                                        {"scheduler": "ddim", "steps": 5}]},
+    "smart27 interval 200:1000 + II ddpm 8": {"stages": [{"guidance_interval": [200, 1000]}, {"steps": 8}]},
+    "smart27 interval 200:1000 + II ddpm 6": {"stages": [{"guidance_interval": [200, 1000]}, {"steps": 6}]},
+    "smart27 interval 200:1000 + II ddpm 5": {"stages": [{"guidance_interval": [200, 1000]}, {"steps": 5}]},
+    "ddpm 20 interval 200:1000 + II ddpm 6": {"stages": [{"steps": 20, "guidance_interval": [200, 1000]},
+                                                        {"steps": 6}]},
+    "smart27 interval 200:700 + II ddpm 6": {"stages": [{"guidance_interval": [200, 700]}, {"steps": 6}]},
+    "smart27 interval 100:800 + II ddpm 6": {"stages": [{"guidance_interval": [100, 800]}, {"steps": 6}]},
+    "smart27 + II dpm++ 6": {"stages": [None, {"scheduler": "dpm++2m", "steps": 6}]},
+    "smart27 interval 400:1000 + II dpm++ 6": {"stages": [{"guidance_interval": [400, 1000]},
+                                                         {"scheduler": "dpm++2m", "steps": 6}]},
+    "dpm++ 15 interval 300:1000 + II dpm++ 6": {"stages": [{"scheduler": "dpm++2m", "steps": 15,
+                                                           "guidance_interval": [300, 1000]},
+                                                          {"scheduler": "dpm++2m", "steps": 6}]},
 }
+
+
+def as_options(pipe, name: str, setting: dict) -> dict:
+    """generate() options for a setting; per-stage settings ("stages") become a preset of the pipeline."""
+    if "stages" not in setting:
+        return setting
+    from engine.model_dir import Preset
+
+    for stage, overrides in zip(pipe.stages, setting["stages"]):
+        stage.presets[name] = stage.defaults.merged(stage.kind, overrides)
+    pipe.presets[name] = Preset(list(setting["stages"]), {})
+    return {"preset": name}
 
 
 def pareto(rows: list[dict]) -> set[str]:
@@ -122,7 +160,21 @@ def main() -> None:
     parser.add_argument("--presets", action="store_true", help="sweep the model's own presets instead")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--svg", type=Path, default=None)
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="no runs: the table and plot of earlier runs' JSON (a later row of a name wins)")
+    parser.add_argument("--exclude", nargs="+", default=(), help="with --merge: rows left out of the plot")
     args = parser.parse_args()
+    if args.merge:
+        merged = {}
+        for path in args.merge:
+            merged.update({row["name"]: row for row in json.loads(path.read_text())["rows"]})
+        rows = [row for name, row in merged.items() if name not in args.exclude]
+        front = pareto(rows)
+        print(table(rows, front))
+        if args.svg is not None:
+            args.svg.write_text(svg(rows, front, f"shapes: quality gate ({rows[0]['count']} held-out captions) "
+                                                 "against CPU seconds per image"))
+        return
 
     torch.set_num_threads(torch.get_num_threads())
     pipe = engine.load(engine.DEFAULT_MODEL, device="cpu")
@@ -132,7 +184,8 @@ def main() -> None:
     if args.only:
         settings = {name: settings[name] for name in args.only}
     rows = []
-    for name, options in settings.items():
+    for name, setting in settings.items():
+        options = as_options(pipe, name, setting)
         evaluate(pipe, EvalOptions(count=8), **options)  # warm-up: first-call costs out of the timing
         report = evaluate(pipe, EvalOptions(count=args.count), **options)
         rows.append({"name": name, **report})

@@ -1,5 +1,6 @@
 """The procedural captioned pictures and the analytic checker of the quality gate."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,35 @@ def test_the_readme_prompt_draws_what_it_says():
         image = engine.generate(prompt, seed=seed)[0]
         verdict = judge(image, parse_caption(prompt))
         assert verdict["all"], (seed, verdict)
+
+
+# The presets the packaged model ships (cascade.json "presets"), each certified by the gate on 256 held-out
+# captions (bench/RESULTS.md, "Presets"). A preset is offered only within PRESET_MARGIN of the defaults'
+# adherence there, and each is checked here against its own floor on GATE_COUNT captions.
+PRESET_MARGIN = 0.02
+
+
+def _shipped_presets() -> dict:
+    from engine.model_dir import PACKAGED_ROOT
+
+    return json.loads((PACKAGED_ROOT / "shapes" / "cascade.json").read_text()).get("presets", {})
+
+
+def test_shipped_presets_were_certified_within_the_margin_of_the_defaults():
+    presets = _shipped_presets()
+    assert presets, "the packaged model ships presets (README, Presets)"
+    for name, preset in presets.items():
+        certified = preset["certified"]
+        assert certified["captions"] >= 256, name
+        assert certified["adherence"] >= certified["default_adherence"] - PRESET_MARGIN, name
+        assert 0 < certified["floor"] <= certified["adherence"], name
+
+
+@pytest.mark.parametrize("name", sorted(_shipped_presets()))
+def test_each_shipped_preset_passes_its_gate_floor(name):
+    import engine
+    from engine.demo.evaluate import EvalOptions, evaluate, format_report
+
+    floor = _shipped_presets()[name]["certified"]["floor"]
+    report = evaluate(engine.load(engine.DEFAULT_MODEL, device="cpu"), EvalOptions(count=GATE_COUNT), preset=name)
+    assert report["adherence"] >= floor, f"{name}: {format_report(report)}"
