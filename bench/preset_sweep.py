@@ -68,6 +68,8 @@ SETTINGS: dict[str, dict] = {
                                                         {"steps": 6}]},
     "smart27 interval 200:700 + II ddpm 6": {"stages": [{"guidance_interval": [200, 700]}, {"steps": 6}]},
     "smart27 interval 100:800 + II ddpm 6": {"stages": [{"guidance_interval": [100, 800]}, {"steps": 6}]},
+    "smart27 interval 200:700 + II ddpm 5": {"stages": [{"guidance_interval": [200, 700]}, {"steps": 5}]},
+    "smart27 interval 250:650 + II ddpm 6": {"stages": [{"guidance_interval": [250, 650]}, {"steps": 6}]},
     "smart27 + II dpm++ 6": {"stages": [None, {"scheduler": "dpm++2m", "steps": 6}]},
     "smart27 interval 400:1000 + II dpm++ 6": {"stages": [{"guidance_interval": [400, 1000]},
                                                          {"scheduler": "dpm++2m", "steps": 6}]},
