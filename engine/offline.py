@@ -42,7 +42,7 @@ from engine.errors import EngineError, InvalidRequestError
 from engine.images import contact_sheet
 from engine.loading import load
 from engine.model_dir import DEFAULT_MODEL
-from engine.options import API_REQUEST_FIELDS, GenerateRequest, request_from_api
+from engine.options import API_FIELDS, API_REQUEST_FIELDS, GenerateRequest, request_from_api
 from engine.pipeline import Generation, Pipeline
 from engine.serve.scheduler import DEFAULT_MAX_BATCH, BatchingScheduler
 from engine.version import __version__
@@ -276,14 +276,8 @@ def _images_of(row: Row, defaults) -> int:
 
 
 def _resolved(request: GenerateRequest) -> dict:
-    """The request as it ran, in the API's names: what `python -m engine batch` needs to draw it again."""
-    steps = request.steps
-    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
-            "n": request.num_images_per_prompt, "seed": request.seed,
-            "steps": list(steps) if isinstance(steps, tuple) else steps,
-            "guidance": list(request.guidance) if isinstance(request.guidance, tuple) else request.guidance,
-            "noise_level": list(request.noise_level) if isinstance(request.noise_level, tuple) else request.noise_level,
-            "scheduler": request.scheduler, "guidance_interval": request.guidance_interval, "preset": request.preset}
+    """The request as it ran, in the API's names (tuples become JSON lists): what draws it again."""
+    return {name: getattr(request, API_FIELDS.get(name, name)) for name in API_REQUEST_FIELDS}
 
 
 def _write_image(out: Path, row: Row, k: int, image) -> dict:

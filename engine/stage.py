@@ -177,9 +177,10 @@ class StageRun:
         self.guided_steps = [guides and settings.guided_at(t) for t in self.sampler.timesteps.tolist()]
         self.cond = text.cond  # (B, 77, D)
         self.pair = torch.cat([text.uncond, text.cond]) if any(self.guided_steps) else None  # (2B, 77, D)
-        self.low_res, self.class_labels = low_res, None  # (B, 3, H, W), (B,)
+        self.low_res, self.class_labels = low_res, None  # (B, 3, H, W); per step kind: labels (rows,)
         if low_res is not None:
-            self.class_labels = torch.full((batch,), settings.noise_level, device=stage.device)
+            labels = torch.full((batch,), settings.noise_level, device=stage.device)
+            self.class_labels = {False: labels, True: labels.repeat(2)}  # made once, not at every step
         self.noise = [stage._draw(generator, self.x.shape) if noisy else None for noisy in self.sampler.noise_steps]
         self.sampler.start(self.x)
         self.step = 0
@@ -204,14 +205,15 @@ class StageRun:
 
     def model_inputs(self) -> "UNetInputs":
         """The next U-Net call's inputs (call the U-Net with `*inputs`)."""
-        copies = 2 if self.guided else 1
-        model_in = self.x.to(self.stage.dtype)
+        guided = self.guided
+        model_in = self.x.to(self.stage.dtype)  # no copy in float32
         if self.low_res is not None:
             model_in = torch.cat([model_in, self.low_res], dim=1)  # (B, C + 3, H, W)
-        model_in = model_in.repeat(copies, 1, 1, 1)  # (rows, ...)
+        if guided:
+            model_in = model_in.repeat(2, 1, 1, 1)  # (2B, ...): [uncond; cond] rows see the same sample
         timestep = self.sampler.timesteps[self.step].expand(model_in.shape[0])
-        labels = None if self.class_labels is None else self.class_labels.repeat(copies)
-        return UNetInputs(model_in, timestep, self.pair if self.guided else self.cond, labels)
+        labels = None if self.class_labels is None else self.class_labels[guided]
+        return UNetInputs(model_in, timestep, self.pair if guided else self.cond, labels)
 
     def advance(self, out: torch.Tensor) -> None:
         """Take this run's U-Net output (rows, out_channels, H, W), float32: guidance, then the sampler step."""

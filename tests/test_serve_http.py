@@ -211,7 +211,23 @@ def test_a_stopped_scheduler_fails_liveness_and_a_readiness_hook_holds_readiness
             assert response.status_code == 503 and "scheduler has stopped" in response.json()["error"]["message"]
 
 
+def wait_until_ready(url: str, seconds: float) -> None:
+    """Poll url's /health/ready until it answers 200 (a server starting in a thread or a subprocess)."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} was not ready within {seconds:g} s")
+
+
 def test_a_client_that_disconnects_cancels_its_request(engine_pipe):
+    import httpx
     import uvicorn
 
     app = create_app(engine_pipe, max_batch=1, max_queue=4, warmup=False)
@@ -220,16 +236,7 @@ def test_a_client_that_disconnects_cancels_its_request(engine_pipe):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        import httpx
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        wait_until_ready(f"http://127.0.0.1:{port}", 30)
         body = json.dumps({**BODY, "steps": [200, 200]}).encode()  # long enough to be cut short
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -291,13 +298,7 @@ def test_sigterm_drains_readiness_first_then_the_requests_in_flight(cascade_dir)
                               stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_ready(url, 120)
         answers = {}
         long = threading.Thread(target=lambda: answers.update(long=httpx.post(
             f"{url}/v1/images/generations", json={**BODY, "steps": [1000, 1000]}, timeout=60)))

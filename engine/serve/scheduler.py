@@ -73,7 +73,7 @@ class Job:
 class BatchRows:
     """The conditioning rows of one stage's last U-Net call, kept while its members stay the same."""
 
-    job_ids: tuple[tuple[int, bool], ...]  # (job id, whether its rows are guided) per member
+    members: tuple[tuple[int, bool], ...]  # (job id, whether its rows are guided) per member
     embeddings: torch.Tensor  # (rows, 77, D)
     class_labels: torch.Tensor | None  # (rows,)
 
@@ -311,7 +311,7 @@ class BatchingScheduler:
         or not, under a guidance interval), so concatenated again only when those change, not at every step."""
         key = tuple((job.id, job.run.guided) for job in jobs)
         cached = self._rows_cache.get(stage_name)
-        if cached is None or cached.job_ids != key:
+        if cached is None or cached.members != key:
             labels = None if inputs[0].class_labels is None else torch.cat([i.class_labels for i in inputs])
             cached = BatchRows(key, torch.cat([i.embeddings for i in inputs]), labels)
             self._rows_cache[stage_name] = cached
