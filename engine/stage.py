@@ -198,11 +198,6 @@ class StageRun:
         """Whether the next step runs classifier-free guidance."""
         return self.guided_steps[self.step]
 
-    @property
-    def rows(self) -> int:
-        """U-Net batch rows the next call takes: images, twice when the step guides."""
-        return self.cond.shape[0] * (2 if self.guided else 1)
-
     def model_inputs(self) -> "UNetInputs":
         """The next U-Net call's inputs (call the U-Net with `*inputs`)."""
         guided = self.guided
