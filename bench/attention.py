@@ -1,4 +1,4 @@
-"""Attention benchmark: kernels.attention vs PyTorch SDPA (flash and efficient backends) on the cascade's shapes.
+"""Attention benchmark: cascade_kernels.attention vs PyTorch SDPA (flash and efficient backends) on the cascade's shapes.
 
     python bench/attention.py [--batches 2 8] [--dtype float16] [--json bench/results/attention_h100.json]
     TRITON_INTERPRET=1 python bench/attention.py --smoke    # CPU: tiny shapes, checks the script, times nothing real
@@ -31,7 +31,7 @@ from engine.bench.roofline import matmul_peak_tflops
 from engine.bench.timing import interleaved
 from engine.text import MAX_TOKENS as TEXT_TOKENS
 
-from kernels import attention, reference_attention
+from cascade_kernels import attention, reference_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "engine" / "configs" / "real_size.json"  # the published architectures (engine/bench/real_size.py)

@@ -99,7 +99,7 @@ def configure_logging(args) -> str:
     level = args.log_level or {0: "warning", 1: "info"}.get(args.verbose, "debug")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("engine", "export", "kernels"):
+    for name in ("engine", "export", "cascade_kernels"):
         logger = logging.getLogger(name)
         logger.setLevel(level.upper())
         logger.handlers[:] = [handler]

@@ -1,4 +1,4 @@
-"""kernels.attention against an fp64 reference, with tolerance relative to PyTorch SDPA's own error.
+"""cascade_kernels.attention against an fp64 reference, with tolerance relative to PyTorch SDPA's own error.
 
 Runs on CPU under TRITON_INTERPRET=1 (set here when no GPU is present) and on a GPU where one exists.
 Inputs are drawn fresh per test; outputs are poisoned with NaN first so unwritten elements show.
@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
-import kernels  # noqa: E402
-from kernels.attention import _launch, reference_attention  # noqa: E402
+import cascade_kernels  # noqa: E402
+from cascade_kernels.attention import _launch, reference_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -31,7 +31,7 @@ def check(b, h, lq, lk, d, dtype, mask=None, scale=None):
     ours_error = (out.double() - exact).abs().max().item()
     sdpa_error = (sdpa.double() - exact).nan_to_num().abs().max().item()
     assert ours_error <= 2 * sdpa_error + 4 * torch.finfo(dtype).eps, (ours_error, sdpa_error)
-    assert torch.allclose(kernels.attention(q, k, v, scale=scale, key_padding_mask=mask), out)
+    assert torch.allclose(cascade_kernels.attention(q, k, v, scale=scale, key_padding_mask=mask), out)
     return out
 
 
@@ -76,7 +76,7 @@ def test_fully_masked_rows_give_zeros():
     mask = torch.ones(2, 30, dtype=torch.bool, device=DEVICE)
     mask[1] = False
     q, k, v = (torch.randn(2, 2, n, 32, device=DEVICE) for n in (9, 30, 30))
-    out = kernels.attention(q, k, v, key_padding_mask=mask)
+    out = cascade_kernels.attention(q, k, v, key_padding_mask=mask)
     assert torch.all(out[1] == 0)
     assert torch.allclose(out[0], reference_attention(q, k, v, key_padding_mask=mask)[0], atol=1e-5)
 
@@ -84,7 +84,7 @@ def test_fully_masked_rows_give_zeros():
 def test_non_contiguous_inputs():
     # (B, L, H, D) memory viewed as (B, H, L, D), as attention processors produce.
     q, k, v = (torch.randn(2, n, 3, 64, device=DEVICE).transpose(1, 2) for n in (10, 30, 30))
-    assert torch.allclose(kernels.attention(q, k, v), reference_attention(q, k, v), atol=1e-5)
+    assert torch.allclose(cascade_kernels.attention(q, k, v), reference_attention(q, k, v), atol=1e-5)
 
 
 @pytest.mark.parametrize("args,error,message", [
@@ -97,14 +97,14 @@ def test_non_contiguous_inputs():
 def test_shape_errors_are_python_errors(args, error, message):
     q, k, v = (torch.randn(*s, device=DEVICE) for s in args)
     with pytest.raises(error, match=message):
-        kernels.attention(q, k, v)
+        cascade_kernels.attention(q, k, v)
 
 
 def test_dtype_and_mask_errors():
     q = torch.randn(1, 2, 4, 64, device=DEVICE)
     with pytest.raises(TypeError, match="dtype torch.int32"):
-        kernels.attention(q.int(), q.int(), q.int())
+        cascade_kernels.attention(q.int(), q.int(), q.int())
     with pytest.raises(TypeError, match="share one dtype"):
-        kernels.attention(q, q.half(), q)
+        cascade_kernels.attention(q, q.half(), q)
     with pytest.raises(ValueError, match="key_padding_mask must be bool"):
-        kernels.attention(q, q, q, key_padding_mask=torch.ones(1, 4, device=DEVICE))
+        cascade_kernels.attention(q, q, q, key_padding_mask=torch.ones(1, 4, device=DEVICE))

@@ -73,7 +73,7 @@ def test_verbose_shows_the_engines_log_lines(cascade_dir, tmp_path, capsys):
                      "--steps", "1", "--quiet", "--log-level", "warning"]) == 0
         assert "INFO" not in capsys.readouterr().err
     finally:  # leave logging as pytest's caplog expects it
-        for name in ("engine", "export", "kernels"):
+        for name in ("engine", "export", "cascade_kernels"):
             logger = logging.getLogger(name)
             logger.handlers[:], logger.propagate = [], True
             logger.setLevel(logging.NOTSET)

@@ -6,7 +6,7 @@ Two kinds of attention module occur in the cascades:
   `AddedKVTritonProcessor` computes what diffusers' AttnAddedKVProcessor2_0 computes.
 - The x4 upscaler's transformer blocks (self- and cross-attention) and VAE mid-blocks use plain attention.
   `TritonAttnProcessor` computes what diffusers' AttnProcessor2_0 computes.
-Both put kernels.attention where diffusers calls SDPA, the x4 VAE's single 512-wide head included (the kernel
+Both put cascade_kernels.attention where diffusers calls SDPA, the x4 VAE's single 512-wide head included (the kernel
 never forms its 65,536 x 65,536 score matrix at 1024 px). Calls with an attention mask (the cascades pass none)
 and head dims above the kernel's maximum go to diffusers' own processor.
 """
@@ -32,7 +32,7 @@ class AddedKVTritonProcessor:
     def __init__(self):
         from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
 
-        from kernels import attention  # optional: Triton (the [triton] extra) is imported with it
+        from cascade_kernels import attention  # optional: Triton (the [triton] extra) is imported with it
 
         self._attention = attention
         self._fallback = AttnAddedKVProcessor2_0()
@@ -63,8 +63,8 @@ class TritonAttnProcessor:
     def __init__(self):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        from kernels import attention  # optional: Triton (the [triton] extra) is imported with it
-        from kernels.attention import MAX_HEAD_DIM
+        from cascade_kernels import attention  # optional: Triton (the [triton] extra) is imported with it
+        from cascade_kernels.attention import MAX_HEAD_DIM
 
         self._attention = attention
         self._max_head_dim = MAX_HEAD_DIM

@@ -3,6 +3,6 @@
 Kernels know nothing of the engine.
 """
 
-from kernels.attention import attention, reference_attention
+from cascade_kernels.attention import attention, reference_attention
 
 __all__ = ["attention", "reference_attention"]

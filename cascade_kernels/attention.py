@@ -1,6 +1,6 @@
 """Fused attention forward (FlashAttention-style) in Triton for the cascade's U-Nets.
 
-    kernels.attention(q, k, v, *, scale=None, key_padding_mask=None) -> o
+    cascade_kernels.attention(q, k, v, *, scale=None, key_padding_mask=None) -> o
     q (B, H, Lq, D); k, v (B, H, Lk, D); key_padding_mask (B, Lk) bool, True = attend; o (B, H, Lq, D) in q's dtype
 
 One program computes a BLOCK_M x D tile of the output, streaming K and V in BLOCK_N blocks with an online
@@ -142,7 +142,7 @@ def _bucket(n: int) -> int:
 
 def _check(q, k, v, key_padding_mask):
     if triton is None:
-        raise RuntimeError("kernels.attention needs Triton: pip install triton (or use attention='sdpa')")
+        raise RuntimeError("cascade_kernels.attention needs Triton: pip install triton (or use attention='sdpa')")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor (B, H, L, D), got "
@@ -196,7 +196,7 @@ def _launch(q, k, v, scale, key_padding_mask, out=None):
     return out
 
 
-@torch.library.custom_op("kernels::attention", mutates_args=())
+@torch.library.custom_op("cascade_kernels::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     return _launch(q, k, v, scale, key_padding_mask)
