@@ -24,7 +24,8 @@ from engine.bench.real_size import NAMES
 from engine.bench.report import command_line, save_json, table
 from engine import offline
 from engine.demo import evaluate as quality_gate
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidRequestError
+from engine.exported.manifest import export_kind
 from engine.loading import DTYPES, load
 from engine.model_dir import DEFAULT_MODEL
 from engine.options import STAGE_DEFAULTS, GenerateRequest, request_defaults
@@ -34,7 +35,10 @@ from engine.serve import http as serve_defaults  # the service's defaults are wr
 from engine.serve import ray_app
 from engine.serve.http import create_app
 from engine.version import __version__
+from export.cache import cached_export
 from export.onnx import export_onnx
+from export.tensorrt import DEFAULT_MAX_IMAGES, build_engines
+from export.tensorrt import describe as describe_engines
 
 DEFAULTS = request_defaults()
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -139,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=list(DTYPES), default=None,
                      help="float32 (CPU default), float16 (CUDA default) or bfloat16")
     gen.add_argument("--backend", choices=BACKENDS, default=None,
-                     help="torch (default for model directories) or onnxruntime (default for exported "
-                          "directories; for a model directory it exports into the cache on first use)")
+                     help="torch (default for model directories), onnxruntime or tensorrt (the defaults for their "
+                          "exports; for a model directory they export or build into the cache on first use)")
     gen.add_argument("--image", default=None, metavar="PNG",
                      help="the picture to upscale, for a model that starts with an upscaler (an x4 upscaler alone)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
@@ -228,13 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--dtype", choices=list(DTYPES), default=None)
     bat.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    exp = commands.add_parser("export", parents=common, help="export a cascade's components to ONNX (checked against PyTorch)")
+    exp = commands.add_parser("export", parents=common, help="export a cascade's components to ONNX (checked against "
+                              "PyTorch) or TensorRT engines (built from the ONNX export)")
     exp.add_argument("model", nargs="+", metavar="MODEL",
-                     help="stage directories in cascade order, a directory with cascade.json, or a packaged name")
-    exp.add_argument("--format", choices=("onnx",), default="onnx")
+                     help="stage directories in cascade order, a directory with cascade.json, or a packaged name; "
+                          "for --format tensorrt also an ONNX export directory")
+    exp.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
+                     help="onnx (default), or tensorrt: one engine per component, from the ONNX export (made "
+                          "through the export cache when MODEL is not one); builds on a machine without a GPU")
     exp.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier export)")
     exp.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                      help="precision of the U-Net graphs (the text encoder stays float32); float16 is for GPUs")
+    exp.add_argument("--targets", nargs="+", default=None, metavar="SM",
+                     help="tensorrt: compute capabilities to build for, e.g. sm80 sm86 sm89 sm120, or current "
+                          "(this machine's GPU); default: current where a GPU is, else sm80 sm86 sm89 sm120")
+    exp.add_argument("--max-batch", type=int, default=None, metavar="N",
+                     help=f"tensorrt: images per U-Net call the engines take at most (default {DEFAULT_MAX_IMAGES}; "
+                          "under guidance each image is two rows)")
     exp.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     _add_bench_parser(commands, common)
     return parser
@@ -381,7 +395,10 @@ def generate(args) -> None:
 
 
 def export(args) -> None:
-
+    if args.format == "tensorrt":
+        return export_engines(args)
+    if args.targets is not None or args.max_batch is not None:
+        raise InvalidRequestError("--targets and --max-batch apply to --format tensorrt only")
     out = export_onnx(*args.model, out=args.out, dtype=args.dtype, progress=not args.quiet)
     if not args.quiet:
         manifest = json.loads((out / "manifest.json").read_text())
@@ -390,6 +407,20 @@ def export(args) -> None:
             print(f"{name}: {component['file']} ({component['precision']}), ONNX Runtime vs PyTorch max abs "
                   f"{check['max_abs_error']:.2e}, max rel {check['max_rel_error']:.2e}")
         print(f"exported to {out}; run it with: python -m engine generate \"PROMPT\" --model {out}")
+
+
+def export_engines(args) -> None:
+    max_images = DEFAULT_MAX_IMAGES if args.max_batch is None else args.max_batch
+    if max_images < 1:
+        raise InvalidRequestError(f"--max-batch must be at least 1, got {max_images}")
+    if len(args.model) == 1 and export_kind(Path(args.model[0]).expanduser()) == "onnx":
+        onnx_dir = Path(args.model[0]).expanduser()  # an ONNX export: its own precision
+    else:
+        onnx_dir = cached_export(*args.model, dtype=args.dtype, progress=not args.quiet)
+    out = build_engines(onnx_dir, args.out, targets=args.targets, max_images=max_images, progress=not args.quiet)
+    if not args.quiet:
+        print(describe_engines(out))
+        print(f"built into {out}; run it on a GPU with: python -m engine generate \"PROMPT\" --model {out}")
 
 
 def bench(args, argv: list[str] | None) -> None:

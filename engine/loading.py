@@ -23,14 +23,16 @@ from engine.assemble import build_pipeline
 from engine.backends import BACKENDS, PRECISIONS, TORCH_DTYPES, components_class
 from engine.backends.attention import resolve_attention
 from engine.backends.onnxruntime_backend import OrtComponents
+from engine.backends.tensorrt_backend import TrtComponents
 from engine.errors import InvalidRequestError, ModelError
-from engine.exported.manifest import is_exported
+from engine.exported.manifest import export_kind, is_exported
 from engine.model_dir import read_presets, read_stages, stage_dirs
 from engine.options import closest_name
 from engine.pipeline import Pipeline
-from export.cache import cached_export
+from export.cache import cached_engines, cached_export
 
 DTYPES = {name: TORCH_DTYPES[name] for name in PRECISIONS}
+RUNNER = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}  # export kind (its manifest's format) -> its backend
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -72,8 +74,10 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     """A Pipeline for a cascade on disk (stage dirs in order, a dir with cascade.json), hub ids of snapshots in
     the local Hugging Face cache, a packaged model name, or a directory exported by `python -m engine export`.
 
-    backend: "torch" (the default for model directories), or "onnxruntime" (the default, and the only choice,
-    for an exported directory; for a model directory it exports into the cache on first use, see export/cache.py).
+    backend: "torch" (the default for model directories); "onnxruntime" (the default, and the only choice, for
+    an ONNX export; for a model directory it exports into the cache on first use, see export/cache.py); or
+    "tensorrt" (the default, and the only choice, for a TensorRT export; for a model directory it builds
+    float16 engines into the cache on first use, from the cached ONNX export; engines run on a CUDA GPU).
     dtype (or diffusers' name, torch_dtype): float32 (CPU default), float16 (CUDA default) or bfloat16.
     variant: "fp16" reads the fp16 weight files of every component; None (default) picks them by dtype.
     revision: of hub ids, a branch, tag or commit in the local cache (default: main).
@@ -93,16 +97,21 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     if variant is not None and not isinstance(variant, str):
         raise InvalidRequestError(f"variant must be a string such as 'fp16', got {variant!r}")
     exported = _exported_dir(paths)
-    if exported is not None or backend == "onnxruntime":
-        if attention is not None:
-            raise InvalidRequestError("attention= applies to the torch backend only; the onnxruntime backend "
-                                      "runs the attention the exported graph holds")
-        if variant is not None:
-            raise InvalidRequestError("variant= applies to the torch backend only; the onnxruntime backend "
-                                      "exports with the weight files the dtype picks")
-        if backend == "torch":
-            raise InvalidRequestError(f"{exported} is an ONNX export; load it with backend='onnxruntime' (or "
-                                      "no backend), or load the original model directory with backend='torch'")
+    kind = export_kind(exported) if exported is not None else None
+    if kind is not None or backend in ("onnxruntime", "tensorrt"):
+        runner = backend or RUNNER[kind]
+        for option, value in (("attention", attention), ("variant", variant)):
+            if value is not None:
+                raise InvalidRequestError(f"{option}= applies to the torch backend only; the {runner} backend runs "
+                                          "what the export holds")
+        if kind is not None and runner != RUNNER[kind]:
+            raise InvalidRequestError(f"{exported} is {'an ONNX' if kind == 'onnx' else 'a TensorRT'} export; load it "
+                                      f"with backend='{RUNNER[kind]}' (or no backend), or load the original model "
+                                      f"directory with backend='{runner}'")
+        if runner == "tensorrt":
+            if providers is not None:
+                raise InvalidRequestError("providers= applies to the onnxruntime backend only")
+            return _load_tensorrt(paths, exported, device, dtype, revision)
         return _load_onnxruntime(paths, exported, device, dtype, providers, revision)
     if providers is not None:
         raise InvalidRequestError("providers= applies to the onnxruntime backend only")
@@ -143,11 +152,31 @@ def _load_onnxruntime(paths, exported: Path | None, device, dtype, providers, re
     return load_exported(exported, providers=providers)
 
 
-def load_exported(root: Path, providers=None, threads: int | None = None) -> Pipeline:
-    """A Pipeline over an exported directory, every file verified against its manifest first."""
+def _load_tensorrt(paths, exported: Path | None, device, dtype, revision) -> Pipeline:
+    """Engines of a TensorRT export, or built into the cache from the model at `paths` first (this works on a
+    machine without a GPU, which then gets the error that engines need one, with the engines cached)."""
+    if device is not None and resolve_device(device).type != "cuda":
+        raise InvalidRequestError("the tensorrt backend runs on a CUDA GPU: use device='cuda' (or none)")
+    if exported is None:
+        dtype = resolve_dtype(dtype if dtype is not None else "float16", torch.device("cuda"))  # engines: GPU
+        if dtype == torch.bfloat16:
+            raise InvalidRequestError("the tensorrt backend builds float32 or float16 engines, not bfloat16")
+        exported = cached_engines(*stage_dirs(paths, revision).dirs if revision else paths,
+                                  dtype=str(dtype).removeprefix("torch."))
+    elif dtype is not None:
+        raise InvalidRequestError(f"{exported} was built in a fixed precision (see its manifest.json); dtype= cannot "
+                                  "change it: build again with --dtype")
+    return _pipeline(TrtComponents(exported, device))
 
-    components = OrtComponents(root, providers, threads)
+
+def load_exported(root: Path, providers=None, threads: int | None = None) -> Pipeline:
+    """A Pipeline over an ONNX export, every file verified against its manifest first."""
+    return _pipeline(OrtComponents(root, providers, threads))
+
+
+def _pipeline(components) -> Pipeline:
+    """The Pipeline over an exported directory's components (ONNX Runtime or TensorRT)."""
     specs = components.stages()
-    presets = read_presets(components.manifest.get("presets", {}), [spec.name for spec in specs], root)
+    presets = read_presets(components.manifest.get("presets", {}), [spec.name for spec in specs], components.root)
     return build_pipeline(specs, components, source=str(components.root), notice=components.manifest.get("notice"),
                           presets=presets)

@@ -1,10 +1,14 @@
-"""The export cache: `engine.load(MODEL, backend="onnxruntime")` exports once and reuses the result.
+"""The export cache: `engine.load(MODEL, backend="onnxruntime")` exports once and reuses the result, and
+`backend="tensorrt"` builds engines once from that ONNX export and reuses them.
 
 Entries are keyed by content, not by file names: the SHA-256 of every file of the source model (weights,
 configs, tokenizer), the export options, and the versions of torch, onnx, onnxruntime and the engine. Moving
 or renaming a model keeps its entry; changing one weight byte or upgrading torch makes a new one. Entries are
 written atomically (export_onnx builds in a temporary directory and renames), and every use verifies the
 entry's manifest first: a corrupt or partial entry is reported and rebuilt, never run.
+
+TensorRT entries are keyed by the ONNX export they are built from (its manifest's SHA-256, which holds every
+graph's), the build options (targets, images per call) and TensorRT's flavour and version.
 
 Location: $CASCADE_ENGINE_CACHE, else $XDG_CACHE_HOME/cascade-engine, else ~/.cache/cascade-engine.
 """
@@ -22,6 +26,7 @@ from engine.errors import ModelError
 from engine.exported import manifest as manifest_io
 from engine.model_dir import stage_dirs
 from export.onnx import export_onnx, source_hash, versions
+from export.tensorrt import DEFAULT_MAX_IMAGES, build_engines, default_targets, require_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,28 @@ def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path
             shutil.rmtree(entry)
     log.info("exporting %s to ONNX into the cache at %s (once)", source, entry)
     return export_onnx(*paths, out=entry, dtype=dtype, progress=progress, source_sha256=source_sha256)
+
+
+def cached_engines(*paths, dtype: str = "float32", targets: tuple[str, ...] | None = None,
+                   max_images: int = DEFAULT_MAX_IMAGES, progress: bool = True) -> Path:
+    """The directory of verified TensorRT engines for the cascade at `paths`, built first if needed (from the
+    cached ONNX export, itself made first if needed)."""
+    api = require_tensorrt()
+    onnx_dir = cached_export(*paths, dtype=dtype, progress=progress)
+    targets = api.check_targets(tuple(targets) if targets else default_targets(api))
+    key = {"onnx": manifest_io.sha256_file(onnx_dir / manifest_io.MANIFEST), "targets": list(targets),
+           "max_images": max_images, "tensorrt": [api.flavour, api.version]}
+    entry = cache_root() / "tensorrt" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    if entry.exists():
+        try:
+            manifest_io.read_manifest(entry, kind="tensorrt") if manifest_io.is_exported(entry) else _no_manifest(entry)
+            log.info("using the cached TensorRT engines of %s at %s", onnx_dir, entry)
+            return entry
+        except ModelError as exc:
+            log.warning("the cached TensorRT engines are unusable (%s); rebuilding them", exc)
+            shutil.rmtree(entry)
+    log.info("building TensorRT engines from %s into the cache at %s (once)", onnx_dir, entry)
+    return build_engines(onnx_dir, entry, targets=targets, max_images=max_images, progress=progress)
 
 
 def _no_manifest(entry: Path):

@@ -284,7 +284,7 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
             "stages": stages,
             "presets": {name: preset.to_json(names) for name, preset in cascade.presets.items()},
         })
-        _replace(work, out)
+        replace_directory(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -295,8 +295,8 @@ def _half_decoder(decoder):
     return TorchVAEDecoder(decoder.vae.half())
 
 
-def _replace(work: Path, out: Path) -> None:
-    """Move the finished export into place; an earlier export at `out` is swapped out first, then removed."""
+def replace_directory(work: Path, out: Path) -> None:
+    """Move a finished export into place; an earlier export at `out` is swapped out first, then removed."""
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     if out.exists():
         out.rename(old)

@@ -58,5 +58,5 @@ def test_both_backends_conform_to_the_protocol(cascade_dir, three_stage_pipe, tm
 
 
 def test_an_unknown_backend_names_the_known_ones(cascade_dir):
-    with pytest.raises(engine.InvalidRequestError, match="unknown backend 'tensorrt'; available: torch, onnxruntime"):
-        engine.load(cascade_dir, backend="tensorrt")
+    with pytest.raises(engine.InvalidRequestError, match="unknown backend 'openvino'; available: torch, onnxruntime, tensorrt"):
+        engine.load(cascade_dir, backend="openvino")

@@ -106,7 +106,7 @@ def test_fp16_variant_is_used_when_asked_for(cascade_copy):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"backend": "tensorrt"}, "unknown backend 'tensorrt'"),
+    ({"backend": "tensorflow"}, "unknown backend 'tensorflow'"),
     ({"dtype": "float8"}, "unknown dtype 'float8'"),
     ({"device": "tpu"}, "device 'tpu' is not supported|unknown device"),
 ])

@@ -42,10 +42,10 @@ def test_onnxruntime_matches_torch(ort_pipe, engine_pipe, options):
 
 
 def test_exported_pipeline_runs_onnxruntime(ort_pipe):
-    from engine.backends.onnxruntime_backend import OrtTextModel, OrtUNet
+    from engine.backends.exported import GraphTextModel, GraphUNet
 
-    assert isinstance(ort_pipe.text.model, OrtTextModel)
-    assert all(isinstance(stage.unet, OrtUNet) for stage in ort_pipe.stages)
+    assert isinstance(ort_pipe.text.model, GraphTextModel)
+    assert all(isinstance(stage.unet, GraphUNet) for stage in ort_pipe.stages)
     assert [s.kind for s in ort_pipe.stages] == ["base", "super_resolution"]
 
 
@@ -182,12 +182,12 @@ def exported_three_stage(three_stage_dir, tmp_path_factory):
 
 
 def test_three_stage_export_runs_the_x4_upscaler_on_onnxruntime(exported_three_stage, three_stage_pipe):
-    from engine.backends.onnxruntime_backend import OrtTextModel, OrtVAEDecoder
+    from engine.backends.exported import GraphTextModel, GraphVAEDecoder
 
     ort_pipe = engine.load(exported_three_stage)
     x4 = ort_pipe.stages[2]
-    assert x4.kind == "latent_upscaler" and isinstance(x4.decoder, OrtVAEDecoder)
-    assert isinstance(x4.text.model, OrtTextModel) and x4.text.clip
+    assert x4.kind == "latent_upscaler" and isinstance(x4.decoder, GraphVAEDecoder)
+    assert isinstance(x4.text.model, GraphTextModel) and x4.text.clip
     options = dict(seed=4, steps=(3, 2, 3), guidance=(7.0, 4.0, 9.0), noise_level=(250, 40), negative_prompt="blue")
     ours = ort_pipe.generate([PROMPT, "a cat"], output_type="np", **options)
     torch_images = three_stage_pipe.generate([PROMPT, "a cat"], output_type="np", **options)

@@ -1,25 +1,22 @@
 """The ONNX Runtime backend: the components of an exported directory (export/onnx.py, engine/exported/).
 
 The runtime around it (prompt handling, samplers, guidance, noise) is the torch code every backend shares;
-only the text encoders, the U-Nets and the x4 upscaler's VAE decoder run as ONNX Runtime sessions. Tensors cross by pointer with IO binding
+only the text encoders, the U-Nets and the x4 upscaler's VAE decoder run as ONNX Runtime sessions (behind the
+calls of exported.py). Tensors cross by pointer with IO binding
 (no numpy copies): inputs are bound from torch tensors, outputs are written into preallocated torch tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 from pathlib import Path
 
 import torch
 
-from engine.backends import TORCH_DTYPES
+from engine.backends.exported import ExportedComponents, output_buffer, prepare_inputs
 from engine.errors import EngineError, InvalidRequestError, ModelError
-from engine.exported.contract import resolve_dim
-from engine.exported.manifest import read_manifest
-from engine.model_dir import StageSpec, downsampling, load_tokenizer, scheduler_config
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # the first one available is used
 
@@ -108,23 +105,16 @@ class OrtComponent:
         except Exception as exc:  # ORT raises its own types for unreadable or invalid graphs
             raise ModelError(path, f"ONNX Runtime cannot load this graph: {exc}") from exc
         self.inputs = description["inputs"]
-        (self.output_name, output), = description["outputs"].items()
-        self.output_shape = output["shape"]  # with named dynamic axes, see export.onnx.Contract
-        self.output_dtype = TORCH_DTYPES[output["dtype"]]
+        (self.output_name, self.output), = description["outputs"].items()
         self.device = device
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
         binding = self.session.io_binding()
-        kept = []  # contiguous copies must outlive the run
-        sizes = {}  # dynamic axis name -> this call's size
-        for name, spec in self.inputs.items():
-            t = tensors[name].to(self.device, TORCH_DTYPES[spec["dtype"]]).contiguous()
-            kept.append(t)
-            sizes |= {d: n for d, n in zip(spec["shape"], t.shape) if isinstance(d, str)}
+        inputs, sizes = prepare_inputs(self.inputs, tensors, self.device)  # kept alive until the run returns
+        for name, t in inputs.items():
             binding.bind_input(name, self.device.type, self.device.index or 0, _numpy_dtype(t.dtype),
                                tuple(t.shape), t.data_ptr())
-        out = torch.empty([resolve_dim(d, sizes) for d in self.output_shape], dtype=self.output_dtype,
-                          device=self.device)
+        out = output_buffer(self.output, sizes, self.device)
         binding.bind_output(self.output_name, self.device.type, self.device.index or 0,
                             _numpy_dtype(out.dtype), tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(binding)
@@ -137,104 +127,23 @@ def _numpy_dtype(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
 
 
-class OrtTextModel:
-    """A text encoder as an exported graph, called like transformers' encoders: model(ids, attention_mask=m)[0].
+class OrtComponents(ExportedComponents):
+    """Components (backends/protocol.py) of an ONNX export, after verifying every file against its manifest;
+    providers: ONNX Runtime execution providers (default: CUDA when usable, else CPU)."""
 
-    T5's graph takes the mask; CLIP's takes none (TextEncoder passes None for it)."""
-
-    def __init__(self, component: OrtComponent):
-        self.component = component
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-        named = {"input_ids": input_ids}
-        if attention_mask is not None:
-            named["attention_mask"] = attention_mask
-        return (self.component(**named),)
-
-
-class OrtVAEDecoder:
-    """An exported VAE decoder behind the runtime's decoder call (same interface as TorchVAEDecoder)."""
-
-    def __init__(self, component: OrtComponent, vae_config: dict):
-        self.component = component
-        self.latent_channels = vae_config.get("latent_channels", 4)
-        self.scale = downsampling(vae_config["block_out_channels"])
-
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.component(latents=latents)  # (B, 4, h, w) -> (B, 3, scale * h, scale * w)
-
-
-class OrtUNet:
-    """An exported U-Net behind the runtime's U-Net call (same interface as TorchUNet)."""
-
-    def __init__(self, component: OrtComponent, config: dict, dtype: torch.dtype):
-        self.component = component
-        self.in_channels = config["in_channels"]
-        self.out_channels = config["out_channels"]
-        self.sample_size = config["sample_size"]
-        self.downsampling = downsampling(config["block_out_channels"])
-        self.dtype = dtype
-
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        # sample (B, C, H, W); timestep () or (B,) int64 -> the graph's (B,); encoder_hidden_states (B, 77, D)
-        named = {"sample": sample, "timestep": timestep.reshape(-1).expand(sample.shape[0]),
-                 "encoder_hidden_states": encoder_hidden_states}
-        if class_labels is not None:
-            named["class_labels"] = class_labels
-        return self.component(**named)
-
-
-class OrtComponents:
-    """Components (backends/protocol.py) of an exported directory, after verifying every file against its
-    manifest; providers: ONNX Runtime execution providers (default: CUDA when usable, else CPU)."""
+    kind = "onnx"
 
     def __init__(self, root: Path, providers=None, threads: int | None = None):
-        self.root = Path(root).expanduser().resolve()
-        self.manifest = read_manifest(self.root)  # hashes first: nothing unverified is loaded
+        super().__init__(root)
         self.providers = resolve_providers(providers)
         cuda = self.providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
         self.device = torch.device("cuda" if cuda else "cpu")
-        self.dtype = TORCH_DTYPES[self.manifest["precision"]]
         self.options = session_options(threads, spinning=self.device.type == "cpu")  # CPU threads spin; above
-
-    def stages(self) -> list[StageSpec]:
-        """The exported cascade's stages, as the manifest and the copied configs describe them."""
-        specs = []
-        for entry in self.manifest["stages"]:
-            name, kind = entry["name"], entry["kind"]
-            noising = {"super_resolution": "image_noising_scheduler", "latent_upscaler": "low_res_scheduler"}.get(kind)
-            specs.append(StageSpec(
-                name, kind, self.root / name, scheduler_config(self.root / name / "scheduler"),
-                None if noising is None else scheduler_config(self.root / name / noising), entry.get("defaults"),
-                max_noise_level=entry.get("max_noise_level")))
-        return specs
 
     def run_context(self):
         # On CPU the sampler's small torch ops run between ORT calls whose threads spin: torch on one thread.
         return single_threaded_torch if self.device.type == "cpu" else None
 
-    def text_encoder(self, stage: StageSpec):
-        if stage.kind == "latent_upscaler":  # its own CLIP, in its stage's folder
-            component = self._component(self._entry(stage)["text_encoder"])
-            tokenizer = load_tokenizer(self.root / stage.name)
-        else:  # the cascade's T5, at the top of the export
-            component, tokenizer = self._component("text_encoder"), load_tokenizer(self.root)
-        return tokenizer, OrtTextModel(component), component.output_shape[-1]
-
-    def unet(self, stage: StageSpec):
-        return OrtUNet(self._component(f"{stage.name}/unet"), self._json(stage.name, "unet", "config.json"), self.dtype)
-
-    def vae_decoder(self, stage: StageSpec):
-        return OrtVAEDecoder(self._component(self._entry(stage)["vae_decoder"]),
-                             self._json(stage.name, "vae", "config.json"))
-
-    def _component(self, name: str) -> OrtComponent:
+    def component(self, name: str) -> OrtComponent:
         description = self.manifest["components"][name]
         return OrtComponent(self.root / description["file"], description, self.providers, self.options, self.device)
-
-    def _entry(self, stage: StageSpec) -> dict:
-        return next(e for e in self.manifest["stages"] if e["name"] == stage.name)
-
-    def _json(self, *parts) -> dict:
-        return json.loads(self.root.joinpath(*parts).read_text())

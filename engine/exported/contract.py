@@ -42,9 +42,12 @@ class Contract:
         return tuple(tensors)
 
     def describe(self) -> dict:
-        return {"file": self.file, "precision": self.precision,
-                "inputs": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.inputs.items()},
-                "outputs": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.outputs.items()}}
+        described = {"file": self.file, "precision": self.precision,
+                     "inputs": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.inputs.items()},
+                     "outputs": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.outputs.items()}}
+        if self.example_sizes:  # the sizes the cascade gives its dynamic axes (TensorRT's profiles use them)
+            described["sizes"] = dict(self.example_sizes)
+        return described
 
 
 def resolve_dim(dim, sizes: dict) -> int:

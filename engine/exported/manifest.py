@@ -13,7 +13,7 @@ from pathlib import Path
 from engine.errors import ModelError
 
 MANIFEST = "manifest.json"
-FORMAT = "cascade-engine-onnx"
+FORMATS = {"onnx": "cascade-engine-onnx", "tensorrt": "cascade-engine-tensorrt"}  # kind -> format name
 FORMAT_VERSION = 1
 CHUNK = 1 << 20
 
@@ -36,8 +36,8 @@ def hash_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     return files
 
 
-def write(root: Path, manifest: dict) -> None:
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
+def write(root: Path, manifest: dict, kind: str = "onnx") -> None:
+    manifest = {"format": FORMATS[kind], "format_version": FORMAT_VERSION, **manifest,
                 "files": hash_tree(root, skip=(MANIFEST,))}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -46,15 +46,37 @@ def is_exported(root: Path) -> bool:
     return (root / MANIFEST).is_file()
 
 
-def verify(root: Path) -> dict:
-    """The manifest of `root` after checking every listed file; ModelError naming the first problem otherwise."""
-    file = root / MANIFEST
+def export_kind(root: Path) -> str | None:
+    """"onnx" or "tensorrt" for an exported directory (by its manifest's format), None without a manifest;
+    ModelError for a manifest of neither."""
+    if not is_exported(root):
+        return None
+    return _kind(_read(root / MANIFEST), root / MANIFEST)
+
+
+def _read(file: Path) -> dict:
     try:
         manifest = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(file, f"cannot read the export manifest: {exc}; re-export the model") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelError(file, f"not a {FORMAT} manifest; re-export the model with `python -m engine export`")
+    if not isinstance(manifest, dict):
+        raise ModelError(file, "not an export manifest; re-export the model with `python -m engine export`")
+    return manifest
+
+
+def _kind(manifest: dict, file: Path = Path(MANIFEST)) -> str:
+    kinds = {name: kind for kind, name in FORMATS.items()}
+    if manifest.get("format") not in kinds:
+        raise ModelError(file, f"not a manifest of {' or '.join(FORMATS.values())}; re-export the model with "
+                                   "`python -m engine export`")
+    return kinds[manifest["format"]]
+
+
+def verify(root: Path) -> dict:
+    """The manifest of `root` after checking every listed file; ModelError naming the first problem otherwise."""
+    file = root / MANIFEST
+    manifest = _read(file)
+    _kind(manifest, file)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ModelError(file, f"export format version {manifest.get('format_version')} is not the supported "
                                f"{FORMAT_VERSION}; re-export the model with this version of the engine")
@@ -68,8 +90,15 @@ def verify(root: Path) -> dict:
     return manifest
 
 
-def read_manifest(root: Path) -> dict:
-    """The verified manifest of an exported directory (ModelError if anything is missing or changed)."""
+def read_manifest(root: Path, kind: str | None = None) -> dict:
+    """The verified manifest of an exported directory (ModelError if anything is missing or changed, or if it
+    is not of `kind`, "onnx" or "tensorrt", when given)."""
     if not is_exported(root):
         raise ModelError(root, "not an exported directory (no manifest.json)")
-    return verify(root)
+    manifest = verify(root)
+    if kind is not None and _kind(manifest) != kind:
+        raise ModelError(root, f"is a {_kind(manifest)} export, not {kind}: load it with backend='{_BACKEND[_kind(manifest)]}'")
+    return manifest
+
+
+_BACKEND = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
