@@ -11,11 +11,10 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 from engine.errors import EngineError, InvalidRequestError, ModelError, NumericalError
-from engine.loading import load
 from engine.model_dir import DEFAULT_MODEL, packaged_models
-from engine.offline import batch
 from engine.options import GenerateRequest, request_from_call
 from engine.pipeline import Generation, Pipeline
 from engine.version import __version__
@@ -24,10 +23,24 @@ __all__ = ["generate", "batch", "load", "Pipeline", "Generation", "GenerateReque
            "InvalidRequestError", "NumericalError", "DEFAULT_MODEL", "packaged_models", "__version__"]
 
 
+# Imported when first asked for: engine.loading imports the exporters (export/), which import engine's
+# submodules, and every such import runs this file first. Loaded eagerly here, `import export.onnx` (or any
+# engine submodule that reaches engine.loading) would find its own module half-initialised.
+_LAZY = {"load": "engine.loading", "batch": "engine.offline"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
 @functools.lru_cache(maxsize=1)
 def default_pipeline() -> Pipeline:
     """The packaged default model on the best available device, loaded once per process."""
-    return load(DEFAULT_MODEL)
+    return __getattr__("load")(DEFAULT_MODEL)
 
 
 def generate(prompt, **options):
