@@ -11,6 +11,10 @@ each computes the full-width scores in 128-wide chunks of D: 1.5x the minimal FL
 gives zeros (SDPA gives NaN there). IF's joint attention (queries = image tokens, keys = 77 text tokens + image
 tokens, head dim 64) is the case it is tuned for.
 
+On CUDA the custom op first tries libcascade_kernels (native.py: this kernel compiled ahead of time for sm_80
+and sm_90 by CMakeLists.txt), which skips the JIT compile and autotune at first use; calls it does not cover,
+and every call when it is not built or CASCADE_KERNELS_NATIVE=0, take the JIT path below.
+
 Tested with Triton 3.6 (GPU, and CPU under TRITON_INTERPRET=1). Layout follows Triton's fused-attention
 tutorial: reference -> autotune configs -> kernel -> launcher -> torch.library custom op.
 """
@@ -19,8 +23,11 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
+
+from cascade_kernels import native
 
 try:
     import triton
@@ -196,9 +203,35 @@ def _launch(q, k, v, scale, key_padding_mask, out=None):
     return out
 
 
+_native_ok: bool | None = None  # decided once per process: the library loaded and holds this kernel
+
+
+def _native_ready() -> bool:
+    """Whether CUDA calls may go to libcascade_kernels (native.py) before the JIT path."""
+    global _native_ok
+    if _native_ok is None:
+        if not native.available():
+            if os.environ.get("CASCADE_KERNELS_LIB"):  # asked for by name: not finding it is an error
+                raise RuntimeError(f"CASCADE_KERNELS_LIB is set but the library does not load: {native.load_error()}")
+            _native_ok = False  # not built: the JIT path, as before the library existed
+        elif native.library().kernel_key() != _attention_kernel.fn.cache_key:
+            warnings.warn(f"{native.library_path()} was built from another version of _attention_kernel; "
+                          "using the JIT path. Rebuild it: cmake --build build", stacklevel=3)
+            _native_ok = False
+        else:
+            _native_ok = True
+    return _native_ok
+
+
 @torch.library.custom_op("cascade_kernels::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    # On CUDA, the ahead-of-time cubins where they cover the call (dtype, head dim, mask, GPU, layout): no
+    # Triton compile or autotune at first use. CASCADE_KERNELS_NATIVE=0 forces the JIT path.
+    if q.is_cuda and native.enabled() and _native_ready():
+        out = native.attention(q, k, v, scale, key_padding_mask)
+        if out is not None:
+            return out
     return _launch(q, k, v, scale, key_padding_mask)
 
 
