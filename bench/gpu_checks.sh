@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests, the kernel tests on CUDA, and the attention benchmark; logs and JSON in $OUT.
+# One device call: the GPU tests, the kernel tests on CUDA, the attention benchmark, and the native kernel
+# library (its GPU ctest, and time to first image with and without it); logs and JSON in $OUT.
 #
-# Here, once:  bench/gpu_checks.sh --fetch-wheels    (diffusers is not on the GPU machine; pure-Python wheel)
-# Device:      run(command="bash bench/gpu_checks.sh", carry=[".whl"])
+# Here, once:  bench/gpu_checks.sh --fetch-wheels    (diffusers is not on the GPU machine; pure-Python wheel;
+#                                                     and the native library, built into .native/)
+# Device:      run(command="bash bench/gpu_checks.sh", carry=[".whl", ".native"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     mkdir -p .git/info; grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl "diffusers==0.42.1" importlib_metadata \
         starlette uvicorn  # the last two for bench/gpu_serve.sh
+    # The native library needs no driver to build; its files are copied (not symlinked) so they travel.
+    grep -qx '/.native/' .git/info/exclude || echo /.native/ >> .git/info/exclude
+    cmake -S . -B build > /dev/null && cmake --build build > /dev/null && rm -rf .native && mkdir .native \
+        && cp -L build/libcascade_kernels.so.1 .native/ && cp -L build/libcascade_kernels.so .native/ \
+        && cp build/test_gpu_attention .native/
     exit
 fi
 OUT="${OUT:-/tmp/gpu_checks}"
@@ -21,3 +28,10 @@ python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_attention_
 TRITON_INTERPRET=1 python3 -m pytest -q -p no:cacheprovider tests/test_attention_integration.py 2>&1 \
     | tee -a "$OUT/tests.log"
 python3 bench/attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
+if [[ -f .native/libcascade_kernels.so ]]; then
+    export CASCADE_KERNELS_LIB="$PWD/.native/libcascade_kernels.so"
+    LD_LIBRARY_PATH=.native .native/test_gpu_attention 2>&1 | tee "$OUT/native_gpu.log"
+    echo "native gpu_attention exit: ${PIPESTATUS[0]} (77: skipped)" | tee -a "$OUT/native_gpu.log"
+    python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py 2>&1 | tail -n 3 | tee -a "$OUT/native_gpu.log"
+    timeout 300 python3 bench/first_image.py --runs 1 --json "$OUT/first_image.json" 2>&1 | tee "$OUT/first_image.log"
+fi

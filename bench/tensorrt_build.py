@@ -44,7 +44,8 @@ def onnx_export(model: str, dtype: str, work: Path) -> Path:
     return real_size_unet(REAL_SIZE[model], dtype, work / "onnx")
 
 
-def real_size_unet(name: str, dtype: str, out: Path) -> Path:
+def real_size_unet(name: str, dtype: str, out: Path, device=None) -> Path:
+    """The real-size U-Net `name` (random weights) as a one-graph ONNX export at `out`, traced on `device`."""
     import torch
 
     from engine.bench import real_size
@@ -52,10 +53,11 @@ def real_size_unet(name: str, dtype: str, out: Path) -> Path:
     from export.onnx import _export_graph, _UNetGraph, unet_contract, versions
 
     (part,) = [p for p in real_size.parts(name) if p.kind == "unet"]
-    unet = real_size.build(part, torch.device("cpu"), getattr(torch, dtype))
+    device = device or torch.device("cpu")
+    unet = real_size.build(part, device, getattr(torch, dtype))
     contract = unet_contract("stage_I", unet, dtype)
     out.mkdir(parents=True)
-    _export_graph(_UNetGraph(unet), contract, out)
+    _export_graph(_UNetGraph(unet), contract, out, device)
     del unet
     manifest_io.write(out, {"precision": dtype, "source": {"model": name, "sha256": "0" * 64}, "notice": None,
                             "versions": versions(), "components": {contract.name: {**contract.describe(), "check": None}},

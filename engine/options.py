@@ -30,6 +30,9 @@ from engine.schedules import NAMED_SCHEDULES, named_timesteps
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 0..2**64 - 1; JSON clients handle signed 64 bit
 MAX_STEPS = 1000
+# Images per U-Net call per stage, by default: the service's and batch jobs' step batches (a guided image
+# takes two rows), and the most a TensorRT engine is built to take.
+DEFAULT_MAX_BATCH = 8
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 # A stage's steps: a count (evenly spaced per the scheduler config), a named IF schedule, or explicit timesteps.

@@ -148,10 +148,11 @@ def unet_contract(stage_name: str, unet, precision: str, latent_size: int | None
                     precision=precision, value_ranges=ranges, example_sizes=sizes)
 
 
-def _export_graph(module: torch.nn.Module, contract: Contract, root: Path) -> None:
+def _export_graph(module: torch.nn.Module, contract: Contract, root: Path, device: torch.device | None = None) -> None:
+    """Trace `module` (on `device`, CPU by default) into the contract's graph file under `root`."""
     path = root / contract.file
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = contract.example_inputs(2, torch.Generator().manual_seed(0))
+    example = tuple(t.to(device) for t in contract.example_inputs(2, torch.Generator().manual_seed(0)))
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side size checks that hold for any batch
         try:

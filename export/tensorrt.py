@@ -32,13 +32,13 @@ import torch
 from engine.backends.tensorrt_api import CURRENT, TensorRT, require_tensorrt
 from engine.errors import EngineError
 from engine.exported import manifest as manifest_io
+from engine.options import DEFAULT_MAX_BATCH as DEFAULT_MAX_IMAGES  # the service's step batch
 from engine.version import __version__
 from export.onnx import replace_directory
 
 log = logging.getLogger(__name__)
 
 ENGINE_SUFFIX = ".engine"
-DEFAULT_MAX_IMAGES = 8  # images per U-Net call at most: the service's step-level batches (--max-batch)
 # Ampere, Ada and Blackwell workstation GPUs, where no GPU is here to ask (Hopper is not offered by TensorRT-RTX)
 DEFAULT_TARGETS = ("sm80", "sm86", "sm89", "sm120")
 ATTENTION_LAYER = re.compile(r"mha|fmha|attention", re.IGNORECASE)  # how TensorRT names its fused attention

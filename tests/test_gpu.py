@@ -39,3 +39,16 @@ def test_upper_quantile_is_torch_quantile_on_cuda(dtype):
     for q in (0.5, 0.9, 0.995):
         torch.testing.assert_close(upper_quantile(flat, q), torch.quantile(flat, q, dim=1), rtol=0, atol=0,
                                    equal_nan=True)
+
+
+def test_tensorrt_engines_track_cpu_float32(cascade_dir, engine_pipe, tmp_path, monkeypatch):
+    """float16 engines built for this GPU ("current") against CPU float32, same seed, same bound as float16
+    torch. Where TensorRT for RTX refuses this GPU (Hopper is not among its targets), the test fails with
+    TensorRT's own message: that is the finding bench/gpu_tensorrt.sh records."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    monkeypatch.setenv("CASCADE_ENGINE_CACHE", str(tmp_path / "cache"))
+    gpu = engine.load(cascade_dir, backend="tensorrt")
+    options = dict(seed=0, steps=(4, 3), guidance=(7.0, 4.0), output_type="np")
+    ours = gpu.generate("a red circle", **options)
+    reference = engine_pipe.generate("a red circle", **options)
+    assert np.abs(ours - reference).max() < HALF_BOUND["float16"]

@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError, ShuttingDownError
-from engine.options import GenerateRequest
+from engine.options import DEFAULT_MAX_BATCH, GenerateRequest
 from engine.pipeline import CascadeRun, Pipeline
 from engine.stage import StageRun
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 8  # images per U-Net call per stage (a guided image takes two rows)
 DEFAULT_MAX_QUEUE = 32  # requests waiting for admission
 # Admission policies, for comparing (bench/serve_load.py): "step" admits at every step boundary (the point of
 # this module); "request" admits only when the cascade is idle, then as many waiting requests as fit, which
