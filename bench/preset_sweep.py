@@ -70,6 +70,18 @@ SETTINGS: dict[str, dict] = {
     "smart27 interval 100:800 + II ddpm 6": {"stages": [{"guidance_interval": [100, 800]}, {"steps": 6}]},
     "smart27 interval 200:700 + II ddpm 5": {"stages": [{"guidance_interval": [200, 700]}, {"steps": 5}]},
     "smart27 interval 250:650 + II ddpm 6": {"stages": [{"guidance_interval": [250, 650]}, {"steps": 6}]},
+    # Stage II from pure noise: DDPM's "leading" spacing starts 6 steps at t=830, 5 at t=800; explicit lists start
+    # at t=999 ("trailing" spacing) and end where the last step lands.
+    "smart27 interval 200:700 + II t6 999..166": {"stages": [{"guidance_interval": [200, 700]},
+                                                           {"steps": [999, 833, 666, 500, 333, 166]}]},
+    "smart27 interval 200:700 + II t5 999..199": {"stages": [{"guidance_interval": [200, 700]},
+                                                           {"steps": [999, 799, 599, 399, 199]}]},
+    "smart27 interval 200:700 + II t5 999..0": {"stages": [{"guidance_interval": [200, 700]},
+                                                         {"steps": [999, 700, 400, 150, 0]}]},
+    "smart27 interval 200:700 + II t4 999..249": {"stages": [{"guidance_interval": [200, 700]},
+                                                           {"steps": [999, 749, 499, 249]}]},
+    "smart27 interval 200:700 + II t4 999..0": {"stages": [{"guidance_interval": [200, 700]},
+                                                         {"steps": [999, 600, 250, 0]}]},
     "smart27 + II dpm++ 6": {"stages": [None, {"scheduler": "dpm++2m", "steps": 6}]},
     "smart27 interval 400:1000 + II dpm++ 6": {"stages": [{"guidance_interval": [400, 1000]},
                                                          {"scheduler": "dpm++2m", "steps": 6}]},

@@ -43,7 +43,7 @@ def build_pipeline(specs: list, components, source: str = "", notice: str | None
             except InvalidRequestError as exc:
                 raise ModelError(spec.directory, f"preset {name!r} for {spec.name}: {exc}") from exc
     return Pipeline(text or stages[0].text, stages, device, dtype, source=source, notice=notice,
-                    run_context=components.run_context(), presets=presets)
+                    run_context=components.run_context(), presets=presets, backend=components.backend)
 
 
 def stage_defaults(spec) -> StageDefaults:

@@ -240,7 +240,7 @@ def batch(source, out, model: Pipeline | str | None = None, max_batch: int = DEF
     total = sum(_images_of(row, defaults) for row in todo)
     stop = threading.Event()
     start = time.perf_counter()
-    identity = {"model": pipe.source, "backend": _backend(pipe), "device": str(pipe.device),
+    identity = {"model": pipe.source, "backend": pipe.backend, "device": str(pipe.device),
                 "dtype": str(pipe.dtype).removeprefix("torch."), "engine": __version__}
     with _stop_on_signals(stop), open(out / MANIFEST, "a", encoding="utf-8") as manifest, \
             tqdm(total=total, unit="image", desc="batch", disable=not progress) as bar:
@@ -338,11 +338,6 @@ def _prompts(row: Row) -> int:
 def _intact(out: Path, entry: dict) -> bool:
     file = out / entry["file"]
     return file.is_file() and hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"]
-
-
-def _backend(pipe: Pipeline) -> str:
-    unet = type(pipe.stages[0].unet).__module__
-    return "onnxruntime" if "onnx" in unet else "torch"
 
 
 class _stop_on_signals:

@@ -37,11 +37,13 @@ class Generation:
 
 class Pipeline:
     def __init__(self, text: TextEncoder, stages: list[Stage], device: torch.device, dtype: torch.dtype,
-                 source: str = "", notice: str | None = None, run_context=None, presets: dict | None = None):
+                 source: str = "", notice: str | None = None, run_context=None, presets: dict | None = None,
+                 backend: str = "torch"):
         self.text = text
         self.stages = stages
         self.device = device
         self.dtype = dtype
+        self.backend = backend  # the name of the backend that runs its components ("torch", "onnxruntime", ...)
         self.source = source  # what it was loaded from, for messages
         self.notice = notice  # something the user must know about this model (e.g. random weights)
         self.run_context = run_context or contextlib.nullcontext  # a backend's setup around each run

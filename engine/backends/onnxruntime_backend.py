@@ -132,6 +132,7 @@ class OrtComponents(ExportedComponents):
     providers: ONNX Runtime execution providers (default: CUDA when usable, else CPU)."""
 
     kind = "onnx"
+    backend = "onnxruntime"
 
     def __init__(self, root: Path, providers=None, threads: int | None = None):
         super().__init__(root)

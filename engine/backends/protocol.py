@@ -57,6 +57,7 @@ class TextModel(Protocol):
 class Components(Protocol):
     """What a backend hands `assemble.build_pipeline`: the components of each stage."""
 
+    backend: str  # its name, as BACKENDS registers it (Pipeline.backend; batch manifests record it)
     device: torch.device  # where the runtime keeps its tensors for these components
     dtype: torch.dtype  # the U-Nets' precision
 

@@ -88,6 +88,7 @@ class TrtComponents(ExportedComponents):
     """Components (backends/protocol.py) of a TensorRT engine directory, every file verified first."""
 
     kind = "tensorrt"
+    backend = "tensorrt"
 
     def __init__(self, root: Path, device: str | torch.device | None = None):
         super().__init__(root)

@@ -19,6 +19,8 @@ class TorchComponents:
     """Components (backends/protocol.py) from model directories: `variant` None picks the weight files by
     dtype (model_dir.weights_variant); attention is "sdpa" or "triton" (attention.py)."""
 
+    backend = "torch"
+
     def __init__(self, device: torch.device, dtype: torch.dtype, attention: str, variant: str | None = None):
         self.device, self.dtype, self.attention, self.variant = device, dtype, attention, variant
 
