@@ -21,7 +21,7 @@ from engine.backends import BACKENDS
 from engine.bench import BenchOptions, run
 from engine.bench.components import COMPILE_MODES, DEFAULT_COMPARE, VARIANTS
 from engine.bench.real_size import NAMES
-from engine.bench.report import command_line, save_json, table
+from engine.bench.report import DEFAULT_REGRESSION, command_line, compare_to_baseline, save_json, table
 from engine import offline
 from engine.demo import evaluate as quality_gate
 from engine.errors import EngineError, InvalidRequestError
@@ -35,7 +35,7 @@ from engine.serve import http as serve_defaults  # the service's defaults are wr
 from engine.serve import ray_app
 from engine.serve.http import create_app
 from engine.version import __version__
-from export.cache import cached_export
+from export.cache import cached_export, timing_cache_file
 from export.onnx import export_onnx
 from export.tensorrt import DEFAULT_MAX_IMAGES, build_engines
 from export.tensorrt import describe as describe_engines
@@ -288,6 +288,11 @@ def _add_bench_parser(commands, common) -> None:
                        help="torch CPU threads (default: torch's choice, one per core); on a shared machine 1 "
                             "avoids threads waiting on a busy core")
     bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report here")
+    bench.add_argument("--baseline", type=Path, default=None, metavar="OLD.json",
+                       help="an earlier --json report: print each row's p50 ratio to it, and exit 1 if any row is "
+                            "slower than --threshold times its baseline (a regression check)")
+    bench.add_argument("--threshold", type=float, default=DEFAULT_REGRESSION,
+                       help=f"with --baseline: the p50 ratio above which a row is a regression (default {DEFAULT_REGRESSION})")
     bench.add_argument("--quiet", action="store_true", help="only the table")
 
 
@@ -417,13 +422,24 @@ def export_engines(args) -> None:
         onnx_dir = Path(args.model[0]).expanduser()  # an ONNX export: its own precision
     else:
         onnx_dir = cached_export(*args.model, dtype=args.dtype, progress=not args.quiet)
-    out = build_engines(onnx_dir, args.out, targets=args.targets, max_images=max_images, progress=not args.quiet)
+    out = build_engines(onnx_dir, args.out, targets=args.targets, max_images=max_images, progress=not args.quiet,
+                        timing_cache=timing_cache_file())
     if not args.quiet:
         print(describe_engines(out))
         print(f"built into {out}; run it on a GPU with: python -m engine generate \"PROMPT\" --model {out}")
 
 
-def bench(args, argv: list[str] | None) -> None:
+def bench(args, argv: list[str] | None) -> int:
+    baseline = None
+    if args.baseline is not None:
+        try:
+            baseline = json.loads(args.baseline.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EngineError(f"cannot read the baseline report {args.baseline}: {exc}") from exc
+        if not isinstance(baseline, dict) or "rows" not in baseline:
+            raise EngineError(f"{args.baseline} is not a `python -m engine bench --json` report")
+    if args.threshold <= 1.0:
+        raise EngineError(f"--threshold must be above 1.0 (a p50 ratio), got {args.threshold}")
     options = BenchOptions(models=tuple(args.model), device=args.device, dtype=args.dtype, batch=args.batch,
                            steps=_one_or_tuple(args.steps), iters=args.iters, warmup=args.warmup,
                            compare=args.compare, prompt=args.prompt, threads=args.threads)
@@ -433,6 +449,13 @@ def bench(args, argv: list[str] | None) -> None:
     save_json(report, args.json)
     if args.json is not None and not args.quiet:
         print(f"report written to {args.json}", file=sys.stderr)
+    if baseline is None:
+        return 0
+    comparison, regressions = compare_to_baseline(report, baseline, args.threshold)
+    print("\n" + comparison)
+    for line in regressions:
+        print(f"regression: {line}", file=sys.stderr)
+    return 1 if regressions else 0
 
 
 def serve(args) -> None:
@@ -548,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "batch":
             run_batch(args)
         elif args.command == "bench":
-            bench(args, argv)
+            return bench(args, argv)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

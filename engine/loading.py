@@ -141,14 +141,10 @@ def _load_onnxruntime(paths, exported: Path | None, device, dtype, providers, re
     if providers is None and device.type == "cpu":
         providers = ["CPUExecutionProvider"]
     if exported is None:
-        dtype = resolve_dtype(dtype, device)
-        if dtype == torch.bfloat16:
-            raise InvalidRequestError("the onnxruntime backend runs float32 or float16 exports, not bfloat16")
         exported = cached_export(*stage_dirs(paths, revision).dirs if revision else paths,
-                                 dtype=str(dtype).removeprefix("torch."))
+                                 dtype=_export_dtype(dtype, device, "onnxruntime"))
     elif dtype is not None:
-        raise InvalidRequestError(f"{exported} was exported in a fixed precision (see its manifest.json); "
-                                  "dtype= cannot change it: export again with --dtype")
+        raise _fixed_precision(exported)
     return load_exported(exported, providers=providers)
 
 
@@ -158,15 +154,24 @@ def _load_tensorrt(paths, exported: Path | None, device, dtype, revision) -> Pip
     if device is not None and resolve_device(device).type != "cuda":
         raise InvalidRequestError("the tensorrt backend runs on a CUDA GPU: use device='cuda' (or none)")
     if exported is None:
-        dtype = resolve_dtype(dtype if dtype is not None else "float16", torch.device("cuda"))  # engines: GPU
-        if dtype == torch.bfloat16:
-            raise InvalidRequestError("the tensorrt backend builds float32 or float16 engines, not bfloat16")
-        exported = cached_engines(*stage_dirs(paths, revision).dirs if revision else paths,
-                                  dtype=str(dtype).removeprefix("torch."))
+        exported = cached_engines(*stage_dirs(paths, revision).dirs if revision else paths,  # float16: a GPU's
+                                  dtype=_export_dtype(dtype or "float16", torch.device("cuda"), "tensorrt"))
     elif dtype is not None:
-        raise InvalidRequestError(f"{exported} was built in a fixed precision (see its manifest.json); dtype= cannot "
-                                  "change it: build again with --dtype")
+        raise _fixed_precision(exported)
     return _pipeline(TrtComponents(exported, device))
+
+
+def _export_dtype(dtype, device: torch.device, backend: str) -> str:
+    """The export precision ("float32" or "float16") for dtype= on `device`; bfloat16 is refused."""
+    resolved = resolve_dtype(dtype, device)
+    if resolved == torch.bfloat16:
+        raise InvalidRequestError(f"the {backend} backend runs float32 or float16 exports, not bfloat16")
+    return str(resolved).removeprefix("torch.")
+
+
+def _fixed_precision(exported: Path) -> InvalidRequestError:
+    return InvalidRequestError(f"{exported} was exported in a fixed precision (see its manifest.json); dtype= "
+                               "cannot change it: export again with --dtype")
 
 
 def load_exported(root: Path, providers=None, threads: int | None = None) -> Pipeline:

@@ -57,14 +57,9 @@ def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path
     source_sha256 = source_hash(dirs)  # reads every source file once; the export reuses it
     presets = {name: preset.to_json([d.name for d in dirs]) for name, preset in cascade.presets.items()}
     entry = cache_root() / "onnx" / cache_key(source_sha256, dtype, defaults, presets)[:24]
-    if entry.exists():
-        try:
-            manifest_io.verify(entry) if manifest_io.is_exported(entry) else _no_manifest(entry)
-            log.info("using the cached ONNX export of %s at %s", source, entry)
-            return entry
-        except ModelError as exc:
-            log.warning("the cached ONNX export is unusable (%s); rebuilding it", exc)
-            shutil.rmtree(entry)
+    if _usable(entry, "onnx", "ONNX export"):
+        log.info("using the cached ONNX export of %s at %s", source, entry)
+        return entry
     log.info("exporting %s to ONNX into the cache at %s (once)", source, entry)
     return export_onnx(*paths, out=entry, dtype=dtype, progress=progress, source_sha256=source_sha256)
 
@@ -79,17 +74,29 @@ def cached_engines(*paths, dtype: str = "float32", targets: tuple[str, ...] | No
     key = {"onnx": manifest_io.sha256_file(onnx_dir / manifest_io.MANIFEST), "targets": list(targets),
            "max_images": max_images, "tensorrt": [api.flavour, api.version]}
     entry = cache_root() / "tensorrt" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    if entry.exists():
-        try:
-            manifest_io.read_manifest(entry, kind="tensorrt") if manifest_io.is_exported(entry) else _no_manifest(entry)
-            log.info("using the cached TensorRT engines of %s at %s", onnx_dir, entry)
-            return entry
-        except ModelError as exc:
-            log.warning("the cached TensorRT engines are unusable (%s); rebuilding them", exc)
-            shutil.rmtree(entry)
+    if _usable(entry, "tensorrt", "TensorRT engines"):
+        log.info("using the cached TensorRT engines of %s at %s", onnx_dir, entry)
+        return entry
     log.info("building TensorRT engines from %s into the cache at %s (once)", onnx_dir, entry)
-    return build_engines(onnx_dir, entry, targets=targets, max_images=max_images, progress=progress)
+    return build_engines(onnx_dir, entry, targets=targets, max_images=max_images, progress=progress,
+                         timing_cache=timing_cache_file())
 
 
-def _no_manifest(entry: Path):
-    raise ModelError(entry, "no manifest.json (an interrupted export?)")
+def timing_cache_file() -> Path:
+    """The data-center TensorRT builder's timing cache, shared by every build (TensorRT-RTX keeps none)."""
+    return cache_root() / "tensorrt" / "timing.cache"
+
+
+def _usable(entry: Path, kind: str, what: str) -> bool:
+    """Whether the cache entry exists and verifies; a corrupt or partial one is reported and removed."""
+    if not entry.exists():
+        return False
+    try:
+        if not manifest_io.is_exported(entry):
+            raise ModelError(entry, "no manifest.json (an interrupted export?)")
+        manifest_io.read_manifest(entry, kind=kind)
+        return True
+    except ModelError as exc:
+        log.warning("the cache entry of the %s is unusable (%s); rebuilding it", what, exc)
+        shutil.rmtree(entry)
+        return False

@@ -80,8 +80,10 @@ def attention_summary(messages: list[tuple[int, str]]) -> dict:
     return {"layers": len(layers), "fused_attention": len(fused), "attention_layers": fused}
 
 
-def build_engine(api: TensorRT, onnx_path: Path, shapes: dict, targets: tuple[str, ...]) -> tuple[bytes, dict]:
-    """(serialized engine, build summary) for one ONNX graph."""
+def build_engine(api: TensorRT, onnx_path: Path, shapes: dict, targets: tuple[str, ...],
+                 timing_cache: Path | None = None) -> tuple[bytes, dict]:
+    """(serialized engine, build summary) for one ONNX graph. timing_cache: a file of tactic timings that the
+    data-center flavour reads and updates (RTX has none)."""
     trt = api.module
     logger = api.logger()
     builder = trt.Builder(logger)
@@ -97,20 +99,25 @@ def build_engine(api: TensorRT, onnx_path: Path, shapes: dict, targets: tuple[st
     for name, shape in shapes.items():
         optimisation.set_shape(name, shape["min"], shape["opt"], shape["max"])
     config.add_optimization_profile(optimisation)
-    api.attach_timing_cache(config, None)
+    known = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
+    cache = api.attach_timing_cache(config, known)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT could not build an engine from {onnx_path}: {'; '.join(logger.errors) or 'no reason given'}")
+    if cache is not None and timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        timing_cache.write_bytes(bytes(cache.serialize()))
     data = bytes(serialized)
     return data, {"seconds": round(time.perf_counter() - start, 2), "bytes": len(data),
                   **attention_summary(logger.messages)}
 
 
 def build_engines(onnx_dir: str | Path, out: str | Path, targets: tuple[str, ...] | None = None,
-                  max_images: int = DEFAULT_MAX_IMAGES, progress: bool = True) -> Path:
+                  max_images: int = DEFAULT_MAX_IMAGES, progress: bool = True, timing_cache: Path | None = None) -> Path:
     """Engines for every component of the ONNX export at `onnx_dir`, written to `out` (atomically: built beside
-    it and renamed); returns `out`. `out` may be an earlier engine directory (replaced), nothing else non-empty."""
+    it and renamed); returns `out`. `out` may be an earlier engine directory (replaced), nothing else non-empty.
+    timing_cache: see build_engine (the export cache and the command line keep one in the cache directory)."""
     from tqdm.auto import tqdm
 
     api = require_tensorrt()
@@ -132,7 +139,7 @@ def build_engines(onnx_dir: str | Path, out: str | Path, targets: tuple[str, ...
         components = {}
         for name, description in tqdm(source["components"].items(), desc="build tensorrt", disable=not progress):
             shapes = profile(description, max_images)
-            data, summary = build_engine(api, onnx_dir / description["file"], shapes, targets)
+            data, summary = build_engine(api, onnx_dir / description["file"], shapes, targets, timing_cache)
             file = engine_file(description["file"])
             (work / file).parent.mkdir(parents=True, exist_ok=True)
             (work / file).write_bytes(data)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine.bench import real_size
+from engine.bench.report import compare_to_baseline
 from engine.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,9 @@ def test_bench_packaged_model_writes_report(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["command"].startswith("python -m engine bench --steps 1")
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
-    assert {"torch", "diffusers", "transformers", "engine"} <= set(report["versions"])
+    assert {"torch", "diffusers", "transformers", "engine", "onnxruntime", "onnx"} <= set(report["versions"])
+    assert report["versions"]["onnxruntime"]  # installed with the tests
+    assert len(report["git"]["commit"]) == 40 and isinstance(report["git"]["dirty"], bool)
     assert report["matmul_peak_tflops"]["float32"] > 0
     rows = {(r["component"], r["variant"]): r for r in report["rows"]}
     components = {c for c, _ in rows}
@@ -53,11 +56,31 @@ def test_bench_packaged_model_writes_report(tmp_path, capsys):
             _positive(row, "p50_ms", "p90_ms", "p99_ms", "images_per_s", "peak_memory_mib", "flops", "floor_ms",
                       "roofline_pct", "ours_speedup")
             assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["finite"]
+            assert row["n"] == 1 and row["min_ms"] <= row["p50_ms"] and row["iqr_ms"] == 0 == row["std_ms"]
+            assert row["p99_reliable"] is False  # one sample: flagged
     assert rows[("stage_I U-Net step (32 px)", "ours")]["batch"] == 2  # CFG: 2 x images
     for row in report["rows"]:
         _positive(row, "p50_ms", "images_per_s", "flops", "floor_ms")
     table = capsys.readouterr().out
-    assert "| component | variant | p50 ms" in table and "whole cascade" in table and "diffusers eager" in table
+    assert "| component | variant | n | min ms | p50 ms | IQR ms" in table and "whole cascade" in table
+    assert "diffusers eager" in table and "p99*: from fewer than 20 samples" in table
+
+    # A regression check against a baseline whose every p50 was half of this run's: each row is 2x slower.
+    halved = tmp_path / "fast.json"
+    halved.write_text(json.dumps(report | {"rows": [r | {"p50_ms": r["p50_ms"] / 2} for r in report["rows"]]}))
+    assert main(["bench", "--steps", "1", "--device", "cpu", *QUICK, "--baseline", str(halved)]) == 1
+    captured = capsys.readouterr()
+    assert "REGRESSION" in captured.out and "regression: stage_I U-Net step (32 px) ours:" in captured.err
+
+
+def test_the_baseline_comparison_names_new_gone_and_slower_rows():
+    row = {"component": "c", "variant": "ours", "batch": 2, "p50_ms": 10.0}
+    baseline = {"rows": [row, row | {"variant": "eager"}], "date": "d", "command": "cmd"}
+    text, regressions = compare_to_baseline({"rows": [row | {"p50_ms": 11.5}, row | {"variant": "compile"}]}, baseline)
+    assert regressions == ["c ours: 1.15x the baseline's p50"]
+    assert "| c | ours | 10.00 | 11.50 | 1.15x REGRESSION |" in text
+    assert "| c | compile | - | 10.00 | new |" in text and "| c | eager | 10.00 | - | gone |" in text
+    assert compare_to_baseline({"rows": [row | {"p50_ms": 10.9}]}, baseline)[1] == []  # within 1.10x
 
 
 @pytest.mark.parametrize("name", list(real_size.MODELS))

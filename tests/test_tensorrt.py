@@ -152,7 +152,7 @@ def test_load_builds_the_three_stage_cascade_into_the_cache_once(three_stage_dir
     (entry / "stage_I" / "unet" / "model.engine").write_bytes(b"partial")  # a damaged entry is rebuilt
     with pytest.raises(EngineError, match="PyTorch sees none here"):
         engine.load(three_stage_dir, backend="tensorrt", dtype="float32")
-    assert "the cached TensorRT engines are unusable" in caplog.text
+    assert "the cache entry of the TensorRT engines is unusable" in caplog.text
     manifest_io.read_manifest(entry, kind="tensorrt")
 
     copy = shutil.copytree(three_stage_dir, tmp_path / "changed")

@@ -104,7 +104,7 @@ class Row:
         stats = percentiles_ms(self.samples_s)
         return {
             "component": self.component, "variant": self.variant, "label": components.LABELS[self.variant].format(library=self.library),
-            "images": self.images, "batch": self.batch, "dtype": self.dtype, "iters": len(self.samples_s),
+            "images": self.images, "batch": self.batch, "dtype": self.dtype,
             **stats, "samples_ms": [s * 1e3 for s in self.samples_s],
             "images_per_s": self.images / (stats["p50_ms"] / 1e3),
             "first_call_ms": None if self.first_call_s is None else self.first_call_s * 1e3,

@@ -56,12 +56,18 @@ def interleaved(calls: dict[str, Callable[[], object]], iters: int, warmup: int 
     return samples
 
 
+MIN_SAMPLES_P99 = 20  # fewer samples than this and p99 is little more than the slowest call: flagged
+
+
 def percentiles_ms(samples_s: list[float]) -> dict[str, float]:
-    """p50 / p90 / p99 / mean in milliseconds (linear interpolation between samples, as numpy does: with
-    few samples p99 is close to the slowest call)."""
+    """n, min, p50 / p90 / p99, mean, the spread (IQR = p75 - p25, and the standard deviation) in
+    milliseconds (linear interpolation between samples, as numpy does), and whether p99 rests on at least
+    MIN_SAMPLES_P99 samples."""
     ms = np.asarray(samples_s, dtype=np.float64) * 1e3
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean())}
+    p25, p50, p75, p90, p99 = np.percentile(ms, [25, 50, 75, 90, 99])
+    return {"n": int(ms.size), "min_ms": float(ms.min()), "p50_ms": float(p50), "p90_ms": float(p90),
+            "p99_ms": float(p99), "mean_ms": float(ms.mean()), "iqr_ms": float(p75 - p25),
+            "std_ms": float(ms.std(ddof=1)) if ms.size > 1 else 0.0, "p99_reliable": bool(ms.size >= MIN_SAMPLES_P99)}
 
 
 def peak_memory_kind(device: torch.device) -> str:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The standing GPU measurement: one prepared device call, under 9 minutes on a bare H200 or H100, each part
+# time-boxed (a failure or a timeout loses only that part). Logs and JSON in $OUT; commit the JSON under
+# bench/results/ and the tables in bench/RESULTS.md.
+#
+# Here, once:  bash bench/gpu_checks.sh --fetch-wheels      (diffusers and friends into .whl/, the native
+#                                                           kernel library into .native/)
+# Device:      run(command="bash bench/gpu_campaign.sh", carry=[".whl", ".native"], timeout_s=570)
+#
+# Parts and their boxes (seconds): GPU tests 90; native library check 60; IF-I-XL U-Net step, eager / compile /
+# ours 150; IF-II-L the same 150; T5-XXL 60; the packaged cascade 45. TensorRT is its own pair of calls
+# (bench/gpu_tensorrt.sh). Not yet here: the real-size IF-I-XL + IF-II-L cascade with T5-XXL (the benchmark
+# times real-size models one component at a time).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_campaign}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+source bench/gpu_wheels.sh
+nvidia-smi --query-gpu=name,driver_version,compute_cap,clocks.max.sm,memory.total --format=csv | tee "$OUT/device.txt"
+git log -1 --format='%H %s' 2>/dev/null | tee "$OUT/commit.txt"
+part() {  # part NAME SECONDS COMMAND...: run it time-boxed, log it, say how it ended
+    local name=$1 seconds=$2; shift 2
+    local start=$SECONDS
+    timeout "$seconds" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name: exit $rc after $((SECONDS - start)) s (box ${seconds} s; 124 = timed out)" | tee -a "$OUT/parts.txt"
+    tail -n 25 "$OUT/$name.log"
+}
+part tests 90 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py tests/test_attention_kernel.py
+if [[ -f .native/libcascade_kernels.so ]]; then
+    part native 60 env CASCADE_KERNELS_LIB="$PWD/.native/libcascade_kernels.so" LD_LIBRARY_PATH=.native \
+        .native/test_gpu_attention
+fi
+BENCH=(python3 -m engine bench --device cuda --iters "${ITERS:-20}" --warmup "${WARMUP:-3}" --compare eager,compile,ours)
+part bench_if-i-xl 150 "${BENCH[@]}" --model if-i-xl:random --json "$OUT/bench_if-i-xl.json"
+part bench_if-ii-l 150 "${BENCH[@]}" --model if-ii-l:random --json "$OUT/bench_if-ii-l.json"
+part bench_t5-xxl 60 python3 -m engine bench --device cuda --iters 10 --warmup 2 --model t5-xxl:random \
+    --json "$OUT/bench_t5-xxl.json"
+part bench_shapes 45 python3 -m engine bench --device cuda --model shapes --json "$OUT/bench_shapes.json"
+cat "$OUT/parts.txt"
