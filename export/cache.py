@@ -50,13 +50,24 @@ def cache_key(source_sha256: str, dtype: str, defaults: list | None = None, pres
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path:
-    """The directory of a verified ONNX export of the cascade at `paths`, exporting it first if needed."""
+def _onnx_entry(paths, dtype: str) -> tuple[Path, str, str]:
+    """(the cache entry of the ONNX export of the cascade at `paths`, its source hash, the source's name)."""
     cascade = stage_dirs(paths)
-    dirs, source, defaults = cascade.dirs, cascade.source, cascade.defaults
+    dirs, defaults = cascade.dirs, cascade.defaults
     source_sha256 = source_hash(dirs)  # reads every source file once; the export reuses it
     presets = {name: preset.to_json([d.name for d in dirs]) for name, preset in cascade.presets.items()}
-    entry = cache_root() / "onnx" / cache_key(source_sha256, dtype, defaults, presets)[:24]
+    return cache_root() / "onnx" / cache_key(source_sha256, dtype, defaults, presets)[:24], source_sha256, cascade.source
+
+
+def existing_export(*paths, dtype: str = "float32") -> Path | None:
+    """The verified cached ONNX export of the cascade at `paths` if there is one; nothing is exported."""
+    entry, _, _ = _onnx_entry(paths, dtype)
+    return entry if _usable(entry, "onnx", "ONNX export") else None
+
+
+def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path:
+    """The directory of a verified ONNX export of the cascade at `paths`, exporting it first if needed."""
+    entry, source_sha256, source = _onnx_entry(paths, dtype)
     if _usable(entry, "onnx", "ONNX export"):
         log.info("using the cached ONNX export of %s at %s", source, entry)
         return entry

@@ -35,7 +35,8 @@ def _positive(row, *keys):
         assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (row["component"], key, row[key])
 
 
-def test_bench_packaged_model_writes_report(tmp_path, capsys):
+def test_bench_packaged_model_writes_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CASCADE_ENGINE_CACHE", str(tmp_path / "cache"))  # empty: no ONNX Runtime rows
     out = tmp_path / "bench.json"
     assert main(["bench", "--steps", "1", "--device", "cpu", *QUICK, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -61,6 +62,7 @@ def test_bench_packaged_model_writes_report(tmp_path, capsys):
     assert rows[("stage_I U-Net step (32 px)", "ours")]["batch"] == 2  # CFG: 2 x images
     for row in report["rows"]:
         _positive(row, "p50_ms", "images_per_s", "flops", "floor_ms")
+    assert "onnxruntime" not in {r["variant"] for r in report["rows"]}
     table = capsys.readouterr().out
     assert "| component | variant | n | min ms | p50 ms | IQR ms" in table and "whole cascade" in table
     assert "diffusers eager" in table and "p99*: from fewer than 20 samples" in table
@@ -152,3 +154,20 @@ def test_bench_components_run_under_pytest_benchmark():
                            str(ROOT / "bench" / "bench_components.py")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_a_cached_onnx_export_adds_onnx_runtime_rows(tmp_path, monkeypatch):
+    from export.cache import cached_export
+
+    monkeypatch.setenv("CASCADE_ENGINE_CACHE", str(tmp_path / "cache"))
+    exported = cached_export("shapes", progress=False)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--steps", "1", "--device", "cpu", *QUICK, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    ort = {r["component"]: r for r in report["rows"] if r["variant"] == "onnxruntime"}
+    assert set(ort) == {"stage_I U-Net step (32 px)", "stage_II U-Net step (128 px)", "whole cascade (1+1 steps, 128 px)"}
+    for row in ort.values():
+        _positive(row, "p50_ms", "ours_speedup")
+        assert row["label"] == "ours, ONNX Runtime" and row["finite"] is not False
+    assert "onnxruntime" in report["options"]["compare"]
+    assert any(str(exported) in note for note in report["notes"])

@@ -20,8 +20,9 @@ from engine.model_dir import text_width
 from engine.text import MAX_TOKENS as TEXT_TOKENS
 
 VARIANTS = ("eager", "compile", "ours")
-# Table labels: "{library} eager", "{library}+compile", "ours" (library: diffusers, or transformers for text).
-LABELS = {"eager": "{library} eager", "compile": "{library}+compile", "ours": "ours"}
+# Table labels: "{library} eager", "{library}+compile", "ours" (library: diffusers, or transformers for text);
+# "onnxruntime": our Pipeline on the cached ONNX export of the same cascade, a row added where one exists.
+LABELS = {"eager": "{library} eager", "compile": "{library}+compile", "ours": "ours", "onnxruntime": "ours, ONNX Runtime"}
 # torch.compile's mode per device: max-autotune on a GPU (the comparison); on CPU it only adds C++ GEMM
 # template tuning that takes minutes on a small machine, so the default mode (and compile is off by default
 # on CPU anyway: DEFAULT_COMPARE).

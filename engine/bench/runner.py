@@ -18,16 +18,18 @@ from typing import Callable
 
 import torch
 
+from engine.backends.onnxruntime_backend import require_onnx
 from engine.backends.torch_backend import text_dtype
 from engine.bench import components, real_size
 from engine.bench.report import environment
 from engine.bench.roofline import count_flops, floor_seconds, matmul_peak_tflops
 from engine.bench.timing import interleaved, peak_memory_bytes, peak_memory_kind, percentiles_ms, timed_call
-from engine.errors import InvalidRequestError
-from engine.loading import load, resolve_device, resolve_dtype
+from engine.errors import EngineError, InvalidRequestError
+from engine.loading import load, load_exported, resolve_device, resolve_dtype
 from engine.model_dir import DEFAULT_MODEL, packaged_models, stage_dirs
 from engine.options import GenerateRequest, Steps
 from engine.testing.reference import reference_stages, run_reference
+from export.cache import existing_export
 
 PROMPT = "a red circle on a blue background"
 
@@ -178,6 +180,7 @@ def bench_cascade(session: Session) -> list[Row]:
     pipe = load(*opts.cascade, backend="torch", device=device, dtype=dtype)
     settings = request.per_stage([s.defaults for s in pipe.stages])
     rows: list[Row] = []
+    ort_pipe = _onnxruntime_pipeline(session)
 
     step_flops = {}
     received = [None] + pipe.output_sizes()  # the side of the images each stage receives
@@ -187,6 +190,10 @@ def bench_cascade(session: Session) -> list[Row]:
         plain = components.fresh_copy(stage.unet.model)  # diffusers' own processors, contiguous weights
         inputs = components.unet_inputs(plain.config, batch, size, device, dtype)
         calls = components.unet_variants(plain, inputs, device, session.compare, ours=stage.unet)
+        if ort_pipe is not None:
+            ort_unet = next(s.unet for s in ort_pipe.stages if s.name == stage.name)
+            calls["onnxruntime"] = lambda u=ort_unet: u(inputs["sample"], inputs["timestep"],
+                                                        inputs["encoder_hidden_states"], inputs["class_labels"])
         step_flops[stage.name] = count_flops(calls["eager"])
         rows += session.time_variants(f"{stage.name} U-Net step ({size} px)", calls, opts.batch, batch,
                                       dtype, step_flops[stage.name], "counted")
@@ -202,6 +209,8 @@ def bench_cascade(session: Session) -> list[Row]:
 
     calls = {"ours": ours}
     calls.update(_diffusers_cascade(session, stage_dirs(opts.cascade).dirs, request, settings))
+    if ort_pipe is not None:
+        calls["onnxruntime"] = lambda: ort_pipe.run(request).images
     text_flops = count_flops(lambda: pipe.text.encode(request.prompts))
     stage_flops = {s.name: step_flops[s.name] * _steps_count(st.timesteps)
                    for s, st in zip(pipe.stages, settings, strict=True)}
@@ -224,6 +233,26 @@ def bench_cascade(session: Session) -> list[Row]:
                         floor_s=floor_seconds(flops, session.peak(sub_dtype))))
     rows += cascade_rows
     return rows
+
+
+def _onnxruntime_pipeline(session: Session):
+    """Our Pipeline on ONNX Runtime where the export cache already holds this cascade in this precision and
+    ONNX Runtime can run on the benchmark's device (nothing is exported here); its rows are added (variant
+    "onnxruntime") and a note says where the export is. None otherwise."""
+    opts, device, dtype = session.options, session.device, session.dtype
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device.type]
+    try:
+        _, ort = require_onnx()
+    except EngineError:
+        return None
+    if dtype not in (torch.float32, torch.float16) or provider not in ort.get_available_providers():
+        return None
+    exported = existing_export(*opts.cascade, dtype=str(dtype).removeprefix("torch."))
+    if exported is None:
+        return None
+    session.compare = (*session.compare, "onnxruntime")
+    session.notes.append(f"ours, ONNX Runtime: the cached export at {exported} ({provider})")
+    return load_exported(exported, providers=[provider])
 
 
 def _diffusers_cascade(session: Session, dirs: list[Path], request: GenerateRequest, settings) -> dict:
