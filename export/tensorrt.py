@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 ENGINE_SUFFIX = ".engine"
 # Ampere, Ada and Blackwell workstation GPUs, where no GPU is here to ask (Hopper is not offered by TensorRT-RTX)
 DEFAULT_TARGETS = ("sm80", "sm86", "sm89", "sm120")
-ATTENTION_LAYER = re.compile(r"mha|fmha|attention", re.IGNORECASE)  # how TensorRT names its fused attention
+# How TensorRT names its fused attention kernels ("_gemm_mha_v2_myl0_62"); not "attention", which the ONNX
+# node names of every layer inside an attention block carry ("/unet/down_blocks.1/attentions.0/...").
+ATTENTION_LAYER = re.compile(r"mha|flash", re.IGNORECASE)
 
 
 def default_targets(api: TensorRT) -> tuple[str, ...]:
@@ -76,7 +78,7 @@ def attention_summary(messages: list[tuple[int, str]]) -> dict:
     if listing is None:
         return {"layers": None, "fused_attention": None, "attention_layers": []}
     layers = re.findall(r"Name: ([^,]+), LayerType: ([^,]+),", listing)
-    fused = [name for name, kind in layers if ATTENTION_LAYER.search(name) and kind not in ("gemm",)]
+    fused = [name for name, kind in layers if ATTENTION_LAYER.search(name.rpartition("/")[2]) and kind != "gemm"]
     return {"layers": len(layers), "fused_attention": len(fused), "attention_layers": fused}
 
 

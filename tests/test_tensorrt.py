@@ -15,7 +15,7 @@ import engine
 from engine.cli import build_parser, export, main
 from engine.errors import EngineError, InvalidRequestError, ModelError
 from engine.exported import manifest as manifest_io
-from export.tensorrt import build_engines
+from export.tensorrt import attention_summary, build_engines
 
 # The [test] extra installs TensorRT for RTX where its wheels exist; there the tests must run, not skip.
 WHEELS = sys.platform == "linux" and platform.machine() == "x86_64" and sys.version_info[:2] in ((3, 11), (3, 12))
@@ -163,3 +163,14 @@ def test_load_builds_the_three_stage_cascade_into_the_cache_once(three_stage_dir
     with pytest.raises(EngineError, match="PyTorch sees none here"):
         engine.load(copy, backend="tensorrt", dtype="float32")
     assert len(list((tmp_path / "cache" / "tensorrt").iterdir())) == 2
+
+
+def test_only_tensorrt_s_fused_kernels_count_as_fused_attention():
+    """Every layer inside an attention block carries "attentions" in its ONNX node name; only TensorRT's own
+    fused MHA kernels count (the layer listing's format, as the detailed build log prints it)."""
+    listing = ("Layers:\nName: /unet/down_blocks.1/attentions.0/Add_myl0_5, LayerType: kgen, Inputs: []\n"
+               "Name: _gemm_mha_v2_myl0_62, LayerType: kgen, Inputs: []\n"
+               "Name: /unet/down_blocks.1/attentions.0/to_q/MatMul_myl0_52, LayerType: gemm, Inputs: []")
+    summary = attention_summary([(3, "Engine generation completed"), (4, listing)])
+    assert summary == {"layers": 3, "fused_attention": 1, "attention_layers": ["_gemm_mha_v2_myl0_62"]}
+    assert attention_summary([(3, "no listing")])["fused_attention"] is None
