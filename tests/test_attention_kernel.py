@@ -108,3 +108,24 @@ def test_dtype_and_mask_errors():
         cascade_kernels.attention(q, q.half(), q)
     with pytest.raises(ValueError, match="key_padding_mask must be bool"):
         cascade_kernels.attention(q, q, q, key_padding_mask=torch.ones(1, 4, device=DEVICE))
+
+
+def test_the_attention_op_compiles_whole_without_graph_breaks():
+    """torch.compile(fullgraph=True) raises on any graph break: the op, with a projection on each side as in a
+    U-Net's attention block, must trace as one graph (a torch.library custom op with a fake implementation),
+    and the compiled block gives the eager block's output. A first step of the fast path's compiled step."""
+    torch._dynamo.reset()
+    proj_in, proj_out = torch.nn.Linear(32, 96).to(DEVICE), torch.nn.Linear(32, 32).to(DEVICE)
+
+    def block(x, mask):  # x (B, L, 32) -> (B, L, 32): 2 heads of 16
+        q, k, v = proj_in(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)  # 3 x (B, 2, L, 16)
+        out = cascade_kernels.attention(q, k, v, key_padding_mask=mask)
+        return proj_out(out.transpose(1, 2).flatten(2))
+
+    x = torch.randn(2, 40, 32, device=DEVICE)
+    mask = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    mask[1, 30:] = False
+    with torch.no_grad():
+        eager = block(x, mask)
+        compiled = torch.compile(block, fullgraph=True, dynamic=False)(x, mask)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
