@@ -43,8 +43,11 @@ def application(load_kwargs: dict, model: list[str], app_kwargs: dict, replicas:
         raise InvalidRequestError(f"replicas must be >= 1 and num_gpus >= 0, got {replicas} and {num_gpus}")
     max_batch = app_kwargs.get("max_batch", DEFAULT_MAX_BATCH)
     options = {"ray_actor_options": {"num_gpus": num_gpus, "num_cpus": num_cpus},
-               # Ray's own admission bound per replica: what our scheduler runs plus what it queues.
-               "max_ongoing_requests": max_batch + app_kwargs.get("max_queue", DEFAULT_MAX_QUEUE),
+               # Ray's own admission bound per replica: our scheduler's queue size. Requests wait in that queue
+               # until the next step admits them, so all of a replica's ongoing requests can be waiting at
+               # once (all arrived during one long U-Net call); a larger bound let Ray send a replica more than
+               # its queue holds, and that replica answered 503 while Ray still held capacity elsewhere.
+               "max_ongoing_requests": app_kwargs.get("max_queue", DEFAULT_MAX_QUEUE),
                "health_check_period_s": HEALTH_CHECK_PERIOD_S}
     if autoscale is not None:
         low, high = autoscale
