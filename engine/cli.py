@@ -27,6 +27,8 @@ from engine.demo import evaluate as quality_gate
 from engine.errors import EngineError, InvalidRequestError
 from engine.exported.manifest import export_kind
 from engine.loading import DTYPES, load
+
+FAST_HELP = "the fast path (static buffers, text constants, compiled U-Nets, CUDA graphs): on by default on CUDA, off on CPU, where compiling costs about a minute per shape, once (cached)"
 from engine.model_dir import DEFAULT_MODEL
 from engine.options import STAGE_DEFAULTS, GenerateRequest, request_defaults
 from engine.samplers import SAMPLERS
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=BACKENDS, default=None,
                      help="torch (default for model directories), onnxruntime or tensorrt (the defaults for their "
                           "exports; for a model directory they export or build into the cache on first use)")
+    gen.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None, help=FAST_HELP)
     gen.add_argument("--image", default=None, metavar="PNG",
                      help="the picture to upscale, for a model that starts with an upscaler (an x4 upscaler alone)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
@@ -189,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     srv.add_argument("--dtype", choices=list(DTYPES), default=None)
     srv.add_argument("--backend", choices=BACKENDS, default=None)
+    srv.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                     help=FAST_HELP + "; with it, the server compiles and captures before it reports ready")
     srv.add_argument("--ray", action="store_true",
                      help="serve as a Ray Serve deployment (a local Ray cluster unless --ray-address)")
     srv.add_argument("--ray-address", default=None,
@@ -210,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed_options(ev, convert=True)
     ev.add_argument("--backend", choices=BACKENDS, default=None)
     ev.add_argument("--device", default=None)
+    ev.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None, help=FAST_HELP)
     ev.add_argument("--dtype", choices=list(DTYPES), default=None)
     ev.add_argument("--json", type=Path, default=None, help="write the report here too")
     ev.add_argument("--sheet", type=Path, default=None, metavar="PNG",
@@ -378,7 +384,7 @@ def generate(args) -> None:
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype, fast=args.fast)
     if pipe.notice and not args.quiet:
         print(f"note: {pipe.notice}", file=sys.stderr)
     result = pipe.run(request, progress=not args.quiet)
@@ -479,7 +485,7 @@ def serve(args) -> None:
             raise EngineError(f"{flag} must be a positive number of seconds, got {seconds:g}")
     app_kwargs = {"max_batch": args.max_batch, "max_queue": args.max_queue, "timeout_s": args.timeout,
                   "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth}
-    load_kwargs = {"backend": args.backend, "device": args.device, "dtype": args.dtype}
+    load_kwargs = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "fast": args.fast}
     if args.ray:
         autoscale = None
         if args.autoscale is not None:
@@ -493,7 +499,7 @@ def serve(args) -> None:
                                   num_gpus=args.num_gpus)
         ray_app.run(app, args.host, args.port, address=args.ray_address)
         return
-    app = create_app(lambda: load(*args.model, **load_kwargs), **app_kwargs)
+    app = create_app(lambda: load_warm(args.model, load_kwargs, args.max_batch), **app_kwargs)
     serve_defaults.run(app, args.host, args.port, log_level=args.log_level or "info",
                        drain_timeout_s=args.drain_timeout, max_connections=args.max_connections,
                        keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout)
@@ -533,6 +539,17 @@ def run_batch(args) -> None:
         raise KeyboardInterrupt
 
 
+def load_warm(model, load_kwargs: dict, max_batch: int):
+    """The server's model, its fast path (if on) compiled and captured for one image and every row count the
+    scheduler can call (1 .. 2 x max_batch, bucketed) before the server reports ready."""
+    pipe = load(*model, **load_kwargs)
+    if any(stage.fast is not None for stage in pipe.stages):
+        timings = pipe.warmup(images=(1,), scheduler_rows=range(1, 2 * max_batch + 1))
+        print(f"warm-up: {sum(timings.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+              + ")", file=sys.stderr)
+    return pipe
+
+
 def evaluate(args) -> None:
 
     options = quality_gate.EvalOptions(count=args.count, batch=args.batch, seed=args.seed)
@@ -543,7 +560,7 @@ def evaluate(args) -> None:
     GenerateRequest("check", **generate_options)  # bad values are refused before the model loads
     if args.sheet is not None:
         _check_output(args.sheet)
-    pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype, fast=args.fast)
     report = quality_gate.evaluate(pipe, options, progress=not args.quiet, sheet=args.sheet, **generate_options)
     print(quality_gate.format_report(report))
     if args.sheet is not None:

@@ -24,8 +24,10 @@ from engine.backends import BACKENDS, PRECISIONS, TORCH_DTYPES, components_class
 from engine.backends.attention import resolve_attention
 from engine.backends.onnxruntime_backend import OrtComponents
 from engine.backends.tensorrt_backend import TrtComponents
+from engine.backends.torch_backend import TorchComponents
 from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import export_kind, is_exported
+from engine.fast import resolve_fast
 from engine.model_dir import read_presets, read_stages, stage_dirs
 from engine.options import closest_name
 from engine.pipeline import Pipeline
@@ -70,7 +72,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def load(*paths: str | Path, backend: str | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, attention: str | None = None, providers=None,
          revision: str | None = None, variant: str | None = None, torch_dtype: str | torch.dtype | None = None,
-         **unknown) -> Pipeline:
+         fast: bool | None = None, **unknown) -> Pipeline:
     """A Pipeline for a cascade on disk (stage dirs in order, a dir with cascade.json), hub ids of snapshots in
     the local Hugging Face cache, a packaged model name, or a directory exported by `python -m engine export`.
 
@@ -83,6 +85,9 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     revision: of hub ids, a branch, tag or commit in the local cache (default: main).
     attention (torch only): "triton" (our kernel; the default on CUDA when Triton is installed) or "sdpa".
     providers (onnxruntime only): ONNX Runtime execution providers; default CUDA when usable, else CPU.
+    fast (torch only): the fast path (engine/fast.py): static buffers, per-request text constants, compiled
+    U-Nets cached across processes, CUDA graphs. None (default): on for CUDA, off for CPU (compiling costs
+    about a minute per shape there, once); `pipe.warmup()` pays that cost up front.
     """
     if unknown:
         name = sorted(unknown)[0]
@@ -100,7 +105,7 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     kind = export_kind(exported) if exported is not None else None
     if kind is not None or backend in ("onnxruntime", "tensorrt"):
         runner = backend or RUNNER[kind]
-        for option, value in (("attention", attention), ("variant", variant)):
+        for option, value in (("attention", attention), ("variant", variant), ("fast", fast)):
             if value is not None:
                 raise InvalidRequestError(f"{option}= applies to the torch backend only; the {runner} backend runs "
                                           "what the export holds")
@@ -120,7 +125,13 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     dtype = resolve_dtype(dtype, device)
     cascade = stage_dirs(paths, revision)
     specs = read_stages(cascade)  # every config checked before any weights are read
-    components = components_class(backend or "torch")(device, dtype, attention, variant)
+    fast = resolve_fast(fast, device)
+    if backend in (None, "torch"):
+        components = TorchComponents(device, dtype, attention, variant, fast=fast)
+    elif fast:
+        raise InvalidRequestError(f"fast=True applies to the torch backend only, not {backend!r}")
+    else:
+        components = components_class(backend)(device, dtype, attention, variant)
     return build_pipeline(specs, components, source=cascade.source, notice=cascade.notice, presets=cascade.presets)
 
 

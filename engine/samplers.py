@@ -12,10 +12,12 @@ Contract shared by all samplers (resolved once, before the loop):
                    sample (the stage draws them all up front, in diffusers' generator order)
     start(sample)  reset per-run state (DPM-Solver's previous x0) before step 0
     step(i, eps, variance, sample, noise) -> next sample
+        i          the step index: a Python int, or a (1,) int64 tensor on the device (see `at`)
         eps        (B, C, H, W) the model's prediction (epsilon, v or x0, per the config's prediction_type)
         variance   (B, C, H, W) the learned-range interpolation channels, or None
         sample     (B, C, H, W) float32, x_t
-        noise      (B, C, H, W) or None, the standard normal for this step when noise_steps[i]
+        noise      (B, C, H, W) or None, the standard normal for this step when noise_steps[i]; zeros where
+                   it takes none give the same result (the fast path passes a tensor at every step)
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ def _timesteps(cfg: Mapping[str, Any], steps: int | Sequence[int]) -> list[int]:
     return ts
 
 
+def at(table: torch.Tensor, i) -> torch.Tensor:
+    """table[i] for a step index that is a Python int, or a (1,) int64 tensor on the table's device (the fast
+    path's step counter): then an index_select, so no value crosses to the host and one captured step serves
+    every step. Either broadcasts against (B, C, H, W)."""
+    return table[i] if isinstance(i, int) else table.index_select(0, i)
+
+
 def _table(values: Sequence[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32, device=device)
 
@@ -133,6 +142,13 @@ class _Sampler:
     def start(self, sample: torch.Tensor) -> None:
         """Reset per-run state before step 0 (nothing to reset for single-step samplers)."""
 
+    def load(self, other: "_Sampler") -> None:
+        """Take another run's tables and state (same kind, config and step count) into this sampler's own
+        tensors, in place: the fast path's captured step keeps reading this sampler's memory."""
+        for name, value in vars(other).items():
+            if isinstance(value, torch.Tensor):
+                getattr(self, name).copy_(value)
+
     def _x0_and_eps(self, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
         """(x0, eps) from the model output at noise level x = alpha * x0 + sigma * eps."""
         kind = self.config["prediction_type"]
@@ -174,16 +190,16 @@ class DDPMSampler(_Sampler):
         self.noise_steps = [t > 0 for t in ts]
 
     def step(self, i, eps, variance, sample, noise):
-        x0, _ = self._x0_and_eps(eps, sample, self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i])
+        x0, _ = self._x0_and_eps(eps, sample, at(self.sqrt_alpha, i), at(self.sqrt_one_minus_alpha, i))
         x0 = self._clip(x0)
-        mean = self.coef_x0[i] * x0 + self.coef_xt[i] * sample
+        mean = at(self.coef_x0, i) * x0 + at(self.coef_xt, i) * sample
         if noise is None:
             return mean
         if self.learned_range:
             frac = (variance + 1) / 2  # (B, C, H, W) in [0, 1]: where between the two log-variances
-            std = torch.exp(0.5 * (frac * self.max_log[i] + (1 - frac) * self.min_log[i]))
+            std = torch.exp(0.5 * (frac * at(self.max_log, i) + (1 - frac) * at(self.min_log, i)))
         else:
-            std = self.fixed_std[i]
+            std = at(self.fixed_std, i)
         return mean + std * noise
 
 
@@ -212,9 +228,9 @@ class DDIMSampler(_Sampler):
         self.sqrt_one_minus_alpha_prev = _table(np.sqrt(1 - a_prev), device)
 
     def step(self, i, eps, variance, sample, noise):
-        x0, eps = self._x0_and_eps(eps, sample, self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i])
+        x0, eps = self._x0_and_eps(eps, sample, at(self.sqrt_alpha, i), at(self.sqrt_one_minus_alpha, i))
         x0 = self._clip(x0)  # the direction term keeps the unclipped eps, as diffusers does by default
-        return self.sqrt_alpha_prev[i] * x0 + self.sqrt_one_minus_alpha_prev[i] * eps
+        return at(self.sqrt_alpha_prev, i) * x0 + at(self.sqrt_one_minus_alpha_prev, i) * eps
 
 
 class DPMSolverPlusPlus2M(_Sampler):
@@ -270,9 +286,9 @@ class DPMSolverPlusPlus2M(_Sampler):
         self._prev_x0 = torch.zeros_like(sample)  # x0 of the previous step; its coefficient is 0 at step 0
 
     def step(self, i, eps, variance, sample, noise):
-        x0, _ = self._x0_and_eps(eps, sample, self.alpha[i], self.sigma[i])
+        x0, _ = self._x0_and_eps(eps, sample, at(self.alpha, i), at(self.sigma, i))
         x0 = self._clip(x0)
-        out = self.coef_xt[i] * sample + self.coef_x0[i] * x0 + self.coef_dx0[i] * (x0 - self._prev_x0)
+        out = at(self.coef_xt, i) * sample + at(self.coef_x0, i) * x0 + at(self.coef_dx0, i) * (x0 - self._prev_x0)
         self._prev_x0.copy_(x0)
         return out
 

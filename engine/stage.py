@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine.errors import InvalidRequestError, NumericalError
+from engine.fast import FastPath, FastUNet
 from engine.options import StageDefaults, StageSettings
 from engine.samplers import SCHEDULER_CLASSES, build_sampler
 from engine.schedules import NoiseSchedule
@@ -62,6 +63,8 @@ class Stage:
         # The model's own defaults (cascade.json "defaults", via assemble.py), else its kind's.
         self.defaults = defaults or StageDefaults.for_stage(self.kind)
         self.presets: dict[str, StageDefaults] = {}  # the model's named presets' settings for this stage
+        # The fast path (fast.py) where the backend gave a FastUNet: static buffers, one step function.
+        self.fast = FastPath(self) if isinstance(unet, FastUNet) else None
 
     @property
     def kind(self) -> str:
@@ -98,7 +101,10 @@ class Stage:
 
     @torch.inference_mode()
     def denoise(self, run: "StageRun", progress: bool = False, on_step=None) -> None:
-        """Step `run` to its end, one U-Net call per step."""
+        """Step `run` to its end, one U-Net call per step (on the fast path where this stage has one)."""
+        if self.fast is not None:
+            self.fast.denoise(run, progress, on_step)
+            return
         for step in tqdm(range(run.steps), desc=self.name, disable=not progress, leave=False):
             run.advance(self.unet(*run.model_inputs()).float())
             if on_step is not None:

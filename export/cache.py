@@ -10,7 +10,8 @@ entry's manifest first: a corrupt or partial entry is reported and rebuilt, neve
 TensorRT entries are keyed by the ONNX export they are built from (its manifest's SHA-256, which holds every
 graph's), the build options (targets, images per call) and TensorRT's flavour and version.
 
-Location: $CASCADE_ENGINE_CACHE, else $XDG_CACHE_HOME/cascade-engine, else ~/.cache/cascade-engine.
+Location: engine/cache_dir.py ($CASCADE_ENGINE_CACHE, else $XDG_CACHE_HOME/cascade-engine, else
+~/.cache/cascade-engine).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
+from engine.cache_dir import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: the cache's public name here too)
 from engine.errors import ModelError
 from engine.exported import manifest as manifest_io
 from engine.model_dir import stage_dirs
@@ -29,16 +30,6 @@ from export.onnx import export_onnx, source_hash, versions
 from export.tensorrt import DEFAULT_MAX_IMAGES, build_engines, default_targets, require_tensorrt
 
 log = logging.getLogger(__name__)
-
-CACHE_ENV = "CASCADE_ENGINE_CACHE"
-
-
-def cache_root() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cascade-engine"
-
 
 def cache_key(source_sha256: str, dtype: str, defaults: list | None = None, presets: dict | None = None) -> str:
     """defaults, presets: the model's own generation defaults and presets (cascade.json), which the export's

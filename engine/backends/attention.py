@@ -3,7 +3,7 @@
 Two kinds of attention module occur in the cascades:
 - IF's SimpleCrossAttn blocks use diffusers' "added KV" attention: queries from the (group-normed) image tokens,
   keys and values from the projected text tokens followed by the image tokens ("joint" attention, no mask).
-  `AddedKVTritonProcessor` computes what diffusers' AttnAddedKVProcessor2_0 computes.
+  `AddedKVProcessor` computes what diffusers' AttnAddedKVProcessor2_0 computes.
 - The x4 upscaler's transformer blocks (self- and cross-attention) and VAE mid-blocks use plain attention.
   `TritonAttnProcessor` computes what diffusers' AttnProcessor2_0 computes.
 Both put cascade_kernels.attention where diffusers calls SDPA, the x4 VAE's single 512-wide head included (the kernel
@@ -28,14 +28,27 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).flatten(2)  # (B, heads, L, Dh) -> (B, L, heads * Dh)
 
 
-class AddedKVTritonProcessor:
-    def __init__(self):
+class AddedKVProcessor:
+    """diffusers' added-KV (joint) attention, through SDPA as AttnAddedKVProcessor2_0 calls it or through our
+    kernel; with `given` (text_constants.py), the text keys and values of the call come precomputed."""
+
+    def __init__(self, attention: str = "triton", given=None, name: str = ""):
         from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
 
-        from cascade_kernels import attention  # optional: Triton (the [triton] extra) is imported with it
-
-        self._attention = attention
+        if attention == "triton":
+            from cascade_kernels import attention as kernel  # optional: Triton (the [triton] extra) comes with it
+            self._attention = lambda q, k, v, attn: kernel(q, k, v, scale=attn.scale)
+        else:  # SDPA with its default scale Dh ** -0.5, as AttnAddedKVProcessor2_0 calls it
+            self._attention = lambda q, k, v, attn: torch.nn.functional.scaled_dot_product_attention(q, k, v)
         self._fallback = AttnAddedKVProcessor2_0()
+        self._given, self._name = given, name
+
+    @staticmethod
+    def text_key_value(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, 77, C) text tokens -> their keys and values, (rows, heads, 77, Dh) each."""
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        return _split_heads(attn.add_k_proj(context), attn.heads), _split_heads(attn.add_v_proj(context), attn.heads)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         if attention_mask is not None:
@@ -43,18 +56,20 @@ class AddedKVTritonProcessor:
         residual = hidden_states  # (B, C, H, W)
         batch, channels = hidden_states.shape[:2]
         tokens = hidden_states.view(batch, channels, -1).transpose(1, 2)  # (B, HW, C)
-        context = tokens if encoder_hidden_states is None else encoder_hidden_states  # (B, 77, C) text
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
+        given = None if self._given is None else self._given.values
+        if given is not None:  # this request's text keys and values, for the last `batch` rows
+            key, value = given[f"{self._name}.key"][-batch:], given[f"{self._name}.value"][-batch:]
+        elif encoder_hidden_states is None:  # self-attention only: the image tokens take the text's place
+            key, value = _split_heads(attn.add_k_proj(tokens), attn.heads), _split_heads(attn.add_v_proj(tokens), attn.heads)
+        else:
+            key, value = self.text_key_value(attn, encoder_hidden_states)
         tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
 
         query = _split_heads(attn.to_q(tokens), attn.heads)
-        key = _split_heads(attn.add_k_proj(context), attn.heads)
-        value = _split_heads(attn.add_v_proj(context), attn.heads)
         if not attn.only_cross_attention:  # joint: text keys first, then the image tokens
             key = torch.cat([key, _split_heads(attn.to_k(tokens), attn.heads)], dim=2)
             value = torch.cat([value, _split_heads(attn.to_v(tokens), attn.heads)], dim=2)
-        out = self._attention(query, key, value, scale=attn.scale)  # (B, heads, HW, Dh)
+        out = self._attention(query, key, value, attn)  # (B, heads, HW, Dh)
         out = attn.to_out[1](attn.to_out[0](_merge_heads(out)))
         return out.transpose(-1, -2).reshape(residual.shape) + residual
 
@@ -118,7 +133,7 @@ def install(model, attention: str) -> int:
         return 0
     from diffusers.models import attention_processor as ap
 
-    ours = {ap.AttnAddedKVProcessor: AddedKVTritonProcessor, ap.AttnAddedKVProcessor2_0: AddedKVTritonProcessor,
+    ours = {ap.AttnAddedKVProcessor: AddedKVProcessor, ap.AttnAddedKVProcessor2_0: AddedKVProcessor,
             ap.AttnProcessor: TritonAttnProcessor, ap.AttnProcessor2_0: TritonAttnProcessor}
     count = 0
     for module in model.modules():
@@ -127,6 +142,16 @@ def install(model, attention: str) -> int:
             module.set_processor(replacement())
             count += 1
     return count
+
+
+def added_kv_modules(model) -> dict[str, torch.nn.Module]:
+    """model's joint (added key/value) attention modules by name, whichever of diffusers' or our processors
+    they hold."""
+    from diffusers.models import attention_processor as ap
+
+    kinds = (ap.AttnAddedKVProcessor, ap.AttnAddedKVProcessor2_0, AddedKVProcessor)
+    return {name: module for name, module in model.named_modules()
+            if isinstance(getattr(module, "processor", None), kinds)}
 
 
 def resolve_attention(attention: str | None, device: torch.device) -> str:

@@ -7,6 +7,7 @@ import torch
 
 from engine.backends.attention import install
 from engine.errors import ModelError
+from engine.fast import FastUNet
 from engine.model_dir import downsampling, load_tokenizer, model_config, text_config, weights_variant
 
 
@@ -17,12 +18,15 @@ def text_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class TorchComponents:
     """Components (backends/protocol.py) from model directories: `variant` None picks the weight files by
-    dtype (model_dir.weights_variant); attention is "sdpa" or "triton" (attention.py)."""
+    dtype (model_dir.weights_variant); attention is "sdpa" or "triton" (attention.py); `fast`: the U-Nets
+    run on the fast path (fast.py: static buffers, text constants, compiled, CUDA graphs)."""
 
     backend = "torch"
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, attention: str, variant: str | None = None):
+    def __init__(self, device: torch.device, dtype: torch.dtype, attention: str, variant: str | None = None,
+                 fast: bool = False):
         self.device, self.dtype, self.attention, self.variant = device, dtype, attention, variant
+        self.fast = fast
 
     def run_context(self):
         return None
@@ -48,7 +52,8 @@ class TorchComponents:
         from diffusers import UNet2DConditionModel
 
         model = self._diffusers(UNet2DConditionModel, stage.directory / "unet", "U-Net", self.dtype)
-        return TorchUNet(model.to(self.device), self.attention)
+        unet = TorchUNet(model.to(self.device), self.attention)
+        return FastUNet(unet, stage.directory / "unet") if self.fast else unet
 
     def vae_decoder(self, stage):
         from diffusers import AutoencoderKL

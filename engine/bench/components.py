@@ -2,8 +2,9 @@
 
     eager    the plain diffusers / transformers module (diffusers' default SDPA attention processors)
     compile  the same module under torch.compile (COMPILE_MODES), sharing its weights
-    ours     the engine's wrapper: TorchUNet (our attention processors, Triton on CUDA, channels_last on CUDA)
-             around its own copy of the weights, since it changes the module in place
+    ours     the engine's fast path (fast.FastUNet: text constants made once per request, compiled, channels_last)
+             as the pipeline runs it, with "ours, eager runtime" beside it: TorchUNet (our attention processors,
+             Triton on CUDA, channels_last on CUDA) around its own copy of the weights
 
 All three get the same inputs, built once. A U-Net step runs at the classifier-free-guidance batch (2 x images).
 """
@@ -16,13 +17,15 @@ import torch
 
 from engine.backends.attention import resolve_attention
 from engine.backends.torch_backend import TorchUNet, TorchVAEDecoder
+from engine.fast import FastUNet
 from engine.model_dir import text_width
 from engine.text import MAX_TOKENS as TEXT_TOKENS
 
 VARIANTS = ("eager", "compile", "ours")
 # Table labels: "{library} eager", "{library}+compile", "ours" (library: diffusers, or transformers for text);
 # "onnxruntime": our Pipeline on the cached ONNX export of the same cascade, a row added where one exists.
-LABELS = {"eager": "{library} eager", "compile": "{library}+compile", "ours": "ours", "onnxruntime": "ours, ONNX Runtime"}
+LABELS = {"eager": "{library} eager", "compile": "{library}+compile", "ours": "ours", "onnxruntime": "ours, ONNX Runtime",
+          "ours_eager": "ours, eager runtime"}
 # torch.compile's mode per device: max-autotune on a GPU (the issue's comparison); on CPU it only adds C++ GEMM
 # template tuning that takes minutes on a small machine, so the default mode (and compile is off by default
 # on CPU anyway: DEFAULT_COMPARE).
@@ -91,6 +94,12 @@ def unet_variants(model, inputs, device: torch.device, compare, ours=None) -> di
     if "ours" in compare:
         if ours is None:
             calls["ours"] = ours_unet_call(model, inputs, device)
+        elif isinstance(ours, FastUNet):  # the fast path: the text constants made once, as once per request
+            values = ours.constants.constants(inputs["encoder_hidden_states"])
+            timestep = inputs["timestep"].expand(len(inputs["sample"]))  # (rows,), as the pipeline calls it
+            calls["ours"] = lambda: ours(inputs["sample"], timestep, inputs["encoder_hidden_states"],
+                                         inputs["class_labels"], values)
+            calls["ours_eager"] = ours_unet_call(model, inputs, device)  # the eager runtime, its own row
         else:
             calls["ours"] = lambda: ours(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
                                          inputs["class_labels"])

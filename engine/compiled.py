@@ -1,0 +1,114 @@
+"""Compiled U-Net calls for the fast path, cached across processes beside the export cache.
+
+One compiled graph per static shape (rows, channels, height, width) and per call kind (with or without the
+request's text constants, text_constants.py). How, by device, chosen by measurement (bench/RESULTS.md, "The
+fast path on CPU"):
+- CPU: an AOTInductor package (torch.export, then inductor ahead of time) with freezing: the weights are
+  folded in as constants and the convolution and linear weights prepacked for oneDNN, 1.7-2.1x the eager
+  U-Net where torch.compile without freezing gave 1.3x. A package is a file, so a second process loads it in
+  about a second instead of compiling for a minute. It holds the weights, so its key holds their hash.
+- CUDA: torch.compile (inductor, default mode, no freezing: the weights stay inputs and are not copied),
+  with inductor's own graph cache kept under the same directory; the fast path captures the compiled call in
+  a CUDA graph itself. Not yet measured on a GPU.
+
+Location: cache_dir.cache_root() / "compiled"; a package's name is the SHA-256 of its key: the U-Net's
+source hash (every file of its directory), the call's shapes and dtypes, the device kind, the compile
+options and the torch and engine versions. Written to a temporary name and renamed, so never half-written; a
+package that fails to load is reported and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from engine.cache_dir import cache_root
+from engine.exported.manifest import hash_tree
+from engine.version import __version__
+
+log = logging.getLogger(__name__)
+
+# Inductor options per device; CPU's freezing is what makes compiling pay there (module docstring).
+COMPILE_OPTIONS = {"cpu": {"freezing": True}, "cuda": {}}
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compiled_dir() -> Path:
+    return cache_root() / "compiled"
+
+
+def directory_hash(directory: Path) -> str:
+    """One SHA-256 over every file of a U-Net's directory (weights and config)."""
+    digest = hashlib.sha256()
+    for relative, file_hash in sorted(hash_tree(Path(directory)).items()):
+        digest.update(f"{relative}:{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def package_key(source: str, example_args: tuple, device: torch.device) -> str:
+    """The cache key of one compiled call: what it computes (source hash), on what, with what."""
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return [list(value.shape), str(value.dtype), value.is_contiguous(memory_format=torch.channels_last)]
+        if isinstance(value, dict):
+            return {name: describe(v) for name, v in sorted(value.items())}
+        return repr(value)
+
+    key = {"source": source, "args": [describe(a) for a in example_args], "device": device.type,
+           "options": COMPILE_OPTIONS[device.type], "torch": torch.__version__, "engine": __version__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class CompiledCall:
+    """`module(*args)` for args shaped like `example_args`, compiled as the module docstring says.
+
+    `seconds` is what making it cost (compiling, or loading a cached package); `cached` whether a package
+    was loaded from the cache."""
+
+    def __init__(self, module: torch.nn.Module, example_args: tuple, device: torch.device, directory: Path):
+        start = time.perf_counter()
+        self.cached = False
+        if device.type == "cpu":
+            self._call = self._package(module, example_args, device, directory_hash(directory))
+        else:
+            os.environ.setdefault(INDUCTOR_CACHE_ENV, str(compiled_dir() / "inductor"))
+            # One graph per shape and call kind, every stage's through the same forward: more than dynamo's 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._call = torch.compile(module, dynamic=False, options=dict(COMPILE_OPTIONS[device.type]))
+            with torch.inference_mode():
+                self._call(*example_args)  # compiles now, not at the first step
+        self.seconds = time.perf_counter() - start
+
+    def __call__(self, *args):
+        return self._call(*args)
+
+    def _package(self, module, example_args: tuple, device: torch.device, source: str):
+        path = compiled_dir() / f"{package_key(source, example_args, device)}.pt2"
+        if path.is_file():
+            try:
+                loaded = torch._inductor.aoti_load_package(str(path))
+                self.cached = True
+                return loaded
+            except Exception as exc:  # a truncated or foreign file: say so, then build it again
+                log.warning("compiled U-Net %s cannot be loaded (%s: %s); compiling it again", path,
+                            type(exc).__name__, exc)
+        log.info("compiling a U-Net call for %s into %s (once per shape; about a minute on a small CPU)",
+                 [tuple(a.shape) for a in example_args if isinstance(a, torch.Tensor)], path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            program = torch.export.export(module, example_args, strict=False)
+        partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.pt2")
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                                     inductor_configs=dict(COMPILE_OPTIONS[device.type]))  # a copy: it adds to the dict
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return torch._inductor.aoti_load_package(str(path))
