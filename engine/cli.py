@@ -290,6 +290,8 @@ def _add_bench_parser(commands, common) -> None:
                             f"on CUDA, {','.join(DEFAULT_COMPARE['cpu'])} on CPU, where compiling takes minutes); "
                             f"compile mode: {COMPILE_MODES['cuda']} on CUDA, {COMPILE_MODES['cpu']} on CPU")
     bench.add_argument("--prompt", default=b.prompt, help="prompt of the cascade requests")
+    bench.add_argument("--fast", action=argparse.BooleanOptionalAction, default=b.fast,
+                       help="'ours' on the fast path (" + FAST_HELP + ")")
     bench.add_argument("--threads", type=int, default=b.threads,
                        help="torch CPU threads (default: torch's choice, one per core); on a shared machine 1 "
                             "avoids threads waiting on a busy core")
@@ -448,7 +450,7 @@ def bench(args, argv: list[str] | None) -> int:
         raise EngineError(f"--threshold must be above 1.0 (a p50 ratio), got {args.threshold}")
     options = BenchOptions(models=tuple(args.model), device=args.device, dtype=args.dtype, batch=args.batch,
                            steps=_one_or_tuple(args.steps), iters=args.iters, warmup=args.warmup,
-                           compare=args.compare, prompt=args.prompt, threads=args.threads)
+                           compare=args.compare, prompt=args.prompt, threads=args.threads, fast=args.fast)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     report = run(options, command_line(argv), progress=progress)
     print(table(report))

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Inductor options per device; CPU's freezing is what makes compiling pay there (module docstring).
 COMPILE_OPTIONS = {"cpu": {"freezing": True}, "cuda": {}}
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+GRAPH_CODE = ("fast.py", "text_constants.py", "backends/attention.py")  # under engine/
 
 
 def compiled_dir() -> Path:
@@ -52,6 +53,15 @@ def directory_hash(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def _graph_code_hash() -> str:
+    """The SHA-256 of our modules that shape the compiled graph (the call, the text constants, the attention
+    processors): an edit to them makes new packages even under the same engine version."""
+    digest = hashlib.sha256()
+    for name in GRAPH_CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
 def package_key(source: str, example_args: tuple, device: torch.device) -> str:
     """The cache key of one compiled call: what it computes (source hash), on what, with what."""
     def describe(value):
@@ -62,7 +72,8 @@ def package_key(source: str, example_args: tuple, device: torch.device) -> str:
         return repr(value)
 
     key = {"source": source, "args": [describe(a) for a in example_args], "device": device.type,
-           "options": COMPILE_OPTIONS[device.type], "torch": torch.__version__, "engine": __version__}
+           "options": COMPILE_OPTIONS[device.type], "torch": torch.__version__, "engine": __version__,
+           "code": _graph_code_hash()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -32,18 +32,20 @@ class _Given:
     values: dict[str, torch.Tensor] | None = None
 
 
-class _TextOnly(torch.nn.Module):
-    """Stands in for a module of the text only: returns the given value for this call's rows, else computes."""
+def _take_given(module: torch.nn.Module, given: _Given, name: str):
+    """Make `module` (a module of the text only) return the given value for its call's rows, else compute as
+    before; returns its original forward. Its forward is replaced on the instance, so the model's parameters
+    and state_dict keys stay as they were."""
+    original = module.forward
 
-    def __init__(self, module: torch.nn.Module, given: _Given, name: str):
-        super().__init__()
-        self.module, self.given, self.name = module, given, name
-
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        values = self.given.values
+    def forward(embeddings: torch.Tensor) -> torch.Tensor:
+        values = given.values
         if values is None:
-            return self.module(embeddings)
-        return values[self.name][-embeddings.shape[0]:]
+            return original(embeddings)
+        return values[name][-embeddings.shape[0]:]
+
+    module.forward = forward
+    return original
 
 
 class TextConstants:
@@ -58,12 +60,12 @@ class TextConstants:
         for name, module in self.layers.items():
             module.set_processor(AddedKVProcessor(attention, self.given, name))
 
-    def _replace(self, model, attribute: str, applies: bool) -> torch.nn.Module | None:
+    def _replace(self, model, attribute: str, applies: bool):
+        """The module's original forward, once it takes given values; None where the model has no such module."""
         module = getattr(model, attribute, None)
         if not applies or module is None:
             return None
-        setattr(model, attribute, _TextOnly(module, self.given, attribute))
-        return module
+        return _take_given(module, self.given, attribute)
 
     @property
     def active(self) -> bool:

@@ -52,3 +52,41 @@ def test_tensorrt_engines_track_cpu_float32(cascade_dir, engine_pipe, tmp_path, 
     ours = gpu.generate("a red circle", **options)
     reference = engine_pipe.generate("a red circle", **options)
     assert np.abs(ours - reference).max() < HALF_BOUND["float16"]
+
+
+def _fast_cuda(cascade_dir):
+    pipe = engine.load(cascade_dir, device="cuda", dtype="float16", fast=True)
+    return pipe
+
+
+def test_fast_path_capture_and_replay_give_the_eager_images(cascade_dir):
+    """CUDA graphs per step kind, replayed: the eager loop's images (same precision) within rounding."""
+    fast = _fast_cuda(cascade_dir)
+    eager = engine.load(cascade_dir, device="cuda", dtype="float16", fast=False)
+    options = dict(seed=0, steps=(4, 3), guidance=(7.0, 4.0), output_type="np", guidance_interval=((300, 900), None))
+    ours = fast.generate("a red circle", **options)
+    assert all(runner.graphs for s in fast.stages for runner in s.fast.runners.values())
+    assert np.abs(ours - eager.generate("a red circle", **options)).max() < HALF_BOUND["float16"]
+    assert np.array_equal(fast.generate("a red circle", **options), ours)  # replayed again, same bits
+
+
+def test_fast_path_replay_allocates_nothing_and_never_syncs(cascade_dir):
+    fast = _fast_cuda(cascade_dir)
+    options = dict(seed=0, steps=(4, 3), guidance=(7.0, 4.0), output_type="pt")
+    fast.generate("a red circle", **options)  # captures
+    walk = engine.pipeline.CascadeRun(fast, engine.GenerateRequest("a red circle", **options))
+    walk.begin()
+    run = walk.start_stage()
+    stage = fast.stages[0]
+    runner = next(reversed(stage.fast.runners.values()))
+    runner.load(run)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(run.steps):
+            runner._graph(run.guided_steps[step]).replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before

@@ -48,6 +48,7 @@ class BenchOptions:
     compare: tuple[str, ...] | None = None  # subset of components.VARIANTS; None: DEFAULT_COMPARE per device
     prompt: str = PROMPT
     threads: int | None = None  # torch's CPU threads (torch.set_num_threads); None: torch's default
+    fast: bool | None = None  # "ours" on the fast path (engine/fast.py); None: the device's default (fast.resolve_fast)
 
     def __post_init__(self):
         checks = [("batch", self.batch, 1), ("iters", self.iters, 1), ("warmup", self.warmup, 0)]
@@ -147,7 +148,8 @@ class Session:
                       dtype: torch.dtype, flops: int | None, flops_source: str,
                       library: str = "diffusers") -> list[Row]:
         """First call of each variant (timed apart), then interleaved warm-up and timing, then peak memory."""
-        calls = {v: fn for v, fn in calls.items() if v in self.compare}
+        calls = {v: fn for v, fn in calls.items()  # the eager runtime comes with ours, as its own row
+                 if v in self.compare or (v == "ours_eager" and "ours" in self.compare)}
         self.say(f"timing {component}: {', '.join(calls)}")
         first, finite = {}, {}
         for variant, fn in calls.items():
@@ -177,8 +179,9 @@ def bench_cascade(session: Session) -> list[Row]:
 
     opts, device, dtype = session.options, session.device, session.dtype
     request = GenerateRequest([opts.prompt] * opts.batch, seed=0, steps=opts.steps, output_type="pt")
-    # "ours" is the fast path (engine/fast.py); its first calls compile (reported as the first call's cost).
-    pipe = load(*opts.cascade, backend="torch", device=device, dtype=dtype, fast="ours" in session.compare)
+    # "ours" is the fast path where it is on (engine/fast.py): its first calls compile, reported as the first
+    # call's cost, and the eager runtime gets its own row.
+    pipe = load(*opts.cascade, backend="torch", device=device, dtype=dtype, fast=opts.fast)
     settings = request.per_stage([s.defaults for s in pipe.stages])
     rows: list[Row] = []
     ort_pipe = _onnxruntime_pipeline(session)
