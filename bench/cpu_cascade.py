@@ -1,6 +1,6 @@
 """CPU benchmark: our cascade vs diffusers' IF pipelines on the same model, same steps, in one run.
 
-    python bench/cpu_cascade.py [--model shapes] [--runs 5] [--steps N|NAME] [--json bench/results/cpu_cascade.json]
+    python bench/cpu_cascade.py [--model shapes] [--runs 5] [--steps N|NAME] [--fast] [--json bench/results/cpu_cascade.json]
 
 Both run the whole request (prompt encoding, stage I, stage II) with the same seed, and the model's default
 steps, guidance and noise level (or --steps for both stages) resolved by our Pipeline; the
@@ -35,11 +35,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", default=None, help="a step count or named schedule for both stages "
                                                       "(default: the model's defaults)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                        help="ours on the fast path (default: the device's, off on CPU); compiling is done before "
+                             "the timed runs")
     args = parser.parse_args(argv)
 
     model_dir = Path(args.model) if Path(args.model).is_dir() else PACKAGED_ROOT / args.model
     steps = None if args.steps is None else int(args.steps) if args.steps.isdigit() else args.steps
-    ours = engine.load(model_dir, device="cpu")
+    ours = engine.load(model_dir, device="cpu", fast=args.fast)
     theirs = reference_cascade(model_dir)
     request = engine.GenerateRequest(PROMPT, seed=0, steps=steps, output_type="np")
     settings = ours.settings(request)  # the same resolved steps, guidance and noise level for diffusers
