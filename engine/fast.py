@@ -76,8 +76,7 @@ class FastUNet:
         self.directory = directory  # its weights and config: the compiled cache's key is their hash
         self.compile = compile
         self._call = _Call(model, self.constants)
-        self._compiled: dict[tuple, CompiledCall] = {}
-        self.compile_seconds: dict[tuple, float] = {}  # per shape: what compiling (or loading) it cost
+        self._compiled: dict[tuple, CompiledCall] = {}  # per shape; each says what making it cost (.seconds)
 
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, values=None):
         rows = sample.shape[0]
@@ -91,10 +90,9 @@ class FastUNet:
         args = (sample, timestep, encoder_hidden_states, class_labels, values)
         if not self.compile:
             return self._call(*args)[:rows]
-        shape = (tuple(sample.shape), values is not None)
+        shape = (tuple(sample.shape), tuple(timestep.shape), values is not None)
         if shape not in self._compiled:
-            self._compiled[shape] = compiled = CompiledCall(self._call, args, self.device, self.directory)
-            self.compile_seconds[shape] = compiled.seconds
+            self._compiled[shape] = CompiledCall(self._call, args, self.device, self.directory)
         return self._compiled[shape](*args)[:rows]
 
 
