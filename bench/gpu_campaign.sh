@@ -7,8 +7,8 @@
 #                                                           kernel library into .native/)
 # Device:      run(command="bash bench/gpu_campaign.sh", carry=[".whl", ".native"], timeout_s=570)
 #
-# Parts and their boxes (seconds): GPU tests 90; native library check 60; IF-I-XL U-Net step, eager / compile /
-# ours 150; IF-II-L the same 150; T5-XXL 60; the packaged cascade 45. TensorRT is its own pair of calls
+# Parts and their boxes (seconds, 530 in all): GPU tests 70; the fast path's GPU tests 80; native library check
+# 30; IF-I-XL U-Net step, eager / compile / ours 130; IF-II-L the same 130; T5-XXL 45; the packaged cascade 45. TensorRT is its own pair of calls
 # (bench/gpu_tensorrt.sh). Not yet here: the real-size IF-I-XL + IF-II-L cascade with T5-XXL (the benchmark
 # times real-size models one component at a time).
 set -uo pipefail
@@ -27,15 +27,18 @@ part() {  # part NAME SECONDS COMMAND...: run it time-boxed, log it, say how it 
     echo "$name: exit $rc after $((SECONDS - start)) s (box ${seconds} s; 124 = timed out)" | tee -a "$OUT/parts.txt"
     tail -n 25 "$OUT/$name.log"
 }
-part tests 90 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py tests/test_attention_kernel.py
+part tests 70 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py tests/test_attention_kernel.py \
+    -k "not fast_path"
+# The fast path's capture, replay, no-allocation and no-sync tests: their own box, since they compile.
+part tests_fast 80 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k fast_path
 if [[ -f .native/libcascade_kernels.so ]]; then
-    part native 60 env CASCADE_KERNELS_LIB="$PWD/.native/libcascade_kernels.so" LD_LIBRARY_PATH=.native \
+    part native 30 env CASCADE_KERNELS_LIB="$PWD/.native/libcascade_kernels.so" LD_LIBRARY_PATH=.native \
         .native/test_gpu_attention
 fi
 BENCH=(python3 -m engine bench --device cuda --iters "${ITERS:-20}" --warmup "${WARMUP:-3}" --compare eager,compile,ours)
-part bench_if-i-xl 150 "${BENCH[@]}" --model if-i-xl:random --json "$OUT/bench_if-i-xl.json"
-part bench_if-ii-l 150 "${BENCH[@]}" --model if-ii-l:random --json "$OUT/bench_if-ii-l.json"
-part bench_t5-xxl 60 python3 -m engine bench --device cuda --iters 10 --warmup 2 --model t5-xxl:random \
+part bench_if-i-xl 130 "${BENCH[@]}" --model if-i-xl:random --json "$OUT/bench_if-i-xl.json"
+part bench_if-ii-l 130 "${BENCH[@]}" --model if-ii-l:random --json "$OUT/bench_if-ii-l.json"
+part bench_t5-xxl 45 python3 -m engine bench --device cuda --iters 10 --warmup 2 --model t5-xxl:random \
     --json "$OUT/bench_t5-xxl.json"
-part bench_shapes 45 python3 -m engine bench --device cuda --model shapes --json "$OUT/bench_shapes.json"
+part bench_shapes 45 python3 -m engine bench --device cuda --fast --model shapes --json "$OUT/bench_shapes.json"
 cat "$OUT/parts.txt"
