@@ -26,11 +26,11 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from engine.cache_dir import cache_root
-from engine.exported.manifest import hash_tree
 from engine.version import __version__
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ GRAPH_CODE = ("fast.py", "text_constants.py", "backends/attention.py")  # under 
 
 def compiled_dir() -> Path:
     return cache_root() / "compiled"
-
-
-def directory_hash(directory: Path) -> str:
-    """One SHA-256 over every file of a U-Net's directory (weights and config)."""
-    digest = hashlib.sha256()
-    for relative, file_hash in sorted(hash_tree(Path(directory)).items()):
-        digest.update(f"{relative}:{file_hash}\n".encode())
-    return digest.hexdigest()
 
 
 def _graph_code_hash() -> str:
@@ -83,11 +75,12 @@ class CompiledCall:
     `seconds` is what making it cost (compiling, or loading a cached package); `cached` whether a package
     was loaded from the cache."""
 
-    def __init__(self, module: torch.nn.Module, example_args: tuple, device: torch.device, directory: Path):
+    def __init__(self, module: torch.nn.Module, example_args: tuple, device: torch.device, source: Callable[[], str]):
+        """source: gives the hash of the U-Net's files (asked only where a package is keyed by it, on CPU)."""
         start = time.perf_counter()
         self.cached = False
         if device.type == "cpu":
-            self._call = self._package(module, example_args, device, directory_hash(directory))
+            self._call = self._package(module, example_args, device, source())
         else:
             os.environ.setdefault(INDUCTOR_CACHE_ENV, str(compiled_dir() / "inductor"))
             # One graph per shape and call kind, every stage's through the same forward: more than dynamo's 8.

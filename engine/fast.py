@@ -25,6 +25,7 @@ function runs as it is, around the compiled U-Net.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 
@@ -32,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.compiled import CompiledCall
+from engine.exported.manifest import source_hash
 from engine.samplers import at
 from engine.text_constants import TextConstants
 
@@ -73,7 +75,7 @@ class FastUNet:
         self.sample_size, self.downsampling, self.dtype = unet.sample_size, unet.downsampling, unet.dtype
         self.device = model.device
         self.constants = TextConstants(model, unet.attention)
-        self.directory = directory  # its weights and config: the compiled cache's key is their hash
+        self.directory = directory  # its weights and config: the compiled cache's key holds their hash
         self.compile = compile
         self._call = _Call(model, self.constants)
         self._compiled: dict[tuple, CompiledCall] = {}  # per shape; each says what making it cost (.seconds)
@@ -92,8 +94,14 @@ class FastUNet:
             return self._call(*args)[:rows]
         shape = (tuple(sample.shape), tuple(timestep.shape), values is not None)
         if shape not in self._compiled:
-            self._compiled[shape] = CompiledCall(self._call, args, self.device, self.directory)
+            self._compiled[shape] = CompiledCall(self._call, args, self.device, lambda: self.source)
         return self._compiled[shape](*args)[:rows]
+
+
+    @functools.cached_property
+    def source(self) -> str:
+        """The hash of its directory's files, read once (not once per compiled shape)."""
+        return source_hash([self.directory])
 
 
 def bucket(rows: int) -> int:
@@ -118,7 +126,9 @@ class StepRunner:
         rows = 2 * batch if run.pair is not None else batch
         height, width = run.x.shape[2:]
         self.x = torch.empty_like(run.x)
-        self.model_in = torch.zeros((rows, self.unet.in_channels, height, width), dtype=stage.dtype, device=device)
+        # channels_last, as FastUNet takes it: no copy per step (a slice of rows stays channels_last)
+        self.model_in = torch.zeros((rows, self.unet.in_channels, height, width), dtype=stage.dtype,
+                                    device=device).contiguous(memory_format=torch.channels_last)
         self.embeddings = torch.empty((rows, *run.cond.shape[1:]), dtype=run.cond.dtype, device=device)
         self.class_labels = None if run.class_labels is None else torch.empty(rows, dtype=torch.int64, device=device)
         self.noise = torch.zeros((run.steps, *run.x.shape), device=device)

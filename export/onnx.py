@@ -44,6 +44,7 @@ from engine.backends.torch_backend import TorchComponents, TorchVAEDecoder
 from engine.errors import EngineError
 from engine.exported import manifest as manifest_io
 from engine.exported.contract import Contract
+from engine.exported.manifest import source_hash  # noqa: F401 (export.cache takes it from here too)
 from engine.model_dir import is_x4_upscaler, read_stages, stage_dirs, text_width
 from engine.stage import LatentUpscaleStage
 from engine.text import MAX_TOKENS as TEXT_TOKENS
@@ -206,17 +207,6 @@ def _copy_configs(dirs: list[Path], names: list[str], root: Path) -> None:
         for config in configs:
             (root / name / config).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(stage_dir / config, root / name / config)
-
-
-def source_hash(dirs: list[Path]) -> str:
-    """One SHA-256 over the content of every file of every stage directory (weights, configs, tokenizer)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for i, stage_dir in enumerate(dirs):
-        for relative, file_hash in manifest_io.hash_tree(stage_dir).items():
-            digest.update(f"{i}/{relative}:{file_hash}\n".encode())
-    return digest.hexdigest()
 
 
 def versions() -> dict:

@@ -26,6 +26,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def source_hash(dirs: list[Path]) -> str:
+    """One SHA-256 over the content of every file of every stage directory (weights, configs, tokenizer): the
+    export cache's and the compiled cache's key for a model's files."""
+    digest = hashlib.sha256()
+    for i, stage_dir in enumerate(dirs):
+        for relative, file_hash in hash_tree(stage_dir).items():
+            digest.update(f"{i}/{relative}:{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
 def hash_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     """{relative posix path: sha256} of every regular file under root (hidden files and `skip` names left out)."""
     files = {}
