@@ -5,6 +5,13 @@ rows with mixed step counts, interleaved in one run, on the packaged model.
 
 Each round times the loop, then the batch job (into a fresh directory, PNG writing and hashing included), so
 both see the same machine state; the figures are images per second, with the ratio per round.
+
+    python bench/batch_throughput.py --fast-vs-eager [--rows 64] [--rounds 2] [--json ...]
+
+compares the batch job with and without the fast path instead (what `python -m engine batch --fast` runs
+against `batch`), interleaved per round. The fast job's warm-up (its row buckets compiled, minutes on a small
+CPU the first time, then loaded from the cache) is reported apart; its images/s, like the job's own summary,
+count from after it.
 """
 
 from __future__ import annotations
@@ -43,8 +50,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--fast-vs-eager", action="store_true",
+                        help="engine.batch with the fast path against without it, instead of against a loop")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.fast_vs_eager:
+        return fast_vs_eager(args)
 
     pipe = engine.load(engine.DEFAULT_MODEL, device="cpu")
     work = rows(args.rows)
@@ -74,6 +85,50 @@ def main() -> None:
     print(f"| engine.batch, max_batch {args.max_batch} | {np.median(batch_rates):.2f} images/s "
           f"({min(batch_rates):.2f}-{max(batch_rates):.2f}) |")
     print(f"| ratio | {report['ratio_median']:.2f}x ({report['ratio_min']:.2f}-{report['ratio_max']:.2f}) |")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def timed_batch(pipe, work, max_batch: int):
+    """One engine.batch job into a fresh directory: (images/s after its warm-up, warm-up seconds)."""
+    out = Path(tempfile.mkdtemp(prefix="batch-bench-"))
+    try:
+        summary = engine.batch(work, out, model=pipe, max_batch=max_batch, progress=False)
+        return summary.images_written / summary.seconds, summary.warmup_seconds
+    finally:
+        shutil.rmtree(out)
+
+
+def fast_vs_eager(args) -> None:
+    eager = engine.load(engine.DEFAULT_MODEL, device="cpu", fast=False)
+    fast = engine.load(engine.DEFAULT_MODEL, device="cpu", fast=True)
+    work = rows(args.rows)
+    eager.run(row_request(Row(1, work[0])))  # warm-up
+    rates = {"eager": [], "fast": []}
+    warmups = []
+    for round_ in range(args.rounds):
+        rate, _ = timed_batch(eager, work, args.max_batch)
+        rates["eager"].append(rate)
+        rate, warm = timed_batch(fast, work, args.max_batch)
+        rates["fast"].append(rate)
+        warmups.append(warm)
+        print(f"round {round_ + 1}: batch {rates['eager'][-1]:.2f} images/s, batch --fast {rate:.2f} images/s "
+              f"(warm-up {warm:.1f} s), {rate / rates['eager'][-1]:.2f}x", file=sys.stderr)
+    ratios = [f / e for f, e in zip(rates["fast"], rates["eager"])]
+    report = {"benchmark": "batch_fast_vs_eager", "date": time.strftime("%Y-%m-%d"),
+              "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "engine": engine.__version__, "command": " ".join(sys.argv),
+              "rows": args.rows, "max_batch": args.max_batch, "step_mix": STEP_MIX,
+              "eager_images_per_s": rates["eager"], "fast_images_per_s": rates["fast"], "fast_warmup_s": warmups,
+              "ratios": ratios, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+              "ratio_max": max(ratios)}
+    for name, label in (("eager", "batch"), ("fast", "batch --fast")):
+        values = rates[name]
+        print(f"| engine.batch ({label}), max_batch {args.max_batch} | {np.median(values):.2f} images/s "
+              f"({min(values):.2f}-{max(values):.2f}) |")
+    print(f"| ratio | {report['ratio_median']:.2f}x ({report['ratio_min']:.2f}-{report['ratio_max']:.2f}) |")
+    print(f"| fast warm-up | {', '.join(f'{w:.1f} s' for w in warmups)} (the first compiles, later ones load) |")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -28,7 +28,6 @@ from engine.errors import EngineError, InvalidRequestError
 from engine.exported.manifest import export_kind
 from engine.loading import DTYPES, load
 
-FAST_HELP = "the fast path (static buffers, text constants, compiled U-Nets, CUDA graphs): on by default on CUDA, off on CPU, where compiling costs about a minute per shape, once (cached)"
 from engine.model_dir import DEFAULT_MODEL
 from engine.options import STAGE_DEFAULTS, GenerateRequest, request_defaults
 from engine.samplers import SAMPLERS
@@ -43,6 +42,9 @@ from export.tensorrt import DEFAULT_MAX_IMAGES, build_engines
 from export.tensorrt import describe as describe_engines
 
 DEFAULTS = request_defaults()
+FAST_HELP = ("the fast path (static buffers, text constants, compiled U-Nets, CUDA graphs): on by default on CUDA, "
+             "off on CPU, where compiling costs about a minute per shape, once (cached); a server or batch job "
+             "compiles (and captures) its row buckets before it starts")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -100,6 +102,24 @@ def _logging_options() -> argparse.ArgumentParser:
     return common
 
 
+def _load_options() -> argparse.ArgumentParser:
+    """How a model is loaded, the same flags on every command that loads one (generate, eval, serve, batch)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="torch (default for model directories), onnxruntime or tensorrt (the defaults for their "
+                            "exports; for a model directory they export or build into the cache on first use)")
+    flags.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    flags.add_argument("--dtype", choices=list(DTYPES), default=None,
+                       help="float32 (CPU default), float16 (CUDA default) or bfloat16")
+    flags.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None, help=FAST_HELP)
+    return flags
+
+
+def load_options(args) -> dict:
+    """engine.load's keyword arguments from the load flags (_load_options)."""
+    return {"backend": args.backend, "device": args.device, "dtype": args.dtype, "fast": args.fast}
+
+
 def configure_logging(args) -> str:
     """Route the engine's log lines to stderr at the level asked for; returns the level's name."""
     level = args.log_level or {0: "warning", 1: "info"}.get(args.verbose, "debug")
@@ -118,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_versions())
     commands = parser.add_subparsers(dest="command", required=True)
     common = [_logging_options()]  # -v / --log-level on every command
-    gen = commands.add_parser("generate", parents=common, help="generate images for a prompt")
+    loads = [*common, _load_options()]  # and the load flags on every command that loads a model
+    gen = commands.add_parser("generate", parents=loads, help="generate images for a prompt")
     gen.add_argument("prompt", nargs="?", default=None, help="the text prompt")
     gen.add_argument("-o", "--output", default="out.png",
                      help="PNG path; with several images, -0, -1, ... are added before .png (default: out.png)")
@@ -141,19 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=SAMPLERS, default=DEFAULTS["scheduler"],
                      help="sampler for every stage (default: each stage's own scheduler config)")
     _add_speed_options(gen)
-    gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    gen.add_argument("--dtype", choices=list(DTYPES), default=None,
-                     help="float32 (CPU default), float16 (CUDA default) or bfloat16")
-    gen.add_argument("--backend", choices=BACKENDS, default=None,
-                     help="torch (default for model directories), onnxruntime or tensorrt (the defaults for their "
-                          "exports; for a model directory they export or build into the cache on first use)")
-    gen.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None, help=FAST_HELP)
     gen.add_argument("--image", default=None, metavar="PNG",
                      help="the picture to upscale, for a model that starts with an upscaler (an x4 upscaler alone)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
 
 
-    srv = commands.add_parser("serve", parents=common, help="serve the model over HTTP: OpenAI-style images API, step-level batching")
+    srv = commands.add_parser("serve", parents=loads, help="serve the model over HTTP: OpenAI-style images API, step-level batching")
     srv.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH",
                      help=f"as for generate (default: {DEFAULT_MODEL})")
     srv.add_argument("--host", default=serve_defaults.DEFAULT_HOST,
@@ -189,11 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.DEFAULT_POLICY,
                      help="step: requests join the running batch at every U-Net step (default); request: batches "
                           "form when the cascade is idle and run to the end; none: one request at a time")
-    srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    srv.add_argument("--dtype", choices=list(DTYPES), default=None)
-    srv.add_argument("--backend", choices=BACKENDS, default=None)
-    srv.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                     help=FAST_HELP + "; with it, the server compiles and captures before it reports ready")
     srv.add_argument("--ray", action="store_true",
                      help="serve as a Ray Serve deployment (a local Ray cluster unless --ray-address)")
     srv.add_argument("--ray-address", default=None,
@@ -203,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray Serve replica")
 
 
-    ev = commands.add_parser("eval", parents=common, help="prompt adherence on held-out shape captions (the quality gate)")
+    ev = commands.add_parser("eval", parents=loads, help="prompt adherence on held-out shape captions (the quality gate)")
     ev.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH")
     ev.add_argument("--count", type=int, default=quality_gate.EvalOptions.count, help="held-out captions, one picture each")
     ev.add_argument("--batch", type=int, default=quality_gate.EvalOptions.batch, help="captions per generate call")
@@ -213,16 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--noise-level", nargs="+", type=int, default=None, metavar="N")
     ev.add_argument("--scheduler", choices=SAMPLERS, default=None)
     _add_speed_options(ev, convert=True)
-    ev.add_argument("--backend", choices=BACKENDS, default=None)
-    ev.add_argument("--device", default=None)
-    ev.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None, help=FAST_HELP)
-    ev.add_argument("--dtype", choices=list(DTYPES), default=None)
     ev.add_argument("--json", type=Path, default=None, help="write the report here too")
     ev.add_argument("--sheet", type=Path, default=None, metavar="PNG",
                     help="write a contact sheet of the pictures, captioned, the wrong ones framed in red")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    bat = commands.add_parser("batch", parents=common, help="generate every row of a .txt/.csv/.jsonl file into a "
+    bat = commands.add_parser("batch", parents=loads, help="generate every row of a .txt/.csv/.jsonl file into a "
                                                            "directory, batched per step, resumable")
     bat.add_argument("input", type=Path, help=".txt (a prompt a line), .csv (a prompt column, plus request fields) "
                                               "or .jsonl (one request a line, the HTTP API's fields)")
@@ -233,9 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--preset", default=None, metavar="NAME", help="the model's preset for rows that name none")
     bat.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     bat.add_argument("--sheet", type=Path, default=None, metavar="PNG", help="a captioned contact sheet of every image")
-    bat.add_argument("--backend", choices=BACKENDS, default=None)
-    bat.add_argument("--device", default=None)
-    bat.add_argument("--dtype", choices=list(DTYPES), default=None)
     bat.add_argument("--quiet", action="store_true", help="no progress bar")
 
     exp = commands.add_parser("export", parents=common, help="export a cascade's components to ONNX (checked against "
@@ -386,7 +388,7 @@ def generate(args) -> None:
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype, fast=args.fast)
+    pipe = load(*args.model, **load_options(args))
     if pipe.notice and not args.quiet:
         print(f"note: {pipe.notice}", file=sys.stderr)
     result = pipe.run(request, progress=not args.quiet)
@@ -487,7 +489,7 @@ def serve(args) -> None:
             raise EngineError(f"{flag} must be a positive number of seconds, got {seconds:g}")
     app_kwargs = {"max_batch": args.max_batch, "max_queue": args.max_queue, "timeout_s": args.timeout,
                   "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth}
-    load_kwargs = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "fast": args.fast}
+    load_kwargs = load_options(args)
     if args.ray:
         autoscale = None
         if args.autoscale is not None:
@@ -501,7 +503,7 @@ def serve(args) -> None:
                                   num_gpus=args.num_gpus)
         ray_app.run(app, args.host, args.port, address=args.ray_address)
         return
-    app = create_app(lambda: load_warm(args.model, load_kwargs, args.max_batch), **app_kwargs)
+    app = create_app(lambda: load(*args.model, **load_kwargs), **app_kwargs)  # warmed up before it is ready
     serve_defaults.run(app, args.host, args.port, log_level=args.log_level or "info",
                        drain_timeout_s=args.drain_timeout, max_connections=args.max_connections,
                        keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout)
@@ -529,7 +531,7 @@ def run_batch(args) -> None:
     summary = offline.batch(args.input, args.out, model=args.model, max_batch=args.max_batch, strict=args.strict,
                             progress=not args.quiet, sheet=args.sheet,
                             defaults={"preset": args.preset} if args.preset else None,
-                            backend=args.backend, device=args.device, dtype=args.dtype)
+                            **load_options(args))
     for bad in summary.bad_rows:
         print(f"line {bad.line} skipped: {bad.reason}", file=sys.stderr)
     for failed in summary.failed_rows:
@@ -539,17 +541,6 @@ def run_batch(args) -> None:
         print(f"contact sheet written to {args.sheet}", file=sys.stderr)
     if summary.stopped:
         raise KeyboardInterrupt
-
-
-def load_warm(model, load_kwargs: dict, max_batch: int):
-    """The server's model, its fast path (if on) compiled and captured for one image and every row count the
-    scheduler can call (1 .. 2 x max_batch, bucketed) before the server reports ready."""
-    pipe = load(*model, **load_kwargs)
-    if any(stage.fast is not None for stage in pipe.stages):
-        timings = pipe.warmup(images=(1,), scheduler_rows=range(1, 2 * max_batch + 1))
-        print(f"warm-up: {sum(timings.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-              + ")", file=sys.stderr)
-    return pipe
 
 
 def evaluate(args) -> None:
@@ -562,7 +553,7 @@ def evaluate(args) -> None:
     GenerateRequest("check", **generate_options)  # bad values are refused before the model loads
     if args.sheet is not None:
         _check_output(args.sheet)
-    pipe = load(*args.model, backend=args.backend, device=args.device, dtype=args.dtype, fast=args.fast)
+    pipe = load(*args.model, **load_options(args))
     report = quality_gate.evaluate(pipe, options, progress=not args.quiet, sheet=args.sheet, **generate_options)
     print(quality_gate.format_report(report))
     if args.sheet is not None:

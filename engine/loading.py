@@ -22,12 +22,12 @@ import torch
 from engine.assemble import build_pipeline
 from engine.backends import BACKENDS, PRECISIONS, TORCH_DTYPES, components_class
 from engine.backends.attention import resolve_attention
+from engine.backends.fast_unet import resolve_fast
 from engine.backends.onnxruntime_backend import OrtComponents
 from engine.backends.tensorrt_backend import TrtComponents
 from engine.backends.torch_backend import TorchComponents
 from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import export_kind, is_exported
-from engine.fast import resolve_fast
 from engine.model_dir import read_presets, read_stages, stage_dirs
 from engine.options import closest_name
 from engine.pipeline import Pipeline
@@ -85,7 +85,7 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     revision: of hub ids, a branch, tag or commit in the local cache (default: main).
     attention (torch only): "triton" (our kernel; the default on CUDA when Triton is installed) or "sdpa".
     providers (onnxruntime only): ONNX Runtime execution providers; default CUDA when usable, else CPU.
-    fast (torch only): the fast path (engine/fast.py): static buffers, per-request text constants, compiled
+    fast (torch only): the fast path (engine/executor.py, backends/fast_unet.py): static buffers, per-request text constants, compiled
     U-Nets cached across processes, CUDA graphs. None (default): on for CUDA, off for CPU (compiling costs
     about a minute per shape there, once); `pipe.warmup()` pays that cost up front.
     """

@@ -44,7 +44,7 @@ from engine.loading import load
 from engine.model_dir import DEFAULT_MODEL
 from engine.options import API_FIELDS, API_REQUEST_FIELDS, GenerateRequest, request_from_api
 from engine.pipeline import Generation, Pipeline
-from engine.serve.scheduler import DEFAULT_MAX_BATCH, BatchingScheduler
+from engine.serve.scheduler import DEFAULT_MAX_BATCH, BatchingScheduler, warm_up
 from engine.version import __version__
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class BatchSummary:
     bad_rows: list[BadRow] = field(default_factory=list)  # unparsable or refused, with their line numbers
     failed_rows: list[BadRow] = field(default_factory=list)  # refused by the model while running
     stopped: bool = False  # by Ctrl-C (SIGINT) or SIGTERM, at a step boundary
-    seconds: float = 0.0
+    seconds: float = 0.0  # generating and writing, after the warm-up
+    warmup_seconds: float = 0.0  # compiling (and on CUDA capturing) the fast path's row buckets, before
 
     def __str__(self) -> str:
         rate = self.images_written / self.seconds if self.seconds else 0.0
@@ -89,6 +90,8 @@ class BatchSummary:
             parts.append(f"{len(self.bad_rows)} bad row(s) skipped")
         if self.failed_rows:
             parts.append(f"{len(self.failed_rows)} row(s) failed")
+        if self.warmup_seconds:
+            parts.append(f"warm-up {self.warmup_seconds:.1f} s")
         text = ", ".join(parts)
         return text + ("; stopped: run the same command again to finish" if self.stopped else "")
 
@@ -210,7 +213,8 @@ def batch(source, out, model: Pipeline | str | None = None, max_batch: int = DEF
           **load_options) -> BatchSummary:
     """Run the rows of `source` (a .txt/.csv/.jsonl path, or an iterable of prompts or field dicts) into `out`;
     resumable (see the module's docstring). model: a Pipeline, or what engine.load takes (default: the packaged
-    model), with load_options (backend=, device=, dtype=). strict: stop at the first bad row (InvalidRequestError)
+    model), with load_options (backend=, device=, dtype=, fast=; with the fast path the row buckets the job's
+    U-Net calls run at are compiled, and on CUDA captured, first: serve.scheduler.warm_up). strict: stop at the first bad row (InvalidRequestError)
     instead of skipping it. sheet: a PNG path for a captioned contact sheet of every image made."""
     out = Path(out)
     rows, bad = [], []
@@ -238,6 +242,8 @@ def batch(source, out, model: Pipeline | str | None = None, max_batch: int = DEF
     todo = [row for row in rows if row.line not in done]
     summary.images_skipped = sum(len(done[row.line]) for row in rows if row.line in done)
     total = sum(_images_of(row, defaults) for row in todo)
+    if todo and any(stage.executor.static for stage in pipe.stages):
+        summary.warmup_seconds = sum(warm_up(pipe, max_batch).values())
     stop = threading.Event()
     start = time.perf_counter()
     identity = {"model": pipe.source, "backend": pipe.backend, "device": str(pipe.device),

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import InvalidRequestError
-from engine.fast import bucket
+from engine.executor import bucket
 from engine.images import from_model_range, to_model_range
 from engine.options import GenerateRequest, StageSettings, request_from_call
 from engine.stage import Conditioning, Stage, StageRun, timed
-from engine.text import MAX_TOKENS, TextEncoder
+from engine.text import TextEncoder
 
 
 @dataclass
@@ -102,29 +102,23 @@ class Pipeline:
         """Compile and capture what a deployment will run, before its first request; returns seconds per part.
 
         A generation per image count in `images` (options as `generate` takes them: steps, guidance, preset...)
-        makes and compiles each stage's step runner for that shape (fast.py; on CUDA it captures the graphs
-        too). For engine.serve's scheduler, one U-Net call per row count in `scheduler_rows`, at the bucket it
-        runs at (fast.bucket), for each base and super-resolution stage (an x4 stage's size is its input's).
-        Without the fast path there is nothing to compile and this costs only those generations."""
+        makes each stage's single-run buffers for that shape (executor.StepRunner; compiled, and on CUDA
+        captured, where the U-Nets are static). For the step-level scheduler (engine.serve, engine.batch), the
+        static buffers of each row bucket that row counts in `scheduler_rows` run at (executor.bucket), for each
+        base and super-resolution stage (an x4 stage's size is its input's). Eager U-Nets have nothing to make:
+        this then costs only those generations."""
         timings = {}
         for n in images:
             _, timings[f"generate, {n} image(s)"] = timed(
                 self.device, lambda: self.generate("warm-up", num_images_per_prompt=n, output_type="pt", **options))
         for stage in self.stages:
-            if stage.fast is None or stage.kind == "latent_upscaler":
+            if not stage.executor.static or stage.kind == "latent_upscaler":
                 continue
+            embeddings = self.encoder(stage).empty()  # (1, 77, D): conditioning rows as requests give them
             for rows in sorted({bucket(r) for r in scheduler_rows}):
-                _, timings[f"{stage.name} U-Net, {rows} rows"] = timed(self.device, self._warm_unet, stage, rows)
+                _, timings[f"{stage.name} U-Net, {rows} rows"] = timed(
+                    self.device, stage.executor.warmup, rows, embeddings)
         return timings
-
-    @torch.inference_mode()
-    def _warm_unet(self, stage: Stage, rows: int) -> None:
-        size, unet = stage.size, stage.unet
-        sample = torch.zeros(rows, unet.in_channels, size, size, dtype=stage.dtype, device=self.device)
-        timestep = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        embeddings = torch.zeros(rows, MAX_TOKENS, self.encoder(stage).dim, dtype=stage.dtype, device=self.device)
-        labels = None if stage.noising is None else torch.zeros(rows, dtype=torch.int64, device=self.device)
-        unet(sample, timestep, embeddings, labels)
 
     def settings(self, request: GenerateRequest) -> list[StageSettings]:
         """The request's settings for each stage, checked against each stage's model (before any model work)."""

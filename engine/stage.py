@@ -16,16 +16,16 @@ pipeline draws the augmentation noise before its latents.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from engine.errors import InvalidRequestError, NumericalError
-from engine.fast import FastPath, FastUNet
+from engine.executor import StageExecutor, update
 from engine.options import StageDefaults, StageSettings
 from engine.samplers import SCHEDULER_CLASSES, build_sampler
 from engine.schedules import NoiseSchedule
@@ -63,8 +63,8 @@ class Stage:
         # The model's own defaults (cascade.json "defaults", via assemble.py), else its kind's.
         self.defaults = defaults or StageDefaults.for_stage(self.kind)
         self.presets: dict[str, StageDefaults] = {}  # the model's named presets' settings for this stage
-        # The fast path (fast.py) where the backend gave a FastUNet: static buffers, one step function.
-        self.fast = FastPath(self) if isinstance(unet, FastUNet) else None
+        # Its steps (executor.py): eager, or on static buffers where the U-Net says it is static.
+        self.executor = StageExecutor(self)
 
     @property
     def kind(self) -> str:
@@ -99,16 +99,9 @@ class Stage:
         self.denoise(run, progress, on_step)
         return run.result()
 
-    @torch.inference_mode()
     def denoise(self, run: "StageRun", progress: bool = False, on_step=None) -> None:
-        """Step `run` to its end, one U-Net call per step (on the fast path where this stage has one)."""
-        if self.fast is not None:
-            self.fast.denoise(run, progress, on_step)
-            return
-        for step in tqdm(range(run.steps), desc=self.name, disable=not progress, leave=False):
-            run.advance(self.unet(*run.model_inputs()).float())
-            if on_step is not None:
-                on_step(self.name, step + 1, run.steps)
+        """Step `run` to its end, one U-Net call per step, through the stage's executor."""
+        self.executor.denoise(run, progress, on_step)
 
     @torch.inference_mode()
     def start(self, text: Conditioning, previous: torch.Tensor | None, settings: StageSettings,
@@ -149,21 +142,15 @@ class Stage:
         return eps, variance
 
 
-class UNetInputs(NamedTuple):
-    """One U-Net call's inputs, in the order backends/protocol.py's UNet takes them."""
-
-    sample: torch.Tensor  # (rows, C, H, W) in the stage dtype
-    timestep: torch.Tensor  # (rows,) int64
-    embeddings: torch.Tensor  # (rows, 77, D)
-    class_labels: torch.Tensor | None  # (rows,) the noise level, for super-resolution and x4 stages
+_SERIALS = itertools.count()  # StageRun.serial: unique in the process, unlike id() of a freed run
 
 
 class StageRun:
     """One request's progress through one stage, a U-Net call at a time.
 
-    `Stage.run` drives one to the end; a serving scheduler drives several together, concatenating their
-    `model_inputs()` into one U-Net call (each row carries its own timestep) and handing each its rows back
-    through `advance`. Everything random is drawn here, at the start, from the request's own generator, so
+    `Stage.run` drives one to the end; a serving scheduler drives several together: the stage's executor
+    (executor.py) makes one U-Net call over their rows (each row at its own timestep) and each takes its rows
+    back through `advance`. Everything random is drawn here, at the start, from the request's own generator, so
     a request's images do not depend on what it was batched with.
     """
 
@@ -171,6 +158,7 @@ class StageRun:
                  generator: torch.Generator):
         self.stage = stage
         self.settings = settings
+        self.serial = next(_SERIALS)  # names it in the executor's record of whose conditioning rows it holds
         self.sampler = build_sampler(settings.sampler or stage.default_sampler, stage.scheduler_config,
                                      settings.timesteps, stage.device)
         batch = text.cond.shape[0]
@@ -204,22 +192,26 @@ class StageRun:
         """Whether the next step runs classifier-free guidance."""
         return self.guided_steps[self.step]
 
-    def model_inputs(self) -> "UNetInputs":
-        """The next U-Net call's inputs (call the U-Net with `*inputs`)."""
+    @property
+    def rows(self) -> int:
+        """The U-Net rows of the next step: 2B under guidance ([uncond; cond]), else B."""
+        return self.x.shape[0] * (2 if self.guided else 1)
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        """The next step's U-Net timestep, a 0-d int64 tensor on the device."""
+        return self.sampler.timesteps[self.step]
+
+    def conditioning(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next step's conditioning rows: embeddings (rows, 77, D) and class labels (rows,) or None."""
         guided = self.guided
-        model_in = self.x.to(self.stage.dtype)  # no copy in float32
-        if self.low_res is not None:
-            model_in = torch.cat([model_in, self.low_res], dim=1)  # (B, C + 3, H, W)
-        if guided:
-            model_in = model_in.repeat(2, 1, 1, 1)  # (2B, ...): [uncond; cond] rows see the same sample
-        timestep = self.sampler.timesteps[self.step].expand(model_in.shape[0])
         labels = None if self.class_labels is None else self.class_labels[guided]
-        return UNetInputs(model_in, timestep, self.pair if guided else self.cond, labels)
+        return (self.pair if guided else self.cond), labels
 
     def advance(self, out: torch.Tensor) -> None:
         """Take this run's U-Net output (rows, out_channels, H, W), float32: guidance, then the sampler step."""
-        eps, variance = self.stage._guide(out, self.settings.guidance if self.guided else None)
-        self.x = self.sampler.step(self.step, eps, variance, self.x, self.noise[self.step])
+        guidance = self.settings.guidance if self.guided else None
+        self.x = update(self.stage, self.sampler, self.step, out, guidance, self.x, self.noise[self.step])
         self.step += 1
 
     def result(self) -> torch.Tensor:

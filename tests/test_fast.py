@@ -1,4 +1,4 @@
-"""The fast path (engine/fast.py): static-buffer step runner, device-indexed sampler tables, per-request text
+"""The fast path (engine/executor.py, engine/backends/fast_unet.py): static-buffer step runner, device-indexed sampler tables, per-request text
 constants, compiled U-Nets cached across processes, and the scheduler on the same U-Nets.
 
 Tolerances, float32, images in [0, 1]: RUNNER_BOUND against the eager loop with its U-Nets in channels_last
@@ -19,7 +19,8 @@ import torch
 
 import engine
 from engine import GenerateRequest
-from engine.fast import FastUNet, StepRunner, bucket
+from engine.backends.fast_unet import FastUNet
+from engine.executor import RowBuffers, StepRunner, bucket
 from engine.samplers import SAMPLERS, build_sampler
 from engine.serve import BatchingScheduler
 
@@ -52,7 +53,7 @@ def test_fast_path_gives_the_eager_images_for_every_sampler(fast_pipe, engine_pi
     options = dict(seed=3, steps=(5, 3), guidance=(6.0, 3.0), num_images_per_prompt=2, scheduler=sampler,
                    output_type="np", guidance_interval=((300, 900), None))
     prompts = ["a red circle", "a blue square"]
-    assert all(isinstance(s.unet, FastUNet) and s.fast is not None for s in fast_pipe.stages)
+    assert all(isinstance(s.unet, FastUNet) and s.executor.static for s in fast_pipe.stages)
     ours = fast_pipe.generate(prompts, **options)
     same_format = channels_last_pipe.generate(prompts, **options)
     assert ours.shape == same_format.shape and same_format.std() > 0.02
@@ -83,7 +84,7 @@ def test_text_constants_are_used_in_the_steps(fast_pipe):
     assert stage.unet.constants.layers and stage.unet.constants.projection is not None
     options = dict(seed=0, steps=STEPS, guidance=(5.0, 1.0), output_type="np")
     good = fast_pipe.generate("a red circle", **options)
-    runner = next(reversed(stage.fast.runners.values()))  # the one this request ran on
+    runner = next(reversed(stage.executor.runners.values()))  # the one this request ran on
     load = runner.load
 
     def spoiled(run):
@@ -142,22 +143,69 @@ def test_the_step_function_traces_whole_with_fullgraph(fast_pipe, engine_pipe):
     assert (runner.x - eager_run.x).abs().max() <= 1e-4
 
 
-def test_scheduler_on_the_fast_path_gives_a_request_its_images_alone(fast_pipe):
-    """The scheduler's U-Net calls go through the same FastUNet, padded to a row bucket."""
-    scheduler = BatchingScheduler(fast_pipe, max_batch=8)
-    requests = [GenerateRequest("a red circle", seed=1, steps=STEPS, output_type="np"),
-                GenerateRequest(["a blue square", "a cat"], seed=2, steps=STEPS, guidance=(5.0, 1.0),
-                                output_type="np"),
-                GenerateRequest("a green square", seed=3, steps=(3, 2), num_images_per_prompt=2, output_type="np")]
-    futures = [scheduler.submit(r) for r in requests]
-    for _ in range(100):
+def _scheduled(pipe, requests, joins_at=2):
+    """Each request's images through one scheduler: the first alone for `joins_at` steps, the others joining
+    then (so stage I and stage II hold requests at once, and calls have row counts between buckets)."""
+    scheduler = BatchingScheduler(pipe, max_batch=8)
+    futures = [scheduler.submit(requests[0])]
+    for _ in range(joins_at):
+        scheduler.step()
+    futures += [scheduler.submit(r) for r in requests[1:]]
+    for _ in range(200):
         if not scheduler.step():
             break
-    for request, future in zip(requests, futures):
-        batched = future.result(timeout=0).images
+    return [future.result(timeout=0).images for future in futures]
+
+
+SCHEDULED = [GenerateRequest("a red circle", seed=1, steps=STEPS, output_type="np"),
+             GenerateRequest(["a blue square", "a cat"], seed=2, steps=STEPS, guidance=(5.0, 1.0), output_type="np"),
+             GenerateRequest("a green square", seed=3, steps=(3, 2), num_images_per_prompt=2, output_type="np",
+                             guidance_interval=((300, 900), None))]
+
+
+def test_scheduler_steps_run_on_the_executors_static_buffers(fast_pipe, engine_pipe):
+    """The scheduler's calls go through each stage's executor onto its row-bucket buffers (5 images under
+    guidance: 10 rows padded to 16, and so on), and every request gets the images it gets alone, on the fast
+    path and eager."""
+    calls = []
+    scheduler_rows = []
+    for stage in fast_pipe.stages:
+        stage.executor.buffers.clear()
+    batched = _scheduled(fast_pipe, SCHEDULED)
+    for stage in fast_pipe.stages:
+        for (rows, *_), buffers in stage.executor.buffers.items():
+            assert rows == bucket(rows) and buffers.sample.shape[0] == rows
+            scheduler_rows.append(rows)
+        calls.append(len(stage.executor.buffers))
+    assert all(calls) and max(scheduler_rows) == 16  # both stages; all three requests guided in stage I
+    for request, images in zip(SCHEDULED, batched):
         alone = fast_pipe.run(request).images
-        assert np.abs(batched - alone).max() <= FAST_BOUND
+        assert np.abs(images - alone).max() <= RUNNER_BOUND
+        assert np.abs(images - engine_pipe.run(request).images).max() <= FAST_BOUND
     assert [bucket(r) for r in (1, 2, 3, 5, 9, 16, 17)] == [1, 2, 4, 8, 16, 16, 17]
+
+
+def test_the_scheduler_reads_the_text_constants_from_the_buffers(fast_pipe, monkeypatch):
+    """Spoiling the text keys in the row buffers (only there, only during the U-Net call) changes the images:
+    the scheduler's U-Net calls read them from those buffers, not from anything computed per call."""
+    good = _scheduled(fast_pipe, SCHEDULED)
+    forward = RowBuffers._forward
+
+    def spoiled(buffers):
+        saved = {name: value.clone() for name, value in buffers.values.items()}
+        for name, value in buffers.values.items():
+            if name.endswith(".key"):
+                value.mul_(3.0)
+        forward(buffers)
+        for name, value in saved.items():
+            buffers.values[name].copy_(value)
+
+    monkeypatch.setattr(RowBuffers, "_forward", spoiled)
+    bad = _scheduled(fast_pipe, SCHEDULED)
+    assert all(np.abs(b - g).max() > 0.01 for b, g in zip(bad, good))
+    monkeypatch.setattr(RowBuffers, "_forward", forward)
+    again = _scheduled(fast_pipe, SCHEDULED)
+    assert all(np.array_equal(a, g) for a, g in zip(again, good))  # the buffers themselves were left intact
 
 
 def test_warmup_makes_the_runners_and_reports_its_cost(fast_pipe):
@@ -165,7 +213,7 @@ def test_warmup_makes_the_runners_and_reports_its_cost(fast_pipe):
     assert set(timings) == {"generate, 1 image(s)", "generate, 2 image(s)", "stage_I U-Net, 4 rows",
                             "stage_II U-Net, 4 rows"}
     assert all(seconds > 0 for seconds in timings.values())
-    shapes = {key[0] for key in fast_pipe.stages[0].fast.runners}
+    shapes = {key[0] for key in fast_pipe.stages[0].executor.runners}
     assert {(1, 3, 16, 16), (2, 3, 16, 16)} <= shapes
 
 

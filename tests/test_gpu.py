@@ -65,7 +65,7 @@ def test_fast_path_capture_and_replay_give_the_eager_images(cascade_dir):
     eager = engine.load(cascade_dir, device="cuda", dtype="float16", fast=False)
     options = dict(seed=0, steps=(4, 3), guidance=(7.0, 4.0), output_type="np", guidance_interval=((300, 900), None))
     ours = fast.generate("a red circle", **options)
-    assert all(runner.graphs for s in fast.stages for runner in s.fast.runners.values())
+    assert all(runner.graphs for s in fast.stages for runner in s.executor.runners.values())
     assert np.abs(ours - eager.generate("a red circle", **options)).max() < HALF_BOUND["float16"]
     assert np.array_equal(fast.generate("a red circle", **options), ours)  # replayed again, same bits
 
@@ -78,7 +78,7 @@ def test_fast_path_replay_allocates_nothing_and_never_syncs(cascade_dir):
     walk.begin()
     run = walk.start_stage()
     stage = fast.stages[0]
-    runner = next(reversed(stage.fast.runners.values()))
+    runner = next(reversed(stage.executor.runners.values()))
     runner.load(run)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()

@@ -9,7 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine", "cascade_kernels", "export")
 CORE = ("engine.errors", "engine.options", "engine.schedules", "engine.samplers", "engine.stage",
-        "engine.pipeline", "engine.text", "engine.images")
+        "engine.executor", "engine.pipeline", "engine.text", "engine.images")
+# The fast path's torch-specific parts, the torch backend's own: nothing in the core reaches them.
+TORCH_FAST = ("engine.backends.fast_unet", "engine.backends.text_constants", "engine.backends.compiled")
 ABOVE_CORE = ("engine.backends", "engine.serve", "engine.bench", "engine.demo", "engine.testing", "engine.loading",
               "engine.assemble", "engine.model_dir", "engine.exported", "export", "engine.cli")
 
@@ -83,6 +85,20 @@ def test_core_imports_nothing_above_it():
     for module in CORE:
         above = sorted(t for t in edges[module] if t.startswith(ABOVE_CORE))
         assert not above, f"{module} imports {above}"
+
+
+def test_the_executor_depends_on_the_samplers_only():
+    """The step executor knows U-Nets by their protocol (asked with getattr), and of the project the samplers."""
+    assert graph()["engine.executor"] <= {"engine.samplers"}
+
+
+def test_the_fast_paths_torch_parts_live_under_the_torch_backend():
+    edges = graph()
+    assert all(m in edges for m in TORCH_FAST)
+    for module, targets in edges.items():
+        reached = targets & set(TORCH_FAST)
+        if reached:
+            assert module.startswith("engine.backends.") or module.startswith("engine.loading"), (module, reached)
 
 
 def test_export_never_imports_loading():

@@ -32,6 +32,15 @@ class UNet(Protocol):
         super-resolution and x4 stages, else None -> (B, out_channels, H, W), any float dtype."""
 
 
+# What a U-Net may also say it can do; the runtime asks with getattr, so a U-Net without them is eager:
+#   static: bool               True: compiled per shape; the stage's executor (engine/executor.py) calls it on
+#                              buffers allocated once per shape (rows padded to a bucket), captures it on CUDA,
+#                              and passes `values` (below) as a fifth argument, possibly None
+#   text_constants(embeddings) -> dict[str, Tensor] | None
+#                              what it computes from (rows, 77, D) embeddings alone, once per request (or per
+#                              change of a batch's members) instead of at every step; None: nothing
+
+
 @runtime_checkable
 class VAEDecoder(Protocol):
     """The x4 upscaler's latent decoder."""

@@ -7,7 +7,7 @@ import torch
 
 from engine.backends.attention import install
 from engine.errors import ModelError
-from engine.fast import FastUNet
+from engine.backends.fast_unet import FastUNet
 from engine.model_dir import downsampling, load_tokenizer, model_config, text_config, weights_variant
 
 
@@ -19,7 +19,7 @@ def text_dtype(dtype: torch.dtype) -> torch.dtype:
 class TorchComponents:
     """Components (backends/protocol.py) from model directories: `variant` None picks the weight files by
     dtype (model_dir.weights_variant); attention is "sdpa" or "triton" (attention.py); `fast`: the U-Nets
-    run on the fast path (fast.py: static buffers, text constants, compiled, CUDA graphs)."""
+    run on the fast path (fast_unet.py: static, text constants, compiled; the executor adds static buffers and CUDA graphs)."""
 
     backend = "torch"
 

@@ -2,7 +2,7 @@
 
     eager    the plain diffusers / transformers module (diffusers' default SDPA attention processors)
     compile  the same module under torch.compile (COMPILE_MODES), sharing its weights
-    ours     the engine's fast path (fast.FastUNet: text constants made once per request, compiled, channels_last)
+    ours     the engine's fast path (backends/fast_unet.py: text constants made once per request, compiled, channels_last)
              as the pipeline runs it, with "ours, eager runtime" beside it: TorchUNet (our attention processors,
              Triton on CUDA, channels_last on CUDA) around its own copy of the weights
 
@@ -17,7 +17,6 @@ import torch
 
 from engine.backends.attention import resolve_attention
 from engine.backends.torch_backend import TorchUNet, TorchVAEDecoder
-from engine.fast import FastUNet
 from engine.model_dir import text_width
 from engine.text import MAX_TOKENS as TEXT_TOKENS
 
@@ -94,8 +93,8 @@ def unet_variants(model, inputs, device: torch.device, compare, ours=None) -> di
     if "ours" in compare:
         if ours is None:
             calls["ours"] = ours_unet_call(model, inputs, device)
-        elif isinstance(ours, FastUNet):  # the fast path: the text constants made once, as once per request
-            values = ours.constants.constants(inputs["encoder_hidden_states"])
+        elif getattr(ours, "static", False):  # the fast path: the text constants made once, as once per request
+            values = ours.text_constants(inputs["encoder_hidden_states"])
             timestep = inputs["timestep"].expand(len(inputs["sample"]))  # (rows,), as the pipeline calls it
             calls["ours"] = lambda: ours(inputs["sample"], timestep, inputs["encoder_hidden_states"],
                                          inputs["class_labels"], values)

@@ -31,6 +31,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -45,7 +46,7 @@ from engine.serve.metrics import Metrics
 from engine.version import __version__
 from engine.serve.schema import FIELDS, IGNORED_FIELDS, ErrorResponse, GenerationBody, ImagesResponse
 from engine.serve.scheduler import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_POLICY, POLICIES,  # noqa: F401
-                                    BatchingScheduler)
+                                    BatchingScheduler, warm_up)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Service:
         self.max_batch, self.max_queue, self.timeout_s, self.warmup = max_batch, max_queue, timeout_s, warmup
         self.policy = policy
         self.pipeline = None
+        self.warmup_seconds: dict[str, float] = {}  # what the warm-up cost, per part (scheduler.warm_up)
         self.scheduler: BatchingScheduler | None = None
         self.metrics = Metrics()
         self.ready = threading.Event()
@@ -108,11 +110,13 @@ class Service:
         self.scheduling = False  # whether start() runs the scheduler's thread (tests drive it by hand)
 
     def start(self, run_scheduler: bool = True) -> None:
-        """Load, warm up (one short generation), then start the scheduler; /health/ready turns 200 after."""
+        """Load, warm up (scheduler.warm_up), then start the scheduler; /health/ready turns 200 after."""
         try:
             self.pipeline = self.load()
             if self.warmup:
-                self.pipeline.run(GenerateRequest("warm-up", steps=1))
+                self.warmup_seconds = warm_up(self.pipeline, self.max_batch)
+                parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.warmup_seconds.items())
+                print(f"warm-up: {sum(self.warmup_seconds.values()):.1f} s ({parts})", file=sys.stderr, flush=True)
             self.scheduler = BatchingScheduler(self.pipeline, self.max_batch, self.max_queue, self.policy)
             self.scheduler.on_batch = self.metrics.batch
             self.scheduler.on_finish = self.metrics.job_finished

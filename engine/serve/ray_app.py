@@ -21,10 +21,9 @@ import time
 
 from engine.errors import EngineError, InvalidRequestError
 from engine.loading import load
-from engine.options import GenerateRequest
 from engine.serve.http import create_app
 from engine.serve.metrics import BATCH_BUCKETS, SECONDS_BUCKETS
-from engine.serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+from engine.serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, warm_up
 
 DEPLOYMENT_NAME = "cascade-engine"
 HEALTH_CHECK_PERIOD_S = 10.0
@@ -84,7 +83,7 @@ def replica_app(load_kwargs: dict, model: list[str], app_kwargs: dict):
 
 
     pipeline = load(*model, **load_kwargs)
-    pipeline.run(GenerateRequest("warm-up", steps=1))
+    warm_up(pipeline, app_kwargs.get("max_batch", DEFAULT_MAX_BATCH))  # every row bucket, before Ray routes to it
     context = serve.get_replica_context()
     app = create_app(pipeline, warmup=False, readiness=DeploymentReadiness(context.app_name), **app_kwargs)
     app.state.service.metrics.sinks.append(RayMetrics())

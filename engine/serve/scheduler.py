@@ -68,15 +68,6 @@ class Job:
         return self.walk.index
 
 
-@dataclass(frozen=True)
-class BatchRows:
-    """The conditioning rows of one stage's last U-Net call, kept while its members stay the same."""
-
-    members: tuple[tuple[int, bool], ...]  # (job id, whether its rows are guided) per member
-    embeddings: torch.Tensor  # (rows, 77, D)
-    class_labels: torch.Tensor | None  # (rows,)
-
-
 class BatchingScheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
                  policy: str = DEFAULT_POLICY):
@@ -97,7 +88,6 @@ class BatchingScheduler:
         self._stopping = False
         self.on_batch = None  # optional callback(stage_name, images, rows) after each U-Net call (metrics)
         self.on_finish = None  # optional callback(job, status) when a job leaves ("ok", "failed", ...)
-        self._rows_cache: dict[str, BatchRows] = {}  # stage name -> the rows of its last call
 
     # -- the caller's side ------------------------------------------------------------------------------
 
@@ -271,50 +261,35 @@ class BatchingScheduler:
         return taken
 
     def _call(self, stage, jobs: list[Job]) -> None:
-        """One U-Net call over the runs of `jobs` in `stage`, each given its rows back.
+        """One U-Net call over the runs of `jobs` in `stage`, through the stage's executor (engine/executor.py:
+        static buffers and graph replay where the U-Nets are static), each run given its rows back.
 
         A failing call is made again for each job alone, so that what fails (one request's rows, or a batch too
         large for the memory left) fails that job only; a job whose own call or sampler step fails leaves alone."""
-        inputs = [job.run.model_inputs() for job in jobs]
-        sample = torch.cat([i.sample for i in inputs])  # (rows, C, H, W)
-        timestep = torch.cat([i.timestep for i in inputs])  # (rows,): each run at its own step
-        embeddings, labels = self._conditioning_rows(stage.name, jobs, inputs)
         start = time.perf_counter()
         try:
-            out = stage.unet(sample, timestep, embeddings, labels).float()
+            outputs = stage.executor.forward([job.run for job in jobs])
         except Exception as exc:
             if len(jobs) == 1:
                 self._fail(jobs[0], exc)
                 return
             log.warning("a U-Net call over %d requests failed (%s: %s); calling each alone", len(jobs),
                         type(exc).__name__, exc)
-            self._rows_cache.pop(stage.name, None)
             for job in jobs:
                 self._call(stage, [job])
             return
         seconds = time.perf_counter() - start
         if self.on_batch is not None:
-            self.on_batch(stage.name, sum(j.images for j in jobs), len(sample))
-        for job, part in zip(jobs, out.split([i.sample.shape[0] for i in inputs])):
+            self.on_batch(stage.name, sum(j.images for j in jobs), sum(len(out) for out in outputs))
+        for job, out in zip(jobs, outputs):
             job.walk.timings[stage.name] = job.walk.timings.get(stage.name, 0.0) + seconds
             try:
-                job.run.advance(part)
+                job.run.advance(out)
             except Exception as exc:  # its guidance or sampler step: its own
                 self._fail(job, exc)
                 continue
             if job.run.done:
                 self._next_stage(job)
-
-    def _conditioning_rows(self, stage_name: str, jobs: list[Job], inputs):
-        """(rows, 77, D) embeddings and (rows,) class labels of a batch: constant per job and step kind (guided
-        or not, under a guidance interval), so concatenated again only when those change, not at every step."""
-        key = tuple((job.id, job.run.guided) for job in jobs)
-        cached = self._rows_cache.get(stage_name)
-        if cached is None or cached.members != key:
-            labels = None if inputs[0].class_labels is None else torch.cat([i.class_labels for i in inputs])
-            cached = BatchRows(key, torch.cat([i.embeddings for i in inputs]), labels)
-            self._rows_cache[stage_name] = cached
-        return cached.embeddings, cached.class_labels
 
     def _next_stage(self, job: Job) -> None:
         try:
@@ -341,6 +316,14 @@ class BatchingScheduler:
     def _finish(self, job: Job, status: str) -> None:
         if self.on_finish is not None:
             self.on_finish(job, status)
+
+
+def warm_up(pipeline: Pipeline, max_batch: int) -> dict[str, float]:
+    """The one warm-up of a deployment (a service start, a Ray replica, `engine.batch`), before it takes work:
+    one short generation (the text encoders and each stage once), and where the U-Nets are static (the fast
+    path) the executor's buffers of every row bucket the scheduler can call, 1 .. 2 x max_batch rows (each
+    image twice under guidance): compiled, and on CUDA captured. Returns seconds per part."""
+    return pipeline.warmup(images=(1,), scheduler_rows=range(1, 2 * max_batch + 1), steps=1)
 
 
 def _settle(future: Future, result=None, exception: Exception | None = None) -> None:

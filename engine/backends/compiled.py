@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # Inductor options per device; CPU's freezing is what makes compiling pay there (module docstring).
 COMPILE_OPTIONS = {"cpu": {"freezing": True}, "cuda": {}}
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-GRAPH_CODE = ("fast.py", "text_constants.py", "backends/attention.py")  # under engine/
+GRAPH_CODE = ("fast_unet.py", "text_constants.py", "attention.py")  # beside this file, under engine/backends/
 
 
 def compiled_dir() -> Path:
@@ -54,15 +54,23 @@ def _graph_code_hash() -> str:
     return digest.hexdigest()
 
 
+def describe(value):
+    """What a compiled graph is specialised to of one argument: a tensor's shape, dtype and strides (a
+    graph compiled for a contiguous (rows,) timestep must never read an expanded one), a dict's items."""
+    if isinstance(value, torch.Tensor):
+        return [list(value.shape), str(value.dtype), list(value.stride())]
+    if isinstance(value, dict):
+        return {name: describe(v) for name, v in sorted(value.items())}
+    return repr(value)
+
+
+def signature(args: tuple) -> str:
+    """The arguments' description as one hashable key: calls with the same one share a compiled graph."""
+    return json.dumps([describe(a) for a in args], sort_keys=True)
+
+
 def package_key(source: str, example_args: tuple, device: torch.device) -> str:
     """The cache key of one compiled call: what it computes (source hash), on what, with what."""
-    def describe(value):
-        if isinstance(value, torch.Tensor):
-            return [list(value.shape), str(value.dtype), value.is_contiguous(memory_format=torch.channels_last)]
-        if isinstance(value, dict):
-            return {name: describe(v) for name, v in sorted(value.items())}
-        return repr(value)
-
     key = {"source": source, "args": [describe(a) for a in example_args], "device": device.type,
            "options": COMPILE_OPTIONS[device.type], "torch": torch.__version__, "engine": __version__,
            "code": _graph_code_hash()}
