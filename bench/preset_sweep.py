@@ -103,11 +103,7 @@ def as_options(pipe, name: str, setting: dict) -> dict:
     """generate() options for a setting; per-stage settings ("stages") become a preset of the pipeline."""
     if "stages" not in setting:
         return setting
-    from engine.model_dir import Preset
-
-    for stage, overrides in zip(pipe.stages, setting["stages"]):
-        stage.presets[name] = stage.defaults.merged(stage.kind, overrides)
-    pipe.presets[name] = Preset(list(setting["stages"]), {})
+    pipe.add_preset(name, setting["stages"])
     return {"preset": name}
 
 

@@ -49,7 +49,8 @@ import numpy as np
 import engine
 from engine.bench.report import command_line, environment, save_json, table_cell
 from engine.loading import resolve_device
-from engine.serve.scheduler import DEFAULT_MAX_BATCH, POLICIES
+from engine.options import DEFAULT_MAX_BATCH
+from engine.serve.defaults import POLICIES
 from engine.testing.ports import free_port
 
 PROMPTS = ("a large red circle on a blue background", "a small green square on a white background",

@@ -36,14 +36,14 @@ def build_pipeline(specs: list, components, source: str = "", notice: str | None
                 defaults=defaults))
         else:
             stages.append(Stage(spec.name, unet, spec.scheduler_config, noising, device, dtype, defaults=defaults))
+    pipeline = Pipeline(text or stages[0].text, stages, device, dtype, source=source, notice=notice,
+                        run_context=components.run_context(), backend=components.backend)
     for name, preset in (presets or {}).items():
-        for stage, spec, overrides in zip(stages, specs, preset.stages):
-            try:
-                stage.presets[name] = stage.defaults.merged(stage.kind, overrides)
-            except InvalidRequestError as exc:
-                raise ModelError(spec.directory, f"preset {name!r} for {spec.name}: {exc}") from exc
-    return Pipeline(text or stages[0].text, stages, device, dtype, source=source, notice=notice,
-                    run_context=components.run_context(), presets=presets, backend=components.backend)
+        try:
+            pipeline.add_preset(name, preset.stages, preset.certified)
+        except InvalidRequestError as exc:  # the model's own files are wrong: say which
+            raise ModelError(source or specs[0].directory, str(exc)) from exc
+    return pipeline
 
 
 def stage_defaults(spec) -> StageDefaults:

@@ -29,16 +29,14 @@ from engine.exported.manifest import export_kind
 from engine.loading import DTYPES, load
 
 from engine.model_dir import DEFAULT_MODEL
-from engine.options import STAGE_DEFAULTS, GenerateRequest, request_defaults
+from engine.options import DEFAULT_MAX_BATCH, STAGE_DEFAULTS, GenerateRequest, request_defaults
 from engine.samplers import SAMPLERS
 from engine.schedules import NAMED_SCHEDULES
-from engine.serve import http as serve_defaults  # the service's defaults are written there, once
-from engine.serve import ray_app
-from engine.serve.http import create_app
+from engine.serve import defaults as serve_defaults  # the service's defaults, without web imports
 from engine.version import __version__
 from export.cache import cached_export, timing_cache_file
 from export.onnx import export_onnx
-from export.tensorrt import DEFAULT_MAX_IMAGES, build_engines
+from export.tensorrt import build_engines
 from export.tensorrt import describe as describe_engines
 
 DEFAULTS = request_defaults()
@@ -173,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default=serve_defaults.DEFAULT_HOST,
                      help="address to listen on (default: loopback only; 0.0.0.0 for every interface)")
     srv.add_argument("--port", type=int, default=serve_defaults.DEFAULT_PORT)
-    srv.add_argument("--max-batch", type=int, default=serve_defaults.DEFAULT_MAX_BATCH,
+    srv.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                      help="images per U-Net call per stage, and so per request (prompts x n; more is a 400)")
     srv.add_argument("--max-queue", type=int, default=serve_defaults.DEFAULT_MAX_QUEUE,
                      help="requests waiting for admission before new ones get 503")
@@ -233,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "or .jsonl (one request a line, the HTTP API's fields)")
     bat.add_argument("--out", type=Path, required=True, help="the directory: images/ and manifest.jsonl")
     bat.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH")
-    bat.add_argument("--max-batch", type=int, default=serve_defaults.DEFAULT_MAX_BATCH,
+    bat.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                      help="images per U-Net call (rows with different settings share calls)")
     bat.add_argument("--preset", default=None, metavar="NAME", help="the model's preset for rows that name none")
     bat.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
@@ -255,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tensorrt: compute capabilities to build for, e.g. sm80 sm86 sm89 sm120, or current "
                           "(this machine's GPU); default: current where a GPU is, else sm80 sm86 sm89 sm120")
     exp.add_argument("--max-batch", type=int, default=None, metavar="N",
-                     help=f"tensorrt: images per U-Net call the engines take at most (default {DEFAULT_MAX_IMAGES}; "
+                     help=f"tensorrt: images per U-Net call the engines take at most (default {DEFAULT_MAX_BATCH}; "
                           "under guidance each image is two rows)")
     exp.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     _add_bench_parser(commands, common)
@@ -425,7 +423,7 @@ def export(args) -> None:
 
 
 def export_engines(args) -> None:
-    max_images = DEFAULT_MAX_IMAGES if args.max_batch is None else args.max_batch
+    max_images = DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
     if max_images < 1:
         raise InvalidRequestError(f"--max-batch must be at least 1, got {max_images}")
     if len(args.model) == 1 and export_kind(Path(args.model[0]).expanduser()) == "onnx":
@@ -473,6 +471,9 @@ def serve(args) -> None:
         import uvicorn  # noqa: F401  (optional: the [serve] extra)
     except ImportError as exc:
         raise EngineError(f"serving needs {exc.name}: pip install 'cascade-engine[serve]'") from exc
+    # The web stack is the [serve] extra's: imported only by the command that serves.
+    from engine.serve import http, ray_app
+
     keys = _api_keys(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         print(f"warning: listening on {args.host}, beyond loopback, with no API key: anyone who can reach it can "
@@ -503,8 +504,8 @@ def serve(args) -> None:
                                   num_gpus=args.num_gpus)
         ray_app.run(app, args.host, args.port, address=args.ray_address)
         return
-    app = create_app(lambda: load(*args.model, **load_kwargs), **app_kwargs)  # warmed up before it is ready
-    serve_defaults.run(app, args.host, args.port, log_level=args.log_level or "info",
+    app = http.create_app(lambda: load(*args.model, **load_kwargs), **app_kwargs)  # warmed up before it is ready
+    http.run(app, args.host, args.port, log_level=args.log_level or "info",
                        drain_timeout_s=args.drain_timeout, max_connections=args.max_connections,
                        keep_alive_s=args.keep_alive_timeout, header_timeout_s=args.header_timeout)
 

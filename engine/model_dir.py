@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from engine.errors import InvalidRequestError, ModelError
+from engine.options import Preset
 from engine.samplers import SCHEDULER_CLASSES
 from engine.stage import IMAGE_CHANNELS
 
@@ -47,18 +48,6 @@ class StageDir:
 
     path: Path
     defaults: dict | None = None
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named set of generation settings the model ships (cascade.json "presets"), with the quality gate's
-    verdict on it: {"fast": {"stages": {"stage_I": {"steps": 10, ...}, ...}, "certified": {"adherence": ...}}}."""
-
-    stages: list  # per stage, in cascade order: its settings over the model's defaults, or None
-    certified: dict  # what `python -m engine eval` measured for it (adherence, captions, seconds per image, ...)
-
-    def to_json(self, stage_names: list[str]) -> dict:
-        return {"stages": {n: s for n, s in zip(stage_names, self.stages) if s}, "certified": self.certified}
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,9 @@ from engine.errors import EngineError, InvalidRequestError
 from engine.images import contact_sheet
 from engine.loading import load
 from engine.model_dir import DEFAULT_MODEL
-from engine.options import API_FIELDS, API_REQUEST_FIELDS, GenerateRequest, request_from_api
+from engine.options import API_FIELDS, API_REQUEST_FIELDS, DEFAULT_MAX_BATCH, GenerateRequest, request_from_api
 from engine.pipeline import Generation, Pipeline
-from engine.serve.scheduler import DEFAULT_MAX_BATCH, BatchingScheduler, warm_up
+from engine.serve.scheduler import BatchingScheduler, warm_up
 from engine.version import __version__
 
 log = logging.getLogger(__name__)

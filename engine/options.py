@@ -441,3 +441,15 @@ def _spread(value, n: int, name: str, is_sequence=lambda v: isinstance(v, (tuple
         raise InvalidRequestError(f"{name} has {len(value)} values but the cascade has {n} {what}: "
                                   f"give one value, or one per stage")
     return list(value)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of generation settings the model ships (cascade.json "presets"), with the quality gate's
+    verdict on it: {"fast": {"stages": {"stage_I": {"steps": 10, ...}, ...}, "certified": {"adherence": ...}}}."""
+
+    stages: list  # per stage, in cascade order: its settings over the model's defaults, or None
+    certified: dict  # what `python -m engine eval` measured for it (adherence, captions, seconds per image, ...)
+
+    def to_json(self, stage_names: list[str]) -> dict:
+        return {"stages": {n: s for n, s in zip(stage_names, self.stages) if s}, "certified": self.certified}

@@ -18,7 +18,7 @@ import torch
 from engine.errors import InvalidRequestError
 from engine.executor import bucket
 from engine.images import from_model_range, to_model_range
-from engine.options import GenerateRequest, StageSettings, request_from_call
+from engine.options import GenerateRequest, Preset, StageSettings, request_from_call
 from engine.stage import Conditioning, Stage, StageRun, timed
 from engine.text import TextEncoder
 
@@ -38,8 +38,7 @@ class Generation:
 
 class Pipeline:
     def __init__(self, text: TextEncoder, stages: list[Stage], device: torch.device, dtype: torch.dtype,
-                 source: str = "", notice: str | None = None, run_context=None, presets: dict | None = None,
-                 backend: str = "torch"):
+                 source: str = "", notice: str | None = None, run_context=None, backend: str = "torch"):
         self.text = text
         self.stages = stages
         self.device = device
@@ -48,8 +47,8 @@ class Pipeline:
         self.source = source  # what it was loaded from, for messages
         self.notice = notice  # something the user must know about this model (e.g. random weights)
         self.run_context = run_context or contextlib.nullcontext  # a backend's setup around each run
-        # The model's named presets (cascade.json), name -> model_dir.Preset; each stage holds its settings.
-        self.presets = dict(presets or {})
+        # Named presets, name -> options.Preset; each stage holds its settings. Written by add_preset only.
+        self.presets: dict[str, Preset] = {}
 
     @property
     def image_size(self) -> int | None:
@@ -127,6 +126,29 @@ class Pipeline:
             stage.validate(stage_settings)
         self._check_embeddings(request)
         return settings
+
+    def add_preset(self, name: str, stages, certified: dict | None = None) -> None:
+        """Name a set of settings: `stages` holds, per stage in cascade order, its settings over the model's
+        defaults ({"steps": 10, "guidance_interval": [200, 700], ...}) or None for its defaults; `certified`,
+        what the quality gate measured for it. Then generate(..., preset=name), as for the model's own
+        (cascade.json "presets", which loading adds through this too). InvalidRequestError for a setting a
+        stage cannot take; the pipeline is left as it was."""
+        stages = list(stages)
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"a preset's name must be a non-empty string, got {name!r}")
+        if len(stages) != len(self.stages):
+            raise InvalidRequestError(f"preset {name!r} gives settings for {len(stages)} stage(s); this cascade has "
+                                      f"{len(self.stages)} ({', '.join(s.name for s in self.stages)}): give one "
+                                      "dict (or None) per stage")
+        merged = []
+        for stage, overrides in zip(self.stages, stages):
+            try:
+                merged.append(stage.defaults.merged(stage.kind, overrides))
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(f"preset {name!r} for {stage.name}: {exc}") from exc
+        for stage, settings in zip(self.stages, merged):
+            stage.presets[name] = settings
+        self.presets[name] = Preset(stages, dict(certified or {}))
 
     def stage_defaults(self, preset: str | None = None) -> list:
         """Each stage's defaults: the model's own, or a named preset's (InvalidRequestError for an unknown one)."""

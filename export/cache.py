@@ -27,7 +27,8 @@ from engine.errors import ModelError
 from engine.exported import manifest as manifest_io
 from engine.model_dir import stage_dirs
 from export.onnx import export_onnx, source_hash, versions
-from export.tensorrt import DEFAULT_MAX_IMAGES, build_engines, default_targets, require_tensorrt
+from engine.options import DEFAULT_MAX_BATCH
+from export.tensorrt import build_engines, default_targets, require_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def cached_export(*paths, dtype: str = "float32", progress: bool = True) -> Path
 
 
 def cached_engines(*paths, dtype: str = "float32", targets: tuple[str, ...] | None = None,
-                   max_images: int = DEFAULT_MAX_IMAGES, progress: bool = True) -> Path:
+                   max_images: int = DEFAULT_MAX_BATCH, progress: bool = True) -> Path:
     """The directory of verified TensorRT engines for the cascade at `paths`, built first if needed (from the
     cached ONNX export, itself made first if needed)."""
     api = require_tensorrt()

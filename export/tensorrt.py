@@ -32,7 +32,7 @@ import torch
 from engine.backends.tensorrt_api import CURRENT, TensorRT, require_tensorrt
 from engine.errors import EngineError
 from engine.exported import manifest as manifest_io
-from engine.options import DEFAULT_MAX_BATCH as DEFAULT_MAX_IMAGES  # the service's step batch
+from engine.options import DEFAULT_MAX_BATCH  # the service's step batch
 from engine.version import __version__
 from export.onnx import replace_directory
 
@@ -116,7 +116,7 @@ def build_engine(api: TensorRT, onnx_path: Path, shapes: dict, targets: tuple[st
 
 
 def build_engines(onnx_dir: str | Path, out: str | Path, targets: tuple[str, ...] | None = None,
-                  max_images: int = DEFAULT_MAX_IMAGES, progress: bool = True, timing_cache: Path | None = None) -> Path:
+                  max_images: int = DEFAULT_MAX_BATCH, progress: bool = True, timing_cache: Path | None = None) -> Path:
     """Engines for every component of the ONNX export at `onnx_dir`, written to `out` (atomically: built beside
     it and renamed); returns `out`. `out` may be an earlier engine directory (replaced), nothing else non-empty.
     timing_cache: see build_engine (the export cache and the command line keep one in the cache directory)."""

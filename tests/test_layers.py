@@ -111,6 +111,7 @@ def test_export_never_imports_loading():
 # Imports of the project's own modules inside functions, each for a stated reason (a comment at the import).
 IN_FUNCTION_ALLOWED = {
     ("engine.backends.attention", "cascade_kernels"), ("engine.backends.attention", "cascade_kernels.attention"),  # Triton
+    ("engine.cli", "engine.serve"),  # the HTTP app and Ray: the [serve] and [ray] extras, for `serve` only
 }
 
 
@@ -148,3 +149,18 @@ print("\\n".join(failed))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "", done.stdout
+
+
+def test_the_cli_and_the_core_import_without_the_web_stack():
+    """pydantic, FastAPI, Starlette and uvicorn are the [serve] extra's: the CLI (its serve defaults included,
+    engine/serve/defaults.py) and engine.batch import and build their parser with none of them."""
+    script = """
+import sys
+for name in ("pydantic", "fastapi", "starlette", "uvicorn"):
+    sys.modules[name] = None  # an import of it now fails, as if not installed
+import engine.cli, engine.offline
+engine.cli.build_parser().parse_args(["serve", "--max-batch", "4"])
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -82,3 +82,24 @@ def test_the_service_lists_presets_and_takes_one(preset_dir):
         assert ok.status_code == 200, ok.text
         bad = client.post("/v1/images/generations", json={"prompt": "a red circle", "preset": "nope"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "preset"
+
+
+def test_add_preset_is_the_cascade_json_preset_made_in_code(preset_dir, cascade_dir):
+    from_file = engine.load(preset_dir, device="cpu")
+    in_code = engine.load(cascade_dir, device="cpu")
+    in_code.add_preset("quick", [PRESET["stages"]["stage_I"], PRESET["stages"]["stage_II"]], PRESET["certified"])
+    assert in_code.presets["quick"] == from_file.presets["quick"]
+    assert in_code.settings(engine.GenerateRequest("x", preset="quick")) == \
+        from_file.settings(engine.GenerateRequest("x", preset="quick"))
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"steps": 3}], "gives settings for 1 stage"),
+    ([{"steps": 3}, {"steps": -2}], "preset 'bad' for stage_II"),
+    ([{"colour": "red"}, None], "unknown defaults"),
+])
+def test_add_preset_refuses_what_a_stage_cannot_take_and_changes_nothing(cascade_dir, stages, message):
+    pipe = engine.load(cascade_dir, device="cpu")
+    with pytest.raises(InvalidRequestError, match=message):
+        pipe.add_preset("bad", stages)
+    assert "bad" not in pipe.presets and all("bad" not in stage.presets for stage in pipe.stages)

@@ -323,7 +323,8 @@ def test_slow_and_silent_clients_get_a_408_and_lose_their_connection(engine_pipe
 
     import httpx
 
-    from engine.serve.http import Limits, header_timeout_protocol
+    from engine.serve.defaults import Limits
+    from engine.serve.http import header_timeout_protocol
 
     port = free_port()
     app = create_app(engine_pipe, warmup=False, limits=Limits(body_timeout_s=1.0))

@@ -30,61 +30,31 @@ import io
 import hmac
 import json
 import logging
-import os
 import sys
 import threading
 import time
 import uuid
 from concurrent.futures import CancelledError
-from dataclasses import dataclass
 from typing import Callable
 
 from engine.errors import (EngineError, InvalidRequestError, NumericalError, QueueFullError, ShuttingDownError,
                            RequestTimeoutError)
-from engine.options import API_FIELDS, GenerateRequest, request_from_api
+from engine.options import API_FIELDS, DEFAULT_MAX_BATCH, GenerateRequest, request_from_api
+from engine.serve.defaults import (DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S,
+                                   DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE, DEFAULT_POLICY, DEFAULT_TIMEOUT_S,
+                                   POLICIES, Limits)
 from engine.serve.metrics import Metrics
-from engine.version import __version__
+from engine.serve.scheduler import BatchingScheduler, warm_up
 from engine.serve.schema import FIELDS, IGNORED_FIELDS, ErrorResponse, GenerationBody, ImagesResponse
-from engine.serve.scheduler import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_POLICY, POLICIES,  # noqa: F401
-                                    BatchingScheduler, warm_up)
+from engine.version import __version__
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"  # loopback: nothing listens beyond this machine unless the user says so
-DEFAULT_PORT = 8000
-DEFAULT_TIMEOUT_S = 300.0  # a request's longest life, queue time included; a body's "timeout" may shorten it
 RETRY_AFTER_S = 1
-DEFAULT_DRAIN_TIMEOUT_S = 30.0  # after SIGTERM, how long the requests in flight get to finish
-DEFAULT_MAX_CONNECTIONS = 256  # open connections (and their requests) before uvicorn answers 503
-DEFAULT_KEEP_ALIVE_S = 5.0  # an idle keep-alive connection's life
-DEFAULT_HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive whole within this (slow clients get a 408)
 MAX_JSON_DEPTH = 8  # the deepest a valid body goes is 3: {"steps": [[999, 500], 27]}
 MAX_GUIDANCE = 50.0  # IF's own are 4 and 7; far past this a step overflows (a 400, not a NumericalError's 500)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of the service. Defaults here; flags, or CASCADE_ENGINE_<NAME> variables."""
-
-    max_body_bytes: int = 1 << 20  # a body with the longest prompts and per-stage lists is a few kB
-    max_prompt_chars: int = 4000  # per prompt: 77 tokens are a few hundred characters; the rest is truncated
-    body_timeout_s: float = 10.0  # to read the whole body: a 1 MiB body takes under a second on a working link
-
-    @classmethod
-    def from_environment(cls) -> "Limits":
-        values = {}
-        for name, kind in (("max_body_bytes", int), ("max_prompt_chars", int), ("body_timeout_s", float)):
-            variable = f"CASCADE_ENGINE_{name.upper()}"
-            text = os.environ.get(variable)
-            if text is not None:
-                try:
-                    value = kind(text)
-                except ValueError:
-                    value = 0
-                if not value > 0 or value == float("inf"):
-                    raise InvalidRequestError(f"{variable} must be a positive {kind.__name__}, got {text!r}")
-                values[name] = value
-        return cls(**values)
 API_NAMES = {core: api for api, core in API_FIELDS.items()}  # the core's names -> the API's, in messages and `param`
 # Our error kinds -> OpenAI's error type; the kind itself is the error's `code`.
 ERROR_TYPES = {"invalid_request": "invalid_request_error", "unauthorized": "authentication_error"}

@@ -23,7 +23,9 @@ from engine.errors import EngineError, InvalidRequestError
 from engine.loading import load
 from engine.serve.http import create_app
 from engine.serve.metrics import BATCH_BUCKETS, SECONDS_BUCKETS
-from engine.serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, warm_up
+from engine.options import DEFAULT_MAX_BATCH
+from engine.serve.defaults import DEFAULT_MAX_QUEUE
+from engine.serve.scheduler import warm_up
 
 DEPLOYMENT_NAME = "cascade-engine"
 HEALTH_CHECK_PERIOD_S = 10.0

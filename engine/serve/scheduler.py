@@ -32,17 +32,12 @@ import torch
 
 from engine.errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError, ShuttingDownError
 from engine.options import DEFAULT_MAX_BATCH, GenerateRequest
+from engine.serve.defaults import DEFAULT_MAX_QUEUE, DEFAULT_POLICY, POLICIES
 from engine.pipeline import CascadeRun, Pipeline
 from engine.stage import StageRun
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_QUEUE = 32  # requests waiting for admission
-# Admission policies, for comparing (bench/serve_load.py): "step" admits at every step boundary (the point of
-# this module); "request" admits only when the cascade is idle, then as many waiting requests as fit, which
-# run to the end together (classic dynamic batching); "none" runs one request at a time.
-POLICIES = ("step", "request", "none")
-DEFAULT_POLICY = POLICIES[0]
 
 
 @dataclass
