@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="with --fast-vs-eager: cpu or cuda")
     parser.add_argument("--fast-vs-eager", action="store_true",
                         help="engine.batch with the fast path against without it, instead of against a loop")
     parser.add_argument("--json", type=Path, default=None)
@@ -101,8 +102,8 @@ def timed_batch(pipe, work, max_batch: int):
 
 
 def fast_vs_eager(args) -> None:
-    eager = engine.load(engine.DEFAULT_MODEL, device="cpu", fast=False)
-    fast = engine.load(engine.DEFAULT_MODEL, device="cpu", fast=True)
+    eager = engine.load(engine.DEFAULT_MODEL, device=args.device, fast=False)
+    fast = engine.load(engine.DEFAULT_MODEL, device=args.device, fast=True)
     work = rows(args.rows)
     eager.run(row_request(Row(1, work[0])))  # warm-up
     rates = {"eager": [], "fast": []}
@@ -118,6 +119,7 @@ def fast_vs_eager(args) -> None:
     ratios = [f / e for f, e in zip(rates["fast"], rates["eager"])]
     report = {"benchmark": "batch_fast_vs_eager", "date": time.strftime("%Y-%m-%d"),
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "engine": engine.__version__, "command": " ".join(sys.argv),
               "rows": args.rows, "max_batch": args.max_batch, "step_mix": STEP_MIX,
               "eager_images_per_s": rates["eager"], "fast_images_per_s": rates["fast"], "fast_warmup_s": warmups,

@@ -7,8 +7,10 @@
 #                                                           kernel library into .native/)
 # Device:      run(command="bash bench/gpu_campaign.sh", carry=[".whl", ".native"], timeout_s=570)
 #
-# Parts and their boxes (seconds, 530 in all): GPU tests 70; the fast path's GPU tests 80; native library check
-# 30; IF-I-XL U-Net step, eager / compile / ours 130; IF-II-L the same 130; T5-XXL 45; the packaged cascade 45. TensorRT is its own pair of calls
+# Parts and their boxes (seconds, 530 in all): GPU tests (the scheduler's graph replay among them) 60; the fast
+# path's GPU tests 70; native library check 20; IF-I-XL U-Net step, eager / compile / ours 100; IF-II-L the same
+# 100; T5-XXL 40; the packaged cascade 40; batch jobs with and without the fast path 45; the server the same, at
+# one offered load, 55 (where the carried wheels give FastAPI and uvicorn). TensorRT is its own pair of calls
 # (bench/gpu_tensorrt.sh). Not yet here: the real-size IF-I-XL + IF-II-L cascade with T5-XXL (the benchmark
 # times real-size models one component at a time).
 set -uo pipefail
@@ -27,18 +29,25 @@ part() {  # part NAME SECONDS COMMAND...: run it time-boxed, log it, say how it 
     echo "$name: exit $rc after $((SECONDS - start)) s (box ${seconds} s; 124 = timed out)" | tee -a "$OUT/parts.txt"
     tail -n 25 "$OUT/$name.log"
 }
-part tests 70 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py tests/test_attention_kernel.py \
+part tests 60 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py tests/test_attention_kernel.py \
     -k "not fast_path"
 # The fast path's capture, replay, no-allocation and no-sync tests: their own box, since they compile.
-part tests_fast 80 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k fast_path
+part tests_fast 70 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k fast_path
 if [[ -f .native/libcascade_kernels.so ]]; then
-    part native 30 env CASCADE_KERNELS_LIB="$PWD/.native/libcascade_kernels.so" LD_LIBRARY_PATH=.native \
+    part native 20 env CASCADE_KERNELS_LIB="$PWD/.native/libcascade_kernels.so" LD_LIBRARY_PATH=.native \
         .native/test_gpu_attention
 fi
 BENCH=(python3 -m engine bench --device cuda --iters "${ITERS:-20}" --warmup "${WARMUP:-3}" --compare eager,compile,ours)
-part bench_if-i-xl 130 "${BENCH[@]}" --model if-i-xl:random --json "$OUT/bench_if-i-xl.json"
-part bench_if-ii-l 130 "${BENCH[@]}" --model if-ii-l:random --json "$OUT/bench_if-ii-l.json"
-part bench_t5-xxl 45 python3 -m engine bench --device cuda --iters 10 --warmup 2 --model t5-xxl:random \
+part bench_if-i-xl 100 "${BENCH[@]}" --model if-i-xl:random --json "$OUT/bench_if-i-xl.json"
+part bench_if-ii-l 100 "${BENCH[@]}" --model if-ii-l:random --json "$OUT/bench_if-ii-l.json"
+part bench_t5-xxl 40 python3 -m engine bench --device cuda --iters 10 --warmup 2 --model t5-xxl:random \
     --json "$OUT/bench_t5-xxl.json"
-part bench_shapes 45 python3 -m engine bench --device cuda --fast --model shapes --json "$OUT/bench_shapes.json"
+part bench_shapes 40 python3 -m engine bench --device cuda --fast --model shapes --json "$OUT/bench_shapes.json"
+# The fast-path issue's serve and batch comparison: the scheduler on the executor's graphs against eager.
+part batch_fast 45 python3 bench/batch_throughput.py --fast-vs-eager --device cuda --rows 32 --rounds 2 \
+    --json "$OUT/batch_fast_vs_eager.json"
+if python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
+    part serve_fast 55 python3 bench/serve_load.py --fast-vs-eager --device cuda --requests 24 --overload 4 \
+        --ready 30 --json "$OUT/serve_fast_vs_eager.json"
+fi
 cat "$OUT/parts.txt"

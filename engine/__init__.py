@@ -23,9 +23,9 @@ __all__ = ["generate", "batch", "load", "Pipeline", "Generation", "GenerateReque
            "InvalidRequestError", "NumericalError", "DEFAULT_MODEL", "packaged_models", "__version__"]
 
 
-# Imported when first asked for: engine.loading imports the exporters (export/), which import engine's
-# submodules, and every such import runs this file first. Loaded eagerly here, `import export.onnx` (or any
-# engine submodule that reaches engine.loading) would find its own module half-initialised.
+# Imported when first asked for: engine.loading and engine.offline bring the backends, assembly and the
+# scheduler, which `import engine` (and export/, which imports engine's submodules) need not pay for. The
+# engine reaches export/ only by name, through the exported backends' hooks (backends.BACKENDS).
 _LAZY = {"load": "engine.loading", "batch": "engine.offline"}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -24,8 +25,7 @@ from engine.bench.real_size import NAMES
 from engine.bench.report import DEFAULT_REGRESSION, command_line, compare_to_baseline, save_json, table
 from engine import offline
 from engine.demo import evaluate as quality_gate
-from engine.errors import EngineError, InvalidRequestError
-from engine.exported.manifest import export_kind
+from engine.errors import EngineError
 from engine.loading import DTYPES, load
 
 from engine.model_dir import DEFAULT_MODEL
@@ -34,10 +34,6 @@ from engine.samplers import SAMPLERS
 from engine.schedules import NAMED_SCHEDULES
 from engine.serve import defaults as serve_defaults  # the service's defaults, without web imports
 from engine.version import __version__
-from export.cache import cached_export, timing_cache_file
-from export.onnx import export_onnx
-from export.tensorrt import build_engines
-from export.tensorrt import describe as describe_engines
 
 DEFAULTS = request_defaults()
 FAST_HELP = ("the fast path (static buffers, text constants, compiled U-Nets, CUDA graphs): on by default on CUDA, "
@@ -408,33 +404,9 @@ def generate(args) -> None:
 
 
 def export(args) -> None:
-    if args.format == "tensorrt":
-        return export_engines(args)
-    if args.targets is not None or args.max_batch is not None:
-        raise InvalidRequestError("--targets and --max-batch apply to --format tensorrt only")
-    out = export_onnx(*args.model, out=args.out, dtype=args.dtype, progress=not args.quiet)
-    if not args.quiet:
-        manifest = json.loads((out / "manifest.json").read_text())
-        for name, component in manifest["components"].items():
-            check = component["check"]
-            print(f"{name}: {component['file']} ({component['precision']}), ONNX Runtime vs PyTorch max abs "
-                  f"{check['max_abs_error']:.2e}, max rel {check['max_rel_error']:.2e}")
-        print(f"exported to {out}; run it with: python -m engine generate \"PROMPT\" --model {out}")
-
-
-def export_engines(args) -> None:
-    max_images = DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
-    if max_images < 1:
-        raise InvalidRequestError(f"--max-batch must be at least 1, got {max_images}")
-    if len(args.model) == 1 and export_kind(Path(args.model[0]).expanduser()) == "onnx":
-        onnx_dir = Path(args.model[0]).expanduser()  # an ONNX export: its own precision
-    else:
-        onnx_dir = cached_export(*args.model, dtype=args.dtype, progress=not args.quiet)
-    out = build_engines(onnx_dir, args.out, targets=args.targets, max_images=max_images, progress=not args.quiet,
-                        timing_cache=timing_cache_file())
-    if not args.quiet:
-        print(describe_engines(out))
-        print(f"built into {out}; run it on a GPU with: python -m engine generate \"PROMPT\" --model {out}")
+    """`python -m engine export`: export/commands.py's, reached by name (export/ imports the engine; the
+    engine never imports it at module level, so the two packages have no cycle)."""
+    importlib.import_module("export.commands").run(args)
 
 
 def bench(args, argv: list[str] | None) -> int:

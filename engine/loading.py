@@ -1,4 +1,5 @@
-"""engine.load(): resolve the options, pick the backend, and hand its components to assemble.py.
+"""engine.load(): check the options against the backend's entry (backends.BACKENDS), prepare its export where
+it runs one, make its components and hand them to assemble.py. Nothing here names a backend but the default.
 
 Accepted: stage directories as DeepFloyd publishes them, in cascade order (stage I: text_encoder/, tokenizer/,
 unet/, scheduler/; stage II: unet/, scheduler/, image_noising_scheduler/), optionally followed by Stability's
@@ -20,21 +21,16 @@ from pathlib import Path
 import torch
 
 from engine.assemble import build_pipeline
-from engine.backends import BACKENDS, PRECISIONS, TORCH_DTYPES, components_class
+from engine.backends import BACKENDS, PRECISIONS, TORCH_DTYPES, runner_of
 from engine.backends.attention import resolve_attention
 from engine.backends.fast_unet import resolve_fast
-from engine.backends.onnxruntime_backend import OrtComponents
-from engine.backends.tensorrt_backend import TrtComponents
-from engine.backends.torch_backend import TorchComponents
 from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import export_kind, is_exported
 from engine.model_dir import read_presets, read_stages, stage_dirs
 from engine.options import closest_name
 from engine.pipeline import Pipeline
-from export.cache import cached_engines, cached_export
 
 DTYPES = {name: TORCH_DTYPES[name] for name in PRECISIONS}
-RUNNER = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}  # export kind (its manifest's format) -> its backend
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -85,9 +81,12 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     revision: of hub ids, a branch, tag or commit in the local cache (default: main).
     attention (torch only): "triton" (our kernel; the default on CUDA when Triton is installed) or "sdpa".
     providers (onnxruntime only): ONNX Runtime execution providers; default CUDA when usable, else CPU.
-    fast (torch only): the fast path (engine/executor.py, backends/fast_unet.py): static buffers, per-request text constants, compiled
-    U-Nets cached across processes, CUDA graphs. None (default): on for CUDA, off for CPU (compiling costs
-    about a minute per shape there, once); `pipe.warmup()` pays that cost up front.
+    fast (torch only): the fast path (engine/executor.py, backends/fast_unet.py): static buffers, per-request
+    text constants, compiled U-Nets cached across processes, CUDA graphs. None (default): on for CUDA, off for
+    CPU (compiling costs about a minute per shape there, once); `pipe.warmup()` pays that cost up front.
+
+    The steps: the options are checked against the backend's entry (backends.BACKENDS), an exported backend's
+    export is prepared (made into the cache where `paths` is a model), its components made, the pipeline built.
     """
     if unknown:
         name = sorted(unknown)[0]
@@ -103,36 +102,64 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
         raise InvalidRequestError(f"variant must be a string such as 'fp16', got {variant!r}")
     exported = _exported_dir(paths)
     kind = export_kind(exported) if exported is not None else None
-    if kind is not None or backend in ("onnxruntime", "tensorrt"):
-        runner = backend or RUNNER[kind]
-        for option, value in (("attention", attention), ("variant", variant), ("fast", fast)):
-            if value is not None:
-                raise InvalidRequestError(f"{option}= applies to the torch backend only; the {runner} backend runs "
-                                          "what the export holds")
-        if kind is not None and runner != RUNNER[kind]:
-            raise InvalidRequestError(f"{exported} is {'an ONNX' if kind == 'onnx' else 'a TensorRT'} export; load it "
-                                      f"with backend='{RUNNER[kind]}' (or no backend), or load the original model "
-                                      f"directory with backend='{runner}'")
-        if runner == "tensorrt":
-            if providers is not None:
-                raise InvalidRequestError("providers= applies to the onnxruntime backend only")
-            return _load_tensorrt(paths, exported, device, dtype, revision)
-        return _load_onnxruntime(paths, exported, device, dtype, providers, revision)
-    if providers is not None:
-        raise InvalidRequestError("providers= applies to the onnxruntime backend only")
+    name = backend or (runner_of(kind) if kind is not None else "torch")
+    spec = BACKENDS[name]
+    if kind is not None and spec.export_kind != kind:
+        runner = runner_of(kind)
+        what = BACKENDS[runner].export_name or kind
+        raise InvalidRequestError(f"{exported} is {'an' if what[0] in 'AEIOU' else 'a'} {what} export; load it "
+                                  f"with backend='{runner}' (or no backend), or load the original model directory "
+                                  f"with backend='{name}'")
+    options = _backend_options(name, spec, {"attention": attention, "variant": variant, "fast": fast,
+                                            "providers": providers})
+    if spec.export_kind is None:
+        return _load_model(paths, spec, device, dtype, revision, options)
+    return _load_export(paths, exported, name, spec, device, dtype, revision, options)
+
+
+def _backend_options(name: str, spec, given: dict) -> dict:
+    """The backend-specific options given (not None), each refused where `spec` does not take it."""
+    for option, value in given.items():
+        if value is not None and option not in spec.options:
+            owners = " and ".join(n for n, b in BACKENDS.items() if option in b.options)
+            what = "runs what the export holds" if spec.export_kind else "does not take it"
+            raise InvalidRequestError(f"{option}= applies to the {owners} backend only; the {name} backend {what}")
+    return {option: value for option, value in given.items() if value is not None}
+
+
+def _load_model(paths, spec, device, dtype, revision, options: dict) -> Pipeline:
+    """A model-directory backend's pipeline (torch): every config checked before any weights are read."""
     device = resolve_device(device)
-    attention = resolve_attention(attention, device)
+    if "attention" in spec.options:
+        options["attention"] = resolve_attention(options.get("attention"), device)
+    if "fast" in spec.options:
+        options["fast"] = resolve_fast(options.get("fast"), device)
     dtype = resolve_dtype(dtype, device)
     cascade = stage_dirs(paths, revision)
-    specs = read_stages(cascade)  # every config checked before any weights are read
-    fast = resolve_fast(fast, device)
-    if backend in (None, "torch"):
-        components = TorchComponents(device, dtype, attention, variant, fast=fast)
-    elif fast:
-        raise InvalidRequestError(f"fast=True applies to the torch backend only, not {backend!r}")
-    else:
-        components = components_class(backend)(device, dtype, attention, variant)
+    specs = read_stages(cascade)
+    components = spec.components_class()(device, dtype, **options)
     return build_pipeline(specs, components, source=cascade.source, notice=cascade.notice, presets=cascade.presets)
+
+
+def _load_export(paths, exported: Path | None, name: str, spec, device, dtype, revision, options: dict) -> Pipeline:
+    """An exported backend's pipeline over `exported`, or over the export its prepare hook makes of the model
+    at `paths` (into the cache, once; TensorRT engines build on a machine without a GPU, which then gets the
+    error that they need one, the engines cached)."""
+    if device is not None:
+        device = resolve_device(device)
+        if device.type not in spec.devices:
+            where = " or ".join({"cpu": "the CPU", "cuda": "a CUDA GPU"}[d] for d in spec.devices)
+            raise InvalidRequestError(f"the {name} backend runs on {where}: use device='{spec.devices[0]}'"
+                                      + (" (or none)" if len(spec.devices) == 1 else ""))
+    elif "cpu" in spec.devices:
+        device = resolve_device(None)  # the best here; a GPU-only backend checks for its GPU itself
+    if exported is None:
+        on = device if device is not None else torch.device(spec.devices[0])
+        precision = _export_dtype(dtype or spec.default_precision, on, name)
+        exported = spec.prepare_export(stage_dirs(paths, revision).dirs if revision else paths, precision)
+    elif dtype is not None:
+        raise _fixed_precision(exported)
+    return _pipeline(spec.components_class().for_load(exported, device, **options))
 
 
 def _exported_dir(paths) -> Path | None:
@@ -145,31 +172,6 @@ def _exported_dir(paths) -> Path | None:
             raise ModelError(path, "holds ONNX graphs but no manifest.json: an interrupted export or a partial "
                                    "copy? Export again with `python -m engine export MODEL --out DIR`")
     return None
-
-
-def _load_onnxruntime(paths, exported: Path | None, device, dtype, providers, revision) -> Pipeline:
-    device = resolve_device(device)
-    if providers is None and device.type == "cpu":
-        providers = ["CPUExecutionProvider"]
-    if exported is None:
-        exported = cached_export(*stage_dirs(paths, revision).dirs if revision else paths,
-                                 dtype=_export_dtype(dtype, device, "onnxruntime"))
-    elif dtype is not None:
-        raise _fixed_precision(exported)
-    return load_exported(exported, providers=providers)
-
-
-def _load_tensorrt(paths, exported: Path | None, device, dtype, revision) -> Pipeline:
-    """Engines of a TensorRT export, or built into the cache from the model at `paths` first (this works on a
-    machine without a GPU, which then gets the error that engines need one, with the engines cached)."""
-    if device is not None and resolve_device(device).type != "cuda":
-        raise InvalidRequestError("the tensorrt backend runs on a CUDA GPU: use device='cuda' (or none)")
-    if exported is None:
-        exported = cached_engines(*stage_dirs(paths, revision).dirs if revision else paths,  # float16: a GPU's
-                                  dtype=_export_dtype(dtype or "float16", torch.device("cuda"), "tensorrt"))
-    elif dtype is not None:
-        raise _fixed_precision(exported)
-    return _pipeline(TrtComponents(exported, device))
 
 
 def _export_dtype(dtype, device: torch.device, backend: str) -> str:
@@ -186,8 +188,9 @@ def _fixed_precision(exported: Path) -> InvalidRequestError:
 
 
 def load_exported(root: Path, providers=None, threads: int | None = None) -> Pipeline:
-    """A Pipeline over an ONNX export, every file verified against its manifest first."""
-    return _pipeline(OrtComponents(root, providers, threads))
+    """A Pipeline over an ONNX export, every file verified against its manifest first (the bench's own
+    providers and threads)."""
+    return _pipeline(BACKENDS["onnxruntime"].components_class()(root, providers, threads))
 
 
 def _pipeline(components) -> Pipeline:

@@ -103,3 +103,21 @@ def _usable(entry: Path, kind: str, what: str) -> bool:
         log.warning("the cache entry of the %s is unusable (%s); rebuilding it", what, exc)
         shutil.rmtree(entry)
         return False
+
+
+# The exported backends' prepare hooks (engine/backends' BACKENDS): paths as engine.load takes them (stage
+# directories, a cascade directory, a packaged name, hub ids), precision "float32" or "float16".
+
+def prepare_onnx(paths, precision: str) -> Path:
+    """The onnxruntime backend's: the cached ONNX export of the model at `paths`, exported first if needed."""
+    return cached_export(*paths, dtype=precision)
+
+
+def prepared_onnx(paths, precision: str) -> Path | None:
+    """The onnxruntime backend's: that export if the cache holds it, else None."""
+    return existing_export(*paths, dtype=precision)
+
+
+def prepare_engines(paths, precision: str) -> Path:
+    """The tensorrt backend's: cached engines for the model at `paths`, built first if needed."""
+    return cached_engines(*paths, dtype=precision)

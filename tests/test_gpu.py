@@ -90,3 +90,28 @@ def test_fast_path_replay_allocates_nothing_and_never_syncs(cascade_dir):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
+
+
+def test_the_scheduler_replays_the_executors_graphs(cascade_dir):
+    """On CUDA with the fast path, the scheduler's calls replay one CUDA graph per row bucket (captured at the
+    first call of each), and each request gets the images it gets alone."""
+    from engine.serve import BatchingScheduler
+
+    fast = _fast_cuda(cascade_dir)
+    for stage in fast.stages:
+        stage.unet.compile = False  # capture of the eager static U-Net; compiling is the bench's to time
+    requests = [engine.GenerateRequest("a red circle", seed=1, steps=(4, 3), output_type="np"),
+                engine.GenerateRequest(["a blue square", "a cat"], seed=2, steps=(4, 3), guidance=(5.0, 1.0),
+                                       output_type="np")]
+    scheduler = BatchingScheduler(fast, max_batch=8)
+    futures = [scheduler.submit(requests[0])]
+    scheduler.step()
+    futures.append(scheduler.submit(requests[1]))
+    for _ in range(100):
+        if not scheduler.step():
+            break
+    buffers = [b for stage in fast.stages for b in stage.executor.buffers.values()]
+    assert buffers and all(b.graph is not None for b in buffers)
+    for request, future in zip(requests, futures):
+        alone = fast.run(request).images
+        assert np.abs(future.result(timeout=0).images - alone).max() < HALF_BOUND["float16"]

@@ -141,6 +141,14 @@ class OrtComponents(ExportedComponents):
         self.device = torch.device("cuda" if cuda else "cpu")
         self.options = session_options(threads, spinning=self.device.type == "cpu")  # CPU threads spin; above
 
+    @classmethod
+    def for_load(cls, root: Path, device: torch.device, providers=None) -> "OrtComponents":
+        """engine.load's: the CPU provider alone where the device is the CPU, else `providers` (default CUDA
+        when usable)."""
+        if providers is None and device.type == "cpu":
+            providers = ["CPUExecutionProvider"]
+        return cls(root, providers)
+
     def run_context(self):
         # On CPU the sampler's small torch ops run between ORT calls whose threads spin: torch on one thread.
         return single_threaded_torch if self.device.type == "cpu" else None

@@ -90,6 +90,11 @@ class TrtComponents(ExportedComponents):
     kind = "tensorrt"
     backend = "tensorrt"
 
+    @classmethod
+    def for_load(cls, root: Path, device: torch.device | None) -> "TrtComponents":
+        """engine.load's: the engines at `root` on `device` (None: the current CUDA device)."""
+        return cls(root, device)
+
     def __init__(self, root: Path, device: str | torch.device | None = None):
         super().__init__(root)
         built = self.manifest["tensorrt"]

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from engine.backends import BACKENDS
 from engine.backends.onnxruntime_backend import require_onnx
 from engine.backends.torch_backend import text_dtype
 from engine.bench import components, real_size
@@ -29,7 +30,6 @@ from engine.loading import load, load_exported, resolve_device, resolve_dtype
 from engine.model_dir import DEFAULT_MODEL, packaged_models, stage_dirs
 from engine.options import GenerateRequest, Steps
 from engine.testing.reference import reference_stages, run_reference
-from export.cache import existing_export
 
 PROMPT = "a red circle on a blue background"
 
@@ -251,7 +251,7 @@ def _onnxruntime_pipeline(session: Session):
         return None
     if dtype not in (torch.float32, torch.float16) or provider not in ort.get_available_providers():
         return None
-    exported = existing_export(*opts.cascade, dtype=str(dtype).removeprefix("torch."))
+    exported = BACKENDS["onnxruntime"].cached_export(opts.cascade, str(dtype).removeprefix("torch."))
     if exported is None:
         return None
     session.compare = (*session.compare, "onnxruntime")

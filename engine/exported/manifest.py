@@ -13,7 +13,7 @@ from pathlib import Path
 from engine.errors import ModelError
 
 MANIFEST = "manifest.json"
-FORMATS = {"onnx": "cascade-engine-onnx", "tensorrt": "cascade-engine-tensorrt"}  # kind -> format name
+FORMAT_PREFIX = "cascade-engine-"  # a manifest's "format" is this and its kind: "cascade-engine-onnx", ...
 FORMAT_VERSION = 1
 CHUNK = 1 << 20
 
@@ -47,7 +47,7 @@ def hash_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def write(root: Path, manifest: dict, kind: str = "onnx") -> None:
-    manifest = {"format": FORMATS[kind], "format_version": FORMAT_VERSION, **manifest,
+    manifest = {"format": FORMAT_PREFIX + kind, "format_version": FORMAT_VERSION, **manifest,
                 "files": hash_tree(root, skip=(MANIFEST,))}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -57,8 +57,8 @@ def is_exported(root: Path) -> bool:
 
 
 def export_kind(root: Path) -> str | None:
-    """"onnx" or "tensorrt" for an exported directory (by its manifest's format), None without a manifest;
-    ModelError for a manifest of neither."""
+    """The kind of an exported directory ("onnx", "tensorrt": its manifest's format names it), None without a
+    manifest; ModelError for a manifest of no kind. Which backend runs a kind is backends.BACKENDS' to say."""
     if not is_exported(root):
         return None
     return _kind(_read(root / MANIFEST), root / MANIFEST)
@@ -75,11 +75,12 @@ def _read(file: Path) -> dict:
 
 
 def _kind(manifest: dict, file: Path = Path(MANIFEST)) -> str:
-    kinds = {name: kind for kind, name in FORMATS.items()}
-    if manifest.get("format") not in kinds:
-        raise ModelError(file, f"not a manifest of {' or '.join(FORMATS.values())}; re-export the model with "
-                                   "`python -m engine export`")
-    return kinds[manifest["format"]]
+    name = manifest.get("format")
+    kind = name[len(FORMAT_PREFIX):] if isinstance(name, str) and name.startswith(FORMAT_PREFIX) else ""
+    if not kind.replace("-", "").isalnum():
+        raise ModelError(file, f"not a manifest of a {FORMAT_PREFIX}KIND export (onnx, tensorrt); re-export the "
+                               "model with `python -m engine export`")
+    return kind
 
 
 def verify(root: Path) -> dict:
@@ -107,8 +108,6 @@ def read_manifest(root: Path, kind: str | None = None) -> dict:
         raise ModelError(root, "not an exported directory (no manifest.json)")
     manifest = verify(root)
     if kind is not None and _kind(manifest) != kind:
-        raise ModelError(root, f"is a {_kind(manifest)} export, not {kind}: load it with backend='{_BACKEND[_kind(manifest)]}'")
+        raise ModelError(root, f"is a {_kind(manifest)} export, not {kind}: load it without backend= (the "
+                               "backend of its kind runs it)")
     return manifest
-
-
-_BACKEND = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
