@@ -7,7 +7,7 @@ from PIL import Image
 
 import engine
 from engine import NumericalError
-from engine.cli import main
+from engine.cli import build_parser, load_options, main
 
 
 def test_output_types_agree(engine_pipe):
@@ -82,3 +82,12 @@ def test_cli_bad_input_is_one_line_and_nonzero(argv, message, capsys, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(message)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("command", [["generate", "a cat"], ["eval"], ["serve"], ["batch", "rows.txt", "--out", "d"]])
+def test_every_command_that_loads_takes_the_same_load_flags(command):
+    """--fast, --device, --dtype and --backend come from one parent parser, on every command that loads."""
+    args = build_parser().parse_args(command + ["--fast", "--device", "cpu", "--dtype", "float32",
+                                                "--backend", "torch"])
+    assert load_options(args) == {"backend": "torch", "device": "cpu", "dtype": "float32", "fast": True}
+    assert load_options(build_parser().parse_args(command + ["--no-fast"]))["fast"] is False
