@@ -195,17 +195,17 @@ def target(policies: dict) -> dict:
     run, the fast-path issue's: the fast server at least 1.5x the eager one's overall images/s, p99 no worse."""
     if "step --fast" in policies:
         eager, fast = policies["step"], policies["step --fast"]
-        ratio = ratio_to_none(policies, "step --fast", "images_per_s_overall")
+        ratio = ratio_to_baseline(policies, "step --fast", "images_per_s_overall")
         held = ratio >= 1.5 and None not in (fast["p99_s"], eager["p99_s"]) and fast["p99_s"] <= eager["p99_s"]
         return {"step_vs_none": ratio, "target_held": bool(held)}
     request, step = policies["request"], policies["step"]
-    ratio = ratio_to_none(policies, "step", "images_per_s_overall")
+    ratio = ratio_to_baseline(policies, "step", "images_per_s_overall")
     held = ratio >= 1.5 and step["p99_s"] is not None and request["p99_s"] is not None \
         and step["p99_s"] < request["p99_s"]
     return {"step_vs_none": ratio, "target_held": bool(held)}
 
 
-def ratio_to_none(policies: dict, policy: str, figure: str) -> float:
+def ratio_to_baseline(policies: dict, policy: str, figure: str) -> float:
     """A figure's ratio to the run's baseline: "none", or in a fast-path run the eager "step"."""
     base = policies["none" if "none" in policies else "step"][figure]
     return policies[policy][figure] / base if base else float("nan")
@@ -243,7 +243,7 @@ def print_tables(report: dict) -> None:
           f"| vs {base} | images per U-Net call |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for load in report["loads"]:
         for name, r in load["policies"].items():
-            overall, steady = (statistics.median(ratio_to_none(run["policies"], name, figure)
+            overall, steady = (statistics.median(ratio_to_baseline(run["policies"], name, figure)
                                                  for run in load["repeats"])
                                for figure in ("images_per_s_overall", "images_per_s"))
             print(f"| {load['overload']:g}x ({load['rate_per_s']:.2f}/s) | {load['requests']} | {name} "

@@ -178,11 +178,7 @@ class StageExecutor:
     def _static_call(self, runs: list, members: tuple, total: int) -> torch.Tensor:
         first = runs[0]
         embeddings, labels = first.conditioning()
-        key = (bucket(total), tuple(first.x.shape[1:]), tuple(embeddings.shape[1:]), embeddings.dtype,
-               labels is not None)
-        buffers = self.buffers.get(key)
-        if buffers is None:
-            buffers = self.buffers[key] = RowBuffers(self.stage, key[0], first.x.shape[1:], embeddings, labels)
+        buffers = self._buffers(total, tuple(first.x.shape[1:]), embeddings, labels)
         buffers.write(runs, members)
         buffers.call()
         return buffers.out[:total]
@@ -194,15 +190,20 @@ class StageExecutor:
         if not self.static:
             return
         stage = self.stage
-        shape = (stage.sample_channels, stage.size, stage.size)
         labels = None if stage.noising is None else torch.zeros(1, dtype=torch.int64, device=stage.device)
-        key = (bucket(rows), shape, tuple(embeddings.shape[1:]), embeddings.dtype, labels is not None)
-        if key not in self.buffers:
-            self.buffers[key] = RowBuffers(stage, key[0], shape, embeddings, labels)
-        buffers = self.buffers[key]
-        buffers.set_conditioning([embeddings.expand(key[0], -1, -1)],
-                                 None if labels is None else [labels.expand(key[0])])
+        buffers = self._buffers(rows, (stage.sample_channels, stage.size, stage.size), embeddings, labels)
+        buffers.set_conditioning([embeddings.expand(buffers.rows, -1, -1)],
+                                 None if labels is None else [labels.expand(buffers.rows)])
         buffers.call()
+
+    def _buffers(self, rows: int, sample_shape: tuple, embeddings: torch.Tensor,
+                 labels: torch.Tensor | None) -> "RowBuffers":
+        """The row buffers a `rows`-row call runs on (its bucket's), made on first use: keyed by the bucket, the
+        sample shape (C, H, W) and the conditioning rows' shape and dtype."""
+        key = (bucket(rows), sample_shape, tuple(embeddings.shape[1:]), embeddings.dtype, labels is not None)
+        if key not in self.buffers:
+            self.buffers[key] = RowBuffers(self.stage, key[0], sample_shape, embeddings, labels)
+        return self.buffers[key]
 
 
 class RowBuffers:

@@ -48,7 +48,8 @@ class Backend:
     def prepare_export(self, paths, precision: str):
         return _resolve(self.prepare)(paths, precision)
 
-    def cached_export(self, paths, precision: str):
+    def existing_export(self, paths, precision: str):
+        """The cached export for the model at `paths` if there is one, else None; nothing is made."""
         return None if self.cached is None else _resolve(self.cached)(paths, precision)
 
 

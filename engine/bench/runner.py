@@ -251,7 +251,7 @@ def _onnxruntime_pipeline(session: Session):
         return None
     if dtype not in (torch.float32, torch.float16) or provider not in ort.get_available_providers():
         return None
-    exported = BACKENDS["onnxruntime"].cached_export(opts.cascade, str(dtype).removeprefix("torch."))
+    exported = BACKENDS["onnxruntime"].existing_export(opts.cascade, str(dtype).removeprefix("torch."))
     if exported is None:
         return None
     session.compare = (*session.compare, "onnxruntime")
