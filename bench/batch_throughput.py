@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 from engine.demo.evaluate import held_out_scenes  # noqa: E402
 from engine.demo.shapes import caption  # noqa: E402
-from engine.offline import Row, row_request  # noqa: E402
+from engine.batch_job import Row, row_request  # noqa: E402
 
 # Mixed per-row settings: (stage I steps, stage II steps), cycled over the rows.
 STEP_MIX = [["smart27", 15], [20, 10], [10, 6], [27, 15]]

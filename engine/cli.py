@@ -30,6 +30,7 @@ from engine.loading import DTYPES, load
 
 from engine.model_dir import DEFAULT_MODEL
 from engine.options import DEFAULT_MAX_BATCH, STAGE_DEFAULTS, GenerateRequest, request_defaults
+from engine.ray_batch import RayOptions
 from engine.samplers import SAMPLERS
 from engine.schedules import NAMED_SCHEDULES
 from engine.serve import defaults as serve_defaults  # the service's defaults, without web imports
@@ -109,6 +110,27 @@ def _load_options() -> argparse.ArgumentParser:
     return flags
 
 
+def _ray_options(what: str) -> argparse.ArgumentParser:
+    """The Ray flags of serve and batch (each adds its own count: --replicas, --workers)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--ray", action="store_true", help=f"{what} (a local Ray cluster unless --ray-address)")
+    flags.add_argument("--ray-address", default=None,
+                       help="an existing Ray cluster, e.g. ray://head:10001 (default: RAY_ADDRESS, else local)")
+    flags.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="with --ray: autoscaling bounds")
+    flags.add_argument("--num-gpus", type=float, default=0.0, help="with --ray: GPUs per replica or worker")
+    return flags
+
+
+def _autoscale(args) -> tuple[int, int] | None:
+    """--autoscale MIN:MAX as two integers."""
+    if args.autoscale is None:
+        return None
+    low, colon, high = args.autoscale.partition(":")
+    if not (colon and low.isdigit() and high.isdigit()):
+        raise EngineError(f"--autoscale takes MIN:MAX, e.g. 1:4, got {args.autoscale!r}")
+    return int(low), int(high)
+
+
 def load_options(args) -> dict:
     """engine.load's keyword arguments from the load flags (_load_options)."""
     return {"backend": args.backend, "device": args.device, "dtype": args.dtype, "fast": args.fast}
@@ -161,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
 
 
-    srv = commands.add_parser("serve", parents=loads, help="serve the model over HTTP: OpenAI-style images API, step-level batching")
+    srv = commands.add_parser("serve", parents=[*loads, _ray_options("serve as a Ray Serve deployment")], help="serve the model over HTTP: OpenAI-style images API, step-level batching")
     srv.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH",
                      help=f"as for generate (default: {DEFAULT_MODEL})")
     srv.add_argument("--host", default=serve_defaults.DEFAULT_HOST,
@@ -197,13 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.DEFAULT_POLICY,
                      help="step: requests join the running batch at every U-Net step (default); request: batches "
                           "form when the cascade is idle and run to the end; none: one request at a time")
-    srv.add_argument("--ray", action="store_true",
-                     help="serve as a Ray Serve deployment (a local Ray cluster unless --ray-address)")
-    srv.add_argument("--ray-address", default=None,
-                     help="an existing Ray cluster, e.g. ray://head:10001 (default: RAY_ADDRESS, else local)")
-    srv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (each loads the model)")
-    srv.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Ray Serve autoscaling bounds")
-    srv.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray Serve replica")
+    srv.add_argument("--replicas", type=int, default=1, help="with --ray: Ray Serve replicas (each loads the model)")
 
 
     ev = commands.add_parser("eval", parents=loads, help="prompt adherence on held-out shape captions (the quality gate)")
@@ -221,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write a contact sheet of the pictures, captioned, the wrong ones framed in red")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    bat = commands.add_parser("batch", parents=loads, help="generate every row of a .txt/.csv/.jsonl file into a "
-                                                           "directory, batched per step, resumable")
+    bat = commands.add_parser("batch", parents=[*loads, _ray_options("run on a Ray cluster's workers (Ray Data)")],
+                              help="generate every row of a .txt/.csv/.jsonl file into a directory, batched per "
+                                   "step, resumable")
     bat.add_argument("input", type=Path, help=".txt (a prompt a line), .csv (a prompt column, plus request fields) "
                                               "or .jsonl (one request a line, the HTTP API's fields)")
     bat.add_argument("--out", type=Path, required=True, help="the directory: images/ and manifest.jsonl")
@@ -233,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     bat.add_argument("--sheet", type=Path, default=None, metavar="PNG", help="a captioned contact sheet of every image")
     bat.add_argument("--quiet", action="store_true", help="no progress bar")
+    bat.add_argument("--workers", type=int, default=None,
+                     help="with --ray: workers, each loading the model (default: as many as the cluster's GPUs, with "
+                          "--num-gpus, or CPUs allow)")
 
     exp = commands.add_parser("export", parents=common, help="export a cascade's components to ONNX (checked against "
                               "PyTorch) or TensorRT engines (built from the ONNX export)")
@@ -464,16 +484,8 @@ def serve(args) -> None:
                   "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth}
     load_kwargs = load_options(args)
     if args.ray:
-        autoscale = None
-        if args.autoscale is not None:
-            try:
-                autoscale = tuple(int(n) for n in args.autoscale.split(":"))
-            except ValueError:
-                autoscale = ()
-            if len(autoscale) != 2:
-                raise EngineError(f"--autoscale takes MIN:MAX, e.g. 1:4, got {args.autoscale!r}")
-        app = ray_app.application(load_kwargs, args.model, app_kwargs, replicas=args.replicas, autoscale=autoscale,
-                                  num_gpus=args.num_gpus)
+        app = ray_app.application(load_kwargs, args.model, app_kwargs, replicas=args.replicas,
+                                  autoscale=_autoscale(args), num_gpus=args.num_gpus)
         ray_app.run(app, args.host, args.port, address=args.ray_address)
         return
     app = http.create_app(lambda: load(*args.model, **load_kwargs), **app_kwargs)  # warmed up before it is ready
@@ -501,9 +513,15 @@ def run_batch(args) -> None:
         raise EngineError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.sheet is not None:
         _check_output(args.sheet)
+    ray = None
+    if args.ray:
+        ray = RayOptions(workers=args.workers, autoscale=_autoscale(args), num_gpus=args.num_gpus,
+                         address=args.ray_address)
+    elif args.workers is not None or args.autoscale is not None or args.ray_address is not None or args.num_gpus:
+        raise EngineError("--workers, --autoscale, --num-gpus and --ray-address are for a job on Ray: add --ray")
     summary = offline.batch(args.input, args.out, model=args.model, max_batch=args.max_batch, strict=args.strict,
                             progress=not args.quiet, sheet=args.sheet,
-                            defaults={"preset": args.preset} if args.preset else None,
+                            defaults={"preset": args.preset} if args.preset else None, ray=ray,
                             **load_options(args))
     for bad in summary.bad_rows:
         print(f"line {bad.line} skipped: {bad.reason}", file=sys.stderr)

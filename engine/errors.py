@@ -21,6 +21,9 @@ class ModelError(EngineError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # pickled whole, as across processes (a Ray worker's error reaching the driver)
+        return type(self), (self.path, self.problem)
+
 
 class InvalidRequestError(EngineError, ValueError):
     """A generation request or option is out of range or of the wrong type (raised before any model work)."""

@@ -1,0 +1,382 @@
+"""A batch job's rows and its output directory, shared by the job on one process (engine.offline) and on a Ray
+cluster (engine.ray_batch): reading rows, running them through one step-level scheduler, writing images and
+the manifest, and reading what an earlier run left.
+
+Input: a .txt file (one prompt a line), a .csv file (a `prompt` column, plus any request field as a column) or a
+.jsonl file (one request a line, with the HTTP API's fields: prompt, n, seed, steps, guidance, noise_level,
+negative_prompt, scheduler, guidance_interval, preset). In Python, rows may also be an iterable of strings or
+dicts of those fields.
+
+Output: DIR/images/<row>-<k>.png (row: the input's line number; k: the image of that row), each written under
+DIR/.partial/ and renamed into images/, so no partial file is ever visible there; DIR/manifest.jsonl, one line
+per image: the input row, the resolved request (its seed drawn when the row has none), the file, its SHA-256,
+the timings, the model and its backend. A second run on the same DIR skips the rows whose images the manifest
+records with matching hashes (and whose input row is unchanged), and redoes the others with the seeds recorded
+for them.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from engine.errors import EngineError, InvalidRequestError
+from engine.images import contact_sheet
+from engine.options import API_FIELDS, API_REQUEST_FIELDS, DEFAULT_MAX_BATCH, GenerateRequest, request_from_api
+from engine.pipeline import Generation, Pipeline
+from engine.serve.scheduler import BatchingScheduler
+from engine.version import __version__
+
+log = logging.getLogger(__name__)
+
+FORMATS = (".txt", ".csv", ".jsonl")
+MANIFEST = "manifest.jsonl"
+IMAGES = "images"
+PARTIAL = ".partial"  # where images are written before their rename into images/
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input row: its line number in the input (1-based) and its request fields, as the API names them."""
+
+    line: int
+    fields: dict
+
+
+@dataclass(frozen=True)
+class BadRow:
+    line: int
+    reason: str
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did."""
+
+    out: Path
+    images_written: int = 0
+    images_skipped: int = 0  # already there from an earlier run, hashes matching
+    bad_rows: list[BadRow] = field(default_factory=list)  # unparsable or refused, with their line numbers
+    failed_rows: list[BadRow] = field(default_factory=list)  # refused by the model while running
+    stopped: bool = False  # by Ctrl-C (SIGINT) or SIGTERM, at a step boundary
+    seconds: float = 0.0  # generating and writing, after the warm-up
+    warmup_seconds: float = 0.0  # compiling (and on CUDA capturing) the fast path's row buckets, before
+    workers: dict[str, tuple[int, float]] = field(default_factory=dict)  # Ray: worker -> (images, busy seconds)
+
+    def __str__(self) -> str:
+        rate = self.images_written / self.seconds if self.seconds else 0.0
+        parts = [f"{self.images_written} image(s) written to {self.out / IMAGES} ({rate:.2f} images/s)",
+                 f"{self.images_skipped} already there"]
+        if self.bad_rows:
+            parts.append(f"{len(self.bad_rows)} bad row(s) skipped")
+        if self.failed_rows:
+            parts.append(f"{len(self.failed_rows)} row(s) failed")
+        if self.warmup_seconds:
+            parts.append(f"warm-up {self.warmup_seconds:.1f} s")
+        text = ", ".join(parts) + ("; stopped: run the same command again to finish" if self.stopped else "")
+        for worker, (images, busy) in sorted(self.workers.items()):
+            text += f"\n  worker {worker}: {images} image(s), {images / busy if busy else 0.0:.2f} images/s while busy"
+        return text
+
+
+def read_rows(source) -> Iterator[Row | BadRow]:
+    """The rows of a .txt/.csv/.jsonl file, or of an iterable of strings or field dicts; BadRow where a line
+    cannot be read as a request."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix not in FORMATS:
+            raise InvalidRequestError(f"batch input must be one of {', '.join(FORMATS)}, got {str(path)!r}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EngineError(f"cannot read batch input {str(path)!r}: {exc}") from exc
+        yield from {".txt": _text_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows}[path.suffix](text)
+        return
+    for line, item in enumerate(source, 1):
+        if isinstance(item, str):
+            yield Row(line, {"prompt": item})
+        elif isinstance(item, dict):
+            yield _checked_fields(line, dict(item))
+        else:
+            yield BadRow(line, f"a row must be a prompt or a dict of request fields, got {type(item).__name__}")
+
+
+def _text_rows(text: str) -> Iterator[Row]:
+    for line, prompt in enumerate(text.splitlines(), 1):
+        if prompt.strip():
+            yield Row(line, {"prompt": prompt.strip()})
+
+
+def _csv_rows(text: str) -> Iterator[Row | BadRow]:
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+        raise InvalidRequestError(f"a batch .csv needs a 'prompt' column; its header is {reader.fieldnames}")
+    for record in reader:
+        line = reader.line_num
+        if None in record:  # more cells than the header has columns
+            yield BadRow(line, f"{len(record) - 1 + len(record[None])} cells under {len(record) - 1} columns")
+            continue
+        fields = {}
+        for name, cell in record.items():
+            if cell is None or cell.strip() == "":
+                continue
+            fields[name] = cell if name in ("prompt", "negative_prompt", "scheduler", "preset") else _cell(cell)
+        yield _checked_fields(line, fields)
+
+
+def _cell(text: str):
+    """A CSV cell as JSON where it parses as JSON (27, 7.5, [27, 15], "smart27"), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _jsonl_rows(text: str) -> Iterator[Row | BadRow]:
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            fields = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            yield BadRow(line, f"not valid JSON: {exc}")
+            continue
+        if not isinstance(fields, dict):
+            yield BadRow(line, f"a line must be a JSON object of request fields, got {type(fields).__name__}")
+            continue
+        yield _checked_fields(line, fields)
+
+
+def _checked_fields(line: int, fields: dict) -> Row | BadRow:
+    unknown = sorted(set(fields) - set(API_REQUEST_FIELDS))
+    if unknown:
+        return BadRow(line, f"unknown field(s) {', '.join(unknown)}; a row takes {', '.join(API_REQUEST_FIELDS)}")
+    if "prompt" not in fields:
+        return BadRow(line, "no prompt")
+    return Row(line, fields)
+
+
+def generate_rows(pipe: Pipeline, rows: Iterable[Row], max_batch: int = DEFAULT_MAX_BATCH, seeds=None,
+                  stop: threading.Event | None = None, defaults: dict | None = None):
+    """(row, request, Generation or the exception that failed it) for each row, as each finishes: all through
+    one step-level scheduler, so rows share U-Net calls. seeds: line -> seed, for rows without their own (a
+    resumed run's). defaults: fields for rows that lack them (e.g. {"preset": "fast"}). stop: set it to end at
+    the next step boundary (the rows in flight are dropped)."""
+    scheduler = BatchingScheduler(pipe, max_batch=max_batch, max_queue=max_batch * 2)
+    pending: deque = deque(rows)
+    running: dict = {}  # Future -> (row, request)
+    while pending or running:
+        if stop is not None and stop.is_set():
+            for future in running:
+                future.cancel()
+            return
+        while pending and scheduler.queue_depth < max_batch:  # enough waiting to fill the next batch
+            row = pending.popleft()
+            try:
+                request = row_request(row, (seeds or {}).get(row.line), defaults)
+                running[scheduler.submit(request)] = (row, request)
+            except InvalidRequestError as exc:
+                yield row, None, exc
+        scheduler.step()
+        for future in [f for f in running if f.done()]:
+            row, request = running.pop(future)
+            yield row, request, future.exception() or future.result()
+
+
+def row_request(row: Row, seed: int | None = None, defaults: dict | None = None) -> GenerateRequest:
+    """The row's request (`seed` where the row names none; else a fresh one is drawn), as numpy images."""
+    fields = {**(defaults or {}), **row.fields}
+    if fields.get("seed") is None and seed is not None:
+        fields["seed"] = seed
+    return request_from_api({**fields, "output_type": "pil"})
+
+
+def checked_rows(source, strict: bool, defaults: dict | None) -> tuple[list[Row], list[BadRow]]:
+    """The input's rows whose values make a request (checked before any model loads; the model's own limits are
+    checked at submit), and the bad ones by line. strict: the first bad row raises InvalidRequestError."""
+    rows, bad = [], []
+    for row in read_rows(source):
+        if isinstance(row, Row):
+            try:
+                row_request(row, 0, defaults)
+                rows.append(row)
+                continue
+            except InvalidRequestError as exc:
+                row = BadRow(row.line, str(exc))
+        if strict:
+            raise InvalidRequestError(f"line {row.line}: {row.reason}")
+        log.warning("line %d skipped: %s", row.line, row.reason)
+        bad.append(row)
+    return rows, bad
+
+
+@dataclass
+class Plan:
+    """What a run on `out` has to do: the rows still to make (an earlier run's finished rows are kept), and the
+    seeds an earlier run recorded for seedless rows."""
+
+    rows: list[Row]  # every good row of the input
+    todo: list[Row]
+    seeds: dict[int, int]  # line -> seed
+    images_skipped: int
+    images_todo: int
+
+
+def prepare(out: Path, rows: list[Row], defaults: dict | None) -> Plan:
+    """Make out/'s folders and read what an earlier run left there (see _resume)."""
+    for sub in (IMAGES, PARTIAL):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    done, seeds = _resume(out, rows)
+    todo = [row for row in rows if row.line not in done]
+    return Plan(rows, todo, seeds, images_skipped=sum(len(entries) for entries in done.values()),
+                images_todo=sum(images_of(row, defaults) for row in todo))
+
+
+def identity(pipe: Pipeline) -> dict:
+    """What made an image, as each manifest line records it."""
+    return {"model": pipe.source, "backend": pipe.backend, "device": str(pipe.device),
+            "dtype": str(pipe.dtype).removeprefix("torch."), "engine": __version__}
+
+
+def record(out: Path, pipe: Pipeline, row: Row, request: GenerateRequest, generation: Generation) -> list[dict]:
+    """Write a finished row's images (each atomically); their manifest entries, one per image."""
+    stages = {stage.name: dataclasses.asdict(settings)  # every stage's settings as they ran
+              for stage, settings in zip(pipe.stages, pipe.settings(request))}
+    made_by = identity(pipe)
+    return [{**_write_image(out, row, k, image), "input": row.fields, "request": resolved(request),
+             "stages": stages, "timings": generation.timings, **made_by}
+            for k, image in enumerate(generation.images)]
+
+
+def append(manifest, entries: list[dict]) -> None:
+    """Add entries to the open manifest, on disk before this returns: an image counts as made once its line is."""
+    for entry in entries:
+        manifest.write(json.dumps(entry, default=list) + "\n")
+    manifest.flush()
+    os.fsync(manifest.fileno())
+
+
+def sort_manifest(out: Path) -> None:
+    """Rewrite the manifest in row order (image order within a row), atomically."""
+    path = out / MANIFEST
+    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    entries.sort(key=lambda e: (e["row"], e["image"]))
+    temporary = path.with_name(f".{MANIFEST}.partial")
+    temporary.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def images_of(row: Row, defaults) -> int:
+    request = row_request(row, 0, defaults)
+    return request.batch_size * request.num_images_per_prompt
+
+
+def resolved(request: GenerateRequest) -> dict:
+    """The request as it ran, in the API's names (tuples become JSON lists): what draws it again."""
+    return {name: getattr(request, API_FIELDS.get(name, name)) for name in API_REQUEST_FIELDS}
+
+
+def _write_image(out: Path, row: Row, k: int, image) -> dict:
+    """Write one PNG atomically (a hidden temporary name, then a rename); its manifest fields."""
+    name = f"{row.line}-{k}.png"
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    temporary = out / PARTIAL / name  # beside images/, on its file system: no partial file is ever under images/
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, out / IMAGES / name)
+    return {"row": row.line, "image": k, "file": f"{IMAGES}/{name}", "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _resume(out: Path, rows: list[Row]) -> tuple[dict[int, list[dict]], dict[int, int]]:
+    """From an earlier run's manifest: the rows whose every image is there with its hash (line -> entries), and
+    the seeds recorded for the others. The manifest is rewritten with the kept entries only (one line per image,
+    whatever is redone), and stray partial files go."""
+    path = out / MANIFEST
+    for stray in (out / PARTIAL).glob("*"):
+        stray.unlink()
+    if not path.exists():
+        return {}, {}
+    by_line: dict[int, list[dict]] = {}
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(raw)
+            by_line.setdefault(int(entry["row"]), []).append(entry)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash: its image is redone
+    current = {row.line: row for row in rows}
+    done, seeds = {}, {}
+    for line, entries in by_line.items():
+        row = current.get(line)
+        if row is None or entries[-1].get("input") != row.fields:
+            continue  # the input changed: the row is made afresh
+        if row.fields.get("seed") is None and entries[-1].get("request", {}).get("seed") is not None:
+            seeds[line] = entries[-1]["request"]["seed"]
+        wanted = entries[-1]["request"].get("n", 1) * _prompts(row)
+        latest = {e["image"]: e for e in entries}
+        if len(latest) == wanted and all(_intact(out, e) for e in latest.values()):
+            done[line] = [latest[k] for k in sorted(latest)]
+    kept = [json.dumps(e) for line in sorted(done) for e in done[line]]
+    temporary = path.with_name(f".{MANIFEST}.partial")
+    temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(temporary, path)
+    return done, seeds
+
+
+def _prompts(row: Row) -> int:
+    prompt = row.fields.get("prompt")
+    return len(prompt) if isinstance(prompt, list) else 1
+
+
+def _intact(out: Path, entry: dict) -> bool:
+    file = out / entry["file"]
+    return file.is_file() and hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"]
+
+
+class stop_on_signals:
+    """Ctrl-C (and SIGTERM) set `stop`, so the run ends at the next step boundary; a second Ctrl-C ends it at
+    once. Only in the main thread, where Python lets signals be handled."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop, self.previous = stop, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, sig, frame):
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("stopping at the next step boundary (again to stop at once)")
+        self.stop.set()
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def write_sheet(out: Path, rows: list[Row], path) -> None:
+    """A contact sheet of every image in the manifest, captioned with its prompt."""
+    from PIL import Image
+
+    entries = [json.loads(line) for line in (out / MANIFEST).read_text(encoding="utf-8").splitlines()]
+    order = {row.line: i for i, row in enumerate(rows)}
+    entries.sort(key=lambda e: (order.get(e["row"], len(order)), e["image"]))
+    pictures = [Image.open(out / e["file"]).convert("RGB") for e in entries]
+    captions = [str(e["request"]["prompt"]) for e in entries]
+    contact_sheet(pictures, captions).save(path)
