@@ -12,6 +12,14 @@ compares the batch job with and without the fast path instead (what `python -m e
 against `batch`), interleaved per round. The fast job's warm-up (its row buckets compiled, minutes on a small
 CPU the first time, then loaded from the cache) is reported apart; its images/s, like the job's own summary,
 count from after it.
+
+    python bench/batch_throughput.py --ray [--rows 64] [--rounds 2] [--json ...]
+
+times whole jobs on a local Ray cluster (started once, as a user's cluster would already be up) against the job
+on one process, interleaved per round, each with the model given by name so every variant loads its own: one
+process (torch's default threads), Ray with 1 worker of 1 CPU, 1 worker of all CPUs, and one worker per CPU.
+Images per second count the whole job (a Ray worker's start, loading and the driver's planning included), with
+each worker's own rate while busy beside it.
 """
 
 from __future__ import annotations
@@ -54,9 +62,13 @@ def main() -> None:
     parser.add_argument("--fast-vs-eager", action="store_true",
                         help="engine.batch with the fast path against without it, instead of against a loop")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--ray", action="store_true",
+                        help="jobs on a local Ray cluster (1 and several workers) against the job on one process")
     args = parser.parse_args()
     if args.fast_vs_eager:
         return fast_vs_eager(args)
+    if args.ray:
+        return on_ray(args)
 
     pipe = engine.load(engine.DEFAULT_MODEL, device="cpu")
     work = rows(args.rows)
@@ -131,6 +143,54 @@ def fast_vs_eager(args) -> None:
               f"({min(values):.2f}-{max(values):.2f}) |")
     print(f"| ratio | {report['ratio_median']:.2f}x ({report['ratio_min']:.2f}-{report['ratio_max']:.2f}) |")
     print(f"| fast warm-up | {', '.join(f'{w:.1f} s' for w in warmups)} (the first compiles, later ones load) |")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def on_ray(args) -> None:
+    import os
+
+    import ray
+
+    from engine.ray_batch import RayOptions
+
+    cpus = os.cpu_count() or 1
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    variants = {"one process": None, "ray, 1 worker x 1 CPU": RayOptions(workers=1, num_cpus=1),
+                f"ray, 1 worker x {cpus} CPUs": RayOptions(workers=1, num_cpus=cpus),
+                f"ray, {cpus} workers x 1 CPU": RayOptions(workers=cpus, num_cpus=1)}
+    work = rows(args.rows)
+    rates = {name: [] for name in variants}
+    busy = {name: [] for name in variants}  # per worker, images/s while busy
+    for round_ in range(args.rounds):
+        for name, options in variants.items():
+            out = Path(tempfile.mkdtemp(prefix="batch-bench-"))
+            try:
+                start = time.perf_counter()
+                summary = engine.batch(work, out, model=engine.DEFAULT_MODEL, device="cpu", max_batch=args.max_batch,
+                                       progress=False, ray=options)
+                rates[name].append(summary.images_written / (time.perf_counter() - start))
+                busy[name].append([images / seconds for images, seconds in summary.workers.values()])
+            finally:
+                shutil.rmtree(out)
+            print(f"round {round_ + 1}: {name}: {rates[name][-1]:.2f} images/s (workers busy: "
+                  f"{', '.join(f'{r:.2f}' for r in busy[name][-1]) or '-'})", file=sys.stderr)
+    ray.shutdown()
+    base = rates["one process"]
+    report = {"benchmark": "batch_on_ray", "date": time.strftime("%Y-%m-%d"),
+              "machine": platform.processor() or platform.machine(), "cpus": cpus, "torch": torch.__version__,
+              "ray": ray.__version__, "engine": engine.__version__, "command": " ".join(sys.argv), "rows": args.rows,
+              "max_batch": args.max_batch, "step_mix": STEP_MIX, "images_per_s": rates,
+              "worker_busy_images_per_s": busy,
+              "ratio_to_one_process": {name: [r / b for r, b in zip(values, base)] for name, values in rates.items()}}
+    print("| job | images/s, whole job (min-max) | vs one process | each worker while busy |")
+    print("|---|---|---|---|")
+    for name, values in rates.items():
+        ratios = report["ratio_to_one_process"][name]
+        workers = [r for per_round in busy[name] for r in per_round]
+        print(f"| {name} | {np.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) | "
+              f"{np.median(ratios):.2f}x | {f'{np.median(workers):.2f}' if workers else '-'} |")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -84,6 +84,7 @@ class BatchSummary:
         if self.warmup_seconds:
             parts.append(f"warm-up {self.warmup_seconds:.1f} s")
         text = ", ".join(parts) + ("; stopped: run the same command again to finish" if self.stopped else "")
+        text += f"\n  manifest: {self.out / MANIFEST}"
         for worker, (images, busy) in sorted(self.workers.items()):
             text += f"\n  worker {worker}: {images} image(s), {images / busy if busy else 0.0:.2f} images/s while busy"
         return text

@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--workers", type=int, default=None,
                      help="with --ray: workers, each loading the model (default: as many as the cluster's GPUs, with "
                           "--num-gpus, or CPUs allow)")
+    bat.add_argument("--cpus-per-worker", type=float, default=None,
+                     help=f"with --ray: CPUs each worker holds, and its torch threads (default: {RayOptions.num_cpus:g})")
 
     exp = commands.add_parser("export", parents=common, help="export a cascade's components to ONNX (checked against "
                               "PyTorch) or TensorRT engines (built from the ONNX export)")
@@ -516,9 +518,11 @@ def run_batch(args) -> None:
     ray = None
     if args.ray:
         ray = RayOptions(workers=args.workers, autoscale=_autoscale(args), num_gpus=args.num_gpus,
+                         num_cpus=RayOptions.num_cpus if args.cpus_per_worker is None else args.cpus_per_worker,
                          address=args.ray_address)
-    elif args.workers is not None or args.autoscale is not None or args.ray_address is not None or args.num_gpus:
-        raise EngineError("--workers, --autoscale, --num-gpus and --ray-address are for a job on Ray: add --ray")
+    elif (args.workers, args.autoscale, args.ray_address, args.cpus_per_worker) != (None,) * 4 or args.num_gpus:
+        raise EngineError("--workers, --autoscale, --num-gpus, --cpus-per-worker and --ray-address are for a job on "
+                          "Ray: add --ray")
     summary = offline.batch(args.input, args.out, model=args.model, max_batch=args.max_batch, strict=args.strict,
                             progress=not args.quiet, sheet=args.sheet,
                             defaults={"preset": args.preset} if args.preset else None, ray=ray,

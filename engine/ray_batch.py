@@ -15,8 +15,15 @@ entries; the driver appends them to the manifest as they come (fsynced, so a kil
 recorded), shows one progress bar, and when the job ends rewrites the manifest in row order.
 
 Faults: a worker process that dies is restarted by Ray and its work item runs again (its images are rewritten
-with the same bytes, under the same names); a killed driver is resumed by running the same command again. A
-model that cannot load fails the job at once with the worker's own error.
+with the same bytes, under the same names); a killed driver is resumed by running the same command again, and
+Ctrl-C stops the driver at once (what the manifest holds is kept, the items in flight are redone by the next
+run). A model that cannot load fails the job at once with the worker's own error.
+
+Images: a work item's rows and their batch-mates are fixed by the plan, so the same seeds give the same bytes
+whatever the number of workers (at the same torch threads per worker). Where the rows share their settings the
+job on one process forms the same batches and gives the same bytes too; with mixed settings its scheduler,
+which admits rows in input order, may give a row other batch-mates, and CPU kernels' last bits then differ
+(measured: one level of 255 at one pixel in a thousand).
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import logging
 import os
 import re
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from engine.batch_job import (MANIFEST, BadRow, BatchSummary, Plan, Row, append, generate_rows, images_of, record,
-                              resolved, row_request, sort_manifest, stop_on_signals)
+                              resolved, row_request, sort_manifest)
 from engine.errors import EngineError, InvalidRequestError
 from engine.loading import load
 from engine.options import API_REQUEST_FIELDS, fresh_seed
@@ -103,7 +111,9 @@ def work_items(plan: Plan, defaults: dict | None, max_batch: int) -> list[dict]:
 class BatchWorker:
     """One Ray Data actor: the model loaded and warmed up once, then one work item per call."""
 
-    def __init__(self, model: list[str], load_options: dict, max_batch: int, out: str, defaults: dict | None):
+    def __init__(self, model: list[str], load_options: dict, max_batch: int, out: str, defaults: dict | None,
+                 threads: int):
+        torch.set_num_threads(threads)  # its CPU share, whatever the environment says
         self.pipe = load(*model, **load_options)  # an error here ends the job with this error (see run)
         self.warmup_seconds = 0.0
         if any(stage.executor.static for stage in self.pipe.stages):
@@ -159,29 +169,26 @@ def run(plan: Plan, out: Path, model: list[str], options: RayOptions, max_batch:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours counts images across workers
         context.max_consecutive_actor_init_deaths = 0  # a model that cannot load fails the job at its first try
-        compute = _pool(ray, options, len(items))
+        compute = _pool(ray, options, len(items), local=started_here)
         results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             BatchWorker, batch_size=1, batch_format="numpy", compute=compute, num_gpus=options.num_gpus,
             num_cpus=options.num_cpus, fn_constructor_kwargs={
                 "model": list(model), "load_options": load_options, "max_batch": max_batch, "out": str(out),
-                "defaults": defaults})
-        # Ctrl-C: the driver stops taking results; the items in flight are redone by the next run.
-        stop = threading.Event()
+                "defaults": defaults, "threads": max(1, int(options.num_cpus))})
         expected = {row.line: images_of(row, defaults) for row in plan.todo}  # to take a failed row off the bar
-        with stop_on_signals(stop), open(out / MANIFEST, "a", encoding="utf-8") as manifest, \
+        start = time.perf_counter()
+        with open(out / MANIFEST, "a", encoding="utf-8") as manifest, \
                 tqdm(total=plan.images_todo, unit="image", desc="batch", disable=not progress) as bar:
-            start = time.perf_counter()
             try:
                 for result in results.iter_rows():
                     _take(result, summary, manifest, bar, strict, expected)
-                    if stop.is_set():
-                        break
+            except KeyboardInterrupt:  # Ctrl-C: what is in the manifest stays; the items in flight are redone
+                summary.stopped = True
             except EngineError:
                 raise
             except Exception as exc:  # noqa: BLE001: Ray wraps the worker's error; raise the worker's own
                 raise _worker_error(exc) from exc
-            summary.seconds = time.perf_counter() - start
-        summary.stopped = stop.is_set()
+        summary.seconds = time.perf_counter() - start  # from the workers' start: their loading included
     finally:
         if started_here:
             ray.shutdown()
@@ -190,22 +197,33 @@ def run(plan: Plan, out: Path, model: list[str], options: RayOptions, max_batch:
     return summary
 
 
-def _pool(ray, options: RayOptions, items: int):
-    """Ray Data's actor pool: fixed, autoscaling, or as wide as the cluster allows (never wider than the work)."""
+def _pool(ray, options: RayOptions, items: int, local: bool):
+    """Ray Data's actor pool: fixed, autoscaling, or as wide as the cluster allows (never wider than the work).
+    On a local cluster started for the job (no autoscaler to add nodes), a pool the machine cannot hold is an
+    EngineError here rather than a job that waits for ever."""
     from ray.data import ActorPoolStrategy
 
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if options.autoscale is not None:
+        low, high = min(options.autoscale[0], items), min(options.autoscale[1], items)
+    else:
+        low = options.workers
+        if low is None:
+            low = int(gpus // options.num_gpus) if options.num_gpus else int(cpus // options.num_cpus)
+            if low < 1:
+                raise EngineError(f"the Ray cluster has {gpus:g} GPU(s) and {cpus:g} CPU(s): not enough for one "
+                                  f"worker of {options.num_gpus:g} GPU(s) and {options.num_cpus:g} CPU(s)")
+        low = high = min(low, items)
+    if local and (low * options.num_gpus > gpus or low * options.num_cpus > cpus):
+        raise EngineError(f"{low} worker(s) of {options.num_gpus:g} GPU(s) and {options.num_cpus:g} CPU(s) each do not "
+                          f"fit this machine's {gpus:g} GPU(s) and {cpus:g} CPU(s): ask for fewer (--workers, "
+                          "--num-gpus, --cpus-per-worker)")
     # One work item at a time per worker: an item waits for a free worker rather than queueing behind a busy
     # one, so the last items spread over the pool (and a worker that dies takes one item with it, not several).
-    if options.autoscale is not None:
-        low, high = options.autoscale
-        return ActorPoolStrategy(min_size=min(low, items), max_size=min(high, items), max_tasks_in_flight_per_actor=1)
-    workers = options.workers
-    if workers is None:
-        resources = ray.cluster_resources()
-        workers = int(resources.get("GPU", 0) // options.num_gpus) if options.num_gpus else \
-            int(resources.get("CPU", 1) // options.num_cpus)
-        workers = max(workers, 1)
-    return ActorPoolStrategy(size=min(workers, items), max_tasks_in_flight_per_actor=1)
+    if low == high:
+        return ActorPoolStrategy(size=low, max_tasks_in_flight_per_actor=1)
+    return ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=1)
 
 
 def _take(result: dict, summary: BatchSummary, manifest, bar, strict: bool, expected: dict[int, int]) -> None:

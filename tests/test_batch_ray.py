@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -156,6 +157,30 @@ def test_a_killed_driver_is_resumed_by_the_same_command(cascade_dir, tmp_path):
         assert after[key]["sha256"] == entry["sha256"] and after[key]["request"]["seed"] == entry["request"]["seed"]
 
 
+def test_ctrl_c_stops_the_driver_and_the_same_command_finishes(cascade_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"a red circle {k}", "seed": k, "steps": [8, 6]}) + "\n"
+                            for k in range(12)))
+    out = tmp_path / "out"
+    driver = _job(cascade_dir, rows, out)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "manifest.jsonl").exists() and manifest(out)):
+            assert time.monotonic() < deadline and driver.poll() is None, driver.communicate()
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGINT)
+        stdout, stderr = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130 and "run the same command again" in stdout, stderr
+    kept = len(manifest(out))
+    rerun = _job(cascade_dir, rows, out)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0 and f"{kept} already there" in stdout, stderr
+    check_complete(out, 12)
+
+
 def test_a_damaged_image_is_redone_and_the_rest_kept(ray_cluster, cascade_dir, tmp_path):
     rows, images = mixed_rows(tmp_path / "rows.jsonl", count=4)
     out = tmp_path / "out"
@@ -163,8 +188,10 @@ def test_a_damaged_image_is_redone_and_the_rest_kept(ray_cluster, cascade_dir, t
     first = by_image(out)
     damaged = out / first[(3, 0)]["file"]
     damaged.write_bytes(damaged.read_bytes()[:100])
-    summary = batch(rows, out, model=str(cascade_dir), max_batch=2, ray=TWO, progress=False)
+    sheet = tmp_path / "sheet.png"
+    summary = batch(rows, out, model=str(cascade_dir), max_batch=2, ray=TWO, progress=False, sheet=sheet)
     assert summary.images_written == 1 and summary.images_skipped == images - 1
+    assert Image.open(sheet).size[0] > 0  # --sheet: every image of the job, as without Ray
     again = {key: e["sha256"] for key, e in by_image(out).items()}
     assert again == {key: e["sha256"] for key, e in first.items()}  # redone with its seed: the same bytes
     check_complete(out, images)
