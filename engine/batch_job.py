@@ -10,9 +10,9 @@ dicts of those fields.
 Output: DIR/images/<row>-<k>.png (row: the input's line number; k: the image of that row), each written under
 DIR/.partial/ and renamed into images/, so no partial file is ever visible there; DIR/manifest.jsonl, one line
 per image: the input row, the resolved request (its seed drawn when the row has none), the file, its SHA-256,
-the timings, the model and its backend. A second run on the same DIR skips the rows whose images the manifest
-records with matching hashes (and whose input row is unchanged), and redoes the others with the seeds recorded
-for them.
+the timings, the model and its backend; DIR/seeds.jsonl, the seed of every seedless row, on disk before the row
+runs. A second run on the same DIR skips the rows whose images the manifest records with matching hashes (and
+whose input row is unchanged), and redoes the others with the seeds recorded for them.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from typing import Iterable, Iterator
 
 from engine.errors import EngineError, InvalidRequestError
 from engine.images import contact_sheet
-from engine.options import API_FIELDS, API_REQUEST_FIELDS, DEFAULT_MAX_BATCH, GenerateRequest, request_from_api
+from engine.options import (API_FIELDS, API_REQUEST_FIELDS, DEFAULT_MAX_BATCH, GenerateRequest, fresh_seed,
+                            request_from_api)
 from engine.pipeline import Generation, Pipeline
 from engine.serve.scheduler import BatchingScheduler
 from engine.version import __version__
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = (".txt", ".csv", ".jsonl")
 MANIFEST = "manifest.jsonl"
+SEEDS = "seeds.jsonl"  # the seed of every seedless row, on disk before the row runs
 IMAGES = "images"
 PARTIAL = ".partial"  # where images are written before their rename into images/
 
@@ -234,12 +236,17 @@ class Plan:
 
 
 def prepare(out: Path, rows: list[Row], defaults: dict | None) -> Plan:
-    """Make out/'s folders and read what an earlier run left there (see _resume)."""
+    """Make out/'s folders, read what an earlier run left there (see _resume), and give every seedless row still
+    to make its seed: the one recorded for it, or one drawn now and on disk (SEEDS) before any work, so a run
+    killed at any point leaves each row the seed it will keep."""
     for sub in (IMAGES, PARTIAL):
         (out / sub).mkdir(parents=True, exist_ok=True)
     done, seeds = _resume(out, rows)
     todo = [row for row in rows if row.line not in done]
-    return Plan(rows, todo, seeds, images_skipped=sum(len(entries) for entries in done.values()),
+    drawn = {row.line: fresh_seed() for row in todo
+             if {**(defaults or {}), **row.fields}.get("seed") is None and row.line not in seeds}
+    _keep_seeds(out, {row.line: row for row in rows}, drawn)
+    return Plan(rows, todo, {**seeds, **drawn}, images_skipped=sum(len(entries) for entries in done.values()),
                 images_todo=sum(images_of(row, defaults) for row in todo))
 
 
@@ -253,8 +260,8 @@ def record(out: Path, pipe: Pipeline, row: Row, request: GenerateRequest, genera
     """Write a finished row's images (each atomically); their manifest entries, one per image."""
     stages = {stage.name: dataclasses.asdict(settings)  # every stage's settings as they ran
               for stage, settings in zip(pipe.stages, pipe.settings(request))}
-    made_by = identity(pipe)
-    return [{**_write_image(out, row, k, image), "input": row.fields, "request": resolved(request),
+    made_by, settings = identity(pipe), resolved(request)
+    return [{**_write_image(out, row, k, image, settings), "input": row.fields, "request": settings,
              "stages": stages, "timings": generation.timings, **made_by}
             for k, image in enumerate(generation.images)]
 
@@ -287,11 +294,18 @@ def resolved(request: GenerateRequest) -> dict:
     return {name: getattr(request, API_FIELDS.get(name, name)) for name in API_REQUEST_FIELDS}
 
 
-def _write_image(out: Path, row: Row, k: int, image) -> dict:
-    """Write one PNG atomically (a hidden temporary name, then a rename); its manifest fields."""
+def _write_image(out: Path, row: Row, k: int, image, request: dict) -> dict:
+    """Write one PNG atomically (a hidden temporary name, then a rename), with the request and seed that draw it
+    again in its text chunks (as `python -m engine generate` writes them); its manifest fields."""
+    from PIL.PngImagePlugin import PngInfo
+
     name = f"{row.line}-{k}.png"
+    info = PngInfo()
+    info.add_text("prompt", request["prompt"] if isinstance(request["prompt"], str) else json.dumps(request["prompt"]))
+    info.add_text("seed", str(request["seed"]))
+    info.add_text("request", json.dumps(request, default=list))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     data = buffer.getvalue()
     temporary = out / PARTIAL / name  # beside images/, on its file system: no partial file is ever under images/
     with open(temporary, "wb") as file:
@@ -303,14 +317,17 @@ def _write_image(out: Path, row: Row, k: int, image) -> dict:
 
 
 def _resume(out: Path, rows: list[Row]) -> tuple[dict[int, list[dict]], dict[int, int]]:
-    """From an earlier run's manifest: the rows whose every image is there with its hash (line -> entries), and
-    the seeds recorded for the others. The manifest is rewritten with the kept entries only (one line per image,
-    whatever is redone), and stray partial files go."""
+    """From an earlier run's manifest and seeds file: the rows whose every image is there with its hash (line
+    -> entries), and the seeds recorded for the others (where their input row is unchanged). Every such seed is
+    in the seeds file before the manifest is rewritten with the kept entries only (one line per image, whatever
+    is redone), so no kill between here and a row's last image loses its seed; stray partial files go."""
     path = out / MANIFEST
     for stray in (out / PARTIAL).glob("*"):
         stray.unlink()
+    current = {row.line: row for row in rows}
+    kept_seeds = _kept_seeds(out, current)
     if not path.exists():
-        return {}, {}
+        return {}, kept_seeds
     by_line: dict[int, list[dict]] = {}
     for raw in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -318,23 +335,52 @@ def _resume(out: Path, rows: list[Row]) -> tuple[dict[int, list[dict]], dict[int
             by_line.setdefault(int(entry["row"]), []).append(entry)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a crash: its image is redone
-    current = {row.line: row for row in rows}
-    done, seeds = {}, {}
+    done, seeds = {}, dict(kept_seeds)
     for line, entries in by_line.items():
         row = current.get(line)
         if row is None or entries[-1].get("input") != row.fields:
             continue  # the input changed: the row is made afresh
         if row.fields.get("seed") is None and entries[-1].get("request", {}).get("seed") is not None:
-            seeds[line] = entries[-1]["request"]["seed"]
+            seeds[line] = entries[-1]["request"]["seed"]  # what made its images
         wanted = entries[-1]["request"].get("n", 1) * _prompts(row)
         latest = {e["image"]: e for e in entries}
         if len(latest) == wanted and all(_intact(out, e) for e in latest.values()):
             done[line] = [latest[k] for k in sorted(latest)]
+    _keep_seeds(out, current, {line: seed for line, seed in seeds.items()
+                               if line not in done and kept_seeds.get(line) != seed})
     kept = [json.dumps(e) for line in sorted(done) for e in done[line]]
     temporary = path.with_name(f".{MANIFEST}.partial")
     temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(temporary, path)
     return done, seeds
+
+
+def _kept_seeds(out: Path, current: dict[int, Row]) -> dict[int, int]:
+    """The seeds file's seeds (line -> seed; the latest line of a row wins) of the rows whose input is unchanged."""
+    path, seeds = out / SEEDS, {}
+    if not path.exists():
+        return seeds
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        try:
+            kept = json.loads(raw)
+            line, seed = int(kept["row"]), int(kept["seed"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash: written again below if its row still needs it
+        row = current.get(line)
+        if row is not None and kept.get("input") == row.fields:
+            seeds[line] = seed
+    return seeds
+
+
+def _keep_seeds(out: Path, current: dict[int, Row], seeds: dict[int, int]) -> None:
+    """Append seeds to the seeds file, with each row's input (an edited row is made afresh), on disk on return."""
+    if not seeds:
+        return
+    with open(out / SEEDS, "a", encoding="utf-8") as file:
+        for line, seed in sorted(seeds.items()):
+            file.write(json.dumps({"row": line, "input": current[line].fields, "seed": seed}) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _prompts(row: Row) -> int:

@@ -7,8 +7,8 @@ loading the model once, warming up, and running its share of the rows through it
     engine.batch("prompts.csv", "DIR", ray=RayOptions(workers=2))
 
 The driver parses the input (the same parser, line numbers, bad-row messages and --strict as a job on one
-process), reads what an earlier run left in DIR, draws a seed for every seedless row (so a retried row makes
-the same images), groups the rows still to make by the settings that decide their U-Net calls (steps, sampler,
+process), reads what an earlier run left in DIR, gives every seedless row its seed (kept on disk before any
+work, so a retried or resumed row makes the same images), groups the rows still to make by the settings that decide their U-Net calls (steps, sampler,
 guidance interval, noise level) and cuts the groups into work items of at most max_batch images: a work item
 is one Ray Data row and one call of a worker. Workers write each image atomically and return its manifest
 entries; the driver appends them to the manifest as they come (fsynced, so a killed driver loses nothing
@@ -43,7 +43,7 @@ from engine.batch_job import (MANIFEST, BadRow, BatchSummary, Plan, Row, append,
                               resolved, row_request, sort_manifest)
 from engine.errors import EngineError, InvalidRequestError
 from engine.loading import load
-from engine.options import API_REQUEST_FIELDS, fresh_seed
+from engine.options import API_REQUEST_FIELDS
 from engine.serve.scheduler import warm_up
 
 log = logging.getLogger(__name__)
@@ -81,18 +81,16 @@ class RayOptions:
 
 def work_items(plan: Plan, defaults: dict | None, max_batch: int) -> list[dict]:
     """The rows still to make as Ray Data rows: grouped by GROUPING_FIELDS (input order within a group), each
-    item at most max_batch images (a row of more is an item alone). Every row carries its seed: its own, the
-    one an earlier run recorded, or one drawn here, once."""
+    item at most max_batch images (a row of more is an item alone). Every row carries its seed (its own, or
+    the plan's: recorded by an earlier run or drawn by batch_job.prepare), so a retried item makes the same
+    images."""
     groups: dict[str, list[tuple[Row, int, int]]] = {}  # key -> (row, seed, images)
     for row in plan.todo:
         request = row_request(row, 0, defaults)
         settings = resolved(request)
         key = json.dumps([settings[name] for name in GROUPING_FIELDS], default=list)
         seed = row.fields.get("seed")
-        if seed is None:
-            seed = plan.seeds.get(row.line)
-        if seed is None:
-            seed = fresh_seed()
+        seed = plan.seeds.get(row.line) if seed is None else seed  # its own, else the plan's (kept on disk)
         groups.setdefault(key, []).append((row, seed, request.batch_size * request.num_images_per_prompt))
     items, current, images = [], [], 0
     for members in groups.values():

@@ -187,13 +187,20 @@ def test_a_damaged_image_is_redone_and_the_rest_kept(ray_cluster, cascade_dir, t
     batch(rows, out, model=str(cascade_dir), max_batch=2, ray=TWO, progress=False)
     first = by_image(out)
     damaged = out / first[(3, 0)]["file"]
+    before = pixels(damaged)
     damaged.write_bytes(damaged.read_bytes()[:100])
     sheet = tmp_path / "sheet.png"
-    summary = batch(rows, out, model=str(cascade_dir), max_batch=2, ray=TWO, progress=False, sheet=sheet)
+    summary = batch(rows, out, model=str(cascade_dir), max_batch=2, ray=RayOptions(autoscale=(1, 2)), progress=False,
+                    sheet=sheet)  # an autoscaling pool this time
     assert summary.images_written == 1 and summary.images_skipped == images - 1
     assert Image.open(sheet).size[0] > 0  # --sheet: every image of the job, as without Ray
-    again = {key: e["sha256"] for key, e in by_image(out).items()}
-    assert again == {key: e["sha256"] for key, e in first.items()}  # redone with its seed: the same bytes
+    again = by_image(out)
+    assert {key: e["request"]["seed"] for key, e in again.items()} == \
+        {key: e["request"]["seed"] for key, e in first.items()}  # redone with its seed
+    assert all(again[key]["sha256"] == first[key]["sha256"] for key in first if key[0] != 3)  # the rest kept
+    # Redone alone rather than in its first work item, its pixels may move by one level (CPU kernels' last
+    # bits depend on the batch); another seed would move them everywhere.
+    assert np.abs(pixels(out / first[(3, 0)]["file"]) - before).max() <= 1
     check_complete(out, images)
 
 
@@ -226,10 +233,10 @@ def test_a_model_that_cannot_load_fails_the_job_with_its_own_error(ray_cluster, 
 def test_work_items_group_rows_by_settings_and_hold_at_most_max_batch_images():
     rows = [Row(1, {"prompt": "a", "steps": [2, 2]}), Row(2, {"prompt": "b", "steps": [3, 2], "n": 2}),
             Row(3, {"prompt": "c", "steps": [2, 2], "seed": 7}), Row(4, {"prompt": "d", "steps": [3, 2], "n": 5})]
-    items = [json.loads(item["rows"]) for item in work_items(Plan(rows, rows, {1: 11}, 0, 9), None, max_batch=3)]
+    plan = Plan(rows, rows, {1: 11, 2: 12, 4: 14}, 0, 9)
+    items = [json.loads(item["rows"]) for item in work_items(plan, None, max_batch=3)]
     assert [[line for line, _, _ in item] for item in items] == [[1, 3], [2], [4]]
-    seeds = {line: seed for item in items for line, _, seed in item}
-    assert seeds[1] == 11 and seeds[3] == 7 and isinstance(seeds[2], int)  # recorded, own, drawn once
+    assert {line: seed for item in items for line, _, seed in item} == {1: 11, 2: 12, 3: 7, 4: 14}
 
 
 @pytest.mark.parametrize("options", [dict(workers=0), dict(workers=2, autoscale=(1, 2)), dict(autoscale=(3, 1)),
