@@ -162,6 +162,8 @@ def read_stages(cascade: CascadeDirs) -> list[StageSpec]:
     """Every stage's configs, read and checked against each other (channels, text widths, variance) before any
     weights are read; ModelError names the stage directory and the problem."""
     dirs, first = cascade.dirs, cascade.stages[0]
+    for stage_dir in dirs:
+        refuse_unsafe_shards(stage_dir)
     if is_x4_upscaler(first.path):  # alone: an upscaler of the images passed to generate(image=...)
         if len(dirs) > 1:
             raise ModelError(first.path, "an x4 upscaler stage is the last stage of a cascade; list it after the "
@@ -363,6 +365,27 @@ def variant_pattern(variant: str) -> re.Pattern:
 # Full-precision files: no variant between the stem and the suffix (model.safetensors, model-00001-of-00002.
 # safetensors, model.safetensors.index.json); "model.fp16.safetensors" or "model.ema.safetensors" are variants.
 FULL_PATTERN = re.compile(r"^[^.]+(-\d+-of-\d+)?\.safetensors$|^[^.]+\.safetensors\.index\.json$")
+
+
+def refuse_unsafe_shards(stage_dir: Path) -> None:
+    """ModelError for a safetensors index (any component's, any variant's) whose weight_map names a shard that is
+    not a .safetensors file beside it: diffusers and transformers open what the index names, and would
+    torch.load a pickle shard (`.bin`) behind a safetensors index's name, or follow a path out of the folder."""
+    indexes = sorted(stage_dir.glob("*/*.safetensors.index*.json")) + sorted(stage_dir.glob("*.safetensors.index*.json"))
+    for index in indexes:
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelError(index, f"corrupt weights index: {exc}") from exc
+        if not isinstance(weight_map, dict):
+            raise ModelError(index, "corrupt weights index: no weight_map object")
+        unsafe = sorted({shard for shard in weight_map.values()
+                         if not isinstance(shard, str) or not shard.endswith(".safetensors")
+                         or Path(shard).name != shard or shard in (".", "..")})
+        if unsafe:
+            raise ModelError(index, f"the index names shard(s) that are not .safetensors files beside it "
+                                    f"({', '.join(map(str, unsafe[:3]))}); this engine reads .safetensors only, never "
+                                    "pickle: convert the weights with save_pretrained(..., safe_serialization=True)")
 
 
 def weights_variant(folder: Path, dtype: torch.dtype, loader: str, variant: str | None = None) -> str | None:

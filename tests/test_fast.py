@@ -249,6 +249,36 @@ def test_compiled_unets_match_eager_and_a_second_process_reuses_them(cascade_dir
     first = run()
     assert first["cached"] == [False, False] and first["diff"] <= FAST_BOUND
     assert len(list((tmp_path / "cache" / "compiled").glob("*.pt2"))) == 2
+    assert len(list((tmp_path / "cache" / "compiled").glob("*.json"))) == 2  # each package's key file
     second = run()
     assert second["cached"] == [True, True] and second["diff"] == first["diff"]
     assert sum(second["seconds"]) < sum(first["seconds"]) / 3
+
+
+def test_a_compiled_package_is_loaded_only_with_its_key_file_and_hash(tmp_path, monkeypatch, caplog):
+    """A package is native code this process runs: one whose bytes or key file do not match is rebuilt, never
+    loaded; the directory is owner-only."""
+    import stat
+
+    from engine.backends.compiled import CompiledCall, compiled_dir, distrust, package_key, package_name
+
+    monkeypatch.setenv("CASCADE_ENGINE_CACHE", str(tmp_path / "cache"))
+    module, args, cpu = torch.nn.Linear(4, 3).eval(), (torch.randn(2, 4),), torch.device("cpu")
+    first = CompiledCall(module, args, cpu, source=lambda: "a tiny linear")
+    assert not first.cached and stat.S_IMODE(compiled_dir().stat().st_mode) == 0o700
+    key = package_key("a tiny linear", args, cpu)
+    package = compiled_dir() / f"{package_name(key)}.pt2"
+    assert distrust(package, key) is None and "another key" in distrust(package, {**key, "torch": "0.0"})
+    assert CompiledCall(module, args, cpu, source=lambda: "a tiny linear").cached
+    with open(package, "ab") as file:
+        file.write(b"\0")  # the zip still opens: only the hash tells
+    assert "do not match" in distrust(package, key)
+    with caplog.at_level("WARNING", logger="engine.backends.compiled"):
+        rebuilt = CompiledCall(module, args, cpu, source=lambda: "a tiny linear")
+    assert not rebuilt.cached and "do not match the hash" in caplog.text
+    assert torch.allclose(rebuilt(*args), module(*args), atol=1e-5)
+    assert distrust(package, key) is None  # rebuilt with its key file
+    package.with_suffix(".json").unlink()
+    assert distrust(package, key) == "it has no key file"
+    compiled_dir().chmod(0o755)
+    assert stat.S_IMODE(compiled_dir().stat().st_mode) == 0o700

@@ -53,6 +53,35 @@ def test_pickle_only_weights_are_refused_with_a_conversion_hint(cascade_copy):
         engine.load(cascade_copy)
 
 
+@pytest.mark.parametrize("component, stem, shard", [
+    ("stage_II/unet", "diffusion_pytorch_model", "diffusion_pytorch_model-00001-of-00001.bin"),
+    ("stage_I/text_encoder", "model", "model-00001-of-00001.bin"),
+    ("stage_I/unet", "diffusion_pytorch_model", "../../stage_II/unet/diffusion_pytorch_model.safetensors")])
+def test_a_safetensors_index_naming_pickle_or_outside_shards_is_refused_before_any_weights_are_read(
+        cascade_copy, monkeypatch, component, stem, shard):
+    """diffusers and transformers open the shards an index names: a `.bin` behind a safetensors index would be
+    torch.load-ed (pickle), a path would reach outside the folder."""
+    from safetensors.torch import load_file
+
+    folder = cascade_copy / component
+    weights = folder / f"{stem}.safetensors"
+    tensors = load_file(weights)
+    if shard.endswith(".bin"):
+        torch.save(tensors, folder / shard)  # a harmless pickle: without the check, it loads and generates
+    weights.unlink()
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: shard for name in tensors}}))
+
+    def no_weights_read(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(torch, "load", no_weights_read)
+    monkeypatch.setattr("safetensors.torch.load_file", no_weights_read)
+    with pytest.raises(ModelError, match="not .safetensors files beside it.*never pickle") as info:
+        engine.load(cascade_copy)
+    assert info.value.path.endswith(f"{component}/{stem}.safetensors.index.json")
+
+
 def test_unet_channels_that_do_not_fit(cascade_copy):
     config_file = cascade_copy / "stage_II" / "unet" / "config.json"
     config = json.loads(config_file.read_text())

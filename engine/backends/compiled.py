@@ -11,10 +11,13 @@ fast path on CPU"):
   with inductor's own graph cache kept under the same directory; the fast path captures the compiled call in
   a CUDA graph itself. Not yet measured on a GPU.
 
-Location: cache_dir.cache_root() / "compiled"; a package's name is the SHA-256 of its key: the U-Net's
-source hash (every file of its directory), the call's shapes and dtypes, the device kind, the compile
-options and the torch and engine versions. Written to a temporary name and renamed, so never half-written; a
-package that fails to load is reported and rebuilt.
+Location: cache_dir.cache_root() / "compiled", created owner-only (0700): a package is native code this
+process runs, so the directory is refused if another user owns it, and made owner-only if it is not. A
+package's name is the SHA-256 of its key: the U-Net's source hash (every file of its directory), the call's
+shapes and dtypes, the device kind, the compile options and the torch and engine versions. Beside it, NAME.json
+holds that key and the package's own SHA-256; a package is loaded only when both match (else it is reported
+and rebuilt), and one that fails to load is rebuilt too. Written to temporary names and renamed, so never
+half-written.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from engine.cache_dir import cache_root
+from engine.cache_dir import CACHE_ENV, cache_root
+from engine.errors import EngineError
 from engine.version import __version__
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,17 @@ GRAPH_CODE = ("fast_unet.py", "text_constants.py", "attention.py")  # beside thi
 
 
 def compiled_dir() -> Path:
-    return cache_root() / "compiled"
+    """The packages' directory, made if need be, owner-only (module docstring)."""
+    path = cache_root() / "compiled"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    status = path.stat()
+    if hasattr(os, "getuid") and status.st_uid != os.getuid():
+        raise EngineError(f"{path} belongs to another user, and compiled U-Nets are native code run from it: set "
+                          f"{CACHE_ENV} to a directory of your own")
+    if status.st_mode & 0o077:
+        log.warning("%s was open to other users; made owner-only (compiled U-Nets are native code)", path)
+        path.chmod(0o700)
+    return path
 
 
 def _graph_code_hash() -> str:
@@ -69,12 +83,40 @@ def signature(args: tuple) -> str:
     return json.dumps([describe(a) for a in args], sort_keys=True)
 
 
-def package_key(source: str, example_args: tuple, device: torch.device) -> str:
+def package_key(source: str, example_args: tuple, device: torch.device) -> dict:
     """The cache key of one compiled call: what it computes (source hash), on what, with what."""
-    key = {"source": source, "args": [describe(a) for a in example_args], "device": device.type,
-           "options": COMPILE_OPTIONS[device.type], "torch": torch.__version__, "engine": __version__,
-           "code": _graph_code_hash()}
+    return {"source": source, "args": [describe(a) for a in example_args], "device": device.type,
+            "options": COMPILE_OPTIONS[device.type], "torch": torch.__version__, "engine": __version__,
+            "code": _graph_code_hash()}
+
+
+def package_name(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def distrust(package: Path, key: dict) -> str | None:
+    """Why the package must not be loaded, or None: its key file (NAME.json) must hold `key` and the package's
+    own SHA-256."""
+    record = package.with_suffix(".json")
+    try:
+        kept = json.loads(record.read_text())
+    except FileNotFoundError:
+        return "it has no key file"
+    except (OSError, ValueError) as exc:
+        return f"its key file cannot be read ({exc})"
+    if not isinstance(kept, dict) or kept.get("key") != key:
+        return "its key file holds another key"
+    if kept.get("sha256") != _sha256(package):
+        return "its bytes do not match the hash in its key file"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class CompiledCall:
@@ -102,25 +144,31 @@ class CompiledCall:
         return self._call(*args)
 
     def _package(self, module, example_args: tuple, device: torch.device, source: str):
-        path = compiled_dir() / f"{package_key(source, example_args, device)}.pt2"
+        key = package_key(source, example_args, device)
+        path = compiled_dir() / f"{package_name(key)}.pt2"
         if path.is_file():
-            try:
-                loaded = torch._inductor.aoti_load_package(str(path))
-                self.cached = True
-                return loaded
-            except Exception as exc:  # a truncated or foreign file: say so, then build it again
-                log.warning("compiled U-Net %s cannot be loaded (%s: %s); compiling it again", path,
-                            type(exc).__name__, exc)
+            why = distrust(path, key)
+            if why is None:
+                try:
+                    loaded = torch._inductor.aoti_load_package(str(path))
+                    self.cached = True
+                    return loaded
+                except Exception as exc:  # a truncated or foreign file: say so, then build it again
+                    why = f"it cannot be loaded ({type(exc).__name__}: {exc})"
+            log.warning("compiled U-Net %s is not loaded: %s; compiling it again", path, why)
         log.info("compiling a U-Net call for %s into %s (once per shape; about a minute on a small CPU)",
                  [tuple(a.shape) for a in example_args if isinstance(a, torch.Tensor)], path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             program = torch.export.export(module, example_args, strict=False)
         partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.pt2")
+        record = partial.with_suffix(".json")
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
                                                      inductor_configs=dict(COMPILE_OPTIONS[device.type]))  # a copy: it adds to the dict
+            record.write_text(json.dumps({"key": key, "sha256": _sha256(partial)}, sort_keys=True))
+            os.replace(record, path.with_suffix(".json"))
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
         return torch._inductor.aoti_load_package(str(path))
