@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
 
 
-    srv = commands.add_parser("serve", parents=[*loads, _ray_options("serve as a Ray Serve deployment")], help="serve the model over HTTP: OpenAI-style images API, step-level batching")
+    srv = commands.add_parser("serve", parents=[*loads, _ray_options("serve as a Ray Serve deployment")],
+                              help="serve the model over HTTP: OpenAI-style images API, step-level batching")
     srv.add_argument("--model", nargs="+", default=[DEFAULT_MODEL], metavar="PATH",
                      help=f"as for generate (default: {DEFAULT_MODEL})")
     srv.add_argument("--host", default=serve_defaults.DEFAULT_HOST,
@@ -202,6 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prompt-chars", type=int, default=None,
                      help=f"longest prompt or negative prompt in characters, else 400 (default: "
                           f"$CASCADE_ENGINE_MAX_PROMPT_CHARS or {limits.max_prompt_chars})")
+    srv.add_argument("--max-steps", type=int, default=None,
+                     help="most denoising steps a request may ask of any one stage, else 400 (default: "
+                          f"$CASCADE_ENGINE_MAX_STEPS, else {serve_defaults.MAX_STEPS_FACTOR}x the most any stage "
+                          f"takes by default, at least {serve_defaults.MIN_MAX_STEPS})")
+    srv.add_argument("--max-images", type=int, default=None,
+                     help="most images per request (prompts x n), else 400 (default: $CASCADE_ENGINE_MAX_IMAGES, "
+                          "else --max-batch)")
+    srv.add_argument("--max-pixels-per-request", type=int, default=None,
+                     help="most output pixels per request (images x width x height), else 400 (default: "
+                          "$CASCADE_ENGINE_MAX_PIXELS_PER_REQUEST, else --max-images at the model's size)")
+    srv.add_argument("--served-model-name", default=None, metavar="NAME",
+                     help="the model's name in /v1/models and the one a request's 'model' may name (default: the "
+                          "first --model as given)")
     srv.add_argument("--api-key", action="append", default=None, metavar="KEY",
                      help="require 'Authorization: Bearer KEY' on the generation endpoint (repeat for several "
                           "keys; also $CASCADE_ENGINE_API_KEYS, comma-separated); health endpoints stay open")
@@ -473,7 +487,9 @@ def serve(args) -> None:
         print(f"warning: listening on {args.host}, beyond loopback, with no API key: anyone who can reach it can "
               "use the model (--api-key)", file=sys.stderr)
     limits = serve_defaults.Limits.from_environment()
-    given = {"max_body_bytes": args.max_body_bytes, "max_prompt_chars": args.max_prompt_chars}
+    given = {"max_body_bytes": args.max_body_bytes, "max_prompt_chars": args.max_prompt_chars,
+             "max_steps": args.max_steps, "max_images": args.max_images,
+             "max_pixels_per_request": args.max_pixels_per_request}
     for name, value in given.items():
         if value is not None and value < 1:
             raise EngineError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -483,7 +499,8 @@ def serve(args) -> None:
         if not seconds > 0:
             raise EngineError(f"{flag} must be a positive number of seconds, got {seconds:g}")
     app_kwargs = {"max_batch": args.max_batch, "max_queue": args.max_queue, "timeout_s": args.timeout,
-                  "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth}
+                  "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth,
+                  "model_name": args.served_model_name or str(args.model[0])}
     load_kwargs = load_options(args)
     if args.ray:
         app = ray_app.application(load_kwargs, args.model, app_kwargs, replicas=args.replicas,

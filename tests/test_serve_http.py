@@ -19,6 +19,8 @@ pytest.importorskip("httpx")
 from starlette.testclient import TestClient  # noqa: E402
 
 from engine import GenerateRequest  # noqa: E402
+from engine.errors import InvalidRequestError  # noqa: E402
+from engine.serve.defaults import Limits  # noqa: E402
 from engine.serve.http import create_app  # noqa: E402
 from engine.testing.ports import free_port  # noqa: E402
 
@@ -230,7 +232,7 @@ def test_a_client_that_disconnects_cancels_its_request(engine_pipe):
     import httpx
     import uvicorn
 
-    app = create_app(engine_pipe, max_batch=1, max_queue=4, warmup=False)
+    app = create_app(engine_pipe, max_batch=1, max_queue=4, warmup=False, limits=Limits(max_steps=200))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -242,7 +244,9 @@ def test_a_client_that_disconnects_cancels_its_request(engine_pipe):
             conn.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             scheduler = app.state.service.scheduler
+            running_by = time.monotonic() + 30
             while not scheduler.active(0):
+                assert time.monotonic() < running_by, conn.recv(4096)  # refused: the answer says why
                 time.sleep(0.01)
         # The socket is closed: the handler cancels, the scheduler drops the job at a step boundary.
         deadline = time.monotonic() + 30
@@ -263,8 +267,8 @@ def test_errors_take_openais_shape_and_its_optional_fields_are_accepted(client):
     error = client.post("/v1/images/generations", json={**BODY, "n": 0}).json()["error"]
     assert error == {"message": "n must be >= 1, got 0", "type": "invalid_request_error", "param": "n",
                      "code": "invalid_request"}
-    ignored = {"model": "dall-e-3", "user": "u1", "quality": "hd", "style": "vivid", "output_format": "png",
-               "background": "auto", "moderation": "low"}
+    ignored = {"user": "u1", "quality": "hd", "style": "vivid", "output_format": "png", "background": "auto",
+               "moderation": "low"}
     assert client.post("/v1/images/generations", json={**BODY, **ignored}).status_code == 200
     response = client.post("/v1/images/generations", json={**BODY, "output_format": "jpeg"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "output_format"
@@ -294,7 +298,8 @@ def test_sigterm_drains_readiness_first_then_the_requests_in_flight(cascade_dir)
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", str(cascade_dir), "--port",
-                               str(port), "--device", "cpu", "--drain-timeout", "1", "--log-level", "warning"],
+                               str(port), "--device", "cpu", "--drain-timeout", "1", "--log-level", "warning",
+                               "--max-steps", "1000"],
                               stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -397,6 +402,12 @@ def test_the_openai_sdk_sees_openai_shaped_answers(engine_pipe):
         with pytest.raises(openai.BadRequestError) as info:
             sdk.images.generate(prompt="a red circle", n=0)
         assert info.value.param == "n" and "n must be >= 1" in info.value.message
+        served = engine_pipe.source
+        assert [model.id for model in sdk.models.list()] == [served] and sdk.models.retrieve(served).id == served
+        with pytest.raises(openai.NotFoundError) as info:
+            sdk.images.generate(prompt="a red circle", model="dall-e-3")
+        assert info.value.code == "model_not_found" and repr(served) in info.value.message
+        assert sdk.images.generate(prompt="a red circle", model=served, extra_body={"steps": [2, 2]}).data
         app.state.service.draining.set()  # as after SIGTERM
         with pytest.raises(openai.InternalServerError) as info:
             sdk.images.generate(prompt="a red circle")
@@ -404,6 +415,44 @@ def test_the_openai_sdk_sees_openai_shaped_answers(engine_pipe):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_requests_cost_is_bounded_by_limits_that_fit_the_model(engine_pipe, monkeypatch):
+    with TestClient(create_app(engine_pipe, max_batch=4, warmup=False, model_name="tiny")) as client:
+        wait_ready(client)
+        limits = client.get("/v1/limits").json()["limits"]
+        size = engine_pipe.image_size
+        assert limits["max_images"] == 4 and limits["max_pixels_per_request"] == 4 * size * size
+        assert limits["max_steps"] >= 100  # 4x the model's default steps, at least 100
+        response = client.post("/v1/images/generations", json={**BODY, "steps": [2, limits["max_steps"] + 1]})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "steps"
+        assert f"at most {limits['max_steps']} per stage (--max-steps)" in error["message"]
+        assert "stage_II" in error["message"]
+        response = client.post("/v1/images/generations", json={**BODY, "n": 5})
+        assert response.status_code == 400
+        assert "at most 4 per request (--max-images)" in response.json()["error"]["message"]
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        assert client.get("/v1/models/tiny").json()["id"] == "tiny"
+        response = client.get("/v1/models/dall-e-3")
+        assert response.status_code == 404 and "serves 'tiny'" in response.json()["error"]["message"]
+        response = client.post("/v1/images/generations", json={**BODY, "model": "dall-e-3"})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+        assert client.post("/v1/images/generations", json={**BODY, "model": "tiny"}).status_code == 200
+    small = Limits(max_pixels_per_request=2 * size * size)
+    with TestClient(create_app(engine_pipe, max_batch=4, warmup=False, limits=small)) as client:
+        wait_ready(client)
+        response = client.post("/v1/images/generations", json={**BODY, "n": 3})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "n" and "--max-pixels-per-request" in error["message"]
+        assert client.post("/v1/images/generations", json={**BODY, "n": 2}).status_code == 200
+    with pytest.raises(InvalidRequestError, match="max_images .5. cannot exceed max_batch .4."):
+        create_app(engine_pipe, max_batch=4, warmup=False, limits=Limits(max_images=5))
+    monkeypatch.setenv("CASCADE_ENGINE_MAX_STEPS", "12")
+    assert Limits.from_environment().max_steps == 12
+    monkeypatch.setenv("CASCADE_ENGINE_MAX_IMAGES", "many")
+    with pytest.raises(InvalidRequestError, match="CASCADE_ENGINE_MAX_IMAGES must be a positive int"):
+        Limits.from_environment()
 
 
 def test_metrics_parse_and_count_what_clients_were_answered(engine_pipe):

@@ -5,7 +5,7 @@ scheduler read them here. No web imports: the CLI reads its defaults without the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from engine.errors import InvalidRequestError
 
@@ -24,6 +24,13 @@ POLICIES = ("step", "request", "none")
 DEFAULT_POLICY = POLICIES[0]
 
 
+# A request's cost, per served model: steps per stage up to this many times the most any stage takes by default
+# (at least MIN_MAX_STEPS), images per request up to the scheduler's max_batch, pixels up to those images at the
+# model's output size. An operator lowers them (flags, variables); None below means "fit the served model".
+MAX_STEPS_FACTOR = 4
+MIN_MAX_STEPS = 100
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask of the service. Defaults here; flags, or CASCADE_ENGINE_<NAME> variables."""
@@ -31,12 +38,16 @@ class Limits:
     max_body_bytes: int = 1 << 20  # a body with the longest prompts and per-stage lists is a few kB
     max_prompt_chars: int = 4000  # per prompt: 77 tokens are a few hundred characters; the rest is truncated
     body_timeout_s: float = 10.0  # to read the whole body: a 1 MiB body takes under a second on a working link
+    max_steps: int | None = None  # denoising steps in any one stage (None: fit the model, see for_model)
+    max_images: int | None = None  # images per request, prompts x n (None: the scheduler's max_batch)
+    max_pixels_per_request: int | None = None  # images x output pixels (None: max_images at the model's size)
 
     @classmethod
     def from_environment(cls) -> "Limits":
         values = {}
-        for name, kind in (("max_body_bytes", int), ("max_prompt_chars", int), ("body_timeout_s", float)):
-            variable = f"CASCADE_ENGINE_{name.upper()}"
+        for field_ in fields(cls):
+            kind = float if field_.name.endswith("_s") else int
+            variable = f"CASCADE_ENGINE_{field_.name.upper()}"
             text = os.environ.get(variable)
             if text is not None:
                 try:
@@ -45,5 +56,20 @@ class Limits:
                     value = 0
                 if not value > 0 or value == float("inf"):
                     raise InvalidRequestError(f"{variable} must be a positive {kind.__name__}, got {text!r}")
-                values[name] = value
+                values[field_.name] = value
         return cls(**values)
+
+    def for_model(self, default_steps: list[int], image_size: int | None, max_batch: int) -> "Limits":
+        """These limits with the model-dependent ones that are unset filled in (see MAX_STEPS_FACTOR), for a
+        model whose stages take `default_steps` by default and whose images are `image_size` pixels a side
+        (None: the input image decides). InvalidRequestError for max_images above max_batch (the scheduler
+        makes one request's images in one call)."""
+        max_images = self.max_images or max_batch
+        if max_images > max_batch:
+            raise InvalidRequestError(f"max_images ({max_images}) cannot exceed max_batch ({max_batch}): one "
+                                      "request's images run in one U-Net call; raise --max-batch too")
+        pixels = self.max_pixels_per_request
+        if pixels is None and image_size is not None:
+            pixels = max_images * image_size * image_size
+        return replace(self, max_steps=self.max_steps or max(MIN_MAX_STEPS, MAX_STEPS_FACTOR * max(default_steps)),
+                       max_images=max_images, max_pixels_per_request=pixels)

@@ -8,6 +8,8 @@
     GET /health/ready             200 once the model is loaded and warmed up, else 503
     GET /metrics                  Prometheus text format
     GET /v1/presets               the model's presets ({"presets": {name: what the quality gate measured}})
+    GET /v1/limits                what one request may ask (the bounds below, as this model resolves them)
+    GET /v1/models                the served model, in OpenAI's list shape (its name: --served-model-name)
 
 `steps`, `guidance` and `noise_level` take a value or a list (one per stage), as the Python API does; `seed`
 defaults to a random one, returned in the response. Bad input answers 400 naming the field; a full queue 503
@@ -17,7 +19,9 @@ A client that disconnects cancels its request at the next step boundary.
 Bounds, checked before any model work (`Limits`; flags of `python -m engine serve`, or environment variables):
 a body past max_body_bytes is a 413 (read with a limit, never whole); JSON nested deeper than MAX_JSON_DEPTH, a
 prompt or negative prompt longer than max_prompt_chars characters (far above the 77 tokens the text encoder
-reads), guidance outside 0..MAX_GUIDANCE, and text that is not valid Unicode are 400s. A request's
+reads), guidance outside 0..MAX_GUIDANCE, and text that is not valid Unicode are 400s; so is a request's cost past
+max_steps (in any stage), max_images or max_pixels_per_request, whose defaults fit the served model
+(Limits.for_model). A request naming a model other than the served one is a 404 naming it. A request's
 X-Request-ID (or a fresh one) is echoed in the response and named in its log line.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import hmac
 import json
@@ -64,9 +69,11 @@ class Service:
     """The model, its scheduler and metrics, and whether it is ready; shared by the app's handlers."""
 
     def __init__(self, load: Callable, max_batch: int, max_queue: int, timeout_s: float, warmup: bool,
-                 policy: str, limits: Limits, api_keys: tuple[str, ...] = ()):
+                 policy: str, limits: Limits, api_keys: tuple[str, ...] = (), model_name: str | None = None):
         self.load = load  # () -> Pipeline
-        self.limits = limits
+        self.limits = limits  # with the model-dependent ones filled in once the model is loaded
+        self.model_name = model_name  # what /v1/models lists and a request's "model" may name (None: the source)
+        self.started = int(time.time())
         self.api_keys = tuple(key.encode() for key in api_keys)
         self.draining = threading.Event()  # set at SIGTERM: readiness 503, new requests 503
         self.max_batch, self.max_queue, self.timeout_s, self.warmup = max_batch, max_queue, timeout_s, warmup
@@ -83,6 +90,10 @@ class Service:
         """Load, warm up (scheduler.warm_up), then start the scheduler; /health/ready turns 200 after."""
         try:
             self.pipeline = self.load()
+            self.model_name = self.model_name or self.pipeline.source
+            defaults = self.pipeline.settings(GenerateRequest("limits"))  # each stage's default settings
+            self.limits = self.limits.for_model([_steps(s) for s in defaults], self.pipeline.image_size,
+                                                self.max_batch)
             if self.warmup:
                 self.warmup_seconds = warm_up(self.pipeline, self.max_batch)
                 parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.warmup_seconds.items())
@@ -115,7 +126,7 @@ class Service:
 def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout_s: float = DEFAULT_TIMEOUT_S, warmup: bool = True, run_scheduler: bool = True,
                policy: str = DEFAULT_POLICY, limits: Limits | None = None, api_keys=(), metrics_auth: bool = False,
-               readiness: Callable[[], str | None] | None = None):
+               readiness: Callable[[], str | None] | None = None, model_name: str | None = None):
     """The FastAPI app. `load`: a Pipeline (started at once), or a function that loads one (called in the
     background at startup, so /health/live answers while the model loads). `policy`: the scheduler's batching
     policy. api_keys: when given, the generation endpoint (and /metrics with metrics_auth) needs
@@ -127,8 +138,9 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     loader = (lambda: load) if loaded else load
     if policy not in POLICIES:
         raise InvalidRequestError(f"unknown batching policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits or Limits.from_environment(),
-                      tuple(api_keys))
+    limits = limits or Limits.from_environment()
+    limits.for_model([1], None, max_batch)  # what can be checked before the model is loaded (max_images)
+    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits, tuple(api_keys), model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -144,7 +156,7 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
 
     app = FastAPI(title="cascade-engine", version=__version__, lifespan=lifespan,
                   description="OpenAI-style image generation over a cascaded diffusion model, batched per step.")
-    errors = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 500, 503, 504)}
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 500, 503, 504)}
     body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": GenerationBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
     # The handlers read the raw request themselves (the body with a size limit, then the schema and the core
@@ -159,6 +171,10 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     metrics = _metrics(service)
     _route(app, "/metrics", "GET", _guarded(service, metrics, counted=False) if metrics_auth else metrics)
     _route(app, "/v1/presets", "GET", _presets(service))
+    _route(app, "/v1/limits", "GET", _limits(service))
+    models = _models(service)
+    _route(app, "/v1/models", "GET", models)
+    _route(app, "/v1/models/{model:path}", "GET", models)
     app.state.service = service
     return app
 
@@ -226,6 +242,63 @@ def _presets(service: Service):
             return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
         return JSONResponse({"presets": {name: preset.certified for name, preset in service.pipeline.presets.items()}})
     return presets
+
+
+def _limits(service: Service):
+    async def limits(request):
+        from starlette.responses import JSONResponse
+
+        if not service.ready.is_set():
+            return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
+        return JSONResponse({"limits": dataclasses.asdict(service.limits), "max_batch": service.max_batch,
+                             "timeout_s": service.timeout_s})
+    return limits
+
+
+def _models(service: Service):
+    """GET /v1/models (the served model, in OpenAI's list shape) and /v1/models/NAME (it, or a 404)."""
+    async def models(request):
+        from starlette.responses import JSONResponse
+
+        if not service.ready.is_set():
+            return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
+        card = {"id": service.model_name, "object": "model", "created": service.started, "owned_by": "cascade-engine"}
+        asked = request.path_params.get("model")
+        if asked is None:
+            return JSONResponse({"object": "list", "data": [card]})
+        if asked != service.model_name:
+            return _unknown_model(service, asked)
+        return JSONResponse(card)
+    return models
+
+
+def _unknown_model(service: Service, asked):
+    return _error(404, f"model {asked!r} is not served here; this service serves {service.model_name!r}",
+                  "model_not_found")
+
+
+def check_cost(request: GenerateRequest, pipeline, limits: Limits) -> None:
+    """InvalidRequestError naming the field where the request asks more than the limits allow (steps in any
+    stage, images, pixels), before any model work; the limits as Limits.for_model filled them."""
+    for stage, settings in zip(pipeline.stages, pipeline.settings(request)):
+        if _steps(settings) > limits.max_steps:
+            raise InvalidRequestError(f"steps asks for {_steps(settings)} steps of {stage.name}; this service takes at "
+                                      f"most {limits.max_steps} per stage (--max-steps)")
+    images = request.batch_size * request.num_images_per_prompt
+    if images > limits.max_images:
+        raise InvalidRequestError(f"n asks for {images} images (prompts x n); this service takes at most "
+                                  f"{limits.max_images} per request (--max-images)")
+    size = pipeline.image_size
+    if size is not None and limits.max_pixels_per_request is not None and \
+            images * size * size > limits.max_pixels_per_request:
+        raise InvalidRequestError(f"n asks for {images} images of {size}x{size}, {images * size * size} pixels; this "
+                                  f"service takes at most {limits.max_pixels_per_request} per request "
+                                  "(--max-pixels-per-request)")
+
+
+def _steps(settings) -> int:
+    """A stage's step count: its timesteps are a count or an explicit list."""
+    return settings.timesteps if isinstance(settings.timesteps, int) else len(settings.timesteps)
 
 
 def _metrics(service: Service):
@@ -376,8 +449,12 @@ async def _generate(service: Service, request, request_id: str):
     except (ValueError, RecursionError):  # RecursionError: nested past the parser's own limit
         service.metrics.request("invalid")
         return _error(400, "the body is not valid JSON (or nested too deeply)", "invalid_request")
+    if isinstance(body, dict) and body.get("model") is not None and body["model"] != service.model_name:
+        service.metrics.request("invalid")
+        return _unknown_model(service, body["model"])
     try:
         gen_request, timeout = parse_body(body, service.timeout_s, service.pipeline.image_size, service.limits)
+        check_cost(gen_request, service.pipeline, service.limits)
         future = service.scheduler.submit(gen_request, timeout_s=timeout)
     except InvalidRequestError as exc:
         service.metrics.request("invalid")

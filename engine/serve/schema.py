@@ -35,8 +35,8 @@ class GenerationBody(BaseModel):
                           "([lo, hi] or null)")
     preset: str | None = Field(None, description="a string: one of the model's presets (GET /v1/presets)")
     timeout: Number | None = Field(None, description="a number of seconds, at most the server's --timeout")
+    model: str | None = Field(None, description="a string: the served model's name (GET /v1/models); another is a 404")
     # OpenAI's optional fields: accepted so that its clients work unchanged, and ignored.
-    model: Any = Field(None, description="ignored")
     user: Any = Field(None, description="ignored")
     quality: Any = Field(None, description="ignored")
     style: Any = Field(None, description="ignored")
