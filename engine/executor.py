@@ -57,6 +57,14 @@ WARMUP_STEPS = 2  # calls run on a side stream before a capture (lazy initialisa
 _POOLS: dict[torch.device, object] = {}  # one CUDA graph memory pool per device
 
 
+def progress_bar(steps: int, name: str, progress: bool | dict):
+    """range(steps) behind a tqdm bar named for the stage: progress is whether to show it, or tqdm's options."""
+    options = {"desc": name, "leave": False, "disable": not progress}
+    if isinstance(progress, dict):
+        options.update({"disable": False, **progress})
+    return tqdm(range(steps), **options)
+
+
 def bucket(rows: int) -> int:
     """The row count a U-Net call of `rows` rows runs at on static buffers: the next of ROW_BUCKETS, past
     the last the rows themselves (each such count makes its own buffers and graph)."""
@@ -118,7 +126,7 @@ class StageExecutor:
     # -- one run to its end (Pipeline.run) ----------------------------------------------------------------
 
     @torch.inference_mode()
-    def denoise(self, run, progress: bool = False, on_step=None) -> None:
+    def denoise(self, run, progress: bool | dict = False, on_step=None) -> None:
         """Step `run` to its end: on a StepRunner where the U-Net is static, else one eager step at a time.
         on_step(stage name, step, total) is called after each step is queued; it reads no tensor."""
         name = self.stage.name
@@ -127,7 +135,7 @@ class StageExecutor:
             runner.load(run)
             runner.denoise(run, progress, on_step)
             return
-        for step in tqdm(range(run.steps), desc=name, disable=not progress, leave=False):
+        for step in progress_bar(run.steps, name, progress):
             (out,) = self.forward([run])
             run.advance(out)
             if on_step is not None:
@@ -334,7 +342,7 @@ class StepRunner:
     def denoise(self, run, progress: bool = False, on_step=None) -> None:
         """Step a loaded run to its end; its x becomes the result (a copy: the buffers serve the next run)."""
         captured = self.stage.device.type == "cuda"
-        for step in tqdm(range(self.steps), desc=self.stage.name, disable=not progress, leave=False):
+        for step in progress_bar(self.steps, self.stage.name, progress):
             guided = run.guided_steps[step]
             if captured:
                 self._graph(guided).replay()

@@ -261,7 +261,6 @@ UNSUPPORTED_ARGUMENTS = {
     "callback_steps": "give on_step=fn, called as fn(stage, step, total) after each U-Net step",
     "callback_on_step_end": "give on_step=fn, called as fn(stage, step, total) after each U-Net step",
     "cross_attention_kwargs": "attention is the backend's own (engine.load(..., attention=))",
-    "return_dict": "the call always returns an object with .images",
 }
 CALL_OPTIONS = ("on_step",)  # Pipeline.generate/__call__ arguments that are not request fields
 

@@ -34,6 +34,21 @@ class Generation:
     # No safety checker or watermarker runs (README): None, as diffusers reports with safety_checker=None.
     nsfw_detected: None = None
     watermark_detected: None = None
+    # (B, 3, H, W) the last stage's output in the model's range (about [-1, 1]), before output_type's scaling:
+    # what diffusers' IF stages return for output_type="pt" (the door hands it on as theirs do).
+    model_output: object = field(default=None, repr=False)
+
+    def to_tuple(self) -> tuple:
+        """diffusers' BaseOutput.to_tuple: its fields that are not None (here: the images)."""
+        return tuple(v for v in (self.images, self.nsfw_detected, self.watermark_detected) if v is not None)
+
+    def __getitem__(self, key):
+        """out[0] (the images) and out["images"], as diffusers' outputs index."""
+        if isinstance(key, str):
+            if key not in ("images", "nsfw_detected", "watermark_detected") or getattr(self, key) is None:
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 class Pipeline:
@@ -49,6 +64,7 @@ class Pipeline:
         self.run_context = run_context or contextlib.nullcontext  # a backend's setup around each run
         # Named presets, name -> options.Preset; each stage holds its settings. Written by add_preset only.
         self.presets: dict[str, Preset] = {}
+        self.progress_bar_config: dict = {}  # the door's tqdm options (set_progress_bar_config)
 
     @property
     def image_size(self) -> int | None:
@@ -71,12 +87,71 @@ class Pipeline:
     def generate(self, prompt=None, on_step=None, **options):
         """Images for `prompt` (a string or a list of strings); options as in `GenerateRequest`, or by
         diffusers' names; on_step(stage, step, total) is called after each U-Net step."""
-        return self(prompt, on_step=on_step, **options).images
+        return self.run(request_from_call(prompt, options), on_step=on_step).images
 
-    def __call__(self, prompt=None, on_step=None, **options) -> Generation:
-        """As `generate`, returning the Generation (images, seed, timings), as diffusers' pipelines return an
-        output with `.images`: pipe("a corgi", num_inference_steps=(50, 25), guidance_scale=7.0, generator=g)."""
-        return self.run(request_from_call(prompt, options), on_step=on_step)
+    def __call__(self, prompt=None, on_step=None, return_dict: bool = True, **options):
+        """diffusers' door: as `generate`, returning the Generation (images, seed, timings), as diffusers'
+        pipelines return an output with `.images` (also out[0]), or with return_dict=False their tuple
+        (images, nsfw_detected, watermark_detected): pipe("a corgi", num_inference_steps=(50, 25),
+        guidance_scale=7.0, generator=g). As theirs, it shows a progress bar per stage
+        (set_progress_bar_config), and output_type="pt" gives an IF stage's output unscaled, in about [-1, 1]
+        (an x4 upscaler's in [0, 1], as StableDiffusionUpscalePipeline's)."""
+        request = request_from_call(prompt, options)
+        generation = self.run(request, progress={"leave": False, **self.progress_bar_config}, on_step=on_step)
+        if request.output_type == "pt" and self.stages[-1].kind != "latent_upscaler":
+            generation.images = generation.model_output
+        if not return_dict:
+            return generation.images, generation.nsfw_detected, generation.watermark_detected
+        return generation
+
+    def set_progress_bar_config(self, **tqdm_options) -> None:
+        """The door's progress bars' tqdm options, as diffusers takes them (disable=True turns them off)."""
+        self.progress_bar_config.update(tqdm_options)
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompt, do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
+                      device=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                      clean_caption: bool = False):
+        """diffusers' IF encode_prompt: (prompt_embeds, negative_prompt_embeds or None), each (B x n, 77, D), in
+        the U-Nets' dtype on the pipeline's device; what `prompt_embeds=` / `negative_prompt_embeds=` take (with
+        num_images_per_prompt=1 there). Given embeddings pass through, repeated as diffusers repeats them."""
+        if clean_caption:
+            raise InvalidRequestError("clean_caption=True is not supported: prompts are encoded as diffusers does "
+                                      "with clean_caption=False; clean them yourself")
+        if device is not None and torch.device(device) != self.device:
+            raise InvalidRequestError(f"this pipeline runs on {self.device}; encode there (device=None) or move it "
+                                      "with pipe.to(...)")
+        if prompt_embeds is None:
+            if prompt is None:
+                raise InvalidRequestError("give a prompt (a string or a list of strings), or prompt_embeds")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self.text.encode(prompts)
+        batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negative_prompt_embeds = self.text.empty().expand(batch, -1, -1)
+            else:
+                negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+                if len(negatives) != batch:
+                    raise InvalidRequestError(f"negative_prompt has {len(negatives)} prompt(s) for {batch} prompt(s)")
+                negative_prompt_embeds = self.text.encode(negatives)
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = None
+        repeat = (lambda e: None if e is None else e.repeat_interleave(num_images_per_prompt, dim=0).contiguous())
+        return repeat(prompt_embeds), repeat(negative_prompt_embeds)
+
+    @property
+    def components(self) -> dict:
+        """The pipeline's parts by diffusers' names: tokenizer, text_encoder, and each stage's unet and
+        scheduler (its scheduler config: the engine makes a sampler per request from it), prefixed by the
+        stage's name in a cascade ("stage_II.unet"); safety_checker, feature_extractor and watermarker are
+        None (none runs). A U-Net is the backend's (for torch, its module is .model)."""
+        parts = {"tokenizer": self.text.tokenizer, "text_encoder": self.text.model}
+        for stage in self.stages:
+            prefix = "" if len(self.stages) == 1 else f"{stage.name}."
+            parts[f"{prefix}unet"] = stage.unet
+            parts[f"{prefix}scheduler"] = stage.scheduler_config
+        return {**parts, "safety_checker": None, "feature_extractor": None, "watermarker": None}
 
     def run(self, request: GenerateRequest, progress: bool = False, on_step=None) -> Generation:
         with self.run_context():
@@ -267,4 +342,4 @@ class CascadeRun:
 
     def result(self) -> Generation:
         return Generation(from_model_range(self.image, self.request.output_type), self.timings,
-                          seed=self.request.seed)
+                          seed=self.request.seed, model_output=self.image)

@@ -113,3 +113,69 @@ def test_load_takes_diffusers_names(cascade_dir):
 def test_half_precision_on_cpu_warns_with_the_reason(cascade_dir):
     with pytest.warns(UserWarning, match="bfloat16 on CPU runs about 15x slower than float32"):
         engine.load(cascade_dir, device="cpu", dtype="bfloat16")
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def test_the_output_indexes_and_return_dict_false_gives_the_tuple_as_in_diffusers(engine_pipe):
+    out = engine_pipe("a red circle", num_inference_steps=(2, 2), generator=generator(1), output_type="np")
+    assert out[0] is out.images and out["images"] is out.images and out.to_tuple() == (out.images,)
+    with pytest.raises(IndexError):
+        out[1]  # diffusers' outputs index their fields that are not None: the images only
+    with pytest.raises(KeyError):
+        out["nsfw_detected"]
+    images, nsfw, watermark = engine_pipe("a red circle", num_inference_steps=(2, 2), generator=generator(1),
+                                          output_type="np", return_dict=False)
+    assert np.array_equal(images, out.images) and nsfw is None and watermark is None
+
+
+def test_output_type_pt_through_the_door_is_the_unscaled_output_as_diffusers_gives_it(engine_pipe, reference):
+    from engine.testing.reference import run_reference
+
+    ours = engine_pipe("a red circle", num_inference_steps=(3, 2), guidance_scale=(6.0, 3.0), generator=generator(5),
+                       output_type="pt").images
+    theirs = run_reference(reference, "a red circle", 5, (3, 2), (6.0, 3.0), output_type="pt")
+    assert ours.shape == theirs.shape and (ours.float() - theirs.float()).abs().max() <= TOLERANCE
+    scaled = engine_pipe.generate("a red circle", steps=(3, 2), guidance=(6.0, 3.0), generator=generator(5),
+                                  output_type="pt")  # the engine's own call keeps [0, 1]
+    assert torch.allclose(scaled, (ours / 2 + 0.5).clamp(0, 1))
+
+
+def test_encode_prompt_gives_what_prompt_embeds_takes_as_diffusers_does(engine_pipe, reference):
+    ours = engine_pipe.encode_prompt("a green star", negative_prompt="red", num_images_per_prompt=2)
+    theirs = reference[0].encode_prompt("a green star", do_classifier_free_guidance=True, negative_prompt="red",
+                                        num_images_per_prompt=2)
+    for mine, other in zip(ours, theirs):
+        assert mine.shape == other.shape and (mine - other).abs().max() <= 1e-5
+    embeds, negative = engine_pipe.encode_prompt(["a cat", "a dog"])  # no negative prompt: the empty one
+    theirs = reference[0].encode_prompt(["a cat", "a dog"], do_classifier_free_guidance=True)
+    assert (negative - theirs[1]).abs().max() <= 1e-5
+    cached = engine_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=(2, 2),
+                         generator=generator(3), output_type="np").images
+    direct = engine_pipe(["a cat", "a dog"], num_inference_steps=(2, 2), generator=generator(3), output_type="np").images
+    assert np.abs(cached - direct).max() <= 1e-5
+    assert engine_pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[1] is None
+    with pytest.raises(InvalidRequestError, match="clean_caption"):
+        engine_pipe.encode_prompt("a cat", clean_caption=True)
+
+
+def test_progress_bars_show_per_stage_unless_disabled(engine_pipe, capfd):
+    engine_pipe("a red circle", num_inference_steps=(2, 2), generator=generator(0))
+    assert "stage_I" in capfd.readouterr().err  # as diffusers' pipelines, a bar per stage by default
+    engine_pipe.set_progress_bar_config(disable=True)
+    try:
+        engine_pipe("a red circle", num_inference_steps=(2, 2), generator=generator(0))
+        assert "stage_I" not in capfd.readouterr().err
+        engine_pipe.generate("a red circle", steps=(2, 2), seed=0)  # the engine's own call shows none
+        assert "stage_I" not in capfd.readouterr().err
+    finally:
+        engine_pipe.progress_bar_config.clear()
+
+
+def test_components_name_the_parts_as_diffusers_does(engine_pipe):
+    parts = engine_pipe.components
+    assert parts["text_encoder"] is engine_pipe.text.model and parts["tokenizer"] is engine_pipe.text.tokenizer
+    assert parts["stage_I.unet"] is engine_pipe.stages[0].unet and "stage_II.scheduler" in parts
+    assert parts["safety_checker"] is None and parts["watermarker"] is None
