@@ -131,7 +131,7 @@ class GenerateRequest:
     prompt: str | list[str] | None
     negative_prompt: str | list[str] | None = None
     seed: int | None = None  # None: a fresh seed, drawn now (unless a generator is given)
-    generator: object = None  # a CPU torch.Generator, as diffusers takes it, instead of a seed
+    generator: object = None  # a CPU torch.Generator (or one per image), as diffusers takes it, instead of a seed
     num_images_per_prompt: int = 1
     steps: Steps | tuple[Steps, ...] | None = None
     guidance: float | tuple[float, ...] | None = None
@@ -153,7 +153,8 @@ class GenerateRequest:
                 raise InvalidRequestError(f"negative_prompt has {len(negatives)} entries but prompt has "
                                           f"{batch}: give one negative prompt, or one per prompt")
         if self.generator is not None:
-            _check_generator(self.generator, self.seed)
+            _check_int("num_images_per_prompt", self.num_images_per_prompt, 1, None)
+            _check_generator(self.generator, self.seed, self.batch_size * self.num_images_per_prompt)
         elif self.seed is None:
             object.__setattr__(self, "seed", fresh_seed())  # frozen: set once, here, and carried from now on
         else:
@@ -319,10 +320,17 @@ def request_from_api(fields: Mapping[str, Any]) -> GenerateRequest:
     return GenerateRequest(kwargs.pop("prompt", None), **kwargs)
 
 
-def _check_generator(generator, seed) -> None:
+def _check_generator(generator, seed, images: int) -> None:
+    """One CPU torch.Generator for the whole request, or diffusers' list of them, one per image (prompts x n):
+    image i then draws all its noise from generator[i]."""
     if isinstance(generator, (list, tuple)):
-        raise InvalidRequestError("give one torch.Generator for the whole request, not a list: the images of a "
-                                  "request come from one generator, as when one is passed to diffusers' pipelines")
+        if len(generator) != images:
+            raise InvalidRequestError(f"generator is a list of {len(generator)} but the request makes {images} "
+                                      "image(s) (prompts x num_images_per_prompt): give one generator per image, "
+                                      "as diffusers takes them, or one for the whole request")
+        for one in generator:
+            _check_generator(one, seed, 1)
+        return
     if not isinstance(generator, torch.Generator):
         raise InvalidRequestError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if generator.device.type != "cpu":

@@ -84,8 +84,12 @@ class Stage:
     def validate_input_size(self, size) -> None:
         """Refuse a user's input image (H, W) this stage cannot take."""
 
-    def _draw(self, generator: torch.Generator, shape) -> torch.Tensor:
-        # On the CPU generator in the stage dtype, as diffusers' randn_tensor does, then moved.
+    def _draw(self, generator, shape) -> torch.Tensor:
+        # On the CPU generator in the stage dtype, as diffusers' randn_tensor does, then moved; with a list of
+        # generators (one per image, as diffusers takes them) sample i from generator[i], as theirs.
+        if isinstance(generator, (list, tuple)):
+            return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=self.dtype) for g in generator]
+                             ).to(self.device)
         return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
 
     @torch.inference_mode()

@@ -89,7 +89,8 @@ def run_reference(pipes, prompts, seed, steps, guidance, n=1, negative=None, noi
     """
     first, second = pipes[:2]
     noise_levels = (noise_level,) if isinstance(noise_level, int) else tuple(noise_level)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    # One CPU generator from the seed, or a list of generators given as `seed` (one per image, diffusers' way).
+    generator = seed if isinstance(seed, list) else torch.Generator("cpu").manual_seed(seed)
     embeds, negative_embeds = first.encode_prompt(prompts, do_classifier_free_guidance=True,
                                                   num_images_per_prompt=n, negative_prompt=negative)
 
