@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 # of them keeps its scheduler's calls full to the end (prompts, seeds, n and guidance scale do not matter).
 GROUPING_FIELDS = tuple(name for name in API_REQUEST_FIELDS
                         if name not in ("prompt", "negative_prompt", "n", "seed", "guidance"))
+# Ray Data's settings for a job: our progress bar counts images across workers (theirs off), and a model that
+# cannot load fails the job at its first try (no retries of a constructor that will fail again).
+JOB_CONTEXT = {"enable_progress_bars": False, "max_consecutive_actor_init_deaths": 0}
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ def run(plan: Plan, out: Path, model: list[str], options: RayOptions, max_batch:
     items = work_items(plan, defaults, max_batch)
     if not items:
         return summary
+    context = ray.data.DataContext.get_current()
+    before = {name: getattr(context, name) for name in JOB_CONTEXT}  # given back after: the caller's context
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=options.address, include_dashboard=False, logging_level=logging.WARNING,
@@ -164,9 +169,8 @@ def run(plan: Plan, out: Path, model: list[str], options: RayOptions, max_batch:
     try:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's plan and timing lines
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # ours counts images across workers
-        context.max_consecutive_actor_init_deaths = 0  # a model that cannot load fails the job at its first try
+        for name, value in JOB_CONTEXT.items():
+            setattr(context, name, value)
         compute = _pool(ray, options, len(items), local=started_here)
         results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             BatchWorker, batch_size=1, batch_format="numpy", compute=compute, num_gpus=options.num_gpus,
@@ -188,6 +192,8 @@ def run(plan: Plan, out: Path, model: list[str], options: RayOptions, max_batch:
                 raise _worker_error(exc) from exc
         summary.seconds = time.perf_counter() - start  # from the workers' start: their loading included
     finally:
+        for name, value in before.items():
+            setattr(context, name, value)
         if started_here:
             ray.shutdown()
     if not summary.stopped:
