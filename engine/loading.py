@@ -14,6 +14,7 @@ every config is checked before any weights are read; anything wrong raises Model
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from pathlib import Path
@@ -113,8 +114,12 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     options = _backend_options(name, spec, {"attention": attention, "variant": variant, "fast": fast,
                                             "providers": providers})
     if spec.export_kind is None:
-        return _load_model(paths, spec, device, dtype, revision, options)
-    return _load_export(paths, exported, name, spec, device, dtype, revision, options)
+        pipe = _load_model(paths, spec, device, dtype, revision, dict(options))
+    else:
+        pipe = _load_export(paths, exported, name, spec, device, dtype, revision, dict(options))
+    # What pipe.to(device, dtype) loads again: the same model and options, on another device or in another dtype.
+    pipe.reload = functools.partial(load, *paths, backend=backend, revision=revision, **options)
+    return pipe
 
 
 def _backend_options(name: str, spec, given: dict) -> dict:

@@ -65,6 +65,7 @@ class Pipeline:
         # Named presets, name -> options.Preset; each stage holds its settings. Written by add_preset only.
         self.presets: dict[str, Preset] = {}
         self.progress_bar_config: dict = {}  # the door's tqdm options (set_progress_bar_config)
+        self.reload = None  # (device=, dtype=) -> the same model loaded again; engine.load sets it (pipe.to)
 
     @property
     def image_size(self) -> int | None:
@@ -103,6 +104,37 @@ class Pipeline:
         if not return_dict:
             return generation.images, generation.nsfw_detected, generation.watermark_detected
         return generation
+
+    def to(self, *args, device=None, dtype=None, **diffusers_options) -> "Pipeline":
+        """diffusers' pipe.to(device), .to(dtype), .to(device, dtype): this pipeline, in place, on that device
+        and in that dtype; returns it. The model is loaded again from where engine.load read it (the fast
+        path's buffers and compiled calls, and an export's sessions, are made for one device and dtype); the
+        presets added with add_preset and the progress bar options are kept."""
+        unknown = set(diffusers_options) - {"silence_dtype_warnings"}
+        if unknown:
+            raise InvalidRequestError(f"unknown argument {sorted(unknown)[0]!r} to pipe.to(device, dtype)")
+        for arg in args:
+            if isinstance(arg, torch.dtype) and dtype is None:
+                dtype = arg
+            elif isinstance(arg, (str, torch.device)) and device is None:
+                device = arg
+            else:
+                raise InvalidRequestError(f"pipe.to takes a device and a dtype, got {arg!r}")
+        same_device = device is None or torch.device(device) == self.device or (
+            torch.device(device).type == self.device.type and torch.device(device).index is None)
+        if same_device and (dtype is None or dtype == self.dtype):
+            return self
+        if self.reload is None:
+            raise InvalidRequestError("this pipeline was not made by engine.load, so it cannot be loaded again on "
+                                      "another device: build it there (engine.load(..., device=, dtype=))")
+        fresh = self.reload(device=self.device if device is None else device,
+                            dtype=self.dtype if dtype is None else dtype)
+        for name, preset in self.presets.items():
+            if name not in fresh.presets:
+                fresh.add_preset(name, preset.stages, preset.certified)
+        fresh.progress_bar_config = self.progress_bar_config
+        self.__dict__.update(fresh.__dict__)
+        return self
 
     def set_progress_bar_config(self, **tqdm_options) -> None:
         """The door's progress bars' tqdm options, as diffusers takes them (disable=True turns them off)."""

@@ -196,3 +196,25 @@ def test_a_list_of_generators_draws_each_image_from_its_own_as_diffusers_does(en
     alone = engine_pipe("a dog", num_inference_steps=(4, 3), generator=[torch.Generator("cpu").manual_seed(13)],
                         output_type="np").images  # image 2's generator alone draws image 2
     assert np.abs(alone[0] - ours[2]).max() <= 1e-5  # (in another batch: CPU kernels' last bits may move)
+
+
+def test_to_moves_the_pipeline_in_place_as_diffusers_does(cascade_dir):
+    pipe = engine.load(cascade_dir)
+    pipe.add_preset("mine", [{"steps": 2}, {"steps": 2}])
+    assert pipe.to("cpu") is pipe and pipe.to(torch.float32) is pipe and pipe.dtype == torch.float32
+    with pytest.warns(UserWarning, match="bfloat16 on CPU"):
+        assert pipe.to("cpu", torch.bfloat16) is pipe
+    assert pipe.dtype == torch.bfloat16 and pipe.stages[1].dtype == torch.bfloat16 and "mine" in pipe.presets
+    with pytest.warns(UserWarning):
+        direct = engine.load(cascade_dir, dtype="bfloat16")
+    moved = pipe.generate("a cat", seed=1, preset="mine", output_type="np")
+    assert np.array_equal(moved, direct.generate("a cat", seed=1, steps=(2, 2), output_type="np"))
+    pipe.to(dtype=torch.float32)
+    assert np.array_equal(pipe.generate("a cat", seed=1, preset="mine", output_type="np"),
+                          engine.load(cascade_dir).generate("a cat", seed=1, steps=(2, 2), output_type="np"))
+    with pytest.raises(InvalidRequestError, match="takes a device and a dtype"):
+        pipe.to(3)
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidRequestError, match="no CUDA GPU"):
+            pipe.to("cuda")
+        assert pipe.device == torch.device("cpu")  # left as it was
