@@ -131,23 +131,37 @@ def _job(cascade_dir, rows, out):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def test_a_killed_driver_is_resumed_by_the_same_command(cascade_dir, tmp_path):
+def _wait_for(out, count: int, driver) -> None:
+    deadline = time.monotonic() + 180
+    while not ((out / "manifest.jsonl").exists() and len(manifest(out)) >= count):
+        assert time.monotonic() < deadline and driver.poll() is None, driver.communicate()
+        time.sleep(0.05)
+
+
+def test_a_driver_stopped_by_ctrl_c_or_killed_is_resumed_by_the_same_command(cascade_dir, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"a red circle {k}", "steps": [8, 6]}) + "\n"  # seedless
                             for k in range(12)))
     out = tmp_path / "out"
     driver = _job(cascade_dir, rows, out)
     try:
-        deadline = time.monotonic() + 180
-        while not ((out / "manifest.jsonl").exists() and len(manifest(out)) >= 2):
-            assert time.monotonic() < deadline and driver.poll() is None, driver.communicate()
-            time.sleep(0.05)
-        driver.kill()  # the driver alone, by its PID
+        _wait_for(out, 1, driver)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C: stops at once, exit 130
+        stdout, stderr = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130 and "run the same command again" in stdout, stderr
+    kept = len(manifest(out))
+    driver = _job(cascade_dir, rows, out)
+    try:
+        _wait_for(out, kept + 2, driver)
+        driver.kill()  # then the driver alone, by its PID
         driver.wait()
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # then its local Ray cluster, before the rerun
+        os.killpg(driver.pid, signal.SIGKILL)  # and its local Ray cluster, before the rerun
     before = by_image(out)
-    assert 2 <= len(before) < 12
+    assert kept + 2 <= len(before) < 12
     rerun = _job(cascade_dir, rows, out)
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
@@ -155,30 +169,6 @@ def test_a_killed_driver_is_resumed_by_the_same_command(cascade_dir, tmp_path):
     after = {(e["row"], e["image"]): e for e in check_complete(out, 12)}
     for key, entry in before.items():  # kept as they were: same file, hash and seed
         assert after[key]["sha256"] == entry["sha256"] and after[key]["request"]["seed"] == entry["request"]["seed"]
-
-
-def test_ctrl_c_stops_the_driver_and_the_same_command_finishes(cascade_dir, tmp_path):
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": f"a red circle {k}", "seed": k, "steps": [8, 6]}) + "\n"
-                            for k in range(12)))
-    out = tmp_path / "out"
-    driver = _job(cascade_dir, rows, out)
-    try:
-        deadline = time.monotonic() + 180
-        while not ((out / "manifest.jsonl").exists() and manifest(out)):
-            assert time.monotonic() < deadline and driver.poll() is None, driver.communicate()
-            time.sleep(0.05)
-        driver.send_signal(signal.SIGINT)
-        stdout, stderr = driver.communicate(timeout=60)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    assert driver.returncode == 130 and "run the same command again" in stdout, stderr
-    kept = len(manifest(out))
-    rerun = _job(cascade_dir, rows, out)
-    stdout, stderr = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0 and f"{kept} already there" in stdout, stderr
-    check_complete(out, 12)
 
 
 def test_a_damaged_image_is_redone_and_the_rest_kept(ray_cluster, cascade_dir, tmp_path):
