@@ -178,7 +178,7 @@ class DDPMSampler(_Sampler):
         # Each step's constants as diffusers' DDPMScheduler.step and _get_variance compute them, op for op on
         # float32 scalars (`** 0.5`, not sqrt; the same order): the same bits as theirs. Computed in float64
         # and rounded once, they differed in the last bit, and a few ulps a step added up to 2-4e-5 over a
-        # 27 + 27-step cascade (bench/RESULTS.md, "Parity over seeds").
+        # 27 + 27-step cascade (README, "Reproducibility"; tests/test_parity_seeds.py).
         acp, one = self.schedule.alphas_cumprod, torch.tensor(1.0)  # (T,) float32, as diffusers keeps it
         columns = []
         for t, prev in zip(ts, [*ts[1:], -1]):
