@@ -23,6 +23,11 @@ from engine.stage import Conditioning, Stage, StageRun, timed
 from engine.text import TextEncoder
 
 
+OFFLOAD_NOT_BUILT = ("{method}() is not built yet: the engine keeps every component on its device. Load on the "
+                     "GPU where the cascade fits (IF-I-XL, IF-II-L and T5-XXL in bfloat16 take about 24 GB), "
+                     "or on the CPU (engine.load(..., device='cpu'))")
+
+
 @dataclass
 class Generation:
     """The images of one request, the seed that draws them again, and where the time went (seconds, device
@@ -135,6 +140,14 @@ class Pipeline:
         fresh.progress_bar_config = self.progress_bar_config
         self.__dict__.update(fresh.__dict__)
         return self
+
+    def enable_model_cpu_offload(self, gpu_id=None, device="cuda") -> None:
+        """diffusers' offload (each model on the GPU only while it runs): not built yet; raises saying so."""
+        raise InvalidRequestError(OFFLOAD_NOT_BUILT.format(method="enable_model_cpu_offload"))
+
+    def enable_sequential_cpu_offload(self, gpu_id=None, device="cuda") -> None:
+        """diffusers' submodule-by-submodule offload: not built yet; raises saying so."""
+        raise InvalidRequestError(OFFLOAD_NOT_BUILT.format(method="enable_sequential_cpu_offload"))
 
     def set_progress_bar_config(self, **tqdm_options) -> None:
         """The door's progress bars' tqdm options, as diffusers takes them (disable=True turns them off)."""

@@ -218,3 +218,9 @@ def test_to_moves_the_pipeline_in_place_as_diffusers_does(cascade_dir):
         with pytest.raises(InvalidRequestError, match="no CUDA GPU"):
             pipe.to("cuda")
         assert pipe.device == torch.device("cpu")  # left as it was
+
+
+@pytest.mark.parametrize("method", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_offload_not_built_yet_says_so_and_what_to_do(engine_pipe, method):
+    with pytest.raises(InvalidRequestError, match=f"{method}.. is not built yet.*device="):
+        getattr(engine_pipe, method)()
