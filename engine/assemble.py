@@ -14,7 +14,7 @@ from engine.options import StageDefaults
 from engine.pipeline import Pipeline
 from engine.schedules import NoiseSchedule
 from engine.stage import LatentUpscaleStage, Stage
-from engine.text import TextEncoder
+from engine.text import NoTextEncoder, TextEncoder
 
 
 def build_pipeline(specs: list, components, source: str = "", notice: str | None = None,
@@ -22,7 +22,10 @@ def build_pipeline(specs: list, components, source: str = "", notice: str | None
     """A Pipeline over `specs` (model_dir.StageSpec, cascade order) whose components come from `components`
     (backends/protocol.py's Components). presets: name -> model_dir.Preset, the model's named settings."""
     device, dtype = components.device, components.dtype
-    text = None if specs[0].kind == "latent_upscaler" else _text_encoder(components, specs[0], clip=False)
+    if specs[0].text_dim is not None:  # a super-resolution stage alone, without a text encoder
+        text = NoTextEncoder(device, dtype, specs[0].text_dim)
+    else:
+        text = None if specs[0].kind == "latent_upscaler" else _text_encoder(components, specs[0], clip=False)
     stages = []
     for spec in specs:
         defaults = stage_defaults(spec)

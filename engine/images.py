@@ -7,6 +7,8 @@ float array/tensor in [0, 1], (H, W, 3) / (B, H, W, 3) for numpy as `output_type
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
@@ -14,8 +16,23 @@ from PIL import Image
 from engine.errors import InvalidRequestError
 
 
+@dataclass(frozen=True)
+class ModelRange:
+    """An image tensor (B, 3, H, W) already in the model's range (about [-1, 1], unclamped): an IF stage's
+    output as diffusers' pipelines hand it to the next with output_type="pt". diffusers' door wraps such
+    tensors (Pipeline.__call__); the engine's own calls take [0, 1]."""
+
+    tensor: torch.Tensor
+
+
 def to_model_range(image) -> torch.Tensor:
     """(B, 3, H, W) float32 in [-1, 1] from any accepted input form; InvalidRequestError otherwise."""
+    if isinstance(image, ModelRange):
+        tensor = image.tensor[None] if image.tensor.dim() == 3 else image.tensor
+        if tensor.dim() != 4 or tensor.shape[1] != 3 or not torch.isfinite(tensor).all():
+            raise InvalidRequestError(f"an image tensor must be (3, H, W) or (B, 3, H, W) and finite, got "
+                                      f"{tuple(image.tensor.shape)}")
+        return tensor.detach().float().cpu().contiguous()
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image):

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,7 @@ class StageSpec:
     noising_config: dict | None  # the image-noising (or x4 low-res) scheduler's; None for a base stage
     defaults: dict | None = None  # the model's own generation defaults (cascade.json), or None
     max_noise_level: int | None = None  # the x4 upscaler's bound on noise_level
+    text_dim: int | None = None  # a first stage without a text encoder: the embeddings' width it takes
 
 
 def read_stages(cascade: CascadeDirs) -> list[StageSpec]:
@@ -169,11 +170,14 @@ def read_stages(cascade: CascadeDirs) -> list[StageSpec]:
             raise ModelError(first.path, "an x4 upscaler stage is the last stage of a cascade; list it after the "
                                          "IF stages, e.g. engine.load(IF_I_DIR, IF_II_DIR, X4_DIR), or load it alone")
         return [_x4_stage(first.path, "stage_I", first.defaults)]
-    for sub in ("tokenizer", "text_encoder"):
-        if not (dirs[0] / sub).is_dir():
-            raise ModelError(dirs[0], f"the first stage needs {sub}/ (a base stage as IF-I ships it); "
-                                      "is a super-resolution stage listed first?")
-    text_dim = text_config(dirs[0] / "text_encoder").d_model
+    first_config = model_config(dirs[0] / "unet", "UNet2DConditionModel", "U-Net config")
+    upscales = first_config["in_channels"] == 2 * IMAGE_CHANNELS  # an IF super-resolution stage first (alone)
+    with_text = all((dirs[0] / sub).is_dir() for sub in ("tokenizer", "text_encoder"))
+    if not with_text and not upscales:
+        missing = next(sub for sub in ("tokenizer", "text_encoder") if not (dirs[0] / sub).is_dir())
+        raise ModelError(dirs[0], f"the first stage needs {missing}/ (a base stage as IF-I ships it)")
+    # Without a text encoder (IF-II as diffusers loads it with text_encoder=None) the U-Net's width decides.
+    text_dim = text_config(dirs[0] / "text_encoder").d_model if with_text else text_width(first_config)
     specs = []
     for index, stage in enumerate(cascade.stages):
         name = stage_name(index)
@@ -181,6 +185,8 @@ def read_stages(cascade: CascadeDirs) -> list[StageSpec]:
             specs.append(_x4_stage(stage.path, name, stage.defaults))
         else:
             specs.append(_if_stage(stage.path, index, name, text_dim, stage.defaults))
+    if not with_text:
+        specs[0] = replace(specs[0], text_dim=text_dim)  # no text encoder: prompt_embeds only
     return specs
 
 
@@ -202,14 +208,15 @@ def _if_stage(stage_dir: Path, index: int, name: str, text_dim: int, defaults) -
     config = model_config(stage_dir / "unet", "UNet2DConditionModel", "U-Net config")  # diffusers' defaulting
     scheduler = scheduler_config(stage_dir / "scheduler")
     in_ch, out_ch = config["in_channels"], config["out_channels"]
-    if index == 0 and in_ch != IMAGE_CHANNELS:
+    if index == 0 and in_ch not in (IMAGE_CHANNELS, 2 * IMAGE_CHANNELS):
         raise ModelError(stage_dir, f"the first stage must be a base stage with a {IMAGE_CHANNELS}-channel "
-                                    f"U-Net input; this U-Net takes {in_ch} channels (a super-resolution stage "
-                                    "listed first?)")
+                                    f"U-Net input, or a super-resolution stage (of images given to it) with "
+                                    f"{2 * IMAGE_CHANNELS}; this U-Net takes {in_ch} channels")
     if index > 0 and in_ch != 2 * IMAGE_CHANNELS:
         raise ModelError(stage_dir, f"stages after the first must be super-resolution stages with a "
                                     f"{2 * IMAGE_CHANNELS}-channel U-Net input (x_t + upsampled image); "
-                                    f"this U-Net takes {in_ch}")
+                                    f"this U-Net takes {in_ch}" + ("; a base stage comes first in a cascade"
+                                                                   if in_ch == IMAGE_CHANNELS else ""))
     if out_ch not in (IMAGE_CHANNELS, 2 * IMAGE_CHANNELS):
         raise ModelError(stage_dir, f"U-Net out_channels={out_ch}; expected {IMAGE_CHANNELS} (eps) or "
                                     f"{2 * IMAGE_CHANNELS} (eps + learned variance)")
@@ -220,13 +227,14 @@ def _if_stage(stage_dir: Path, index: int, name: str, text_dim: int, defaults) -
         raise ModelError(stage_dir, f"the U-Net expects text embeddings of width {text_width(config)} but the "
                                     f"text encoder produces {text_dim}: these stages do not belong to one cascade")
     noising = None
-    if index > 0:
+    upscales = in_ch == 2 * IMAGE_CHANNELS
+    if upscales:
         if not (stage_dir / "image_noising_scheduler").is_dir():
             raise ModelError(stage_dir, "missing image_noising_scheduler/ (the image-noising scheduler of a "
                                         "super-resolution stage)")
         noising = scheduler_config(stage_dir / "image_noising_scheduler",
                                    "image-noising scheduler config of a super-resolution stage")
-    return StageSpec(name, "base" if index == 0 else "super_resolution", stage_dir, scheduler, noising, defaults)
+    return StageSpec(name, "super_resolution" if upscales else "base", stage_dir, scheduler, noising, defaults)
 
 
 def _x4_stage(stage_dir: Path, name: str, defaults) -> StageSpec:

@@ -17,7 +17,7 @@ import torch
 
 from engine.errors import InvalidRequestError
 from engine.executor import bucket
-from engine.images import from_model_range, to_model_range
+from engine.images import ModelRange, from_model_range, to_model_range
 from engine.options import GenerateRequest, Preset, StageSettings, request_from_call
 from engine.stage import Conditioning, Stage, StageRun, timed
 from engine.text import TextEncoder
@@ -101,7 +101,14 @@ class Pipeline:
         (images, nsfw_detected, watermark_detected): pipe("a corgi", num_inference_steps=(50, 25),
         guidance_scale=7.0, generator=g). As theirs, it shows a progress bar per stage
         (set_progress_bar_config), and output_type="pt" gives an IF stage's output unscaled, in about [-1, 1]
-        (an x4 upscaler's in [0, 1], as StableDiffusionUpscalePipeline's)."""
+        (an x4 upscaler's in [0, 1], as StableDiffusionUpscalePipeline's), and image= takes such tensors back:
+        stage_2(image=stage_1(..., output_type="pt").images, ...), as the DeepFloyd model card chains them."""
+        image = options.get("image")
+        if isinstance(image, torch.Tensor) and (self.stages[0].kind == "super_resolution" or image.min() < 0):
+            # diffusers' convention for image tensors: an IF super-resolution stage takes the previous stage's
+            # output as it is, in about [-1, 1] (unclamped); the x4 upscaler takes [0, 1], or [-1, 1] where a
+            # value is negative. The engine's own calls take [0, 1].
+            options = {**options, "image": ModelRange(image)}
         request = request_from_call(prompt, options)
         generation = self.run(request, progress={"leave": False, **self.progress_bar_config}, on_step=on_step)
         if request.output_type == "pt" and self.stages[-1].kind != "latent_upscaler":

@@ -13,6 +13,8 @@ import logging
 
 import torch
 
+from engine.errors import InvalidRequestError
+
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 77
@@ -49,3 +51,25 @@ class TextEncoder:
         if self._empty is None:
             self._empty = self.encode([""])
         return self._empty
+
+
+class NoTextEncoder:
+    """A pipeline's text encoder where it was loaded without one: an IF super-resolution stage alone, as diffusers
+    loads IF-II with text_encoder=None. It encodes nothing: requests give prompt_embeds (and, where a stage
+    guides, negative_prompt_embeds), as stage I's encode_prompt returns them."""
+
+    clip = False
+    tokenizer = model = None
+
+    def __init__(self, device: torch.device, output_dtype: torch.dtype, dim: int):
+        self.device, self.output_dtype, self.dim = device, output_dtype, dim
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        raise InvalidRequestError("this pipeline was loaded without a text encoder (a super-resolution stage "
+                                  "alone): give prompt_embeds= and negative_prompt_embeds= instead of prompts, "
+                                  "e.g. from stage I's pipe.encode_prompt(prompt)")
+
+    def empty(self) -> torch.Tensor:
+        raise InvalidRequestError("this pipeline was loaded without a text encoder (a super-resolution stage "
+                                  "alone): under guidance give negative_prompt_embeds= with prompt_embeds=, e.g. "
+                                  "both from stage I's pipe.encode_prompt(prompt)")

@@ -224,3 +224,32 @@ def test_to_moves_the_pipeline_in_place_as_diffusers_does(cascade_dir):
 def test_offload_not_built_yet_says_so_and_what_to_do(engine_pipe, method):
     with pytest.raises(InvalidRequestError, match=f"{method}.. is not built yet.*device="):
         getattr(engine_pipe, method)()
+
+
+def test_a_super_resolution_stage_alone_chains_as_diffusers_pipelines_do(cascade_dir, engine_pipe, reference):
+    """The DeepFloyd model card's chain: stage I's encode_prompt, stage I with output_type="pt", its output
+    (about [-1, 1], unclamped) as stage II's image=, the same generator through both. Stage II is loaded alone
+    and has no text encoder (as diffusers loads IF-II with text_encoder=None): prompt_embeds only."""
+    from engine.testing.reference import run_reference
+
+    stage_1, stage_2 = engine.load(cascade_dir / "stage_I"), engine.load(cascade_dir / "stage_II")
+    assert [s.kind for s in stage_2.stages] == ["super_resolution"]
+    embeds, negative = stage_1.encode_prompt("a red circle")
+    g = generator(7)
+    low = stage_1(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=g, num_inference_steps=4,
+                  output_type="pt").images
+    high = stage_2(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative, generator=g,
+                   num_inference_steps=3, output_type="pt").images
+    theirs = run_reference(reference, "a red circle", 7, (4, 3), (7.0, 4.0), output_type="pt")
+    assert (high - theirs).abs().max() <= 1e-6
+    cascade = engine_pipe("a red circle", num_inference_steps=(4, 3), generator=generator(7), output_type="pt")
+    assert (high - cascade.images).abs().max() <= 1e-6  # the chain is the cascade
+    with pytest.raises(InvalidRequestError, match="without a text encoder.*prompt_embeds"):
+        stage_2("a red circle", image=low, num_inference_steps=2)
+    with pytest.raises(InvalidRequestError, match="negative_prompt_embeds"):
+        stage_2(image=low, prompt_embeds=embeds, num_inference_steps=2)
+    with pytest.raises(InvalidRequestError, match="upscales an image: pass image="):
+        stage_2(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2)
+    alone = stage_2.generate(image=(low / 2 + 0.5).clamp(0, 1), prompt_embeds=embeds, negative_prompt_embeds=negative,
+                             steps=2, seed=1, output_type="np")  # the engine's own call: [0, 1] images
+    assert alone.shape == (1, 32, 32, 3)
