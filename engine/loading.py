@@ -14,6 +14,7 @@ every config is checked before any weights are read; anything wrong raises Model
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -27,7 +28,7 @@ from engine.backends.attention import resolve_attention
 from engine.backends.fast_unet import resolve_fast
 from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import export_kind, is_exported
-from engine.model_dir import read_presets, read_stages, stage_dirs
+from engine.model_dir import read_presets, read_stages, stage_dirs, unet_text_width
 from engine.options import closest_name
 from engine.pipeline import Pipeline
 
@@ -69,7 +70,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def load(*paths: str | Path, backend: str | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, attention: str | None = None, providers=None,
          revision: str | None = None, variant: str | None = None, torch_dtype: str | torch.dtype | None = None,
-         fast: bool | None = None, **unknown) -> Pipeline:
+         fast: bool | None = None, text_encoder: bool = True, **unknown) -> Pipeline:
     """A Pipeline for a cascade on disk (stage dirs in order, a dir with cascade.json), hub ids of snapshots in
     the local Hugging Face cache, a packaged model name, or a directory exported by `python -m engine export`.
 
@@ -82,6 +83,8 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     revision: of hub ids, a branch, tag or commit in the local cache (default: main).
     attention (torch only): "triton" (our kernel; the default on CUDA when Triton is installed) or "sdpa".
     providers (onnxruntime only): ONNX Runtime execution providers; default CUDA when usable, else CPU.
+    text_encoder (torch only): False loads the first stage without its text encoder (diffusers' text_encoder=None),
+    to take prompt_embeds only; a stage directory without one is loaded so anyway.
     fast (torch only): the fast path (engine/executor.py, backends/fast_unet.py): static buffers, per-request
     text constants, compiled U-Nets cached across processes, CUDA graphs. None (default): on for CUDA, off for
     CPU (compiling costs about a minute per shape there, once); `pipe.warmup()` pays that cost up front.
@@ -113,12 +116,16 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
                                   f"with backend='{name}'")
     options = _backend_options(name, spec, {"attention": attention, "variant": variant, "fast": fast,
                                             "providers": providers})
+    if not text_encoder and spec.export_kind is not None:
+        raise InvalidRequestError(f"text_encoder=False applies to the torch backend only; the {name} backend runs "
+                                  "what the export holds")
     if spec.export_kind is None:
-        pipe = _load_model(paths, spec, device, dtype, revision, dict(options))
+        pipe = _load_model(paths, spec, device, dtype, revision, dict(options), text_encoder)
     else:
         pipe = _load_export(paths, exported, name, spec, device, dtype, revision, dict(options))
     # What pipe.to(device, dtype) loads again: the same model and options, on another device or in another dtype.
-    pipe.reload = functools.partial(load, *paths, backend=backend, revision=revision, **options)
+    pipe.reload = functools.partial(load, *paths, backend=backend, revision=revision, text_encoder=text_encoder,
+                                    **options)
     return pipe
 
 
@@ -132,7 +139,7 @@ def _backend_options(name: str, spec, given: dict) -> dict:
     return {option: value for option, value in given.items() if value is not None}
 
 
-def _load_model(paths, spec, device, dtype, revision, options: dict) -> Pipeline:
+def _load_model(paths, spec, device, dtype, revision, options: dict, text_encoder: bool = True) -> Pipeline:
     """A model-directory backend's pipeline (torch): every config checked before any weights are read."""
     device = resolve_device(device)
     if "attention" in spec.options:
@@ -142,6 +149,10 @@ def _load_model(paths, spec, device, dtype, revision, options: dict) -> Pipeline
     dtype = resolve_dtype(dtype, device)
     cascade = stage_dirs(paths, revision)
     specs = read_stages(cascade)
+    if not text_encoder and specs[0].text_dim is None:  # its T5 not loaded: prompt_embeds of its width only
+        if specs[0].kind == "latent_upscaler":
+            raise InvalidRequestError("text_encoder=False: the x4 upscaler encodes its prompts with its own CLIP")
+        specs[0] = dataclasses.replace(specs[0], text_dim=unet_text_width(specs[0].directory))
     components = spec.components_class()(device, dtype, **options)
     return build_pipeline(specs, components, source=cascade.source, notice=cascade.notice, presets=cascade.presets)
 

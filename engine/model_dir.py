@@ -196,6 +196,11 @@ def downsampling(block_out_channels) -> int:
     return 2 ** (len(block_out_channels) - 1)
 
 
+def unet_text_width(stage_dir: Path) -> int:
+    """The width of the text embeddings a stage directory's U-Net takes."""
+    return text_width(model_config(stage_dir / "unet", "UNet2DConditionModel", "U-Net config"))
+
+
 def text_width(unet_config: dict) -> int:
     """The width of the text embeddings a resolved U-Net config takes: encoder_hid_dim where the U-Net
     projects them (IF's text_proj), else cross_attention_dim."""

@@ -11,6 +11,7 @@ again, per-stage `.timings`. `Pipeline.run` takes a ready `GenerateRequest`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +23,10 @@ from engine.options import GenerateRequest, Preset, StageSettings, request_from_
 from engine.stage import Conditioning, Stage, StageRun, timed
 from engine.text import TextEncoder
 
+log = logging.getLogger(__name__)
 
-OFFLOAD_NOT_BUILT = ("{method}() is not built yet: the engine keeps every component on its device. Load on the "
+
+OFFLOAD_NOT_BUILT = ("{method}() is not built yet for GPUs: the engine keeps every component on its device. Load on the "
                      "GPU where the cascade fits (IF-I-XL, IF-II-L and T5-XXL in bfloat16 take about 24 GB), "
                      "or on the CPU (engine.load(..., device='cpu'))")
 
@@ -149,12 +152,26 @@ class Pipeline:
         return self
 
     def enable_model_cpu_offload(self, gpu_id=None, device="cuda") -> None:
-        """diffusers' offload (each model on the GPU only while it runs): not built yet; raises saying so."""
-        raise InvalidRequestError(OFFLOAD_NOT_BUILT.format(method="enable_model_cpu_offload"))
+        """diffusers' offload (each model on the GPU only while it runs). On a pipeline that runs on the CPU
+        there is nothing to offload, and nothing is done; on a GPU it is not built yet, and raises saying so."""
+        self._offload("enable_model_cpu_offload")
 
     def enable_sequential_cpu_offload(self, gpu_id=None, device="cuda") -> None:
-        """diffusers' submodule-by-submodule offload: not built yet; raises saying so."""
-        raise InvalidRequestError(OFFLOAD_NOT_BUILT.format(method="enable_sequential_cpu_offload"))
+        """diffusers' submodule-by-submodule offload: as enable_model_cpu_offload."""
+        self._offload("enable_sequential_cpu_offload")
+
+    def _offload(self, method: str) -> None:
+        if self.device.type != "cpu":
+            raise InvalidRequestError(OFFLOAD_NOT_BUILT.format(method=method))
+        log.info("%s(): this pipeline runs on the CPU, where its models already are: nothing to offload", method)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        """diffusers' switch to xformers' attention: nothing to do, the backend's attention is already fused
+        (engine.load(..., attention=)); kept so that code written for diffusers runs."""
+        log.info("enable_xformers_memory_efficient_attention(): attention is the backend's own; nothing to do")
+
+    # The components diffusers' IF pipelines carry and the engine does not run (model cards pass them on).
+    safety_checker = feature_extractor = watermarker = None
 
     def set_progress_bar_config(self, **tqdm_options) -> None:
         """The door's progress bars' tqdm options, as diffusers takes them (disable=True turns them off)."""

@@ -221,8 +221,11 @@ def test_to_moves_the_pipeline_in_place_as_diffusers_does(cascade_dir):
 
 
 @pytest.mark.parametrize("method", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
-def test_offload_not_built_yet_says_so_and_what_to_do(engine_pipe, method):
-    with pytest.raises(InvalidRequestError, match=f"{method}.. is not built yet.*device="):
+def test_offload_on_the_cpu_has_nothing_to_do_and_on_a_gpu_says_it_is_not_built(engine_pipe, method, monkeypatch):
+    getattr(engine_pipe, method)()  # the models are in host memory already
+    assert engine_pipe("a cat", num_inference_steps=(2, 2), generator=generator(0)).images
+    monkeypatch.setattr(engine_pipe, "device", torch.device("cuda"))  # as on a GPU (nothing runs here)
+    with pytest.raises(InvalidRequestError, match=f"{method}.. is not built yet for GPUs.*device="):
         getattr(engine_pipe, method)()
 
 
@@ -253,3 +256,41 @@ def test_a_super_resolution_stage_alone_chains_as_diffusers_pipelines_do(cascade
     alone = stage_2.generate(image=(low / 2 + 0.5).clamp(0, 1), prompt_embeds=embeds, negative_prompt_embeds=negative,
                              steps=2, seed=1, output_type="np")  # the engine's own call: [0, 1] images
     assert alone.shape == (1, 32, 32, 3)
+
+
+def test_deepfloyds_model_card_runs_with_its_imports_changed(three_stage_dir, tmp_path):
+    """examples/deepfloyd_model_card.py (the card's code, imports changed) on tiny weights published in a
+    Hugging Face cache tree: three pipelines chained with one generator give the three-stage cascade's images."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from engine.testing.published_layouts import publish_if_cascade, publish_x4_upscaler, write_hub_cache
+
+    published = tmp_path / "published"
+    shutil.copytree(three_stage_dir, published)
+    publish_if_cascade(published)
+    publish_x4_upscaler(published / "stage_III")
+    cache = tmp_path / "hub"
+    for repo, stage in (("DeepFloyd/IF-I-XL-v1.0", "stage_I"), ("DeepFloyd/IF-II-L-v1.0", "stage_II"),
+                        ("stabilityai/stable-diffusion-x4-upscaler", "stage_III")):
+        write_hub_cache(cache, repo, published / stage)
+    script = Path(__file__).resolve().parents[1] / "examples" / "deepfloyd_model_card.py"
+    run = tmp_path / "run"
+    run.mkdir()
+    done = subprocess.run([sys.executable, str(script)], cwd=run, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    sizes = [Image.open(run / f"if_stage_{n}.png").size for n in ("I", "II", "III")]
+    assert sizes == [(16, 16), (32, 32), (128, 128)]
+    with pytest.warns(UserWarning, match="float16 on CPU"):
+        cascade = engine.load(published, torch_dtype=torch.float16)
+    prompt = ('a photo of a kangaroo wearing an orange hoodie and blue sunglasses standing in front of the eiffel '
+              'tower holding a sign that says "very deep learning"')
+    ours = cascade(prompt, generator=torch.manual_seed(0), noise_level=(250, 100), output_type="np").images[0]
+    chained = np.asarray(Image.open(run / "if_stage_III.png").convert("RGB"), dtype=np.int16)
+    assert np.abs(chained - np.round(ours * 255).astype(np.int16)).max() <= 1
