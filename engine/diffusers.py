@@ -13,6 +13,7 @@ stages chained as the model card chains them, with one generator, give the casca
 from __future__ import annotations
 
 from engine.errors import InvalidRequestError
+from engine.images import from_model_range
 from engine.loading import load
 from engine.pipeline import Pipeline
 
@@ -65,6 +66,4 @@ class StableDiffusionUpscalePipeline(DiffusionPipeline):
 
 def pt_to_pil(images):
     """diffusers.utils.pt_to_pil: IF's output_type="pt" images (B, 3, H, W), about [-1, 1], as PIL images."""
-    from engine.images import from_model_range
-
     return from_model_range(images, "pil")
