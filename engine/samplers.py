@@ -175,26 +175,26 @@ class DDPMSampler(_Sampler):
         super().__init__(cfg, ts, device)
         variance_type = cfg["variance_type"]
         self.learned_range = variance_type == "learned_range"
-        # Each step's constants as diffusers' DDPMScheduler.step and _get_variance compute them, op for op on
-        # float32 scalars (`** 0.5`, not sqrt; the same order): the same bits as theirs. Computed in float64
-        # and rounded once, they differed in the last bit, and a few ulps a step added up to 2-4e-5 over a
-        # 27 + 27-step cascade (README, "Reproducibility"; tests/test_parity_seeds.py).
-        acp, one = self.schedule.alphas_cumprod, torch.tensor(1.0)  # (T,) float32, as diffusers keeps it
-        columns = []
-        for t, prev in zip(ts, [*ts[1:], -1]):
-            a_t = acp[t]
-            a_prev = acp[prev] if prev >= 0 else one
-            beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
-            alpha = a_t / a_prev
-            beta = 1 - alpha  # the step's own beta between t and t'
-            var = torch.clamp((1 - a_prev) / (1 - a_t) * beta, min=1e-20)  # posterior variance, clamped as theirs
-            columns.append([a_t ** 0.5, beta_prod_t ** 0.5, (a_prev ** 0.5 * beta) / beta_prod_t,
-                            alpha ** 0.5 * beta_prod_prev / beta_prod_t,
-                            torch.log(var), torch.log(beta),  # learned range: log-variance between these two
-                            (beta if variance_type == "fixed_large" else var) ** 0.5])
-        tables = torch.stack([torch.stack(row) for row in columns]).to(device)  # (steps, 7) float32
-        (self.sqrt_alpha, self.sqrt_one_minus_alpha, self.coef_x0, self.coef_xt, self.min_log, self.max_log,
-         self.fixed_std) = (tables[:, k].contiguous() for k in range(7))
+        # Each step's constants as diffusers' DDPMScheduler.step and _get_variance compute them: float32, op for op
+        # in their order (`** 0.5`, not sqrt), here over every step at once (elementwise, so the same bits as
+        # their one step at a time; checked over 2..250 steps). Computed in float64 and rounded once, they
+        # differed in the last bit, and a few ulps a step added up to 2-4e-5 over a 27 + 27-step cascade
+        # (README, "Reproducibility"; tests/test_parity_seeds.py).
+        acp = self.schedule.alphas_cumprod  # (T,) float32, as diffusers keeps it
+        prev = torch.tensor([*ts[1:], -1])
+        a_t = acp[torch.tensor(ts)]
+        a_prev = torch.where(prev >= 0, acp[prev.clamp(min=0)], torch.ones(()))  # t' past the end: alpha 1
+        beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
+        alpha = a_t / a_prev
+        beta = 1 - alpha  # the step's own beta between t and t'
+        var = torch.clamp((1 - a_prev) / (1 - a_t) * beta, min=1e-20)  # posterior variance, clamped as theirs
+        self.sqrt_alpha = (a_t ** 0.5).to(device)
+        self.sqrt_one_minus_alpha = (beta_prod_t ** 0.5).to(device)
+        self.coef_x0 = ((a_prev ** 0.5 * beta) / beta_prod_t).to(device)
+        self.coef_xt = (alpha ** 0.5 * beta_prod_prev / beta_prod_t).to(device)
+        self.min_log = torch.log(var).to(device)  # learned range: log-variance between these two
+        self.max_log = torch.log(beta).to(device)
+        self.fixed_std = ((beta if variance_type == "fixed_large" else var) ** 0.5).to(device)
         self.noise_steps = [t > 0 for t in ts]
 
     def step(self, i, eps, variance, sample, noise):
