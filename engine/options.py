@@ -103,6 +103,11 @@ class StageSettings:
     # half alone runs, at half the U-Net rows.
     guidance_interval: tuple[int, int] | None = None
 
+    @property
+    def steps(self) -> int:
+        """How many denoising steps: the count, or the explicit list's length."""
+        return self.timesteps if isinstance(self.timesteps, int) else len(self.timesteps)
+
     def guided_at(self, timestep: int) -> bool:
         """Whether the step at `timestep` runs classifier-free guidance (guidance > 1 and inside the interval)."""
         if self.guidance <= 1.0:

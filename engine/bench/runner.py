@@ -170,10 +170,6 @@ def _finite(out) -> bool | None:
     return None
 
 
-def _steps_count(timesteps) -> int:
-    return timesteps if isinstance(timesteps, int) else len(timesteps)
-
-
 def bench_cascade(session: Session) -> list[Row]:
     """Our Pipeline on a cascade: U-Net step per stage side by side, then whole requests (text, stages, total)."""
 
@@ -216,10 +212,10 @@ def bench_cascade(session: Session) -> list[Row]:
     if ort_pipe is not None:
         calls["onnxruntime"] = lambda: ort_pipe.run(request).images
     text_flops = count_flops(lambda: pipe.text.encode(request.prompts))
-    stage_flops = {s.name: step_flops[s.name] * _steps_count(st.timesteps)
+    stage_flops = {s.name: step_flops[s.name] * st.steps
                    for s, st in zip(pipe.stages, settings, strict=True)}
     total_flops = text_flops + sum(stage_flops.values())
-    steps = "+".join(str(_steps_count(st.timesteps)) for st in settings)
+    steps = "+".join(str(st.steps) for st in settings)
     cascade_rows = session.time_variants(f"whole cascade ({steps} steps, {pipe.image_size} px)", calls,
                                          opts.batch, opts.batch, dtype, total_flops, "counted")
     if "ours" not in session.compare:
@@ -229,7 +225,7 @@ def bench_cascade(session: Session) -> list[Row]:
     # `timings`; on CUDA the peak-memory call comes after).
     timed = timings[1 + opts.warmup:1 + opts.warmup + opts.iters]
     sub = [("text", "text encoder", text_flops, pipe.text.model.dtype)]
-    sub += [(s.name, f"{s.name} ({_steps_count(st.timesteps)} steps, {size} px)", stage_flops[s.name], dtype)
+    sub += [(s.name, f"{s.name} ({st.steps} steps, {size} px)", stage_flops[s.name], dtype)
             for s, st, size in zip(pipe.stages, settings, pipe.output_sizes(), strict=True)]
     for key, name, flops, sub_dtype in sub:
         rows.append(Row(name, "ours", opts.batch, opts.batch, str(sub_dtype).removeprefix("torch."),

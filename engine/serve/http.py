@@ -92,7 +92,7 @@ class Service:
             self.pipeline = self.load()
             self.model_name = self.model_name or self.pipeline.source
             defaults = self.pipeline.settings(GenerateRequest("limits"))  # each stage's default settings
-            self.limits = self.limits.for_model([_steps(s) for s in defaults], self.pipeline.image_size,
+            self.limits = self.limits.for_model([s.steps for s in defaults], self.pipeline.image_size,
                                                 self.max_batch)
             if self.warmup:
                 self.warmup_seconds = warm_up(self.pipeline, self.max_batch)
@@ -281,8 +281,8 @@ def check_cost(request: GenerateRequest, pipeline, limits: Limits) -> None:
     """InvalidRequestError naming the field where the request asks more than the limits allow (steps in any
     stage, images, pixels), before any model work; the limits as Limits.for_model filled them."""
     for stage, settings in zip(pipeline.stages, pipeline.settings(request)):
-        if _steps(settings) > limits.max_steps:
-            raise InvalidRequestError(f"steps asks for {_steps(settings)} steps of {stage.name}; this service takes at "
+        if settings.steps > limits.max_steps:
+            raise InvalidRequestError(f"steps asks for {settings.steps} steps of {stage.name}; this service takes at "
                                       f"most {limits.max_steps} per stage (--max-steps)")
     images = request.batch_size * request.num_images_per_prompt
     if images > limits.max_images:
@@ -294,11 +294,6 @@ def check_cost(request: GenerateRequest, pipeline, limits: Limits) -> None:
         raise InvalidRequestError(f"n asks for {images} images of {size}x{size}, {images * size * size} pixels; this "
                                   f"service takes at most {limits.max_pixels_per_request} per request "
                                   "(--max-pixels-per-request)")
-
-
-def _steps(settings) -> int:
-    """A stage's step count: its timesteps are a count or an explicit list."""
-    return settings.timesteps if isinstance(settings.timesteps, int) else len(settings.timesteps)
 
 
 def _metrics(service: Service):
