@@ -275,10 +275,14 @@ def append(manifest, entries: list[dict]) -> None:
 
 
 def sort_manifest(out: Path) -> None:
-    """Rewrite the manifest in row order (image order within a row), atomically."""
+    """Rewrite the manifest in row order (image order within a row)."""
+    entries = [json.loads(line) for line in (out / MANIFEST).read_text(encoding="utf-8").splitlines()]
+    _rewrite_manifest(out, sorted(entries, key=lambda e: (e["row"], e["image"])))
+
+
+def _rewrite_manifest(out: Path, entries: list[dict]) -> None:
+    """The manifest replaced by `entries`, atomically (a temporary beside it, then a rename)."""
     path = out / MANIFEST
-    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    entries.sort(key=lambda e: (e["row"], e["image"]))
     temporary = path.with_name(f".{MANIFEST}.partial")
     temporary.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
     os.replace(temporary, path)
@@ -348,10 +352,7 @@ def _resume(out: Path, rows: list[Row]) -> tuple[dict[int, list[dict]], dict[int
             done[line] = [latest[k] for k in sorted(latest)]
     _keep_seeds(out, current, {line: seed for line, seed in seeds.items()
                                if line not in done and kept_seeds.get(line) != seed})
-    kept = [json.dumps(e) for line in sorted(done) for e in done[line]]
-    temporary = path.with_name(f".{MANIFEST}.partial")
-    temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(temporary, path)
+    _rewrite_manifest(out, [e for line in sorted(done) for e in done[line]])
     return done, seeds
 
 

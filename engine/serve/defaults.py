@@ -59,15 +59,19 @@ class Limits:
                 values[field_.name] = value
         return cls(**values)
 
+    def check(self, max_batch: int) -> None:
+        """InvalidRequestError for limits that cannot hold with max_batch, before any model is loaded: max_images
+        above it (the scheduler makes one request's images in one call)."""
+        if self.max_images is not None and self.max_images > max_batch:
+            raise InvalidRequestError(f"max_images ({self.max_images}) cannot exceed max_batch ({max_batch}): one "
+                                      "request's images run in one U-Net call; raise --max-batch too")
+
     def for_model(self, default_steps: list[int], image_size: int | None, max_batch: int) -> "Limits":
         """These limits with the model-dependent ones that are unset filled in (see MAX_STEPS_FACTOR), for a
         model whose stages take `default_steps` by default and whose images are `image_size` pixels a side
-        (None: the input image decides). InvalidRequestError for max_images above max_batch (the scheduler
-        makes one request's images in one call)."""
+        (None: the input image decides); InvalidRequestError as check() gives it."""
+        self.check(max_batch)
         max_images = self.max_images or max_batch
-        if max_images > max_batch:
-            raise InvalidRequestError(f"max_images ({max_images}) cannot exceed max_batch ({max_batch}): one "
-                                      "request's images run in one U-Net call; raise --max-batch too")
         pixels = self.max_pixels_per_request
         if pixels is None and image_size is not None:
             pixels = max_images * image_size * image_size

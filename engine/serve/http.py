@@ -139,7 +139,7 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     if policy not in POLICIES:
         raise InvalidRequestError(f"unknown batching policy {policy!r}; choose one of {', '.join(POLICIES)}")
     limits = limits or Limits.from_environment()
-    limits.for_model([1], None, max_batch)  # what can be checked before the model is loaded (max_images)
+    limits.check(max_batch)  # before the model loads
     service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits, tuple(api_keys), model_name)
 
     @contextlib.asynccontextmanager
