@@ -57,12 +57,13 @@ WARMUP_STEPS = 2  # calls run on a side stream before a capture (lazy initialisa
 _POOLS: dict[torch.device, object] = {}  # one CUDA graph memory pool per device
 
 
-def progress_bar(steps: int, name: str, progress: bool | dict):
-    """range(steps) behind a tqdm bar named for the stage: progress is whether to show it, or tqdm's options."""
+def progress_bar(first: int, steps: int, name: str, progress: bool | dict):
+    """range(first, steps) behind a tqdm bar named for the stage: progress is whether to show it, or tqdm's
+    options."""
     options = {"desc": name, "leave": False, "disable": not progress}
     if isinstance(progress, dict):
         options.update({"disable": False, **progress})
-    return tqdm(range(steps), **options)
+    return tqdm(range(first, steps), **options)
 
 
 def bucket(rows: int) -> int:
@@ -88,6 +89,12 @@ def update(stage, sampler, index, out: torch.Tensor, guidance, x: torch.Tensor, 
     device-side counter)."""
     eps, variance = stage._guide(out, guidance)
     return sampler.step(index, eps, variance, x, noise)
+
+
+def keep_masked(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """An inpainting step's result: `after` where the mask (B, 1, h, w) redraws, `before` where it keeps, as
+    diffusers' `(1 - mask) * prev + mask * new` (exact for a 0/1 mask and finite values)."""
+    return (1 - mask) * before + mask * after
 
 
 def _capture(device: torch.device, call, warm=None) -> torch.cuda.CUDAGraph:
@@ -135,7 +142,7 @@ class StageExecutor:
             runner.load(run)
             runner.denoise(run, progress, on_step)
             return
-        for step in progress_bar(run.steps, name, progress):
+        for step in progress_bar(run.step, run.steps, name, progress):
             (out,) = self.forward([run])
             run.advance(out)
             if on_step is not None:
@@ -288,6 +295,8 @@ class StepRunner:
         self.embeddings = torch.empty((rows, *run.cond.shape[1:]), dtype=run.cond.dtype, device=device)
         self.class_labels = None if run.class_labels is None else torch.empty(rows, dtype=torch.int64, device=device)
         self.noise = torch.zeros((run.steps, *run.x.shape), device=device)
+        # An inpainting run's mask (B, 1, H, W): the steps keep x where it is 0 (stage.keep_masked)
+        self.mask = None if run.mask is None else torch.zeros_like(run.mask)
         self.index = torch.zeros(1, dtype=torch.int64, device=device)
         self.guidance = torch.zeros(1, device=device)
         self.values: dict[str, torch.Tensor] | None = None  # the U-Net's text constants, made by the first load
@@ -297,7 +306,8 @@ class StepRunner:
     def key(run) -> tuple:
         """What a runner is made for: runs with the same key share one."""
         return (tuple(run.x.shape), run.low_res is not None, run.pair is not None, tuple(run.cond.shape[1:]),
-                type(run.sampler).__name__, json.dumps(run.sampler.config, sort_keys=True, default=str), run.steps)
+                type(run.sampler).__name__, json.dumps(run.sampler.config, sort_keys=True, default=str), run.steps,
+                run.mask is not None)
 
     @torch.inference_mode()
     def load(self, run) -> None:
@@ -314,6 +324,8 @@ class StepRunner:
                 self.noise[step].zero_()
             else:
                 self.noise[step].copy_(noise)
+        if self.mask is not None:
+            self.mask.copy_(run.mask)
         if run.sampler is not self.sampler:
             self.sampler.load(run.sampler)
         values = self.unet.text_constants(embeddings)
@@ -322,7 +334,7 @@ class StepRunner:
         else:
             for name, value in values.items():
                 self.values[name].copy_(value)
-        self.index.zero_()
+        self.index.fill_(run.step)  # 0, or an edit's first step
         self.guidance.fill_(run.settings.guidance)
 
     def step(self, guided: bool) -> None:
@@ -334,15 +346,15 @@ class StepRunner:
         labels = None if self.class_labels is None else self.class_labels[-rows:]
         out = self.unet(model_in, timestep, self.embeddings[-rows:], labels, self.values).float()
         noise = self.noise.index_select(0, self.index)[0]  # (B, C, H, W)
-        self.x.copy_(update(self.stage, self.sampler, self.index, out, self.guidance if guided else None,
-                            self.x, noise))
+        x = update(self.stage, self.sampler, self.index, out, self.guidance if guided else None, self.x, noise)
+        self.x.copy_(x if self.mask is None else keep_masked(self.x, x, self.mask))
         self.index.add_(1)
 
     @torch.inference_mode()
     def denoise(self, run, progress: bool = False, on_step=None) -> None:
         """Step a loaded run to its end; its x becomes the result (a copy: the buffers serve the next run)."""
         captured = self.stage.device.type == "cuda"
-        for step in progress_bar(self.steps, self.stage.name, progress):
+        for step in progress_bar(run.step, self.steps, self.stage.name, progress):
             guided = run.guided_steps[step]
             if captured:
                 self._graph(guided).replay()

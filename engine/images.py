@@ -1,8 +1,16 @@
 """Images in and out of the cascade: the user's [0, 1] pictures <-> the models' [-1, 1] tensors.
 
-Input (`image=` of a request, for a cascade that starts with an upscaler): a PIL image, a list of them, or a
-float array/tensor in [0, 1], (H, W, 3) / (B, H, W, 3) for numpy as `output_type="np"` returns, (3, H, W) /
-(B, 3, H, W) for torch as `output_type="pt"` returns. So an engine's output can be fed straight back in.
+Input (`image=` of a request: the picture to edit, or to upscale for a cascade that starts with an upscaler): a
+PIL image, a list of them, or a float array/tensor in [0, 1], (H, W, 3) / (B, H, W, 3) for numpy as
+`output_type="np"` returns, (3, H, W) / (B, 3, H, W) for torch as `output_type="pt"` returns. So an engine's
+output can be fed straight back in.
+
+Edits (image-to-image and inpainting, `EditInput`) size the picture and its mask for each stage as diffusers'
+IF edit pipelines do: PIL images are resized with PIL's bicubic filter so that the short side is the stage's
+size and the long side a multiple of 8 (`edit_size`), then scaled by `/ 127.5 - 1`; a mask (white = redraw) is
+made grey, resized the same way and thresholded at 0.5. Arrays and tensors are resized with torch's
+antialiased bicubic (masks bilinear) where they are not already that size: diffusers takes them only at the
+size the stage runs at, and then the two agree exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from engine.errors import InvalidRequestError
@@ -56,6 +65,108 @@ def to_model_range(image) -> torch.Tensor:
     if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
         raise InvalidRequestError("image values must be finite and in [0, 1] (as output_type 'np' and 'pt' give)")
     return tensor.contiguous() * 2 - 1
+
+
+def edit_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) diffusers' IF edit pipelines resize a picture to for a stage of `side` pixels: the short
+    side becomes `side`, the long side keeps the aspect, rounded (half to even, Python's round) to a multiple of 8."""
+    ratio = width / height
+    if ratio >= 1:
+        return int(round(side / 8 * ratio) * 8), side
+    return side, int(round(side / 8 / ratio) * 8)
+
+
+@dataclass(frozen=True)
+class EditInput:
+    """The picture(s) to edit and the mask(s), as the request gave them (1 or one per prompt), checked; sized
+    for each stage by `at`."""
+
+    images: list | torch.Tensor  # PIL images, or (B, 3, H, W) float32 in [-1, 1]
+    masks: list | torch.Tensor | None  # PIL images, or (B, 1, H, W) float32 in [0, 1]; None: image-to-image
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the picture as given."""
+        if isinstance(self.images, list):
+            return self.images[0].size
+        return self.images.shape[-1], self.images.shape[-2]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def at(self, side: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pictures (B, 3, h, w) float32 in [-1, 1] and masks (B, 1, h, w) of 0. and 1. (or None) for a
+        stage of `side` pixels (module docstring), (h, w) from edit_size."""
+        width, height = edit_size(*self.size, side)
+        if isinstance(self.images, list):
+            image = torch.from_numpy(np.stack([
+                np.asarray(_resized(i.convert("RGB"), width, height), dtype=np.float32) / 127.5 - 1
+                for i in self.images])).permute(0, 3, 1, 2).contiguous()
+        else:
+            image = _interpolated(self.images, height, width, "bicubic")
+        if self.masks is None:
+            return image, None
+        if isinstance(self.masks, list):
+            mask = torch.from_numpy(np.stack([
+                np.asarray(_resized(m.convert("L"), width, height), dtype=np.float32)[None] / 255.0
+                for m in self.masks]))
+        else:
+            mask = _interpolated(self.masks, height, width, "bilinear")
+        return image, (mask >= 0.5).float()
+
+
+def _resized(image: Image.Image, width: int, height: int) -> Image.Image:
+    return image.resize((width, height), resample=Image.Resampling.BICUBIC, reducing_gap=None)
+
+
+def _interpolated(tensor: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    if tuple(tensor.shape[-2:]) == (height, width):
+        return tensor
+    return F.interpolate(tensor, (height, width), mode=mode, antialias=True, align_corners=False)
+
+
+def edit_input(image, mask) -> EditInput:
+    """An EditInput from a request's image= and mask_image= (mask None: image-to-image); InvalidRequestError for
+    forms, values or sizes that cannot work, naming the field."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image):
+        to_model_range(list(image))  # the same checks as any input image (one size, ...)
+        images = list(image)
+    else:
+        images = to_model_range(image)
+    edit = EditInput(images, None)
+    if mask is None:
+        return edit
+    masks = _masks(mask)
+    size = masks[0].size if isinstance(masks, list) else (masks.shape[-1], masks.shape[-2])
+    if size != edit.size:
+        raise InvalidRequestError(f"mask_image is {size[0]}x{size[1]} but image is {edit.size[0]}x{edit.size[1]}: "
+                                  "give a mask the size of the picture (white where it is redrawn)")
+    return EditInput(images, masks)
+
+
+def _masks(mask) -> list | torch.Tensor:
+    """A mask as given: PIL images (any mode, made grey), or [0, 1] arrays/tensors (H, W), (B, H, W) or
+    (B, 1, H, W) as (B, 1, H, W) float32."""
+    if isinstance(mask, Image.Image):
+        mask = [mask]
+    if isinstance(mask, (list, tuple)) and mask and all(isinstance(m, Image.Image) for m in mask):
+        if len({m.size for m in mask}) != 1:
+            raise InvalidRequestError(f"mask_image: masks must share one size, got {sorted({m.size for m in mask})}")
+        return list(mask)
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+    if not isinstance(mask, torch.Tensor):
+        raise InvalidRequestError(f"mask_image must be a PIL image, a list of them, a numpy array or a torch tensor, "
+                                  f"got {type(mask).__name__}")
+    tensor = mask.detach().float().cpu()
+    tensor = {2: lambda t: t[None, None], 3: lambda t: t[:, None], 4: lambda t: t}.get(tensor.dim(), lambda t: t)(tensor)
+    if tensor.dim() != 4 or tensor.shape[1] != 1:
+        raise InvalidRequestError(f"mask_image must be (H, W), (B, H, W) or (B, 1, H, W), got {tuple(mask.shape)}")
+    if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
+        raise InvalidRequestError("mask_image values must be finite and in [0, 1] (1, white: redraw)")
+    return tensor.contiguous()
 
 
 def from_model_range(image: torch.Tensor, output_type: str):

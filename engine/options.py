@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 
 from engine.errors import InvalidRequestError
-from engine.images import to_model_range
+from engine.images import edit_input, to_model_range
 from engine.samplers import SAMPLERS
 from engine.schedules import NAMED_SCHEDULES, named_timesteps
 
@@ -102,11 +102,20 @@ class StageSettings:
     # Guidance only at steps whose timestep t has lo <= t < hi (None: every step); elsewhere the conditional
     # half alone runs, at half the U-Net rows.
     guidance_interval: tuple[int, int] | None = None
+    strength: float | None = None  # an edit's: how much of the schedule runs on the noised picture; None: none
 
     @property
     def steps(self) -> int:
         """How many denoising steps: the count, or the explicit list's length."""
         return self.timesteps if isinstance(self.timesteps, int) else len(self.timesteps)
+
+    @property
+    def first_step(self) -> int:
+        """The step an edit starts at, as diffusers' get_timesteps: the last int(steps x strength) steps run
+        (the first of them noises the picture); 0 when the stage is not editing."""
+        if self.strength is None:
+            return 0
+        return self.steps - min(int(self.steps * self.strength), self.steps)
 
     def guided_at(self, timestep: int) -> bool:
         """Whether the step at `timestep` runs classifier-free guidance (guidance > 1 and inside the interval)."""
@@ -145,7 +154,16 @@ class GenerateRequest:
     scheduler: str | None = None
     preset: str | None = None  # one of the model's named presets (Pipeline.presets): its settings under these
     output_type: str = "pil"
-    image: object = None  # the image to upscale, for a cascade that starts with an upscaler (engine/images.py)
+    # The picture to edit (a cascade that starts with a base stage), or to upscale (one that starts with an
+    # upscaler); engine/images.py lists the forms.
+    image: object = None
+    mask_image: object = None  # inpainting: white (1) where the picture is redrawn; needs the picture to edit
+    # The picture to edit for a cascade that starts with a super-resolution stage, as diffusers' IF
+    # super-resolution edit pipelines take it (image= is then the low-res input).
+    original_image: object = None
+    # Edits: how far into the schedule the picture is noised, in (0, 1]: one value, or one per stage (None for
+    # a stage's default: diffusers' 0.7 for a base stage, 1.0 inpainting, 0.8 for super-resolution).
+    strength: float | tuple[float | None, ...] | None = None
     prompt_embeds: object = None  # (B, L, D) text embeddings instead of prompt (e.g. cached T5 outputs)
     negative_prompt_embeds: object = None  # (B, L, D) instead of negative_prompt; needs prompt_embeds
 
@@ -178,6 +196,14 @@ class GenerateRequest:
             raise InvalidRequestError(f"preset must be a preset's name, got {self.preset!r}")
         if self.image is not None:
             to_model_range(self.image)  # refuses a bad image now, before any model work
+        for value in _values(self.strength):
+            _check_strength(value)
+        edited = self.original_image if self.original_image is not None else self.image
+        if edited is None and (self.mask_image is not None or self.strength is not None):
+            raise InvalidRequestError(f"{'mask_image' if self.mask_image is not None else 'strength'} is for edits: "
+                                      "give image= too, the picture to edit")
+        if self.mask_image is not None or self.original_image is not None:
+            edit_input(edited, self.mask_image)  # a bad mask or a size mismatch is refused now
         if self.output_type not in OUTPUT_TYPES:
             raise InvalidRequestError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
 
@@ -244,9 +270,29 @@ class GenerateRequest:
         return settings
 
 
+# diffusers' IF edit pipelines' default strength, by stage kind and whether a mask is given: IFImg2ImgPipeline
+# 0.7, IFInpaintingPipeline 1.0, their super-resolution variants 0.8. An x4 upscaler does not edit: it upscales
+# what the stages before it made, as diffusers' model card chains it.
+DEFAULT_STRENGTH = {("base", False): 0.7, ("base", True): 1.0,
+                    ("super_resolution", False): 0.8, ("super_resolution", True): 0.8}
+
+
+def edit_strengths(strength, kinds: Sequence[str], masked: bool) -> list[float | None]:
+    """Each stage's strength in an edit (None for a stage that does not edit): `strength` is one value, or one
+    per editing stage (base and super-resolution), None for its default (DEFAULT_STRENGTH)."""
+    editing = [(kind, masked) in DEFAULT_STRENGTH for kind in kinds]
+    given = iter(_spread(strength, sum(editing), "strength", what="stages that edit (base and super-resolution)"))
+    out = []
+    for kind, edits in zip(kinds, editing):
+        value = next(given) if edits else None
+        out.append(None if not edits else DEFAULT_STRENGTH[kind, masked] if value is None else float(value))
+    return out
+
+
 def request_defaults() -> dict[str, object]:
     """Field name -> default, for the CLI (so defaults are written once, here)."""
-    return {f.name: f.default for f in fields(GenerateRequest) if f.name not in ("prompt", "image")}
+    return {f.name: f.default for f in fields(GenerateRequest)
+            if f.name not in ("prompt", "image", "mask_image", "original_image")}
 
 
 def fresh_seed() -> int:
@@ -404,6 +450,12 @@ def _check_scheduler(name) -> None:
     if name is not None and name not in SAMPLERS:
         raise InvalidRequestError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)} "
                                   "(or leave it unset to use each stage's own scheduler config)")
+
+
+def _check_strength(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value <= 1:
+        raise InvalidRequestError(f"strength must be a number in (0, 1] (how much of the schedule redraws the "
+                                  f"picture: 1 is all of it), got {value!r}")
 
 
 def _check_interval(value) -> None:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from engine.errors import InvalidRequestError
 from engine.executor import bucket
-from engine.images import ModelRange, from_model_range, to_model_range
-from engine.options import GenerateRequest, Preset, StageSettings, request_from_call
-from engine.stage import Conditioning, Stage, StageRun, timed
+from engine.images import EditInput, ModelRange, edit_input, edit_size, from_model_range, to_model_range
+from engine.options import GenerateRequest, Preset, StageSettings, edit_strengths, request_from_call
+from engine.stage import Conditioning, Edit, Stage, StageRun, timed
 from engine.text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,13 @@ class Pipeline:
         (set_progress_bar_config), and output_type="pt" gives an IF stage's output unscaled, in about [-1, 1]
         (an x4 upscaler's in [0, 1], as StableDiffusionUpscalePipeline's), and image= takes such tensors back:
         stage_2(image=stage_1(..., output_type="pt").images, ...), as the DeepFloyd model card chains them."""
-        image = options.get("image")
-        if isinstance(image, torch.Tensor) and (self.stages[0].kind == "super_resolution" or image.min() < 0):
-            # diffusers' convention for image tensors: an IF super-resolution stage takes the previous stage's
-            # output as it is, in about [-1, 1] (unclamped); the x4 upscaler takes [0, 1], or [-1, 1] where a
-            # value is negative. The engine's own calls take [0, 1].
-            options = {**options, "image": ModelRange(image)}
+        for name in ("image", "original_image"):
+            image = options.get(name)
+            if isinstance(image, torch.Tensor) and (self.stages[0].kind != "latent_upscaler" or image.min() < 0):
+                # diffusers' convention for image tensors: IF stages take them in [-1, 1] as they are (a
+                # super-resolution stage the previous stage's output, unclamped); the x4 upscaler takes [0, 1],
+                # or [-1, 1] where a value is negative. The engine's own calls take [0, 1].
+                options = {**options, name: ModelRange(image)}
         request = request_from_call(prompt, options)
         generation = self.run(request, progress={"leave": False, **self.progress_bar_config}, on_step=on_step)
         if request.output_type == "pt" and self.stages[-1].kind != "latent_upscaler":
@@ -266,8 +267,15 @@ class Pipeline:
     def settings(self, request: GenerateRequest) -> list[StageSettings]:
         """The request's settings for each stage, checked against each stage's model (before any model work)."""
         settings = request.per_stage(self.stage_defaults(request.preset))
+        if self.edited_image(request) is not None:
+            strengths = edit_strengths(request.strength, [s.kind for s in self.stages], request.mask_image is not None)
+            settings = [replace(s, strength=strength) for s, strength in zip(settings, strengths)]
         for stage, stage_settings in zip(self.stages, settings):
             stage.validate(stage_settings)
+            if stage_settings.first_step == stage_settings.steps:
+                raise InvalidRequestError(
+                    f"strength {stage_settings.strength} of {stage.name}'s {stage_settings.steps} steps runs none "
+                    f"(int(steps x strength) = 0): raise the strength or the steps")
         self._check_embeddings(request)
         return settings
 
@@ -315,13 +323,44 @@ class Pipeline:
             raise InvalidRequestError(f"prompt_embeds are {width} wide but this model's text encoder gives "
                                       f"{self.text.dim}: embeddings from another model?")
 
+    def edited_image(self, request: GenerateRequest):
+        """The picture a request edits, as given (None: not an edit): image= for a cascade that starts with a base
+        stage, original_image= for one that starts with a super-resolution stage (as diffusers' IF
+        super-resolution edit pipelines take it); an x4 upscaler does not edit."""
+        first = self.stages[0]
+        if request.original_image is not None and first.kind != "super_resolution":
+            what = "image= is the picture to edit" if first.kind == "base" else "it upscales, and does not edit"
+            raise InvalidRequestError(f"original_image= is for a cascade that starts with a super-resolution stage; "
+                                      f"this one starts with {first.name} ({first.kind}): {what}")
+        edited = request.image if first.kind == "base" else request.original_image
+        if edited is None and (request.mask_image is not None or request.strength is not None):
+            field = "mask_image" if request.mask_image is not None else "strength"
+            raise InvalidRequestError(f"{field} is for edits: give the picture to edit too (original_image=, as "
+                                      f"{first.name} ({first.kind}) takes image= as its low-res input)")
+        return edited
+
+    def edit_input(self, request: GenerateRequest, settings: list[StageSettings]) -> EditInput | None:
+        """The request's edit (its picture and mask, checked: 1 or one per prompt, sizes each stage with
+        `settings` can take), or None."""
+        edited = self.edited_image(request)
+        if edited is None:
+            return None
+        edit = edit_input(edited, request.mask_image)
+        for name, parts in (("image", edit.images), ("mask_image", edit.masks)):
+            if parts is not None and len(parts) not in (1, request.batch_size):
+                raise InvalidRequestError(f"got {len(parts)} {name}s for {request.batch_size} prompts: give one, "
+                                          "or one per prompt")
+        for stage, stage_settings in zip(self.stages, settings):
+            if stage_settings.strength is not None:
+                width, height = edit_size(*edit.size, stage.size)
+                stage.validate_edit_size((height, width))
+        return edit
+
     def input_image(self, request: GenerateRequest) -> torch.Tensor | None:
-        """The request's image, (B * n, 3, H, W) in [-1, 1] on the device, for a cascade that starts with an upscaler."""
+        """The request's image, (B * n, 3, H, W) in [-1, 1] on the device, for a cascade that starts with an
+        upscaler (None for one that starts with a base stage: there image= is the picture to edit)."""
         first = self.stages[0]
         if first.kind == "base":
-            if request.image is not None:
-                raise InvalidRequestError(f"{first.name} is a base stage, which starts from noise: image= is for "
-                                          "cascades that start with an upscaler")
             return None
         if request.image is None:
             raise InvalidRequestError(f"{first.name} ({first.kind}) upscales an image: pass image= (a PIL image, "
@@ -380,6 +419,7 @@ class CascadeRun:
         self.request = request
         self.settings = pipeline.settings(request)
         self.image = pipeline.input_image(request)  # the previous stage's output, or the request's own image
+        self.edit = pipeline.edit_input(request, self.settings)  # the picture to edit and its mask, or None
         self.index = 0  # the stage it is in, or waits for
         self.timings: dict[str, float] = {}  # seconds: "text", then per stage
         self.conditioning: dict[TextEncoder, Conditioning] | None = None
@@ -400,9 +440,21 @@ class CascadeRun:
         self.generator = self.request.generator or torch.Generator("cpu").manual_seed(self.request.seed)
 
     def start_stage(self) -> StageRun:
-        stage = self.stage
+        stage, settings = self.stage, self.settings[self.index]
         text = self.conditioning[self.pipeline.encoder(stage)]
-        return stage.start(text, self.image, self.settings[self.index], self.generator)
+        edit = None if settings.strength is None else self._edit(stage)
+        return stage.start(text, self.image, settings, self.generator, edit)
+
+    def _edit(self, stage: Stage) -> Edit:
+        """The edit's picture and mask sized for `stage`, one row per image (prompts x n), on its device."""
+        n, prompts = self.request.num_images_per_prompt, self.request.batch_size
+
+        def per_image(tensor, dtype):  # (1 or prompts, C, h, w) -> (prompts x n, C, h, w)
+            tensor = tensor.expand(prompts, *tensor.shape[1:]) if len(tensor) == 1 else tensor
+            return tensor.repeat_interleave(n, dim=0).to(device=stage.device, dtype=dtype)
+
+        image, mask = self.edit.at(stage.size)
+        return Edit(per_image(image, stage.dtype), None if mask is None else per_image(mask, torch.float32))
 
     def finish_stage(self, run: StageRun) -> None:
         """Take the finished run's output (NumericalError on NaN or inf) and move on to the next stage."""

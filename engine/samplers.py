@@ -10,7 +10,9 @@ Contract shared by all samplers (resolved once, before the loop):
     timesteps      (N,) int64 on device: the U-Net's timestep at each step
     noise_steps    N bools, host-side: whether step i consumes a fresh standard-normal tensor shaped like the
                    sample (the stage draws them all up front, in diffusers' generator order)
-    start(sample)  reset per-run state (DPM-Solver's previous x0) before step 0
+    start(sample, first)  reset per-run state (DPM-Solver's previous x0) before step `first` (0, or an edit's
+                   first step: a multistep solver's first step there is first order, as diffusers' with
+                   set_begin_index)
     step(i, eps, variance, sample, noise) -> next sample
         i          the step index: a Python int, or a (1,) int64 tensor on the device (see `at`)
         eps        (B, C, H, W) the model's prediction (epsilon, v or x0, per the config's prediction_type)
@@ -139,8 +141,8 @@ class _Sampler:
     def __len__(self) -> int:
         return len(self.noise_steps)
 
-    def start(self, sample: torch.Tensor) -> None:
-        """Reset per-run state before step 0 (nothing to reset for single-step samplers)."""
+    def start(self, sample: torch.Tensor, first: int = 0) -> None:
+        """Reset per-run state before step `first` (nothing to reset for single-step samplers)."""
 
     def load(self, other: "_Sampler") -> None:
         """Take another run's tables and state (same kind, config and step count) into this sampler's own
@@ -290,8 +292,9 @@ class DPMSolverPlusPlus2M(_Sampler):
         self.coef_xt, self.coef_x0, self.coef_dx0 = a.to(device), b.to(device), c.to(device)
         self._prev_x0: torch.Tensor | None = None
 
-    def start(self, sample):
+    def start(self, sample, first=0):
         self._prev_x0 = torch.zeros_like(sample)  # x0 of the previous step; its coefficient is 0 at step 0
+        self.coef_dx0[first] = 0.0  # an edit's first step has no previous x0 either: first order there
 
     def step(self, i, eps, variance, sample, noise):
         x0, _ = self._x0_and_eps(eps, sample, at(self.alpha, i), at(self.sigma, i))

@@ -9,9 +9,16 @@ A latent upscaler stage (`LatentUpscaleStage`, Stability's x4 upscaler) denoises
 image's size instead: the image is noised at `noise_level` through its low-res schedule (not upsampled), joins
 the latents as the 7-channel input with `class_labels = noise_level`, and a VAE decodes the result to 4x the size.
 
+An edit (image-to-image, inpainting) runs a base or super-resolution stage as diffusers' IF edit pipelines do:
+the picture, sized for the stage (images.EditInput), is noised to the timestep of the step the strength starts
+at (`StageSettings.first_step`) and the steps from there run; the super-resolution stages upsample the previous
+stage's image to the picture's size. With a mask, the kept part (mask 0) holds the picture: x starts as
+picture where kept and noised picture where redrawn, and after each step the kept part takes back its value
+from before the step (diffusers' `(1 - mask) * prev + mask * new`).
+
 Randomness follows diffusers' order on one CPU generator, all drawn before the loop so the loop itself never
-touches the host: IF stages draw x_T, then the augmentation noise, then one draw per noisy step; the x4
-pipeline draws the augmentation noise before its latents.
+touches the host: IF stages draw x_T (an edit: the noise of its picture), then the augmentation noise, then
+one draw per noisy step that runs; the x4 pipeline draws the augmentation noise before its latents.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import InvalidRequestError, NumericalError
-from engine.executor import StageExecutor, update
+from engine.executor import StageExecutor, keep_masked, update
 from engine.options import StageDefaults, StageSettings
 from engine.samplers import SCHEDULER_CLASSES, build_sampler
 from engine.schedules import NoiseSchedule
@@ -44,6 +51,14 @@ class Conditioning:
         """n copies of each prompt's embeddings, next to each other: one per image of that prompt."""
         return Conditioning(self.cond.repeat_interleave(n, dim=0),
                             None if self.uncond is None else self.uncond.repeat_interleave(n, dim=0))
+
+
+@dataclass(frozen=True)
+class Edit:
+    """An edit's picture and mask for one stage's run, one row per image, on the stage's device."""
+
+    image: torch.Tensor  # (B, 3, h, w) in [-1, 1], the stage's dtype
+    mask: torch.Tensor | None  # (B, 1, h, w) float32, 1 where redrawn, 0 where kept; None: image-to-image
 
 
 class Stage:
@@ -84,6 +99,15 @@ class Stage:
     def validate_input_size(self, size) -> None:
         """Refuse a user's input image (H, W) this stage cannot take."""
 
+    def validate_edit_size(self, size) -> None:
+        """Refuse an edit's picture (h, w), as sized for this stage, that its U-Net cannot take."""
+        fixed = getattr(self.unet, "fixed_size", None)  # an export built for one sample size
+        if fixed is not None and tuple(size) != tuple(fixed):
+            raise InvalidRequestError(
+                f"{self.name} runs an export built for {fixed[1]}x{fixed[0]} samples, and this picture is sized "
+                f"{size[1]}x{size[0]} for it (its aspect kept): give a square picture, or load the model with the "
+                "torch backend")
+
     def _draw(self, generator, shape) -> torch.Tensor:
         # On the CPU generator in the stage dtype, as diffusers' randn_tensor does, then moved; with a list of
         # generators (one per image, as diffusers takes them) sample i from generator[i], as theirs.
@@ -94,12 +118,13 @@ class Stage:
 
     @torch.inference_mode()
     def run(self, text: Conditioning, previous: torch.Tensor | None, settings: StageSettings,
-            generator: torch.Generator, progress: bool = True, on_step=None) -> torch.Tensor:
+            generator: torch.Generator, progress: bool = True, on_step=None, edit: Edit | None = None
+            ) -> torch.Tensor:
         """Denoise one batch; returns x_0 as float32 (B, 3, size, size), unclamped (about [-1, 1]).
 
         on_step(stage name, step, total), if given, is called after each step's U-Net call is queued; it reads
         no tensor, so it adds no host sync."""
-        run = self.start(text, previous, settings, generator)
+        run = self.start(text, previous, settings, generator, edit)
         self.denoise(run, progress, on_step)
         return run.result()
 
@@ -109,9 +134,9 @@ class Stage:
 
     @torch.inference_mode()
     def start(self, text: Conditioning, previous: torch.Tensor | None, settings: StageSettings,
-              generator: torch.Generator) -> "StageRun":
+              generator: torch.Generator, edit: Edit | None = None) -> "StageRun":
         """One request's run of this stage, all its random draws made: step it with StageRun.advance."""
-        return StageRun(self, text, previous, settings, generator)
+        return StageRun(self, text, previous, settings, generator, edit)
 
     def _initial(self, previous, batch: int, noise_level: int | None, generator: torch.Generator):
         """x_T (B, 3, size, size) and, for super-resolution, the augmented low-res image, in diffusers' draw order."""
@@ -121,11 +146,26 @@ class Stage:
         up = F.interpolate(previous.to(self.dtype), (self.size, self.size), mode="bilinear", align_corners=True)
         return x, self._noised(up, noise_level, generator)
 
+    def _edited(self, edit: Edit, previous, noise_level: int | None, generator: torch.Generator, sampler,
+                first: int):
+        """An edit's x at step `first` (B, 3, h, w): its picture noised to that step's timestep (kept where a mask
+        keeps it), and for super-resolution the previous image upsampled to the picture's size and augmented."""
+        image = edit.image
+        timestep = int(sampler.timesteps[first])
+        noised = add_noise(image, self._draw(generator, image.shape), sampler.schedule.alphas_cumprod, timestep)
+        if edit.mask is None:
+            x = noised
+        else:
+            mask = edit.mask.to(image.dtype)
+            x = (1 - mask) * image + mask * noised
+        if self.noising is None:
+            return x, None
+        up = F.interpolate(previous.to(self.dtype), image.shape[-2:], mode="bilinear", align_corners=True)
+        return x, self._noised(up, noise_level, generator)
+
     def _noised(self, image: torch.Tensor, noise_level: int, generator: torch.Generator) -> torch.Tensor:
         """Noise augmentation: `image` at step `noise_level` of the image-noising schedule (diffusers' add_noise)."""
-        noise = self._draw(generator, image.shape)
-        acp = self.noising.alphas_cumprod.to(device=self.device, dtype=image.dtype)[noise_level]
-        return acp**0.5 * image + (1 - acp) ** 0.5 * noise
+        return add_noise(image, self._draw(generator, image.shape), self.noising.alphas_cumprod, noise_level)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -146,6 +186,13 @@ class Stage:
         return eps, variance
 
 
+def add_noise(image: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timestep: int) -> torch.Tensor:
+    """`image` noised to `timestep` of a schedule, as diffusers' DDPMScheduler.add_noise computes it: in the
+    image's dtype, alpha-bar cast to it first."""
+    acp = alphas_cumprod.to(device=image.device, dtype=image.dtype)[timestep]
+    return acp**0.5 * image + (1 - acp) ** 0.5 * noise
+
+
 _SERIALS = itertools.count()  # StageRun.serial: unique in the process, unlike id() of a freed run
 
 
@@ -159,15 +206,22 @@ class StageRun:
     """
 
     def __init__(self, stage: Stage, text: Conditioning, previous: torch.Tensor | None, settings: StageSettings,
-                 generator: torch.Generator):
+                 generator: torch.Generator, edit: Edit | None = None):
         self.stage = stage
         self.settings = settings
         self.serial = next(_SERIALS)  # names it in the executor's record of whose conditioning rows it holds
         self.sampler = build_sampler(settings.sampler or stage.default_sampler, stage.scheduler_config,
                                      settings.timesteps, stage.device)
         batch = text.cond.shape[0]
-        x, low_res = stage._initial(previous, batch, settings.noise_level, generator)  # (B, C, H, W), (B, 3, H, W)
-        self.x = x.float() * self.sampler.init_noise_sigma  # float32
+        # The step it starts at: 0, or an edit's first step (its strength); the steps before it do not run.
+        self.step = first = settings.first_step if edit is not None else 0
+        if edit is None:
+            x, low_res = stage._initial(previous, batch, settings.noise_level, generator)  # (B, C, H, W), (B, 3, H, W)
+            self.x = x.float() * self.sampler.init_noise_sigma  # float32
+        else:
+            x, low_res = stage._edited(edit, previous, settings.noise_level, generator, self.sampler, first)
+            self.x = x.float()  # diffusers' edit pipelines start from the noised picture as it is
+        self.mask = None if edit is None or edit.mask is None else edit.mask.float()  # (B, 1, h, w)
 
         # Which steps guide, read from the host once per stage (the guidance interval); each guided step runs
         # [uncond; cond] (2B rows), any other the cond half alone (B rows).
@@ -179,9 +233,9 @@ class StageRun:
         if low_res is not None:
             labels = torch.full((batch,), settings.noise_level, device=stage.device)
             self.class_labels = {False: labels, True: labels.repeat(2)}  # made once, not at every step
-        self.noise = [stage._draw(generator, self.x.shape) if noisy else None for noisy in self.sampler.noise_steps]
-        self.sampler.start(self.x)
-        self.step = 0
+        self.noise = [stage._draw(generator, self.x.shape) if noisy and step >= first else None
+                      for step, noisy in enumerate(self.sampler.noise_steps)]
+        self.sampler.start(self.x, first)
 
     @property
     def steps(self) -> int:
@@ -215,7 +269,8 @@ class StageRun:
     def advance(self, out: torch.Tensor) -> None:
         """Take this run's U-Net output (rows, out_channels, H, W), float32: guidance, then the sampler step."""
         guidance = self.settings.guidance if self.guided else None
-        self.x = update(self.stage, self.sampler, self.step, out, guidance, self.x, self.noise[self.step])
+        x = update(self.stage, self.sampler, self.step, out, guidance, self.x, self.noise[self.step])
+        self.x = x if self.mask is None else keep_masked(self.x, x, self.mask)
         self.step += 1
 
     def result(self) -> torch.Tensor:

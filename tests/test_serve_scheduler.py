@@ -126,8 +126,8 @@ def test_overflow_in_one_request_fails_it_alone(engine_pipe):
 
 def test_bad_requests_are_refused_at_submit(engine_pipe):
     scheduler = BatchingScheduler(engine_pipe)
-    with pytest.raises(InvalidRequestError, match="base stage"):
-        scheduler.submit(GenerateRequest("a cat", image=np.zeros((8, 8, 3))))
+    with pytest.raises(InvalidRequestError, match="strength 0.05 of stage_I's 10 steps runs none"):
+        scheduler.submit(GenerateRequest("a cat", image=np.zeros((8, 8, 3)), strength=0.05, steps=10))
     with pytest.raises(InvalidRequestError, match="timeout_s must be > 0"):
         scheduler.submit(request(0), timeout_s=0)
     with pytest.raises(InvalidRequestError, match="max_batch and max_queue"):

@@ -130,9 +130,7 @@ def test_bad_images_are_refused_before_any_work(image, message):
         GenerateRequest("a cat", image=image)
 
 
-def test_image_where_it_does_not_belong_or_missing(three_stage_dir, engine_pipe):
-    with pytest.raises(InvalidRequestError, match="base stage, which starts from noise"):
-        engine_pipe.generate("a cat", image=_pictures(1))
+def test_image_where_it_does_not_belong_or_missing(three_stage_dir):
     alone = engine.load(three_stage_dir / "stage_III", device="cpu")
     with pytest.raises(InvalidRequestError, match="upscales an image: pass image="):
         alone.generate("a cat", steps=2)
@@ -140,6 +138,9 @@ def test_image_where_it_does_not_belong_or_missing(three_stage_dir, engine_pipe)
         alone.generate(["a cat", "a dog"], image=_pictures(1), steps=2)
     with pytest.raises(InvalidRequestError, match="multiples of 2, got \\(9, 12\\)"):
         alone.generate("a cat", image=_pictures(1, (12, 9)), steps=2)
+    with pytest.raises(InvalidRequestError, match="original_image= is for a cascade that starts with a "
+                                                  "super-resolution stage.*it upscales, and does not edit"):
+        alone.generate("a cat", image=_pictures(1), original_image=_pictures(1), steps=2)
 
 
 def test_upscaler_unet_with_wrong_channels(three_stage_copy):

@@ -73,6 +73,10 @@ class GraphUNet:
         self.sample_size = config["sample_size"]
         self.downsampling = downsampling(config["block_out_channels"])
         self.dtype = dtype
+        # (H, W) when the graph was exported for one sample size (IF's U-Nets), None when its sides are dynamic
+        # (the x4 upscaler's): the contract's sample shape says which
+        height, width = component.inputs["sample"]["shape"][2:]
+        self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  class_labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,6 +36,8 @@ class UNet(Protocol):
 #   static: bool               True: compiled per shape; the stage's executor (engine/executor.py) calls it on
 #                              buffers allocated once per shape (rows padded to a bucket), captures it on CUDA,
 #                              and passes `values` (below) as a fifth argument, possibly None
+#   fixed_size: (H, W) | None  the one sample size it takes (an export built for its sample size); None or
+#                              absent: any size that `downsampling` divides (an edit's picture keeps its aspect)
 #   text_constants(embeddings) -> dict[str, Tensor] | None
 #                              what it computes from (rows, 77, D) embeddings alone, once per request (or per
 #                              change of a batch's members) instead of at every step; None: nothing

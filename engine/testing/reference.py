@@ -115,3 +115,36 @@ def run_reference(pipes, prompts, seed, steps, guidance, n=1, negative=None, noi
     return pipes[2](prompt=per_image, negative_prompt=negatives, image=mid, generator=generator,
                     guidance_scale=guidance[2], noise_level=noise_levels[1], num_inference_steps=steps[2],
                     output_type=output_type).images
+
+
+def reference_edit(pipes, masked: bool):
+    """diffusers' IF edit pipelines over the same components as `pipes` (reference_cascade's first two):
+    IFImg2ImgPipeline + IFImg2ImgSuperResolutionPipeline, or with `masked` IFInpaintingPipeline +
+    IFInpaintingSuperResolutionPipeline."""
+    from diffusers import (IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, IFInpaintingPipeline,
+                           IFInpaintingSuperResolutionPipeline)
+
+    classes = ((IFInpaintingPipeline, IFInpaintingSuperResolutionPipeline) if masked
+               else (IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline))
+    edits = tuple(cls(**pipe.components, requires_safety_checker=False) for cls, pipe in zip(classes, pipes))
+    for pipe in edits:
+        pipe.set_progress_bar_config(disable=True)
+    return edits
+
+
+def run_reference_edit(pipes, prompts, image, seed, steps, guidance, strength, mask=None, n=1, noise_level=250,
+                       output_type="np"):
+    """An edit through diffusers' two IF edit pipelines (reference_edit) with one CPU generator, as their model
+    card chains them: stage I edits `image`, stage II takes its output and the same picture as original_image
+    (and the same mask). `steps`, `guidance` and `strength` per stage."""
+    first, second = pipes
+    generator = torch.Generator("cpu").manual_seed(seed)
+    embeds, negative_embeds = first.encode_prompt(prompts, do_classifier_free_guidance=True,
+                                                  num_images_per_prompt=n)
+    masked = {} if mask is None else {"mask_image": mask}
+    low = first(image=image, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, generator=generator,
+                guidance_scale=guidance[0], num_inference_steps=steps[0], strength=strength[0], output_type="pt",
+                **masked).images
+    return second(image=low, original_image=image, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
+                  generator=generator, guidance_scale=guidance[1], num_inference_steps=steps[1],
+                  strength=strength[1], noise_level=noise_level, output_type=output_type, **masked).images

@@ -1,0 +1,189 @@
+"""Image-to-image and inpainting (image=, mask_image=, strength=) against diffusers' four IF edit pipelines
+chained as their model card chains them (IFImg2ImgPipeline -> IFImg2ImgSuperResolutionPipeline, and the two
+inpainting ones), over seeds and strengths; then the fast path, the step-level scheduler and ONNX Runtime
+against the eager runtime, the stage-II-alone door, and the errors, which come before any model work."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine
+from engine import GenerateRequest
+from engine.errors import InvalidRequestError
+from engine.images import edit_input
+from engine.serve import BatchingScheduler
+from engine.testing.reference import reference_edit, run_reference_edit, swap_scheduler
+
+PROMPT = "a red circle"
+STEPS = (10, 8)
+GUIDANCE = (7.0, 4.0)
+BOUND = 1e-4  # the issue's bound, float32 on CPU; measured: 0 (the same operations in the same order)
+
+
+def picture(width: int = 40, height: int = 40, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def left_half_mask(width: int = 40, height: int = 40) -> Image.Image:
+    mask = np.zeros((height, width), np.uint8)
+    mask[:, : width // 2] = 255  # white: redrawn
+    return Image.fromarray(mask)
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def edit_pipes(reference):
+    return {masked: reference_edit(reference, masked) for masked in (False, True)}
+
+
+def ours(pipe, seed, strength, image, mask=None, **options):
+    pipe.set_progress_bar_config(disable=True)
+    masked = {} if mask is None else {"mask_image": mask}
+    return pipe(PROMPT, image=image, strength=strength, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                generator=generator(seed), output_type="np", **masked, **options).images
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["img2img", "inpainting"])
+@pytest.mark.parametrize("seed, strength", [(0, (0.7, 0.8)), (3, (1.0, 0.5)), (7, (0.35, 1.0)), (11, (0.55, 0.3))])
+def test_edits_give_the_images_of_diffusers_edit_pipelines(engine_pipe, edit_pipes, masked, seed, strength):
+    mask = left_half_mask() if masked else None
+    theirs = run_reference_edit(edit_pipes[masked], PROMPT, picture(), seed, STEPS, GUIDANCE, strength, mask=mask)
+    assert np.abs(ours(engine_pipe, seed, strength, picture(), mask) - theirs).max() <= BOUND
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["img2img", "inpainting"])
+def test_a_picture_that_is_not_square_keeps_its_aspect_as_in_diffusers(engine_pipe, edit_pipes, masked):
+    mask = left_half_mask(48, 30) if masked else None
+    theirs = run_reference_edit(edit_pipes[masked], PROMPT, picture(48, 30), 5, STEPS, GUIDANCE, (0.7, 0.8),
+                                mask=mask)
+    found = ours(engine_pipe, 5, (0.7, 0.8), picture(48, 30), mask)
+    assert found.shape == theirs.shape == (1, 32, 48, 3)  # the short side at each stage's size, as theirs
+    assert np.abs(found - theirs).max() <= BOUND
+
+
+def test_the_default_strengths_are_diffusers_and_several_prompts_and_images_each(engine_pipe, edit_pipes):
+    prompts, pictures = ["a red circle", "a blue square"], [picture(seed=1), picture(seed=2)]
+    pipe = engine_pipe
+    pipe.set_progress_bar_config(disable=True)
+    found = pipe(prompts, image=pictures, num_inference_steps=STEPS, num_images_per_prompt=2,
+                 generator=generator(4), output_type="np").images  # guidance: the model's defaults, GUIDANCE
+    first, second = edit_pipes[False]
+    generator_ = generator(4)
+    embeds, negative = first.encode_prompt(prompts, num_images_per_prompt=2)  # 4 rows: each prompt twice
+    per_image = [p for p in pictures for _ in range(2)]  # theirs take one picture per row
+    low = first(image=per_image, prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generator_,
+                num_inference_steps=STEPS[0], guidance_scale=GUIDANCE[0], output_type="pt").images
+    theirs = second(image=low, original_image=per_image, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                    generator=generator_, num_inference_steps=STEPS[1], guidance_scale=GUIDANCE[1],
+                    output_type="np").images
+    assert found.shape == (4, 32, 32, 3) and np.abs(found - theirs).max() <= BOUND
+
+
+def test_inpainting_keeps_the_picture_where_the_mask_is_black(engine_pipe):
+    out = engine_pipe.generate(PROMPT, image=picture(), mask_image=left_half_mask(), strength=(1.0, 1.0), seed=2,
+                               steps=(6, 5), output_type="np")
+    kept, _ = edit_input(picture(), None).at(32)  # the picture as stage II sees it, (1, 3, 32, 32) in [-1, 1]
+    kept = (kept / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(out[:, :, 16:], kept[:, :, 16:])  # exactly: every step takes the kept part back
+    assert np.abs(out[:, :, :16] - kept[:, :, :16]).mean() > 0.05  # and the white half is redrawn
+
+
+def test_dpm_solver_edits_start_first_order_as_diffusers_does(engine_pipe, edit_pipes):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipes = edit_pipes[False]
+    saved = [p.scheduler for p in pipes]
+    for pipe in pipes:
+        pipe.scheduler = swap_scheduler(pipe.scheduler, DPMSolverMultistepScheduler)
+    try:
+        theirs = run_reference_edit(pipes, PROMPT, picture(), 1, STEPS, GUIDANCE, (0.6, 0.7))
+    finally:
+        for pipe, scheduler in zip(pipes, saved):
+            pipe.scheduler = scheduler
+    assert np.abs(ours(engine_pipe, 1, (0.6, 0.7), picture(), scheduler="dpm++2m") - theirs).max() <= BOUND
+
+
+def test_a_super_resolution_stage_alone_edits_its_original_image_as_diffusers_does(cascade_dir, edit_pipes):
+    """IFImg2ImgSuperResolutionPipeline's call: image= the low-res input, original_image= the picture."""
+    stage_2 = engine.load(cascade_dir / "stage_II")
+    stage_2.set_progress_bar_config(disable=True)
+    first, second = edit_pipes[True]
+    embeds, negative = first.encode_prompt(PROMPT)
+    low = torch.rand(1, 3, 16, 16, generator=generator(9)) * 2 - 1
+    options = dict(image=low, original_image=picture(), mask_image=left_half_mask(), prompt_embeds=embeds,
+                   negative_prompt_embeds=negative, num_inference_steps=6, strength=0.6, noise_level=100,
+                   output_type="pt")
+    found = stage_2(generator=generator(3), **options).images
+    theirs = second(generator=generator(3), **options).images
+    assert (found - theirs).abs().max() <= BOUND
+    with pytest.raises(InvalidRequestError, match="strength is for edits.*original_image="):
+        stage_2(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative, strength=0.5)
+
+
+def test_the_fast_path_and_the_scheduler_agree_with_the_eager_runtime(cascade_dir, engine_pipe):
+    fast = engine.load(cascade_dir, fast=True)
+    for stage in fast.stages:
+        stage.unet.compile = False  # the runner and its buffers; compiling is tested in test_fast.py
+    edits = [dict(image=picture(), strength=(0.6, 0.5), seed=1),
+             dict(image=picture(48, 30), mask_image=left_half_mask(48, 30), seed=2),
+             dict(image=picture(seed=3), mask_image=left_half_mask(), strength=0.9, seed=3, num_images_per_prompt=2)]
+    plain = dict(seed=4)
+    requests = [GenerateRequest(PROMPT, steps=(5, 4), output_type="np", **options) for options in edits + [plain]]
+    eager = [engine_pipe.run(request).images for request in requests]
+    for request, expected in zip(requests, eager):
+        assert np.abs(fast.run(request).images - expected).max() <= 1e-4  # channels_last rounding (test_fast.py)
+    scheduler = BatchingScheduler(engine_pipe)  # every request at once: edits and text-to-image share U-Net calls
+    futures = [scheduler.submit(request) for request in requests]
+    while scheduler.step():
+        pass
+    for future, expected in zip(futures, eager):
+        assert np.abs(future.result(timeout=0).images - expected).max() <= 1e-5
+
+
+def test_onnxruntime_agrees_and_refuses_what_its_export_cannot_take(cascade_dir, engine_pipe, tmp_path):
+    from export.onnx import export_onnx
+
+    ort_pipe = engine.load(export_onnx(cascade_dir, out=tmp_path / "onnx", progress=False))
+    options = dict(image=picture(), mask_image=left_half_mask(), strength=(0.8, 0.6), seed=5, steps=(4, 3),
+                   output_type="np")
+    assert np.abs(ort_pipe.generate(PROMPT, **options) - engine_pipe.generate(PROMPT, **options)).max() <= 1e-3
+    with pytest.raises(InvalidRequestError, match="export built for 16x16 samples.*sized 24x16.*square picture"):
+        ort_pipe.generate(PROMPT, image=picture(48, 30))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(image=picture(), strength=0), "strength must be a number in \\(0, 1\\]"),
+    (dict(image=picture(), strength=1.5), "strength must be a number in \\(0, 1\\]"),
+    (dict(image=picture(), strength=True), "strength must be a number"),
+    (dict(mask_image=left_half_mask()), "mask_image is for edits: give image= too"),
+    (dict(strength=0.5), "strength is for edits: give image= too"),
+    (dict(image=picture(), mask_image=left_half_mask(20, 20)), "mask_image is 20x20 but image is 40x40"),
+    (dict(image=picture(), mask_image=np.full((40, 40), 2.0)), "mask_image values must be finite and in \\[0, 1\\]"),
+    (dict(image=picture(), mask_image="mask.png"), "mask_image must be a PIL image"),
+    (dict(image=picture(), mask_image=np.zeros((2, 3, 40, 40))), "mask_image must be \\(H, W\\)"),
+])
+def test_bad_edits_are_refused_by_the_request(options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerateRequest(PROMPT, **options)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(image=[picture()] * 2), "got 2 images for 3 prompts"),
+    (dict(image=picture(), mask_image=[left_half_mask()] * 2), "got 2 mask_images for 3 prompts"),
+    (dict(image=picture(), strength=(0.5, 0.5, 0.5)), "strength has 3 values but the cascade has 2 stages that edit"),
+    (dict(image=picture(), strength=0.05, steps=10), "strength 0.05 of stage_I's 10 steps runs none"),
+    (dict(image=picture(), original_image=picture()), "original_image= is for a cascade that starts with a "
+                                                      "super-resolution stage.*image= is the picture to edit"),
+])
+def test_edits_the_cascade_cannot_run_are_refused_before_any_model_work(engine_pipe, options, message,
+                                                                          monkeypatch):
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the text encoder ran before the request was checked")
+
+    monkeypatch.setattr(engine_pipe.text, "encode", no_model_work)
+    with pytest.raises(InvalidRequestError, match=message):
+        engine_pipe.generate(["a", "b", "c"], **options)
