@@ -65,7 +65,8 @@ def _interval_value(text: str):
     return int(lo), int(hi)
 
 
-PER_STAGE = {"steps": _steps_value, "guidance": float, "noise_level": int, "guidance_interval": _interval_value}
+PER_STAGE = {"steps": _steps_value, "guidance": float, "noise_level": int, "guidance_interval": _interval_value,
+             "strength": float}
 
 
 def _stage_defaults(name: str) -> str:
@@ -179,7 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampler for every stage (default: each stage's own scheduler config)")
     _add_speed_options(gen)
     gen.add_argument("--image", default=None, metavar="PNG",
-                     help="the picture to upscale, for a model that starts with an upscaler (an x4 upscaler alone)")
+                     help="the picture to edit (image-to-image; with --mask, inpainting), or to upscale for a "
+                          "model that starts with an upscaler")
+    gen.add_argument("--mask", default=None, metavar="PNG",
+                     help="inpainting: white where the --image is redrawn, black where it is kept; its size")
+    gen.add_argument("--strength", nargs="+", default=None, metavar="S",
+                     help="edits: how much of the schedule redraws the picture, in (0, 1]; one value for the "
+                          "stages that edit, or one per such stage (default: 0.7 base, 1.0 base inpainting, "
+                          "0.8 super-resolution, as diffusers' IF edit pipelines)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
 
 
@@ -396,18 +404,24 @@ def _check_output(output: Path) -> None:
         raise EngineError(f"cannot write into {str(parent)!r} ({exc.strerror}): choose another -o") from exc
 
 
-def generate(args) -> None:
-    image = None
-    if args.image is not None:
-        from PIL import Image, UnidentifiedImageError
+def _picture(path: str | None, flag: str, mode: str):
+    """The PIL image at `path` in `mode` ("RGB", or "L" for a mask), or None; EngineError naming the flag."""
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
 
-        try:
-            image = Image.open(args.image).convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise EngineError(f"cannot read --image {args.image!r}: {exc}") from exc
+    try:
+        with Image.open(path) as picture:
+            return picture.convert(mode)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise EngineError(f"cannot read {flag} {path!r}: {exc}") from exc
+
+
+def generate(args) -> None:
     request = GenerateRequest(  # validates before anything is loaded; draws a seed if none is given
-        args.prompt, image=image, negative_prompt=args.negative_prompt, seed=args.seed, num_images_per_prompt=args.num_images,
-        steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance),
+        args.prompt, image=_picture(args.image, "--image", "RGB"), mask_image=_picture(args.mask, "--mask", "L"),
+        strength=_one_or_tuple(args.strength), negative_prompt=args.negative_prompt, seed=args.seed,
+        num_images_per_prompt=args.num_images, steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance),
         noise_level=_one_or_tuple(args.noise_level), guidance_interval=_one_or_tuple(args.guidance_interval),
         scheduler=args.scheduler, preset=args.preset)
     output = Path(args.output)
@@ -429,6 +443,9 @@ def generate(args) -> None:
     info = PngInfo()  # what draws the picture again, in the file itself
     info.add_text("prompt", args.prompt)
     info.add_text("seed", str(request.seed))
+    for flag, value in (("image", args.image), ("mask", args.mask), ("strength", args.strength)):
+        if value is not None:  # an edit is drawn again from its picture too
+            info.add_text(flag, value if isinstance(value, str) else " ".join(map(str, value)))
     for image, path in zip(images, paths):
         image.save(path, pnginfo=info)
     if not args.quiet:

@@ -187,3 +187,25 @@ def test_edits_the_cascade_cannot_run_are_refused_before_any_model_work(engine_p
     monkeypatch.setattr(engine_pipe.text, "encode", no_model_work)
     with pytest.raises(InvalidRequestError, match=message):
         engine_pipe.generate(["a", "b", "c"], **options)
+
+
+def test_the_command_line_edits_a_picture_file(cascade_dir, engine_pipe, tmp_path, capsys):
+    from engine.cli import main
+
+    picture().save(tmp_path / "in.png")
+    left_half_mask().save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "--model", str(cascade_dir), "--image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--strength", "0.9", "0.7", "--steps", "5", "4",
+                 "--seed", "6", "-o", str(out), "--quiet"]) == 0
+    expected = engine_pipe.generate("a red circle", image=picture(), mask_image=left_half_mask(), strength=(0.9, 0.7),
+                                    steps=(5, 4), seed=6)[0]
+    written = Image.open(out)
+    assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
+    assert written.text["strength"] == "0.9 0.7" and written.text["mask"] == str(tmp_path / "mask.png")
+    assert main(["generate", "a red circle", "--model", str(cascade_dir), "--mask", str(tmp_path / "mask.png"),
+                 "-o", str(out)]) == 2
+    assert "mask_image is for edits" in capsys.readouterr().err
+    assert main(["generate", "a red circle", "--model", str(cascade_dir), "--image", str(tmp_path / "none.png"),
+                 "-o", str(out)]) == 2
+    assert "cannot read --image" in capsys.readouterr().err
