@@ -4,8 +4,10 @@ the manifest, and reading what an earlier run left.
 
 Input: a .txt file (one prompt a line), a .csv file (a `prompt` column, plus any request field as a column) or a
 .jsonl file (one request a line, with the HTTP API's fields: prompt, n, seed, steps, guidance, noise_level,
-negative_prompt, scheduler, guidance_interval, preset). In Python, rows may also be an iterable of strings or
-dicts of those fields.
+negative_prompt, scheduler, guidance_interval, preset, strength). In Python, rows may also be an iterable of
+strings or dicts of those fields. Edits: a row's `image` (and for inpainting `mask`) is a picture file's path,
+relative to the input file's folder (for an iterable, the current folder) and inside it: a path that leads out
+of it, by `..`, an absolute path or a link, is a bad row.
 
 Output: DIR/images/<row>-<k>.png (row: the input's line number; k: the image of that row), each written under
 DIR/.partial/ and renamed into images/, so no partial file is ever visible there; DIR/manifest.jsonl, one line
@@ -47,12 +49,19 @@ IMAGES = "images"
 PARTIAL = ".partial"  # where images are written before their rename into images/
 
 
+# A row's picture files (paths inside its folder) -> the request fields they fill.
+PICTURE_FIELDS = {"image": "image", "mask": "mask_image"}
+ROW_FIELDS = (*API_REQUEST_FIELDS, *PICTURE_FIELDS)
+
+
 @dataclass(frozen=True)
 class Row:
-    """One input row: its line number in the input (1-based) and its request fields, as the API names them."""
+    """One input row: its line number in the input (1-based), its request fields as the API names them (and
+    PICTURE_FIELDS), and the folder its picture paths are inside (None: the current folder)."""
 
     line: int
     fields: dict
+    folder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,9 @@ def read_rows(source) -> Iterator[Row | BadRow]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise EngineError(f"cannot read batch input {str(path)!r}: {exc}") from exc
-        yield from {".txt": _text_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows}[path.suffix](text)
+        folder = str(path.resolve().parent)
+        for row in {".txt": _text_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows}[path.suffix](text):
+            yield dataclasses.replace(row, folder=folder) if isinstance(row, Row) else row
         return
     for line, item in enumerate(source, 1):
         if isinstance(item, str):
@@ -133,7 +144,8 @@ def _csv_rows(text: str) -> Iterator[Row | BadRow]:
         for name, cell in record.items():
             if cell is None or cell.strip() == "":
                 continue
-            fields[name] = cell if name in ("prompt", "negative_prompt", "scheduler", "preset") else _cell(cell)
+            text_cell = name in ("prompt", "negative_prompt", "scheduler", "preset", *PICTURE_FIELDS)
+            fields[name] = cell if text_cell else _cell(cell)
         yield _checked_fields(line, fields)
 
 
@@ -161,9 +173,9 @@ def _jsonl_rows(text: str) -> Iterator[Row | BadRow]:
 
 
 def _checked_fields(line: int, fields: dict) -> Row | BadRow:
-    unknown = sorted(set(fields) - set(API_REQUEST_FIELDS))
+    unknown = sorted(set(fields) - set(ROW_FIELDS))
     if unknown:
-        return BadRow(line, f"unknown field(s) {', '.join(unknown)}; a row takes {', '.join(API_REQUEST_FIELDS)}")
+        return BadRow(line, f"unknown field(s) {', '.join(unknown)}; a row takes {', '.join(ROW_FIELDS)}")
     if "prompt" not in fields:
         return BadRow(line, "no prompt")
     return Row(line, fields)
@@ -196,12 +208,38 @@ def generate_rows(pipe: Pipeline, rows: Iterable[Row], max_batch: int = DEFAULT_
             yield row, request, future.exception() or future.result()
 
 
-def row_request(row: Row, seed: int | None = None, defaults: dict | None = None) -> GenerateRequest:
-    """The row's request (`seed` where the row names none; else a fresh one is drawn), as numpy images."""
+def row_request(row: Row, seed: int | None = None, defaults: dict | None = None,
+                pictures: bool = True) -> GenerateRequest:
+    """The row's request (`seed` where the row names none; else a fresh one is drawn), as PIL images, with its
+    picture files read (InvalidRequestError for one outside its folder or unreadable); pictures=False leaves an
+    edit's fields out, for what depends on the prompts and n alone."""
     fields = {**(defaults or {}), **row.fields}
     if fields.get("seed") is None and seed is not None:
         fields["seed"] = seed
-    return request_from_api({**fields, "output_type": "pil"})
+    if not pictures:
+        fields = {name: value for name, value in fields.items() if name not in (*PICTURE_FIELDS, "strength")}
+    read = {target: row_picture(row, name, fields[name]) for name, target in PICTURE_FIELDS.items()
+            if fields.get(name) is not None}
+    return request_from_api({**fields, "output_type": "pil"}, **read)
+
+
+def row_picture(row: Row, name: str, path):
+    """The picture file a row names in field `name`, read as diffusers' edit pipelines take it (RGB, a mask grey);
+    InvalidRequestError for a path that is not a string, leads out of the row's folder, or cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(path, str) or not path:
+        raise InvalidRequestError(f"{name} must be a picture file's path, got {path!r}")
+    folder = Path(row.folder or ".").resolve()
+    file = (folder / path).resolve()  # links and .. resolved: where the file really is
+    if not file.is_relative_to(folder):
+        raise InvalidRequestError(f"{name} {path!r} is outside the input's folder {str(folder)!r}: a row names "
+                                  "pictures inside it")
+    try:
+        with Image.open(file) as picture:
+            return picture.convert("L" if name == "mask" else "RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InvalidRequestError(f"cannot read {name} {path!r}: {exc}") from exc
 
 
 def checked_rows(source, strict: bool, defaults: dict | None) -> tuple[list[Row], list[BadRow]]:
@@ -289,7 +327,7 @@ def _rewrite_manifest(out: Path, entries: list[dict]) -> None:
 
 
 def images_of(row: Row, defaults) -> int:
-    request = row_request(row, 0, defaults)
+    request = row_request(row, 0, defaults, pictures=False)
     return request.batch_size * request.num_images_per_prompt
 
 

@@ -351,16 +351,18 @@ def request_from_call(prompt, options: Mapping[str, Any]) -> GenerateRequest:
 # The HTTP API's (and batch files') request fields -> GenerateRequest's, where they differ.
 API_FIELDS = {"n": "num_images_per_prompt"}
 API_REQUEST_FIELDS = ("prompt", "negative_prompt", "n", "seed", "steps", "guidance", "noise_level", "scheduler",
-                      "guidance_interval", "preset")
+                      "guidance_interval", "preset", "strength")
 
 
-def request_from_api(fields: Mapping[str, Any]) -> GenerateRequest:
+def request_from_api(fields: Mapping[str, Any], image=None, mask_image=None) -> GenerateRequest:
     """A GenerateRequest from the API's fields (API_REQUEST_FIELDS, JSON-typed: a list is one value per stage,
-    as the Python API's tuple; a stage's own timestep list nests inside). Other keys are the caller's to check;
+    as the Python API's tuple; a stage's own timestep list nests inside), and an edit's picture and mask as
+    images (the caller reads them: an upload, a batch row's file). Other keys are the caller's to check;
     output_type passes through."""
     kwargs = {API_FIELDS.get(name, name): fields[name] for name in (*API_REQUEST_FIELDS, "output_type")
               if fields.get(name) is not None}
-    for name in ("steps", "guidance", "noise_level"):
+    kwargs.update({name: value for name, value in (("image", image), ("mask_image", mask_image)) if value is not None})
+    for name in ("steps", "guidance", "noise_level", "strength"):
         if isinstance(kwargs.get(name), list):
             kwargs[name] = tuple(kwargs[name])
     interval = kwargs.get("guidance_interval")

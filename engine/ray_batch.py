@@ -39,19 +39,18 @@ from pathlib import Path
 
 import torch
 
-from engine.batch_job import (MANIFEST, BadRow, BatchSummary, Plan, Row, append, generate_rows, images_of, record,
-                              resolved, row_request, sort_manifest)
+from engine.batch_job import (MANIFEST, PICTURE_FIELDS, ROW_FIELDS, BadRow, BatchSummary, Plan, Row, append,
+                              generate_rows, images_of, record, resolved, row_request, sort_manifest)
 from engine.errors import EngineError, InvalidRequestError
 from engine.loading import load
-from engine.options import API_REQUEST_FIELDS
 from engine.serve.scheduler import warm_up
 
 log = logging.getLogger(__name__)
 
 # A row's settings that decide which U-Net calls it makes: rows that share them finish together, so a work item
 # of them keeps its scheduler's calls full to the end (prompts, seeds, n and guidance scale do not matter).
-GROUPING_FIELDS = tuple(name for name in API_REQUEST_FIELDS
-                        if name not in ("prompt", "negative_prompt", "n", "seed", "guidance"))
+# An edit's strength, and whether it has a picture and a mask, are among them.
+GROUPING_FIELDS = tuple(name for name in ROW_FIELDS if name not in ("prompt", "negative_prompt", "n", "seed", "guidance"))
 # Ray Data's settings for a job: our progress bar counts images across workers (theirs off), and a model that
 # cannot load fails the job at its first try (no retries of a constructor that will fail again).
 JOB_CONTEXT = {"enable_progress_bars": False, "max_consecutive_actor_init_deaths": 0}
@@ -89,8 +88,10 @@ def work_items(plan: Plan, defaults: dict | None, max_batch: int) -> list[dict]:
     images."""
     groups: dict[str, list[tuple[Row, int, int]]] = {}  # key -> (row, seed, images)
     for row in plan.todo:
-        request = row_request(row, 0, defaults)
-        settings = resolved(request)
+        request = row_request(row, 0, defaults, pictures=False)  # the pictures are read by the worker that runs it
+        settings = {**resolved(request), **{name: {**(defaults or {}), **row.fields}.get(name)
+                                             for name in ("strength", *PICTURE_FIELDS)}}
+        settings["image"], settings["mask"] = settings["image"] is not None, settings["mask"] is not None
         key = json.dumps([settings[name] for name in GROUPING_FIELDS], default=list)
         seed = row.fields.get("seed")
         seed = plan.seeds.get(row.line) if seed is None else seed  # its own, else the plan's (kept on disk)
@@ -101,7 +102,7 @@ def work_items(plan: Plan, defaults: dict | None, max_batch: int) -> list[dict]:
             if current and images + count > max_batch:
                 items.append(current)
                 current, images = [], 0
-            current.append([row.line, row.fields, seed])
+            current.append([row.line, row.fields, seed, row.folder])
             images += count
         if current:
             items.append(current)
@@ -123,12 +124,12 @@ class BatchWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, item: dict) -> dict:
-        """item: {"rows": [a JSON list of [line, fields, seed]]} (one work item); returns one Ray Data row per
-        input row: its manifest entries, or why it failed (refused: bad before it ran)."""
+        """item: {"rows": [a JSON list of [line, fields, seed, folder]]} (one work item); returns one Ray Data
+        row per input row: its manifest entries, or why it failed (refused: bad before it ran)."""
         start = time.perf_counter()
         lines = json.loads(item["rows"][0])
-        rows = [Row(line, fields) for line, fields, _ in lines]
-        seeds = {line: seed for line, _, seed in lines}
+        rows = [Row(line, fields, folder) for line, fields, _, folder in lines]
+        seeds = {line: seed for line, _, seed, _ in lines}
         results = {"line": [], "entries": [], "error": [], "refused": []}
         for row, request, outcome in generate_rows(self.pipe, rows, self.max_batch, seeds, None, self.defaults):
             failed = isinstance(outcome, Exception)

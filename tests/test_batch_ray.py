@@ -222,11 +222,15 @@ def test_a_model_that_cannot_load_fails_the_job_with_its_own_error(ray_cluster, 
 
 def test_work_items_group_rows_by_settings_and_hold_at_most_max_batch_images():
     rows = [Row(1, {"prompt": "a", "steps": [2, 2]}), Row(2, {"prompt": "b", "steps": [3, 2], "n": 2}),
-            Row(3, {"prompt": "c", "steps": [2, 2], "seed": 7}), Row(4, {"prompt": "d", "steps": [3, 2], "n": 5})]
-    plan = Plan(rows, rows, {1: 11, 2: 12, 4: 14}, 0, 9)
+            Row(3, {"prompt": "c", "steps": [2, 2], "seed": 7}), Row(4, {"prompt": "d", "steps": [3, 2], "n": 5}),
+            Row(5, {"prompt": "e", "steps": [2, 2], "image": "in.png", "strength": 0.5}, "/jobs"),
+            Row(6, {"prompt": "f", "steps": [2, 2], "image": "other.png", "strength": 0.5}, "/jobs")]
+    plan = Plan(rows, rows, {1: 11, 2: 12, 4: 14, 5: 15, 6: 16}, 0, 11)
     items = [json.loads(item["rows"]) for item in work_items(plan, None, max_batch=3)]
-    assert [[line for line, _, _ in item] for item in items] == [[1, 3], [2], [4]]
-    assert {line: seed for item in items for line, _, seed in item} == {1: 11, 2: 12, 3: 7, 4: 14}
+    # edits apart (their strength decides their steps), with the folder their pictures are in
+    assert [[line for line, *_ in item] for item in items] == [[1, 3], [2], [4], [5, 6]]
+    assert {line: seed for item in items for line, _, seed, _ in item} == {1: 11, 2: 12, 3: 7, 4: 14, 5: 15, 6: 16}
+    assert items[-1][0][3] == "/jobs"
 
 
 @pytest.mark.parametrize("options", [dict(workers=0), dict(workers=2, autoscale=(1, 2)), dict(autoscale=(3, 1)),

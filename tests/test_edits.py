@@ -3,6 +3,8 @@ chained as their model card chains them (IFImg2ImgPipeline -> IFImg2ImgSuperReso
 inpainting ones), over seeds and strengths; then the fast path, the step-level scheduler and ONNX Runtime
 against the eager runtime, the stage-II-alone door, and the errors, which come before any model work."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -209,3 +211,35 @@ def test_the_command_line_edits_a_picture_file(cascade_dir, engine_pipe, tmp_pat
     assert main(["generate", "a red circle", "--model", str(cascade_dir), "--image", str(tmp_path / "none.png"),
                  "-o", str(out)]) == 2
     assert "cannot read --image" in capsys.readouterr().err
+
+
+def test_batch_rows_edit_pictures_inside_the_input_folder_only(engine_pipe, tmp_path):
+    from engine.offline import batch
+
+    jobs = tmp_path / "jobs"
+    (jobs / "pictures").mkdir(parents=True)
+    picture().save(jobs / "pictures" / "in.png")
+    left_half_mask().save(jobs / "pictures" / "mask.png")
+    picture(seed=9).save(tmp_path / "secret.png")  # beside the folder: no row may read it
+    (jobs / "pictures" / "link.png").symlink_to(tmp_path / "secret.png")
+    rows = [{"prompt": "a red circle", "image": "pictures/in.png", "mask": "pictures/mask.png", "strength": [0.9, 0.7],
+             "seed": 3, "steps": [4, 3]},
+            {"prompt": "a red circle", "image": "pictures/in.png", "seed": 4, "steps": [4, 3]},
+            {"prompt": "x", "image": "../secret.png"},
+            {"prompt": "x", "image": str(tmp_path / "secret.png")},
+            {"prompt": "x", "image": "pictures/link.png"},
+            {"prompt": "x", "image": "pictures/none.png"},
+            {"prompt": "x", "mask": "pictures/mask.png"}]
+    (jobs / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = batch(jobs / "rows.jsonl", tmp_path / "out", model=engine_pipe, progress=False)
+    assert summary.images_written == 2
+    reasons = {bad.line: bad.reason for bad in summary.bad_rows}
+    assert all("is outside the input's folder" in reasons[line] for line in (3, 4, 5))
+    assert "cannot read image 'pictures/none.png'" in reasons[6] and "mask_image is for edits" in reasons[7]
+    entries = {e["row"]: e for e in (json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").open())}
+    expected = engine_pipe.generate("a red circle", image=picture(), mask_image=left_half_mask(),
+                                    strength=(0.9, 0.7), steps=(4, 3), seed=3)[0]
+    made = Image.open(tmp_path / "out" / entries[1]["file"])
+    assert np.array_equal(np.asarray(made.convert("RGB")), np.asarray(expected))
+    assert entries[1]["request"]["strength"] == [0.9, 0.7] and entries[1]["input"]["mask"] == "pictures/mask.png"
+    assert entries[2]["stages"]["stage_I"]["strength"] == 0.7  # diffusers' default, as it ran
