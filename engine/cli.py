@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=int, default=None,
                      help=f"largest request body, else 413 (default: $CASCADE_ENGINE_MAX_BODY_BYTES or "
                           f"{limits.max_body_bytes})")
+    srv.add_argument("--max-upload-bytes", type=int, default=None,
+                     help=f"largest edit body (/v1/images/edits: picture and mask files), else 413 (default: "
+                          f"$CASCADE_ENGINE_MAX_UPLOAD_BYTES or {limits.max_upload_bytes})")
     srv.add_argument("--max-prompt-chars", type=int, default=None,
                      help=f"longest prompt or negative prompt in characters, else 400 (default: "
                           f"$CASCADE_ENGINE_MAX_PROMPT_CHARS or {limits.max_prompt_chars})")
@@ -504,7 +507,8 @@ def serve(args) -> None:
         print(f"warning: listening on {args.host}, beyond loopback, with no API key: anyone who can reach it can "
               "use the model (--api-key)", file=sys.stderr)
     limits = serve_defaults.Limits.from_environment()
-    given = {"max_body_bytes": args.max_body_bytes, "max_prompt_chars": args.max_prompt_chars,
+    given = {"max_body_bytes": args.max_body_bytes, "max_upload_bytes": args.max_upload_bytes,
+             "max_prompt_chars": args.max_prompt_chars,
              "max_steps": args.max_steps, "max_images": args.max_images,
              "max_pixels_per_request": args.max_pixels_per_request}
     for name, value in given.items():

@@ -349,7 +349,7 @@ def request_from_call(prompt, options: Mapping[str, Any]) -> GenerateRequest:
 
 
 # The HTTP API's (and batch files') request fields -> GenerateRequest's, where they differ.
-API_FIELDS = {"n": "num_images_per_prompt"}
+API_FIELDS = {"n": "num_images_per_prompt", "mask": "mask_image"}
 API_REQUEST_FIELDS = ("prompt", "negative_prompt", "n", "seed", "steps", "guidance", "noise_level", "scheduler",
                       "guidance_interval", "preset", "strength")
 

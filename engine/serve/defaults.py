@@ -36,6 +36,7 @@ class Limits:
     """What one request may ask of the service. Defaults here; flags, or CASCADE_ENGINE_<NAME> variables."""
 
     max_body_bytes: int = 1 << 20  # a body with the longest prompts and per-stage lists is a few kB
+    max_upload_bytes: int = 16 << 20  # an edit's body (/v1/images/edits): its picture and mask files
     max_prompt_chars: int = 4000  # per prompt: 77 tokens are a few hundred characters; the rest is truncated
     body_timeout_s: float = 10.0  # to read the whole body: a 1 MiB body takes under a second on a working link
     max_steps: int | None = None  # denoising steps in any one stage (None: fit the model, see for_model)

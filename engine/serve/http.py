@@ -4,6 +4,9 @@
                                    "seed": 0, "steps": 27, "guidance": 7.0, "negative_prompt": null,
                                    "noise_level": null, "scheduler": null, "timeout": 60}
                                   -> {"created": ..., "seed": 0, "data": [{"b64_json": "<PNG>"}]}
+    POST /v1/images/edits         multipart/form-data, as OpenAI's images.edit sends it: image (a file), mask
+                                  (a file, optional: inpainting), prompt, n, size, strength and the settings
+                                  above -> the same answer (engine/serve/edits.py)
     GET /health/live              200 while the process serves HTTP
     GET /health/ready             200 once the model is loaded and warmed up, else 503
     GET /metrics                  Prometheus text format
@@ -17,7 +20,7 @@ with Retry-After; a request past its deadline 504; a NaN in a request's own stag
 A client that disconnects cancels its request at the next step boundary.
 
 Bounds, checked before any model work (`Limits`; flags of `python -m engine serve`, or environment variables):
-a body past max_body_bytes is a 413 (read with a limit, never whole); JSON nested deeper than MAX_JSON_DEPTH, a
+a body past max_body_bytes (an edit's: max_upload_bytes) is a 413 (read with a limit, never whole); JSON nested deeper than MAX_JSON_DEPTH, a
 prompt or negative prompt longer than max_prompt_chars characters (far above the 77 tokens the text encoder
 reads), guidance outside 0..MAX_GUIDANCE, and text that is not valid Unicode are 400s; so is a request's cost past
 max_steps (in any stage), max_images or max_pixels_per_request, whose defaults fit the served model
@@ -44,13 +47,16 @@ from typing import Callable
 
 from engine.errors import (EngineError, InvalidRequestError, NumericalError, QueueFullError, ShuttingDownError,
                            RequestTimeoutError)
+from engine.images import edit_input, edit_size
 from engine.options import API_FIELDS, DEFAULT_MAX_BATCH, GenerateRequest, request_from_api
 from engine.serve.defaults import (DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S,
                                    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE, DEFAULT_POLICY, DEFAULT_TIMEOUT_S,
                                    POLICIES, Limits)
 from engine.serve.metrics import Metrics
 from engine.serve.scheduler import BatchingScheduler, warm_up
-from engine.serve.schema import FIELDS, IGNORED_FIELDS, ErrorResponse, GenerationBody, ImagesResponse
+from engine.serve.edits import parse_form
+from engine.serve.schema import (EDIT_FIELDS, FIELDS, FILES, IGNORED_FIELDS, EditBody, ErrorResponse, GenerationBody,
+                                 ImagesResponse)
 from engine.version import __version__
 
 log = logging.getLogger(__name__)
@@ -161,8 +167,14 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
         "schema": GenerationBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
     # The handlers read the raw request themselves (the body with a size limit, then the schema and the core
     # check), so FastAPI is given the schema for /openapi.json only.
-    _route(app, "/v1/images/generations", "POST", _guarded(service, _generations(service)),
+    _route(app, "/v1/images/generations", "POST", _guarded(service, _generations(service, _json_body)),
            responses={200: {"model": ImagesResponse}, **errors}, openapi_extra=body)
+    form = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image", "prompt"],
+        "properties": {**{name: {"type": "string", "format": "binary"} for name in FILES},
+                       **EditBody.model_json_schema()["properties"]}}}}}}
+    _route(app, "/v1/images/edits", "POST", _guarded(service, _generations(service, _form_body)),
+           responses={200: {"model": ImagesResponse}, **errors}, openapi_extra=form)
     live, ready = _live(service), _ready(service, readiness)
     for path in ("/health/live", "/v2/health/live"):
         _route(app, path, "GET", live)
@@ -200,7 +212,7 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None):
     for core, api in API_NAMES.items():
         message = message.replace(core, api)
     first = message.split(" ", 1)[0]
-    param = first if kind == "invalid_request" and first in FIELDS | IGNORED_FIELDS else None
+    param = first if kind == "invalid_request" and first in EDIT_FIELDS | IGNORED_FIELDS | set(FILES) else None
     body = {"message": message, "type": ERROR_TYPES.get(kind, "server_error"), "param": param, "code": kind}
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
@@ -277,6 +289,20 @@ def _unknown_model(service: Service, asked):
                   "model_not_found")
 
 
+def output_size(request: GenerateRequest, pipeline) -> tuple[int, int] | None:
+    """(width, height) of the request's images: the model's size, or an edit's, whose picture keeps its aspect
+    (images.edit_size at the last stage that edits, times any x4 upscaler after it); None where unknown."""
+    edited = pipeline.edited_image(request)
+    size = pipeline.image_size
+    if edited is None or size is None:
+        return None if size is None else (size, size)
+    width, height = edit_input(edited, None).size
+    stages = [stage for stage in pipeline.stages if stage.kind != "latent_upscaler"]
+    width, height = edit_size(width, height, stages[-1].size)
+    scale = size // stages[-1].size  # the x4 upscalers after it
+    return width * scale, height * scale
+
+
 def check_cost(request: GenerateRequest, pipeline, limits: Limits) -> None:
     """InvalidRequestError naming the field where the request asks more than the limits allow (steps in any
     stage, images, pixels), before any model work; the limits as Limits.for_model filled them."""
@@ -288,11 +314,11 @@ def check_cost(request: GenerateRequest, pipeline, limits: Limits) -> None:
     if images > limits.max_images:
         raise InvalidRequestError(f"n asks for {images} images (prompts x n); this service takes at most "
                                   f"{limits.max_images} per request (--max-images)")
-    size = pipeline.image_size
+    size = output_size(request, pipeline)
     if size is not None and limits.max_pixels_per_request is not None and \
-            images * size * size > limits.max_pixels_per_request:
-        raise InvalidRequestError(f"n asks for {images} images of {size}x{size}, {images * size * size} pixels; this "
-                                  f"service takes at most {limits.max_pixels_per_request} per request "
+            images * size[0] * size[1] > limits.max_pixels_per_request:
+        raise InvalidRequestError(f"n asks for {images} images of {size[0]}x{size[1]}, {images * size[0] * size[1]} "
+                                  f"pixels; this service takes at most {limits.max_pixels_per_request} per request "
                                   "(--max-pixels-per-request)")
 
 
@@ -305,9 +331,11 @@ def _metrics(service: Service):
     return metrics
 
 
-def parse_body(body, timeout_s: float, image_size: int | None,
-               limits: Limits = Limits()) -> tuple[GenerateRequest, float]:
-    """A GenerateRequest and the request's timeout from a JSON body; InvalidRequestError naming the field."""
+def parse_body(body, timeout_s: float, image_size: int | None, limits: Limits = Limits(),
+               pictures: list | None = None, mask=None, pipeline=None) -> tuple[GenerateRequest, float]:
+    """A GenerateRequest and the request's timeout from a JSON body, or an edit's form fields with its pictures
+    and mask (read by edits.parse_form; `pipeline` then gives the size it makes); InvalidRequestError naming
+    the field."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the body must be a JSON object")
     if _depth(body) > MAX_JSON_DEPTH:
@@ -321,9 +349,10 @@ def parse_body(body, timeout_s: float, image_size: int | None,
     for guidance in _flat(body.get("guidance")):
         if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and not 0 <= guidance <= MAX_GUIDANCE:
             raise InvalidRequestError(f"guidance must be in 0..{MAX_GUIDANCE:g}, got {guidance!r}")
-    unknown = sorted(set(body) - FIELDS - IGNORED_FIELDS)
+    known = FIELDS if pictures is None else EDIT_FIELDS
+    unknown = sorted(set(body) - known - IGNORED_FIELDS)
     if unknown:
-        raise InvalidRequestError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))} "
+        raise InvalidRequestError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} "
                                   f"(and OpenAI's {', '.join(sorted(IGNORED_FIELDS))}, ignored)")
     if body.get("output_format", "png") != "png":
         raise InvalidRequestError("output_format must be 'png' (this service returns PNGs)")
@@ -331,27 +360,31 @@ def parse_body(body, timeout_s: float, image_size: int | None,
         raise InvalidRequestError("prompt is required")
     if body.get("response_format", "b64_json") != "b64_json":
         raise InvalidRequestError("response_format must be 'b64_json' (this service returns PNGs inline)")
-    if "size" in body and body["size"] != f"{image_size}x{image_size}":
-        raise InvalidRequestError(f"size must be '{image_size}x{image_size}' for this model, got {body['size']!r}")
-    _check_types(body)
+    _check_types(body, GenerationBody if pictures is None else EditBody)
     timeout = body.get("timeout", timeout_s)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= timeout_s:
         raise InvalidRequestError(f"timeout must be a number of seconds in (0, {timeout_s:g}], got {timeout!r}")
-    request = request_from_api({**body, "output_type": "pil"})
+    image = None if pictures is None else pictures[0] if len(pictures) == 1 else pictures
+    request = request_from_api({**body, "output_type": "pil"}, image=image, mask_image=mask)
+    size = (image_size, image_size) if pictures is None or pipeline is None else output_size(request, pipeline)
+    if "size" in body and body["size"] != "auto" and size is not None and body["size"] != f"{size[0]}x{size[1]}":
+        raise InvalidRequestError(f"size must be '{size[0]}x{size[1]}' for this model"
+                                  f"{' and picture' if pictures else ''} (or 'auto'), got {body['size']!r}")
     return request, float(timeout)
 
 
-def _check_types(body: dict) -> None:
-    """The schema's type check (schema.GenerationBody); InvalidRequestError naming the first wrong field."""
+def _check_types(body: dict, schema) -> None:
+    """The schema's type check (schema.GenerationBody or EditBody); InvalidRequestError naming the first wrong
+    field."""
     from pydantic import ValidationError
 
     try:
-        GenerationBody.model_validate(body)
+        schema.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = first["loc"][0]
         got = body.get(field)
-        description = GenerationBody.model_fields[field].description
+        description = schema.model_fields[field].description
         raise InvalidRequestError(f"{field} has the wrong type ({type(got).__name__} {str(got)[:40]!r}): it takes "
                                   f"{description}") from None
 
@@ -392,12 +425,28 @@ def _guarded(service: Service, handler, counted: bool = True):
     return guarded
 
 
-def _generations(service: Service):
+def _json_body(service: Service, raw: bytearray, content_type: str) -> tuple[dict, dict]:
+    """/v1/images/generations: the JSON body, and no pictures (parse_body's keywords)."""
+    try:
+        return json.loads(raw), {}
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's own limit
+        raise InvalidRequestError("the body is not valid JSON (or nested too deeply)") from None
+
+
+def _form_body(service: Service, raw: bytearray, content_type: str) -> tuple[dict, dict]:
+    """/v1/images/edits: the form's fields, and its pictures and mask (engine/serve/edits.py)."""
+    fields, pictures, mask = parse_form(raw, content_type)
+    return fields, {"pictures": pictures, "mask": mask, "pipeline": service.pipeline}
+
+
+def _generations(service: Service, read_body):
+    """The handler of a route that generates: read_body(service, raw body, content type) -> (fields, the
+    pictures parse_body takes), InvalidRequestError for a body it cannot read."""
     async def generations(request):
         # The caller's X-Request-ID (or a fresh one), echoed on every answer, errors included.
         request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
         start = time.perf_counter()
-        response = await _generate(service, request, request_id)
+        response = await _generate(service, request, request_id, read_body)
         response.headers["X-Request-ID"] = request_id
         if response.status_code != 200:  # a 200's line, with its images and timings, is written by _generate
             log.info(json.dumps({"request_id": request_id, "status": response.status_code,
@@ -416,7 +465,7 @@ async def _read_body(request, limit: int) -> bytearray | None:
     return raw
 
 
-async def _generate(service: Service, request, request_id: str):
+async def _generate(service: Service, request, request_id: str, read_body):
     """One generation request's answer (see the module docstring for the statuses)."""
     from starlette.responses import JSONResponse
 
@@ -426,7 +475,7 @@ async def _generate(service: Service, request, request_id: str):
                       {"Retry-After": str(RETRY_AFTER_S)})
     if not service.ready.is_set():
         return _error(503, "the model is loading and warming up", "not_ready", {"Retry-After": "5"})
-    limit = service.limits.max_body_bytes
+    limit = service.limits.max_body_bytes if read_body is _json_body else service.limits.max_upload_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         service.metrics.request("invalid")
@@ -439,16 +488,17 @@ async def _generate(service: Service, request, request_id: str):
     if raw is None:
         service.metrics.request("invalid")
         return _error(413, f"the body is over {limit} bytes", "invalid_request")
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested past the parser's own limit
+    try:  # an upload's pictures are decoded off the event loop
+        body, pictures = await asyncio.to_thread(read_body, service, raw, request.headers.get("content-type", ""))
+    except InvalidRequestError as exc:
         service.metrics.request("invalid")
-        return _error(400, "the body is not valid JSON (or nested too deeply)", "invalid_request")
+        return _error(400, str(exc), "invalid_request")
     if isinstance(body, dict) and body.get("model") is not None and body["model"] != service.model_name:
         service.metrics.request("invalid")
         return _unknown_model(service, body["model"])
     try:
-        gen_request, timeout = parse_body(body, service.timeout_s, service.pipeline.image_size, service.limits)
+        gen_request, timeout = parse_body(body, service.timeout_s, service.pipeline.image_size, service.limits,
+                                          **pictures)
         check_cost(gen_request, service.pipeline, service.limits)
         future = service.scheduler.submit(gen_request, timeout_s=timeout)
     except InvalidRequestError as exc:

@@ -48,8 +48,21 @@ class GenerationBody(BaseModel):
     stream: Any = Field(None, description="ignored")
 
 
-IGNORED_FIELDS = frozenset(name for name, f in GenerationBody.model_fields.items() if f.description == "ignored")
+class EditBody(GenerationBody):
+    """POST /v1/images/edits: OpenAI's image edit form (the picture, `image`, and the `mask` are files beside these
+    fields), plus the cascade's own settings and the edit's strength."""
+
+    strength: Union[Number, list[Number], None] = Field(
+        None, description="a number in (0, 1]: how much of the schedule redraws the picture; or a list, one per "
+                          "stage that edits")
+    input_fidelity: Any = Field(None, description="ignored")
+    safety_identifier: Any = Field(None, description="ignored")
+
+
+IGNORED_FIELDS = frozenset(name for name, f in EditBody.model_fields.items() if f.description == "ignored")
 FIELDS = frozenset(GenerationBody.model_fields) - IGNORED_FIELDS
+EDIT_FIELDS = frozenset(EditBody.model_fields) - IGNORED_FIELDS
+FILES = ("image", "mask")  # an edit's files, by their form names
 
 
 class Image(BaseModel):
