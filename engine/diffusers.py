@@ -2,6 +2,7 @@
 runs with its imports changed (examples/deepfloyd_model_card.py is DeepFloyd's model card so):
 
     from engine.diffusers import DiffusionPipeline, IFPipeline, IFSuperResolutionPipeline, pt_to_pil
+    (and IFImg2ImgPipeline, IFInpaintingPipeline and their SuperResolution twins, for the edits)
     stage_1 = IFPipeline.from_pretrained("DeepFloyd/IF-I-XL-v1.0", variant="fp16", torch_dtype=torch.float16)
     stage_2 = IFSuperResolutionPipeline.from_pretrained("DeepFloyd/IF-II-L-v1.0", text_encoder=None, ...)
 
@@ -52,12 +53,47 @@ class DiffusionPipeline:
         return pipe
 
 
+    @classmethod
+    def from_pipe(cls, pipeline: Pipeline, **unused) -> Pipeline:
+        """diffusers' from_pipe (IFImg2ImgPipeline.from_pipe(stage_1)): the same Pipeline, which runs every IF
+        job itself (an edit is its call with image=); checked to be the stage kind the class names."""
+        if unused:
+            raise InvalidRequestError(f"from_pipe's {sorted(unused)[0]}= is not supported here: the pipeline is "
+                                      "used as it is")
+        if not isinstance(pipeline, Pipeline):
+            raise InvalidRequestError(f"from_pipe takes an engine Pipeline, got {type(pipeline).__name__}")
+        if cls.stage_kind is not None and pipeline.stages[0].kind != cls.stage_kind:
+            raise InvalidRequestError(f"{cls.__name__} runs a {cls.stage_kind} stage; this pipeline starts with "
+                                      f"{pipeline.stages[0].kind}")
+        return pipeline
+
+
+# One Pipeline class does every job: text-to-image, and with image=/mask_image=/strength= the edits. The edit
+# classes load the same, with the engine's defaults (the model's), not each diffusers class's own (its
+# IFImg2ImgPipeline guides at 10, its IFInpaintingSuperResolutionPipeline augments at noise_level 0): pass
+# guidance_scale= and noise_level= to match those.
 class IFPipeline(DiffusionPipeline):
     stage_kind = "base"
 
 
+class IFImg2ImgPipeline(IFPipeline):
+    pass
+
+
+class IFInpaintingPipeline(IFPipeline):
+    pass
+
+
 class IFSuperResolutionPipeline(DiffusionPipeline):
     stage_kind = "super_resolution"
+
+
+class IFImg2ImgSuperResolutionPipeline(IFSuperResolutionPipeline):
+    pass
+
+
+class IFInpaintingSuperResolutionPipeline(IFSuperResolutionPipeline):
+    pass
 
 
 class StableDiffusionUpscalePipeline(DiffusionPipeline):

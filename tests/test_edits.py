@@ -243,3 +243,24 @@ def test_batch_rows_edit_pictures_inside_the_input_folder_only(engine_pipe, tmp_
     assert np.array_equal(np.asarray(made.convert("RGB")), np.asarray(expected))
     assert entries[1]["request"]["strength"] == [0.9, 0.7] and entries[1]["input"]["mask"] == "pictures/mask.png"
     assert entries[2]["stages"]["stage_I"]["strength"] == 0.7  # diffusers' default, as it ran
+
+
+def test_diffusers_edit_classes_chain_as_theirs_do(cascade_dir, edit_pipes):
+    """IFInpaintingPipeline -> IFInpaintingSuperResolutionPipeline from engine.diffusers, as diffusers' docs chain
+    them: stage I's encode_prompt, its output_type="pt" output as stage II's image=, the picture as original_image=."""
+    from engine.diffusers import IFImg2ImgPipeline, IFInpaintingPipeline, IFInpaintingSuperResolutionPipeline
+
+    stage_1 = IFInpaintingPipeline.from_pretrained(cascade_dir / "stage_I")
+    stage_2 = IFInpaintingSuperResolutionPipeline.from_pretrained(cascade_dir / "stage_II", text_encoder=None)
+    assert IFImg2ImgPipeline.from_pipe(stage_1) is stage_1
+    with pytest.raises(InvalidRequestError, match="runs a base stage; this pipeline starts with super_resolution"):
+        IFImg2ImgPipeline.from_pipe(stage_2)
+    embeds, negative = stage_1.encode_prompt(PROMPT)
+    g = generator(8)
+    common = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=g, mask_image=left_half_mask())
+    low = stage_1(image=picture(), strength=0.8, num_inference_steps=STEPS[0], output_type="pt", **common).images
+    ours_ = stage_2(image=low, original_image=picture(), strength=0.6, num_inference_steps=STEPS[1], noise_level=250,
+                    output_type="np", **{**common, "generator": g}).images
+    theirs = run_reference_edit(edit_pipes[True], PROMPT, picture(), 8, STEPS, GUIDANCE, (0.8, 0.6),
+                                mask=left_half_mask())
+    assert np.abs(ours_ - theirs).max() <= BOUND
