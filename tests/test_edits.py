@@ -264,3 +264,12 @@ def test_diffusers_edit_classes_chain_as_theirs_do(cascade_dir, edit_pipes):
     theirs = run_reference_edit(edit_pipes[True], PROMPT, picture(), 8, STEPS, GUIDANCE, (0.8, 0.6),
                                 mask=left_half_mask())
     assert np.abs(ours_ - theirs).max() <= BOUND
+
+
+def test_engine_generate_edits_with_the_packaged_model():
+    source = engine.generate("a large red circle on a blue background", seed=0, steps=(6, 4))[0]
+    edited = engine.generate("a large green circle on a blue background", image=source, strength=0.6, seed=1,
+                             steps=(6, 4), output_type="np")
+    assert edited.shape == (1, 128, 128, 3)
+    with pytest.raises(InvalidRequestError, match="strength must be a number in \\(0, 1\\]"):
+        engine.generate("a large red circle", image=source, strength=-1)
