@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine import offload
 from engine.errors import InvalidRequestError, ModelError
 from engine.options import StageDefaults
 from engine.pipeline import Pipeline
@@ -46,6 +47,10 @@ def build_pipeline(specs: list, components, source: str = "", notice: str | None
             pipeline.add_preset(name, preset.stages, preset.certified)
         except InvalidRequestError as exc:  # the model's own files are wrong: say which
             raise ModelError(source or specs[0].directory, str(exc)) from exc
+    mode = getattr(components, "offload", None)
+    if mode is not None:  # the models wait in host memory, each on the device while it runs (offload.py)
+        keep = ("text_encoder",) if components.text_device != components.device else ()  # T5 runs where it is
+        pipeline.offloader = offload.install(pipeline, mode, keep)
     return pipeline
 
 
@@ -68,4 +73,6 @@ def noise_schedule(config: dict, where: Path) -> NoiseSchedule:
 
 def _text_encoder(components, spec, clip: bool) -> TextEncoder:
     tokenizer, model, dim = components.text_encoder(spec)
-    return TextEncoder(tokenizer, model, components.device, output_dtype=components.dtype, dim=dim, clip=clip)
+    runs_on = getattr(components, "text_device", components.device) if not clip else components.device
+    return TextEncoder(tokenizer, model, runs_on, output_dtype=components.dtype, dim=dim, clip=clip,
+                       output_device=components.device)

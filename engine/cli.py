@@ -21,14 +21,16 @@ from pathlib import Path
 from engine.backends import BACKENDS
 from engine.bench import BenchOptions, run
 from engine.bench.components import COMPILE_MODES, DEFAULT_COMPARE, VARIANTS
-from engine.bench.real_size import NAMES
+from engine.bench.real_size import NAMES, real_size_parts
 from engine.bench.report import DEFAULT_REGRESSION, command_line, compare_to_baseline, save_json, table
 from engine import offline
 from engine.demo import evaluate as quality_gate
 from engine.errors import EngineError
 from engine.loading import DTYPES, load
 
-from engine.model_dir import DEFAULT_MODEL
+from engine.model_dir import DEFAULT_MODEL, read_stages, stage_dirs
+from engine.offload import OFFLOAD_MODES
+from engine.plan import memory_plan, parse_memory, parts_of
 from engine.options import DEFAULT_MAX_BATCH, STAGE_DEFAULTS, GenerateRequest, request_defaults
 from engine.ray_batch import RayOptions
 from engine.samplers import SAMPLERS
@@ -108,6 +110,11 @@ def _load_options() -> argparse.ArgumentParser:
     flags.add_argument("--dtype", choices=list(DTYPES), default=None,
                        help="float32 (CPU default), float16 (CUDA default) or bfloat16")
     flags.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None, help=FAST_HELP)
+    flags.add_argument("--offload", choices=OFFLOAD_MODES, default=None,
+                       help="torch: each model in host memory, on the GPU only while it runs (model), or layer by "
+                            "layer (sequential), for GPUs the cascade does not fit (see `plan`)")
+    flags.add_argument("--text-encoder-device", default=None, metavar="DEVICE",
+                       help="torch: where T5 runs, e.g. cpu beside a GPU (default: --device)")
     return flags
 
 
@@ -134,7 +141,8 @@ def _autoscale(args) -> tuple[int, int] | None:
 
 def load_options(args) -> dict:
     """engine.load's keyword arguments from the load flags (_load_options)."""
-    return {"backend": args.backend, "device": args.device, "dtype": args.dtype, "fast": args.fast}
+    return {"backend": args.backend, "device": args.device, "dtype": args.dtype, "fast": args.fast,
+            "offload": args.offload, "text_encoder_device": args.text_encoder_device}
 
 
 def configure_logging(args) -> str:
@@ -262,6 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write a contact sheet of the pictures, captioned, the wrong ones framed in red")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    pln = commands.add_parser("plan", parents=common,
+                              help="the device memory a model needs, per phase, before any weights are read")
+    pln.add_argument("model", nargs="*", default=[DEFAULT_MODEL], metavar="MODEL",
+                     help=f"stage directories, a directory with cascade.json, hub ids or a packaged name (default: "
+                          f"{DEFAULT_MODEL})")
+    pln.add_argument("--real-size", choices=("if", "if+x4"), default=None,
+                     help="plan DeepFloyd's published cascade instead (T5-XXL, IF-I-XL, IF-II-L, and the x4 "
+                          "upscaler with if+x4) from its configs: no weights needed")
+    pln.add_argument("--dtype", choices=list(DTYPES), default="float16", help="the U-Nets' precision (default float16)")
+    pln.add_argument("--offload", choices=OFFLOAD_MODES, default=None)
+    pln.add_argument("--text-encoder-device", choices=("cpu",), default=None, help="cpu: T5 off the device")
+    pln.add_argument("--images", type=int, default=1, help="images per U-Net call (a server: its --max-batch)")
+    pln.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                     help="say whether it fits, e.g. 16GB or 24GiB (exit status 1 if not)")
     bat = commands.add_parser("batch", parents=[*loads, _ray_options("run on a Ray cluster's workers (Ray Data)")],
                               help="generate every row of a .txt/.csv/.jsonl file into a directory, batched per "
                                    "step, resumable")
@@ -522,7 +544,7 @@ def serve(args) -> None:
     app_kwargs = {"max_batch": args.max_batch, "max_queue": args.max_queue, "timeout_s": args.timeout,
                   "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth,
                   "model_name": args.served_model_name or str(args.model[0])}
-    load_kwargs = load_options(args)
+    load_kwargs = {**load_options(args), "images_per_call": args.max_batch}  # the memory plan's batch
     if args.ray:
         app = ray_app.application(load_kwargs, args.model, app_kwargs, replicas=args.replicas,
                                   autoscale=_autoscale(args), num_gpus=args.num_gpus)
@@ -576,6 +598,21 @@ def run_batch(args) -> None:
         raise KeyboardInterrupt
 
 
+def plan(args) -> int:
+    """`python -m engine plan`: the memory plan's table (engine/plan.py); 1 where it does not fit --gpu-memory."""
+    if args.images < 1:
+        raise EngineError(f"--images must be >= 1, got {args.images}")
+    memory = None if args.gpu_memory is None else parse_memory(args.gpu_memory)
+    dtype = DTYPES[args.dtype]
+    if args.real_size is not None:
+        parts = real_size_parts(dtype, x4=args.real_size == "if+x4")
+    else:
+        parts = parts_of(read_stages(stage_dirs(args.model)), dtype)
+    result = memory_plan(parts, args.offload, args.images, text_on_device=args.text_encoder_device is None)
+    print(result.table(memory))
+    return 0 if memory is None or result.fits(memory) else 1
+
+
 def evaluate(args) -> None:
 
     options = quality_gate.EvalOptions(count=args.count, batch=args.batch, seed=args.seed)
@@ -613,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(args)
         elif args.command == "batch":
             run_batch(args)
+        elif args.command == "plan":
+            return plan(args)
         elif args.command == "bench":
             return bench(args, argv)
     except EngineError as exc:

@@ -29,6 +29,8 @@ from engine.backends.fast_unet import resolve_fast
 from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import export_kind, is_exported
 from engine.model_dir import read_presets, read_stages, stage_dirs, unet_text_width
+from engine.offload import OFFLOAD_MODES
+from engine.plan import refuse_what_cannot_fit
 from engine.options import closest_name
 from engine.pipeline import Pipeline
 
@@ -70,7 +72,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def load(*paths: str | Path, backend: str | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, attention: str | None = None, providers=None,
          revision: str | None = None, variant: str | None = None, torch_dtype: str | torch.dtype | None = None,
-         fast: bool | None = None, text_encoder: bool = True, **unknown) -> Pipeline:
+         fast: bool | None = None, text_encoder: bool = True, offload: str | None = None,
+         text_encoder_device: str | torch.device | None = None, images_per_call: int = 1, **unknown) -> Pipeline:
     """A Pipeline for a cascade on disk (stage dirs in order, a dir with cascade.json), hub ids of snapshots in
     the local Hugging Face cache, a packaged model name, or a directory exported by `python -m engine export`.
 
@@ -87,7 +90,13 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
     to take prompt_embeds only; a stage directory without one is loaded so anyway.
     fast (torch only): the fast path (engine/executor.py, backends/fast_unet.py): static buffers, per-request
     text constants, compiled U-Nets cached across processes, CUDA graphs. None (default): on for CUDA, off for
-    CPU (compiling costs about a minute per shape there, once); `pipe.warmup()` pays that cost up front.
+    CPU (compiling costs about a minute per shape there, once), off with offload; `pipe.warmup()` pays that
+    cost up front.
+    offload (torch only): "model" or "sequential" (engine/offload.py): the models wait in host memory and each
+    is on the device only while it runs, for GPUs the cascade does not fit (`python -m engine plan`).
+    text_encoder_device (torch only): where T5 runs, e.g. "cpu" beside a GPU; its embeddings are sent over.
+    images_per_call: the most images one U-Net call will run (a server's or batch job's max_batch). On CUDA the
+    torch backend first plans the memory (engine/plan.py) and refuses, with the plan, what cannot fit.
 
     The steps: the options are checked against the backend's entry (backends.BACKENDS), an exported backend's
     export is prepared (made into the cache where `paths` is a model), its components made, the pipeline built.
@@ -115,12 +124,13 @@ def load(*paths: str | Path, backend: str | None = None, device: str | torch.dev
                                   f"with backend='{runner}' (or no backend), or load the original model directory "
                                   f"with backend='{name}'")
     options = _backend_options(name, spec, {"attention": attention, "variant": variant, "fast": fast,
-                                            "providers": providers})
+                                            "providers": providers, "offload": offload,
+                                            "text_encoder_device": text_encoder_device})
     if not text_encoder and spec.export_kind is not None:
         raise InvalidRequestError(f"text_encoder=False applies to the torch backend only; the {name} backend runs "
                                   "what the export holds")
     if spec.export_kind is None:
-        pipe = _load_model(paths, spec, device, dtype, revision, dict(options), text_encoder)
+        pipe = _load_model(paths, spec, device, dtype, revision, dict(options), text_encoder, images_per_call)
     else:
         pipe = _load_export(paths, exported, name, spec, device, dtype, revision, dict(options))
     # What pipe.to(device, dtype) loads again: the same model and options, on another device or in another dtype.
@@ -139,13 +149,24 @@ def _backend_options(name: str, spec, given: dict) -> dict:
     return {option: value for option, value in given.items() if value is not None}
 
 
-def _load_model(paths, spec, device, dtype, revision, options: dict, text_encoder: bool = True) -> Pipeline:
+def _load_model(paths, spec, device, dtype, revision, options: dict, text_encoder: bool = True,
+                images_per_call: int = 1) -> Pipeline:
     """A model-directory backend's pipeline (torch): every config checked before any weights are read."""
     device = resolve_device(device)
     if "attention" in spec.options:
         options["attention"] = resolve_attention(options.get("attention"), device)
+    if options.get("offload") is not None:
+        if options["offload"] not in OFFLOAD_MODES:
+            raise InvalidRequestError(f"offload must be one of {', '.join(OFFLOAD_MODES)} (or None), got "
+                                      f"{options['offload']!r}")
+        if options.get("fast"):
+            raise InvalidRequestError("offload moves weights between calls, which the fast path's compiled calls "
+                                      "and captured graphs cannot follow: give fast=False (or leave it unset)")
+        options["fast"] = False
     if "fast" in spec.options:
         options["fast"] = resolve_fast(options.get("fast"), device)
+    if options.get("text_encoder_device") is not None:
+        options["text_encoder_device"] = resolve_device(options["text_encoder_device"])
     dtype = resolve_dtype(dtype, device)
     cascade = stage_dirs(paths, revision)
     specs = read_stages(cascade)
@@ -153,6 +174,10 @@ def _load_model(paths, spec, device, dtype, revision, options: dict, text_encode
         if specs[0].kind == "latent_upscaler":
             raise InvalidRequestError("text_encoder=False: the x4 upscaler encodes its prompts with its own CLIP")
         specs[0] = dataclasses.replace(specs[0], text_dim=unet_text_width(specs[0].directory))
+    if device.type == "cuda":  # before any weights are read: what cannot fit is refused with the plan
+        text_device = options.get("text_encoder_device")
+        refuse_what_cannot_fit(specs, dtype, options.get("offload"), text_device is None or text_device == device,
+                               images_per_call, device)
     components = spec.components_class()(device, dtype, **options)
     return build_pipeline(specs, components, source=cascade.source, notice=cascade.notice, presets=cascade.presets)
 

@@ -48,7 +48,8 @@ def batch(source, out, model: Pipeline | str | None = None, max_batch: int = DEF
     loading `model` itself (a path or hub id, not a Pipeline)."""
     out = Path(out)
     rows, bad = checked_rows(source, strict, defaults)
-    load_options = {k: v for k, v in load_options.items() if v is not None}
+    # The memory plan (engine/plan.py) checks the job's calls fit: max_batch images each.
+    load_options = {"images_per_call": max_batch, **{k: v for k, v in load_options.items() if v is not None}}
     if ray is not None and ray is not False:
         if isinstance(model, Pipeline):
             raise InvalidRequestError("a batch job on Ray loads the model on each worker: pass its path(s) or hub "

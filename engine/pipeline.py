@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from engine import offload
 from engine.errors import InvalidRequestError
 from engine.executor import bucket
 from engine.images import EditInput, ModelRange, edit_input, edit_size, from_model_range, to_model_range
@@ -25,10 +26,6 @@ from engine.text import TextEncoder
 
 log = logging.getLogger(__name__)
 
-
-OFFLOAD_NOT_BUILT = ("{method}() is not built yet for GPUs: the engine keeps every component on its device. Load on the "
-                     "GPU where the cascade fits (IF-I-XL, IF-II-L and T5-XXL in bfloat16 take about 24 GB), "
-                     "or on the CPU (engine.load(..., device='cpu'))")
 
 
 @dataclass
@@ -74,6 +71,7 @@ class Pipeline:
         self.presets: dict[str, Preset] = {}
         self.progress_bar_config: dict = {}  # the door's tqdm options (set_progress_bar_config)
         self.reload = None  # (device=, dtype=) -> the same model loaded again; engine.load sets it (pipe.to)
+        self.offloader = None  # engine/offload.py's, where the models wait in host memory between their phases
 
     @property
     def image_size(self) -> int | None:
@@ -153,18 +151,26 @@ class Pipeline:
         return self
 
     def enable_model_cpu_offload(self, gpu_id=None, device="cuda") -> None:
-        """diffusers' offload (each model on the GPU only while it runs). On a pipeline that runs on the CPU
-        there is nothing to offload, and nothing is done; on a GPU it is not built yet, and raises saying so."""
-        self._offload("enable_model_cpu_offload")
+        """diffusers' offload: each model in host memory, on the GPU only while it runs (engine/offload.py;
+        engine.load(..., offload="model") is the same from the start). On a pipeline that runs on the CPU, where
+        its models already are, nothing is done."""
+        self._offload("enable_model_cpu_offload", "model")
 
     def enable_sequential_cpu_offload(self, gpu_id=None, device="cuda") -> None:
-        """diffusers' submodule-by-submodule offload: as enable_model_cpu_offload."""
-        self._offload("enable_sequential_cpu_offload")
+        """diffusers' submodule-by-submodule offload: every layer streamed to the GPU as it runs (offload="sequential")."""
+        self._offload("enable_sequential_cpu_offload", "sequential")
 
-    def _offload(self, method: str) -> None:
-        if self.device.type != "cpu":
-            raise InvalidRequestError(OFFLOAD_NOT_BUILT.format(method=method))
-        log.info("%s(): this pipeline runs on the CPU, where its models already are: nothing to offload", method)
+    def _offload(self, method: str, mode: str) -> None:
+        if self.device.type == "cpu":
+            log.info("%s(): this pipeline runs on the CPU, where its models already are: nothing to offload", method)
+            return
+        if self.offloader is not None:
+            if self.offloader.mode == mode:
+                return
+            raise InvalidRequestError(f"{method}(): this pipeline is offloaded already (offload="
+                                      f"{self.offloader.mode!r}): load it again to change that")
+        keep = ("text_encoder",) if self.text.device != self.device else ()
+        self.offloader = offload.install(self, mode, keep)
 
     def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
         """diffusers' switch to xformers' attention: nothing to do, the backend's attention is already fused

@@ -22,11 +22,12 @@ MAX_TOKENS = 77
 
 class TextEncoder:
     def __init__(self, tokenizer, model, device: torch.device, output_dtype: torch.dtype, dim: int,
-                 clip: bool = False):
+                 clip: bool = False, output_device: torch.device | None = None):
         self.tokenizer = tokenizer
         self.clip = clip  # CLIP's conventions (see above) instead of IF's T5
         self.model = model  # model(input_ids, attention_mask=...) -> (hidden (B, 77, dim), ...): T5 or a backend's
-        self.device = device
+        self.device = device  # where it runs
+        self.output_device = output_device or device  # the U-Nets' device (T5 may run on the CPU beside a GPU)
         self.output_dtype = output_dtype  # the U-Nets' dtype: embeddings are cast once, here
         self.dim = dim
         self._empty: torch.Tensor | None = None
@@ -44,7 +45,12 @@ class TextEncoder:
                 log.warning("prompt is %d tokens, truncated to %d: %r", length, MAX_TOKENS, prompt[:200])
         mask = None if self.clip else tokens.attention_mask.to(self.device)
         hidden = self.model(tokens.input_ids.to(self.device), attention_mask=mask)[0]
-        return hidden.to(self.output_dtype)
+        return hidden.to(device=self.output_device, dtype=self.output_dtype)
+
+    def modules(self):
+        """(module, its entry modules) for offload (engine/offload.py), or None where the model is not a torch
+        module (an export's graph)."""
+        return (self.model, [self.model]) if isinstance(self.model, torch.nn.Module) else None
 
     def empty(self) -> torch.Tensor:
         """(1, 77, D) embedding of the empty prompt: the default unconditional input, computed once."""

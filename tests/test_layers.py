@@ -9,11 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine", "cascade_kernels", "export")
 CORE = ("engine.errors", "engine.options", "engine.schedules", "engine.samplers", "engine.stage",
-        "engine.executor", "engine.pipeline", "engine.text", "engine.images")
+        "engine.executor", "engine.pipeline", "engine.text", "engine.images", "engine.offload")
 # The fast path's torch-specific parts, the torch backend's own: nothing in the core reaches them.
 TORCH_FAST = ("engine.backends.fast_unet", "engine.backends.text_constants", "engine.backends.compiled")
 ABOVE_CORE = ("engine.backends", "engine.serve", "engine.bench", "engine.demo", "engine.testing", "engine.loading",
-              "engine.assemble", "engine.model_dir", "engine.exported", "export", "engine.cli")
+              "engine.assemble", "engine.model_dir", "engine.exported", "export", "engine.cli", "engine.plan")
 
 
 def modules() -> dict[str, Path]:

@@ -11,7 +11,7 @@ Both export backends share exported.py (an export's stages and the runtime's cal
 Each backend is one `Backend` entry in BACKENDS, data that engine.load reads (loading.py: validate the options
 against the entry, prepare an export where it runs one, make the components, build the pipeline):
 - a model-directory backend's Components is built as cls(device, dtype, **options), its options resolved
-  (attention, variant, fast for torch);
+  (attention, variant, fast, offload, text_encoder_device for torch);
 - an exported backend's as cls.for_load(root, device, **options) over an export of its `export_kind`, which its
   `prepare` hook ("module:function", imported when used) makes into the cache from model directories first.
 A new exported backend is a backend file here, an export file under export/ (and its prepare hook), and one
@@ -61,7 +61,8 @@ def _resolve(target: str):
 
 
 BACKENDS = {
-    "torch": Backend("engine.backends.torch_backend:TorchComponents", options=("attention", "variant", "fast")),
+    "torch": Backend("engine.backends.torch_backend:TorchComponents",
+                     options=("attention", "variant", "fast", "offload", "text_encoder_device")),
     "onnxruntime": Backend("engine.backends.onnxruntime_backend:OrtComponents", options=("providers",),
                            export_kind="onnx", export_name="ONNX", prepare="export.cache:prepare_onnx",
                            cached="export.cache:prepared_onnx"),

@@ -24,9 +24,13 @@ class TorchComponents:
     backend = "torch"
 
     def __init__(self, device: torch.device, dtype: torch.dtype, attention: str, variant: str | None = None,
-                 fast: bool = False):
+                 fast: bool = False, offload: str | None = None, text_encoder_device: torch.device | None = None):
         self.device, self.dtype, self.attention, self.variant = device, dtype, attention, variant
         self.fast = fast
+        self.offload = offload  # engine/offload.py installs it once the pipeline is built
+        # Where the models are loaded: host memory when offloaded (offload.py puts them on the device as they run)
+        self.home = torch.device("cpu") if offload else device
+        self.text_device = text_encoder_device or device  # where the text encoder runs
 
     def run_context(self):
         return None
@@ -46,13 +50,14 @@ class TorchComponents:
         except Exception as exc:  # transformers raises many types for bad weight files
             raise ModelError(folder, f"cannot load the {'CLIP' if clip else 'T5'} encoder weights: {exc}") from exc
         dim = model.config.hidden_size if clip else model.config.d_model
-        return tokenizer, model.to(self.device).eval(), dim
+        home = self.text_device if self.text_device != self.device and not clip else self.home
+        return tokenizer, model.to(home).eval(), dim
 
     def unet(self, stage):
         from diffusers import UNet2DConditionModel
 
         model = self._diffusers(UNet2DConditionModel, stage.directory / "unet", "U-Net", self.dtype)
-        unet = TorchUNet(model.to(self.device), self.attention)
+        unet = TorchUNet(model.to(self.home), self.attention, self.device)
         return FastUNet(unet, stage.directory / "unet") if self.fast else unet
 
     def vae_decoder(self, stage):
@@ -62,7 +67,7 @@ class TorchComponents:
         # The VAE overflows in float16: diffusers decodes in float32 when the config says force_upcast (default).
         upcast = self.dtype == torch.float16 and model_config(folder, "AutoencoderKL", "VAE config")["force_upcast"]
         vae = self._diffusers(AutoencoderKL, folder, "vae", torch.float32 if upcast else self.dtype)
-        return TorchVAEDecoder(vae.to(self.device), self.attention)
+        return TorchVAEDecoder(vae.to(self.home), self.attention)
 
     def _diffusers(self, cls, folder, what: str, dtype: torch.dtype):
         # The variant follows the stage's dtype, also for an upcast VAE, as diffusers' variant= does.
@@ -76,11 +81,11 @@ class TorchComponents:
 class TorchUNet:
     """Calls a diffusers `UNet2DConditionModel` with named tensors and returns its output tensor."""
 
-    def __init__(self, model, attention: str = "sdpa"):
+    def __init__(self, model, attention: str = "sdpa", device: torch.device | None = None):
         self.model = model.eval().requires_grad_(False)
         self.attention = attention
         install(self.model, attention)
-        if model.device.type == "cuda":
+        if (device or model.device).type == "cuda":  # where it runs (offloaded: it waits in host memory)
             # channels_last: the U-Nets are ~90% convolution and cuDNN runs NHWC faster. Not on CPU: there it
             # is 15% faster too, but its rounding moved a 6-step DDIM cascade 1.3e-4 from diffusers, past the
             # 1e-4 float32 parity bound (bench/RESULTS.md).
@@ -91,6 +96,10 @@ class TorchUNet:
         self.sample_size = config.sample_size
         self.downsampling = downsampling(config.block_out_channels)  # input sides must be multiples of it
         self.dtype = model.dtype
+
+    def modules(self):
+        """(module, its entry modules) for offload (engine/offload.py)."""
+        return self.model, [self.model]
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,6 +119,11 @@ class TorchVAEDecoder:
         self.scaling_factor = config.scaling_factor
         self.latent_channels = config.latent_channels
         self.scale = downsampling(config.block_out_channels)  # each decoder up block but the last doubles H, W
+
+    def modules(self):
+        """(module, its entry modules) for offload (engine/offload.py): decode() calls these two, not forward."""
+        entries = [m for m in (getattr(self.vae, "post_quant_conv", None), self.vae.decoder) if m is not None]
+        return self.vae, entries
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         # latents (B, 4, h, w) -> (B, 3, scale * h, scale * w). Cast first, then divide, in diffusers' order.

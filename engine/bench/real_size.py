@@ -21,6 +21,11 @@ from pathlib import Path
 
 import torch
 
+from engine.backends.torch_backend import text_dtype
+from engine.options import STAGE_DEFAULTS
+from engine.plan import PlanPart
+from engine.schedules import NAMED_SCHEDULES
+
 CONFIGS_FILE = Path(__file__).resolve().parents[1] / "configs" / "real_size.json"
 SIZES = ("random", "tiny")  # NAME:random is the real size, NAME:tiny the scaled-down one
 
@@ -188,3 +193,23 @@ def _init_buffers(part: Part, module: torch.nn.Module) -> None:
             raise ValueError(f"{part.name}: no rule to initialise buffer {name}")
         ids = torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer).clone()
         module.get_submodule(owner).register_buffer(leaf, ids, persistent=False)
+
+
+def real_size_parts(dtype: torch.dtype, x4: bool = False) -> list[PlanPart]:
+    """The memory plan's parts (engine/plan.py) of DeepFloyd's published cascade, from its configs (no weights):
+    T5-XXL, IF-I-XL (64 px), IF-II-L (256 px), and with x4 the x4 upscaler (256 -> 1024 px)."""
+    from transformers import CLIPTextConfig, T5Config
+
+    configs = reference()
+    smart27 = len(NAMED_SCHEDULES["smart27"])
+    found = [PlanPart("text_encoder", "t5", T5Config(**configs["t5-v1_1-xxl/encoder"]), text_dtype(dtype)),
+             PlanPart("stage_I.unet", "unet", configs["IF-I-XL/unet"], dtype, 64, smart27),
+             PlanPart("stage_II.unet", "unet", configs["IF-II-L/unet"], dtype, 256, smart27)]
+    if x4:
+        vae = configs["sd-x4-upscaler/vae"]
+        found.insert(1, PlanPart("stage_III.text_encoder", "clip",
+                                 CLIPTextConfig(**configs["sd-x4-upscaler/text_encoder"]), dtype))
+        found += [PlanPart("stage_III.unet", "unet", configs["sd-x4-upscaler/unet"], dtype, 256,
+                           STAGE_DEFAULTS["latent_upscaler"].steps),
+                  PlanPart("stage_III.vae", "vae", vae, torch.float32 if dtype == torch.float16 else dtype, 256)]
+    return found
