@@ -7,10 +7,11 @@
 #                                                           kernel library into .native/)
 # Device:      run(command="bash bench/gpu_campaign.sh", carry=[".whl", ".native"], timeout_s=570)
 #
-# Parts and their boxes (seconds, 530 in all): GPU tests (the scheduler's graph replay among them) 60; the fast
-# path's GPU tests 70; native library check 20; IF-I-XL U-Net step, eager / compile / ours 100; IF-II-L the same
-# 100; T5-XXL 40; the packaged cascade 40; batch jobs with and without the fast path 45; the server the same, at
-# one offered load, 55 (where the carried wheels give FastAPI and uvicorn). TensorRT is its own pair of calls
+# Parts and their boxes (seconds, 590 at most, 630 with the ORT box): GPU tests (the scheduler's graph replay
+# among them) 60; the fast path's GPU tests 70; native library check 20; IF-I-XL U-Net step, eager / compile / ours
+# 100; IF-II-L the same 100; T5-XXL 40; the packaged cascade 40; batch jobs with and without the fast path 45; the
+# server the same, at one offered load, 55 (where the carried wheels give FastAPI and uvicorn); offload memory
+# against the plan 60; ONNX Runtime's CUDA provider 40 (where its wheel was carried). TensorRT is its own pair of calls
 # (bench/gpu_tensorrt.sh). Not yet here: the real-size IF-I-XL + IF-II-L cascade with T5-XXL (the benchmark
 # times real-size models one component at a time).
 set -uo pipefail
@@ -49,5 +50,12 @@ part batch_fast 45 python3 bench/batch_throughput.py --fast-vs-eager --device cu
 if python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
     part serve_fast 55 python3 bench/serve_load.py --fast-vs-eager --device cuda --requests 24 --overload 4 \
         --ready 30 --json "$OUT/serve_fast_vs_eager.json"
+fi
+# Offload: the real-size cascade (bfloat16) with offload="model", peak memory per phase against the plan.
+part offload 60 python3 bench/offload_memory.py --json "$OUT/offload_memory.json"
+# ONNX Runtime's CUDA provider, where the onnxruntime-gpu wheel was carried (bench/gpu_wheels.sh stages it).
+if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+        2>/dev/null; then
+    part ort_cuda 40 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k onnxruntime
 fi
 cat "$OUT/parts.txt"

@@ -21,6 +21,7 @@ from pathlib import Path
 from engine.backends import BACKENDS
 from engine.bench import BenchOptions, run
 from engine.bench.components import COMPILE_MODES, DEFAULT_COMPARE, VARIANTS
+from engine.bench.plot import svg as plot_svg
 from engine.bench.real_size import NAMES, real_size_parts
 from engine.bench.report import DEFAULT_REGRESSION, command_line, compare_to_baseline, save_json, table
 from engine import offline
@@ -361,6 +362,10 @@ def _add_bench_parser(commands, common) -> None:
                        help="torch CPU threads (default: torch's choice, one per core); on a shared machine 1 "
                             "avoids threads waiting on a busy core")
     bench.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report here")
+    bench.add_argument("--plot", type=Path, default=None, metavar="FILE.svg",
+                       help="also draw the report: each row's latency spread beside its floor (SVG)")
+    bench.add_argument("--plot-from", type=Path, default=None, metavar="REPORT.json",
+                       help="with --plot: draw a saved --json report instead of running (nothing is timed)")
     bench.add_argument("--baseline", type=Path, default=None, metavar="OLD.json",
                        help="an earlier --json report: print each row's p50 ratio to it, and exit 1 if any row is "
                             "slower than --threshold times its baseline (a regression check)")
@@ -488,14 +493,14 @@ def export(args) -> None:
 
 
 def bench(args, argv: list[str] | None) -> int:
+    if args.plot_from is not None:
+        if args.plot is None:
+            raise EngineError("--plot-from draws a saved report: give --plot FILE.svg too")
+        _write_plot(_read_report(args.plot_from), args.plot)
+        return 0
     baseline = None
     if args.baseline is not None:
-        try:
-            baseline = json.loads(args.baseline.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EngineError(f"cannot read the baseline report {args.baseline}: {exc}") from exc
-        if not isinstance(baseline, dict) or "rows" not in baseline:
-            raise EngineError(f"{args.baseline} is not a `python -m engine bench --json` report")
+        baseline = _read_report(args.baseline)
     if args.threshold <= 1.0:
         raise EngineError(f"--threshold must be above 1.0 (a p50 ratio), got {args.threshold}")
     options = BenchOptions(models=tuple(args.model), device=args.device, dtype=args.dtype, batch=args.batch,
@@ -505,6 +510,8 @@ def bench(args, argv: list[str] | None) -> int:
     report = run(options, command_line(argv), progress=progress)
     print(table(report))
     save_json(report, args.json)
+    if args.plot is not None:
+        _write_plot(report, args.plot)
     if args.json is not None and not args.quiet:
         print(f"report written to {args.json}", file=sys.stderr)
     if baseline is None:
@@ -514,6 +521,26 @@ def bench(args, argv: list[str] | None) -> int:
     for line in regressions:
         print(f"regression: {line}", file=sys.stderr)
     return 1 if regressions else 0
+
+
+def _read_report(path: Path) -> dict:
+    """A saved `python -m engine bench --json` report; EngineError naming the file otherwise."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EngineError(f"cannot read the report {path}: {exc}") from exc
+    if not isinstance(report, dict) or "rows" not in report:
+        raise EngineError(f"{path} is not a `python -m engine bench --json` report")
+    return report
+
+
+def _write_plot(report: dict, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(plot_svg(report))
+    except OSError as exc:
+        raise EngineError(f"cannot write the plot {path}: {exc.strerror}") from exc
+    print(f"plot written to {path}", file=sys.stderr)
 
 
 def serve(args) -> None:

@@ -171,3 +171,21 @@ def test_a_cached_onnx_export_adds_onnx_runtime_rows(tmp_path, monkeypatch):
         assert row["label"] == "ours, ONNX Runtime" and row["finite"] is not False
     assert "onnxruntime" in report["options"]["compare"]
     assert any(str(exported) in note for note in report["notes"])
+
+
+def test_the_plot_draws_every_row_and_its_floor(tmp_path, capsys):
+    import xml.etree.ElementTree as ElementTree
+
+    saved = Path(__file__).resolve().parents[1] / "bench" / "results" / "bench_cpu_fast.json"
+    report = json.loads(saved.read_text())
+    assert main(["bench", "--plot-from", str(saved), "--plot", str(tmp_path / "plot.svg")]) == 0
+    root = ElementTree.parse(tmp_path / "plot.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    boxes = [r for r in root.iter(f"{ns}rect") if r.get("fill-opacity")]
+    floors = [line for line in root.iter(f"{ns}line") if line.get("stroke") == "red"]
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert len(boxes) == len(report["rows"])  # one IQR box per row
+    assert len(floors) == len({r["component"] for r in report["rows"] if r.get("floor_ms")})
+    assert all(any(t and t.startswith(row["label"]) for t in texts) for row in report["rows"])
+    assert main(["bench", "--plot-from", str(saved)]) == 2
+    assert "give --plot FILE.svg too" in capsys.readouterr().err

@@ -115,3 +115,46 @@ def test_the_scheduler_replays_the_executors_graphs(cascade_dir):
     for request, future in zip(requests, futures):
         alone = fast.run(request).images
         assert np.abs(future.result(timeout=0).images - alone).max() < HALF_BOUND["float16"]
+
+
+def test_onnxruntime_cuda_provider_tracks_torch(cascade_dir, engine_pipe, tmp_path):
+    """ONNX Runtime's CUDA provider (the [onnx-gpu] extra; bench/gpu_ort.sh stages its wheel) on torch's stream:
+    float32 graphs against CPU float32 torch, and its step latency against torch's on the GPU."""
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (pip install 'cascade-engine[onnx-gpu]')")
+    import time
+
+    from export.onnx import export_onnx
+
+    exported = export_onnx(cascade_dir, out=tmp_path / "onnx", progress=False)
+    ort_pipe = engine.load(exported, providers=["CUDAExecutionProvider"])
+    assert ort_pipe.device.type == "cuda"
+    options = dict(seed=0, steps=(4, 3), output_type="np")
+    ours = ort_pipe.generate("a red circle", **options)
+    assert np.abs(ours - engine_pipe.generate("a red circle", **options)).max() <= 1e-3
+    torch_pipe = engine.load(cascade_dir, device="cuda", dtype="float32", fast=False)
+    for name, pipe in (("onnxruntime-cuda", ort_pipe), ("torch-cuda", torch_pipe)):
+        pipe.generate("a red circle", **options)  # warm
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        pipe.generate("a red circle", **{**options, "steps": (20, 20)})
+        torch.cuda.synchronize()
+        print(f"\n{name}: {(time.perf_counter() - start) / 40 * 1e3:.2f} ms per step (tiny cascade, 40 steps)")
+
+
+def test_model_offload_on_the_gpu_keeps_one_model_on_and_gives_the_images(cascade_dir):
+    plain = engine.load(cascade_dir, device="cuda", dtype="float32", fast=False)
+    offloaded = engine.load(cascade_dir, device="cuda", dtype="float32", offload="model")
+    options = dict(seed=2, steps=(3, 2), output_type="np")
+    expected = plain.generate("a red circle", **options)
+    del plain
+    torch.cuda.empty_cache()
+    seen = []
+    for part in offloaded.offloader.parts:
+        part.module.register_forward_pre_hook(
+            lambda module, args, part=part: seen.append((part.name, torch.cuda.memory_allocated(), part.bytes)))
+    assert np.abs(offloaded.generate("a red circle", **options) - expected).max() <= 1e-5
+    weights = sum(part.bytes for part in offloaded.offloader.parts)
+    for name, allocated, own in seen:  # its own weights on the device, the others' not
+        assert allocated < own + (weights - own) / 2 + (64 << 20), (name, allocated, own, weights)

@@ -4,9 +4,11 @@ import json
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("onnxruntime")
 
@@ -244,3 +246,28 @@ def test_a_models_own_defaults_travel_with_its_export(cascade_copy, tmp_path):
     sr = pipe.settings(engine.GenerateRequest(PROMPT))[1]
     assert (sr.timesteps, sr.guidance, sr.noise_level) == (4, 1.0, 250)
     assert cache.cache_key("abc", "float32", [None, spec["defaults"]["stage_II"]]) != cache.cache_key("abc", "float32")
+
+
+def test_provider_choice_and_its_errors():
+    from engine.backends.onnxruntime_backend import check_session_providers, provider_options, resolve_providers
+
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(None, both, cuda=True) == both
+    assert resolve_providers(None, both, cuda=False) == ["CPUExecutionProvider"]  # torch sees no GPU
+    assert resolve_providers(None, ["CPUExecutionProvider"], cuda=True) == ["CPUExecutionProvider"]
+    assert resolve_providers("CPUExecutionProvider", both, cuda=True) == ["CPUExecutionProvider"]
+    with pytest.raises(InvalidRequestError, match="not available here.*onnx-gpu"):
+        resolve_providers(["CUDAExecutionProvider"], ["CPUExecutionProvider"], cuda=True)
+    with pytest.raises(InvalidRequestError, match="PyTorch sees no CUDA GPU"):
+        resolve_providers(["CUDAExecutionProvider"], both, cuda=False)
+    with pytest.raises(InvalidRequestError, match="provider's name or a list"):
+        resolve_providers([], both, cuda=True)
+    assert provider_options(["CPUExecutionProvider"], torch.device("cpu")) == ["CPUExecutionProvider"]
+    with pytest.raises(ModelError, match="could not start CUDAExecutionProvider.*fell back to CPUExecutionProvider"):
+        check_session_providers(Path("unet.onnx"), both, ["CPUExecutionProvider"])
+    check_session_providers(Path("unet.onnx"), both, both)  # running what was asked: nothing to say
+
+
+def test_the_cpu_provider_is_what_sessions_run(ort_pipe):
+    unet = ort_pipe.stages[0].unet.component
+    assert unet.session.get_providers() == ["CPUExecutionProvider"]

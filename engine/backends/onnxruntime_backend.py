@@ -82,17 +82,51 @@ def single_threaded_torch():
                 torch.set_num_threads(_torch_threads_saved)
 
 
-def resolve_providers(providers) -> list[str]:
-    _, ort = require_onnx()
-    available = ort.get_available_providers()
+def resolve_providers(providers, available: list[str] | None = None, cuda: bool | None = None) -> list[str]:
+    """The providers a session asks for, in order: `providers` as given (a name or a list; each checked against
+    what this ONNX Runtime offers, `available`), or by default CUDA where both ORT and torch can use a GPU
+    (`cuda`: torch.cuda.is_available()), then the CPU. InvalidRequestError names a missing one and the fix."""
+    if available is None:
+        available = require_onnx()[1].get_available_providers()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if providers is None:
-        return [p for p in DEFAULT_PROVIDERS if p in available]
+        return [p for p in DEFAULT_PROVIDERS if p in available and (p != "CUDAExecutionProvider" or cuda)]
     providers = [providers] if isinstance(providers, str) else list(providers)
+    if not providers or not all(isinstance(p, str) for p in providers):
+        raise InvalidRequestError(f"providers takes a provider's name or a list of them, got {providers!r}")
     missing = [p for p in providers if p not in available]
     if missing:
+        fix = (" CUDA needs the [onnx-gpu] extra: pip uninstall onnxruntime && pip install 'cascade-engine[onnx-gpu]'"
+               if "CUDAExecutionProvider" in missing else "")
         raise InvalidRequestError(f"ONNX Runtime providers {missing} are not available here (available: "
-                                  f"{', '.join(available)}); CUDA needs `pip install onnxruntime-gpu`")
+                                  f"{', '.join(available)}).{fix}")
+    if providers[0] == "CUDAExecutionProvider" and not cuda:
+        raise InvalidRequestError("CUDAExecutionProvider was asked for but PyTorch sees no CUDA GPU (the backend "
+                                  "binds torch's CUDA tensors to ONNX Runtime): use providers=['CPUExecutionProvider']")
     return providers
+
+
+def provider_options(providers: list[str], device: torch.device) -> list:
+    """Each provider as a session takes it: CUDA's on torch's device and its current stream, so that ORT's
+    kernels and torch's ops (the sampler between U-Net calls) run in order on one stream with no sync between."""
+    chosen = []
+    for provider in providers:
+        if provider == "CUDAExecutionProvider" and device.type == "cuda":
+            stream = torch.cuda.current_stream(device).cuda_stream
+            chosen.append((provider, {"device_id": str(device.index or 0), "has_user_compute_stream": "1",
+                                      "user_compute_stream": str(stream)}))
+        else:
+            chosen.append(provider)
+    return chosen
+
+
+def check_session_providers(path: Path, asked: list[str], running: list[str]) -> None:
+    """ModelError where a session does not run the first provider asked for: ONNX Runtime falls back to the
+    CPU when CUDA cannot start (libraries missing or mismatched), which would be silently slow."""
+    if running[:1] != asked[:1]:
+        raise ModelError(path, f"ONNX Runtime could not start {asked[0]} for this graph and fell back to "
+                               f"{', '.join(running)}: for CUDA, the CUDA and cuDNN libraries must match the "
+                               "onnxruntime-gpu build (its log above names the one missing)")
 
 
 class OrtComponent:
@@ -101,9 +135,11 @@ class OrtComponent:
     def __init__(self, path: Path, description: dict, providers: list[str], options, device: torch.device):
         _, ort = require_onnx()
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                providers=provider_options(providers, device))
         except Exception as exc:  # ORT raises its own types for unreadable or invalid graphs
             raise ModelError(path, f"ONNX Runtime cannot load this graph: {exc}") from exc
+        check_session_providers(path, providers, self.session.get_providers())
         self.inputs = description["inputs"]
         (self.output_name, self.output), = description["outputs"].items()
         self.device = device
