@@ -125,6 +125,9 @@ def _interpolated(tensor: torch.Tensor, height: int, width: int, mode: str) -> t
     return F.interpolate(tensor, (height, width), mode=mode, antialias=True, align_corners=False)
 
 
+MAX_EDIT_ASPECT = 4  # an edit's picture: its long side at most this many times its short side
+
+
 def edit_input(image, mask) -> EditInput:
     """An EditInput from a request's image= and mask_image= (mask None: image-to-image); InvalidRequestError for
     forms, values or sizes that cannot work, naming the field."""
@@ -136,6 +139,10 @@ def edit_input(image, mask) -> EditInput:
     else:
         images = to_model_range(image)
     edit = EditInput(images, None)
+    width, height = edit.size
+    if max(width, height) > MAX_EDIT_ASPECT * min(width, height):
+        raise InvalidRequestError(f"image is {width}x{height}; an edit keeps the picture's aspect, at most "
+                                  f"{MAX_EDIT_ASPECT}:1 (the short side becomes the stage's size): crop it")
     if mask is None:
         return edit
     masks = _masks(mask)

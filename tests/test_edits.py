@@ -178,6 +178,7 @@ def test_bad_edits_are_refused_by_the_request(options, message):
     (dict(image=picture(), mask_image=[left_half_mask()] * 2), "got 2 mask_images for 3 prompts"),
     (dict(image=picture(), strength=(0.5, 0.5, 0.5)), "strength has 3 values but the cascade has 2 stages that edit"),
     (dict(image=picture(), strength=0.05, steps=10), "strength 0.05 of stage_I's 10 steps runs none"),
+    (dict(image=picture(200, 40)), "image is 200x40; an edit keeps the picture's aspect, at most 4:1"),
     (dict(image=picture(), original_image=picture()), "original_image= is for a cascade that starts with a "
                                                       "super-resolution stage.*image= is the picture to edit"),
 ])
