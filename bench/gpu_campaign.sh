@@ -11,7 +11,8 @@
 # among them) 60; the fast path's GPU tests 70; native library check 20; IF-I-XL U-Net step, eager / compile / ours
 # 100; IF-II-L the same 100; T5-XXL 40; the packaged cascade 40; batch jobs with and without the fast path 45; the
 # server the same, at one offered load, 55 (where the carried wheels give FastAPI and uvicorn); offload memory
-# against the plan 60; ONNX Runtime's CUDA provider 40 (where its wheel was carried). TensorRT is its own pair of calls
+# against the plan 60; ONNX Runtime's CUDA provider 40 (where its wheel was carried); the quality gate in float16
+# and bfloat16, 30 each. Past the call's limit (600 s) the last boxes are lost, their order is their value. TensorRT is its own pair of calls
 # (bench/gpu_tensorrt.sh). Not yet here: the real-size IF-I-XL + IF-II-L cascade with T5-XXL (the benchmark
 # times real-size models one component at a time).
 set -uo pipefail
@@ -58,4 +59,9 @@ if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' no
         2>/dev/null; then
     part ort_cuda 40 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k onnxruntime
 fi
+# The quality gate in half precision on the packaged model (the target: within 2 points of float32's).
+for dtype in float16 bfloat16; do
+    part "gate_$dtype" 30 python3 -m engine eval --device cuda --dtype "$dtype" --count 64 --quiet \
+        --json "$OUT/eval_shapes_$dtype.json"
+done
 cat "$OUT/parts.txt"

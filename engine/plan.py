@@ -273,11 +273,12 @@ def parse_memory(text: str) -> int:
 
 
 def refuse_what_cannot_fit(specs, dtype: torch.dtype, offload: str | None, text_on_device: bool, images: int,
-                           device: torch.device) -> MemoryPlan:
+                           device: torch.device, free: int | None = None) -> MemoryPlan:
     """The plan of a cascade about to load on a CUDA device; InvalidRequestError, with the plan, where its peak
-    is more than the device has free."""
+    is more than the device has free (`free` bytes: by default what CUDA says now)."""
     result = memory_plan(parts_of(specs, dtype), offload, images, text_on_device)
-    free, _ = torch.cuda.mem_get_info(device)
+    if free is None:
+        free, _ = torch.cuda.mem_get_info(device)
     if not result.fits(free):
         advice = ("offload='model' (or 'sequential'), text_encoder_device='cpu'" if offload is None
                   else "offload='sequential', text_encoder_device='cpu'" if offload == "model"

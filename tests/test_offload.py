@@ -140,3 +140,18 @@ def test_the_text_encoder_device_takes_the_cpu(cascade_dir, engine_pipe):
     assert [part.name for part in pipe.offloader.parts] == ["text_encoder", "stage_I.unet", "stage_II.unet"]
     assert np.array_equal(pipe.generate("a red circle", seed=1, steps=(2, 2), output_type="np"),
                           engine_pipe.generate("a red circle", seed=1, steps=(2, 2), output_type="np"))
+
+
+def test_a_load_the_gpu_cannot_hold_is_refused_with_the_plan(three_stage_dir):
+    """engine.load on CUDA plans first (its free memory given here as the GPU would report it)."""
+    from engine.plan import refuse_what_cannot_fit
+
+    specs = read_stages(stage_dirs([three_stage_dir]))
+    cuda = torch.device("cuda")
+    plan = refuse_what_cannot_fit(specs, torch.float16, None, True, 1, cuda, free=16 * 10**9)  # fits: the plan
+    assert plan.peak < 16 * 10**9
+    with pytest.raises(InvalidRequestError, match="(?s)needs .* GB on cuda, which has 0.00 GB free: load it with "
+                                                  "offload='model'.*memory plan: offload=None.*does NOT fit"):
+        refuse_what_cannot_fit(specs, torch.float16, None, True, 1, cuda, free=1000)
+    with pytest.raises(InvalidRequestError, match="load it with offload='sequential'"):
+        refuse_what_cannot_fit(specs, torch.float16, "model", True, 8, cuda, free=1000)
