@@ -295,7 +295,7 @@ class StepRunner:
         self.embeddings = torch.empty((rows, *run.cond.shape[1:]), dtype=run.cond.dtype, device=device)
         self.class_labels = None if run.class_labels is None else torch.empty(rows, dtype=torch.int64, device=device)
         self.noise = torch.zeros((run.steps, *run.x.shape), device=device)
-        # An inpainting run's mask (B, 1, H, W): the steps keep x where it is 0 (stage.keep_masked)
+        # An inpainting run's mask (B, 1, H, W): the steps keep x where it is 0 (keep_masked)
         self.mask = None if run.mask is None else torch.zeros_like(run.mask)
         self.index = torch.zeros(1, dtype=torch.int64, device=device)
         self.guidance = torch.zeros(1, device=device)

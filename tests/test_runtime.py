@@ -86,8 +86,11 @@ def test_cli_bad_input_is_one_line_and_nonzero(argv, message, capsys, tmp_path, 
 
 @pytest.mark.parametrize("command", [["generate", "a cat"], ["eval"], ["serve"], ["batch", "rows.txt", "--out", "d"]])
 def test_every_command_that_loads_takes_the_same_load_flags(command):
-    """--fast, --device, --dtype and --backend come from one parent parser, on every command that loads."""
+    """--fast, --device, --dtype, --backend, --offload and --text-encoder-device come from one parent parser, on
+    every command that loads."""
     args = build_parser().parse_args(command + ["--fast", "--device", "cpu", "--dtype", "float32",
-                                                "--backend", "torch"])
-    assert load_options(args) == {"backend": "torch", "device": "cpu", "dtype": "float32", "fast": True}
+                                                "--backend", "torch", "--offload", "model",
+                                                "--text-encoder-device", "cpu"])
+    assert load_options(args) == {"backend": "torch", "device": "cpu", "dtype": "float32", "fast": True,
+                                  "offload": "model", "text_encoder_device": "cpu"}
     assert load_options(build_parser().parse_args(command + ["--no-fast"]))["fast"] is False

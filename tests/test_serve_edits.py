@@ -5,7 +5,6 @@ succeeds."""
 
 import base64
 import io
-import threading
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from engine.serve.defaults import Limits  # noqa: E402
 from engine.serve.edits import MAX_PICTURE_PIXELS  # noqa: E402
 from engine.serve.http import create_app  # noqa: E402
-from engine.testing.ports import free_port  # noqa: E402
+from engine.testing.ports import serving  # noqa: E402
 
 FIELDS = {"prompt": "a red circle", "seed": "3", "steps": "[3, 2]", "strength": "[0.9, 0.7]"}
 
@@ -132,18 +131,10 @@ def test_a_json_body_is_not_an_edit(client):
 
 def test_the_openai_sdk_edits_through_it_unmodified(engine_pipe, tmp_path):
     openai = pytest.importorskip("openai")
-    import uvicorn
 
     app = create_app(engine_pipe, max_batch=4, max_queue=4, warmup=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        deadline = time.monotonic() + 30
-        while not app.state.service.ready.is_set() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with serving(app) as url:
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         picture().save(tmp_path / "in.png")
         transparent_left_mask().save(tmp_path / "mask.png")
         with open(tmp_path / "in.png", "rb") as image, open(tmp_path / "mask.png", "rb") as mask:
@@ -154,6 +145,3 @@ def test_the_openai_sdk_edits_through_it_unmodified(engine_pipe, tmp_path):
         with open(tmp_path / "in.png", "rb") as image, pytest.raises(openai.BadRequestError) as info:
             sdk.images.edit(image=image, prompt="a red circle", extra_body={"strength": 2})
         assert info.value.param == "strength"
-    finally:
-        server.should_exit = True
-        thread.join(10)

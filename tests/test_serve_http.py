@@ -22,7 +22,7 @@ from engine import GenerateRequest  # noqa: E402
 from engine.errors import InvalidRequestError  # noqa: E402
 from engine.serve.defaults import Limits  # noqa: E402
 from engine.serve.http import create_app  # noqa: E402
-from engine.testing.ports import free_port  # noqa: E402
+from engine.testing.ports import free_port, serving  # noqa: E402
 
 BODY = {"prompt": "a red circle", "seed": 3, "steps": [3, 2]}
 
@@ -384,18 +384,10 @@ def test_openapi_describes_the_api(client):
 
 def test_the_openai_sdk_sees_openai_shaped_answers(engine_pipe):
     openai = pytest.importorskip("openai")
-    import uvicorn
 
     app = create_app(engine_pipe, max_batch=2, max_queue=1, warmup=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        deadline = time.monotonic() + 30
-        while not app.state.service.ready.is_set() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with serving(app) as url:
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         result = sdk.images.generate(prompt="a red circle", n=1, response_format="b64_json", quality="hd",
                                      extra_body={"seed": 3, "steps": [2, 2]})
         assert result.data[0].b64_json and result.model_extra["seed"] == 3
@@ -412,9 +404,6 @@ def test_the_openai_sdk_sees_openai_shaped_answers(engine_pipe):
         with pytest.raises(openai.InternalServerError) as info:
             sdk.images.generate(prompt="a red circle")
         assert info.value.status_code == 503 and "shutting down" in info.value.message
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_requests_cost_is_bounded_by_limits_that_fit_the_model(engine_pipe, monkeypatch):
