@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import engine
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
@@ -109,3 +111,16 @@ def test_serve_model_times_a_lone_request_as_the_sum_of_its_calls():
     # Two requests at once: every policy batches them, so both finish sooner than one after the other.
     _, _, p99 = model.simulate("step", 1e6, np.array([7, 7]), costs, per_request)
     assert p99 < 2 * alone
+
+
+def test_the_real_size_cascade_is_written_in_deepfloyds_layout(tmp_path):
+    """What the GPU campaign times at real size (write_cascade(..., tiny=False): 21 GB), here scaled down."""
+    from engine.bench.real_size import reference, write_cascade
+
+    root = write_cascade(tmp_path / "if", "cpu", torch.float32, tiny=True)
+    pipe = engine.load(root)
+    assert [stage.kind for stage in pipe.stages] == ["base", "super_resolution"]
+    assert pipe.stages[0].scheduler_config["sample_max_value"] == reference()["IF-I-XL/scheduler"]["sample_max_value"]
+    assert pipe.generate("a red circle", seed=0, steps=(2, 2), output_type="np").shape == (1, 32, 32, 3)
+    text = pipe.text.model
+    assert text.shared.weight is text.encoder.embed_tokens.weight  # tied, as the published T5

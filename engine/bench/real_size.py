@@ -25,6 +25,7 @@ from engine.backends.torch_backend import text_dtype
 from engine.options import STAGE_DEFAULTS
 from engine.plan import PlanPart
 from engine.schedules import NAMED_SCHEDULES
+from engine.testing.random_models import build_tokenizer
 
 CONFIGS_FILE = Path(__file__).resolve().parents[1] / "configs" / "real_size.json"
 SIZES = ("random", "tiny")  # NAME:random is the real size, NAME:tiny the scaled-down one
@@ -180,6 +181,8 @@ def build(part: Part, device: torch.device, dtype: torch.dtype, tiny: bool = Fal
     # torch.nn.Module.to, not diffusers' override (it warns about keep-in-float32 modules these models lack).
     module = torch.nn.Module.to(on_meta(part, tiny), dtype)
     module = module.to_empty(device=device)
+    if hasattr(module, "tie_weights"):  # to_empty gives tied weights (T5's embeddings) a tensor each: tie again
+        module.tie_weights()
     random_init_(module, seed)
     _init_buffers(part, module)
     return module.eval().requires_grad_(False)
@@ -213,3 +216,38 @@ def real_size_parts(dtype: torch.dtype, x4: bool = False) -> list[PlanPart]:
                            STAGE_DEFAULTS["latent_upscaler"].steps),
                   PlanPart("stage_III.vae", "vae", vae, torch.float32 if dtype == torch.float16 else dtype, 256)]
     return found
+
+
+def write_cascade(root: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float16,
+                  tiny: bool = False, seed: int = 0) -> Path:
+    """DeepFloyd's published IF cascade (T5-XXL, IF-I-XL, IF-II-L) with random weights, written under `root` in
+    DeepFloyd's layout (stage_I, stage_II, cascade.json) with the published scheduler configs, so that the whole
+    cascade, ours and diffusers', can be timed at real size without the weights (`python -m engine bench --model
+    ROOT`). The weights are made on `device` (fast on a GPU) in `dtype` and saved as safetensors (about 21 GB in
+    float16); tiny: the scaled-down architectures, for tests. Random weights make noise, not pictures."""
+    root = Path(root)
+    configs = reference()
+    t5, base, sr = (build(MODELS[name][0], torch.device(device), dtype, tiny, seed)
+                    for name in ("t5-xxl", "if-i-xl", "if-ii-l"))
+    stage_i, stage_ii = root / "stage_I", root / "stage_II"
+    build_tokenizer().save_pretrained(stage_i / "tokenizer")
+    t5.save_pretrained(stage_i / "text_encoder", safe_serialization=True)
+    base.save_pretrained(stage_i / "unet", safe_serialization=True)
+    sr.save_pretrained(stage_ii / "unet", safe_serialization=True)
+    del t5, base, sr
+    files = {stage_i / "scheduler" / "scheduler_config.json": configs["IF-I-XL/scheduler"],
+             stage_ii / "scheduler" / "scheduler_config.json": configs["IF-II-L/scheduler"],
+             stage_ii / "image_noising_scheduler" / "scheduler_config.json": configs["IF-II-L/image_noising_scheduler"],
+             stage_i / "model_index.json": {
+                 "_class_name": "IFPipeline", "text_encoder": ["transformers", "T5EncoderModel"],
+                 "tokenizer": ["transformers", "T5Tokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "scheduler": ["diffusers", "DDPMScheduler"]},
+             stage_ii / "model_index.json": {
+                 "_class_name": "IFSuperResolutionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                 "scheduler": ["diffusers", "DDPMScheduler"], "image_noising_scheduler": ["diffusers", "DDPMScheduler"]},
+             root / "cascade.json": {"stages": ["stage_I", "stage_II"],
+                                     "notice": "random weights at real size: for timing, not pictures"}}
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return root
