@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import warnings
 from pathlib import Path
 
@@ -30,9 +31,11 @@ from engine.errors import InvalidRequestError, ModelError
 from engine.exported.manifest import export_kind, is_exported
 from engine.model_dir import read_presets, read_stages, stage_dirs, unet_text_width
 from engine.offload import OFFLOAD_MODES
-from engine.plan import refuse_what_cannot_fit
 from engine.options import closest_name
 from engine.pipeline import Pipeline
+from engine.plan import refuse_what_cannot_fit
+
+log = logging.getLogger(__name__)
 
 DTYPES = {name: TORCH_DTYPES[name] for name in PRECISIONS}
 
@@ -176,8 +179,14 @@ def _load_model(paths, spec, device, dtype, revision, options: dict, text_encode
         specs[0] = dataclasses.replace(specs[0], text_dim=unet_text_width(specs[0].directory))
     if device.type == "cuda":  # before any weights are read: what cannot fit is refused with the plan
         text_device = options.get("text_encoder_device")
-        refuse_what_cannot_fit(specs, dtype, options.get("offload"), text_device is None or text_device == device,
-                               images_per_call, device)
+        try:
+            refuse_what_cannot_fit(specs, dtype, options.get("offload"),
+                                   text_device is None or text_device == device, images_per_call, device)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # a model the plan cannot build on the meta device: loading goes on without it
+            log.warning("no memory plan for this model (%s: %s); loading without checking that it fits",
+                        type(exc).__name__, exc)
     components = spec.components_class()(device, dtype, **options)
     return build_pipeline(specs, components, source=cascade.source, notice=cascade.notice, presets=cascade.presets)
 

@@ -53,6 +53,14 @@ class Part:
                 self.slots.append((owner, key, key in owner._parameters, copies[id(tensor)]))
         self.bytes = sum(host.numel() * host.element_size() for host in copies.values())
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The part's tensors as its modules hold them now (one each, tied ones once)."""
+        held = {}
+        for owner, key, is_parameter, _ in self.slots:
+            tensor = owner._parameters[key].data if is_parameter else owner._buffers[key]
+            held[id(tensor)] = tensor
+        return list(held.values())
+
     def place(self, device: torch.device) -> None:
         """Point every tensor at a copy on `device` (the host copy itself where `device` is the CPU); tied
         tensors stay tied (one copy)."""
@@ -97,7 +105,8 @@ class Offloader:
             self._off(other)
         self._on(part)
         following = self.parts[(self.parts.index(part) + 1) % len(self.parts)]
-        if self._stream is not None and following is not part and self._fits_ahead(following):
+        ready = following is part or following.name in self.resident or following.name in self._ahead
+        if self._stream is not None and not ready and self._fits_ahead(following):
             with torch.cuda.stream(self._stream):
                 following.place(self.device)
             self._ahead[following.name] = self._stream.record_event()
@@ -105,7 +114,10 @@ class Offloader:
     def _on(self, part: Part) -> None:
         event = self._ahead.pop(part.name, None)
         if event is not None:  # copied ahead: the compute stream waits for that copy, not for a new one
-            torch.cuda.current_stream(self.device).wait_event(event)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for tensor in part.tensors():  # made on the side stream, used on this one: freed only after its use
+                tensor.record_stream(compute)
         else:
             part.place(self.device)
         self.resident.append(part.name)

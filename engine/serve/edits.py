@@ -64,8 +64,8 @@ def _add_field(fields: dict, name: str, data: bytes) -> None:
         raise InvalidRequestError(f"{name} is not UTF-8 text") from None
     key = name.removesuffix("[]")
     value = text if key in TEXT_FIELDS else _value(text)
-    if name.endswith("[]"):
-        fields.setdefault(key, []).append(value)
+    if name.endswith("[]") and isinstance(fields.setdefault(key, []), list):
+        fields[key].append(value)
     elif key in fields:
         raise InvalidRequestError(f"{key} is given twice")
     else:
