@@ -274,3 +274,15 @@ def test_engine_generate_edits_with_the_packaged_model():
     assert edited.shape == (1, 128, 128, 3)
     with pytest.raises(InvalidRequestError, match="strength must be a number in \\(0, 1\\]"):
         engine.generate("a large red circle", image=source, strength=-1)
+
+
+def test_the_edit_example_runs(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "edit_picture.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path / "sheet.png")])
+    runpy.run_path(str(script), run_name="__main__")
+    sheet = Image.open(tmp_path / "sheet.png")
+    assert sheet.size == (4 * 128, 128)  # picture, mask, inpainted, image-to-image
