@@ -286,3 +286,21 @@ def test_the_edit_example_runs(tmp_path, monkeypatch):
     runpy.run_path(str(script), run_name="__main__")
     sheet = Image.open(tmp_path / "sheet.png")
     assert sheet.size == (4 * 128, 128)  # picture, mask, inpainted, image-to-image
+
+
+def test_a_list_of_generators_draws_each_images_edit_from_its_own(engine_pipe, edit_pipes):
+    generators = lambda: [generator(5), generator(6)]  # noqa: E731  one per image, as diffusers takes them
+    pictures = [picture(seed=1), picture(seed=2)]
+    engine_pipe.set_progress_bar_config(disable=True)
+    found = engine_pipe(["a red circle", "a blue square"], image=pictures, mask_image=left_half_mask(),
+                        strength=(0.8, 0.6), num_inference_steps=(6, 5), generator=generators(),
+                        output_type="np").images
+    first, second = edit_pipes[True]
+    shared = generators()
+    embeds, negative = first.encode_prompt(["a red circle", "a blue square"])
+    common = dict(mask_image=left_half_mask(), prompt_embeds=embeds, negative_prompt_embeds=negative, generator=shared)
+    low = first(image=pictures, strength=0.8, num_inference_steps=6, guidance_scale=7.0, output_type="pt",
+                **common).images
+    theirs = second(image=low, original_image=pictures, strength=0.6, num_inference_steps=5, noise_level=250,
+                    output_type="np", **common).images
+    assert np.abs(found - theirs).max() <= BOUND
