@@ -1,0 +1,153 @@
+"""A probe for the feature-caching issue (DeepCache, Ma et al. 2024): how much a shallow U-Net step saves on the
+packaged model and what caching costs in adherence, before the engine builds it. Not the engine's code path:
+a wrapper around the torch backend's eager U-Nets, for measurement only.
+
+    python bench/deepcache_probe.py [--count 64] [--intervals 1 2 3 4] [--json bench/results/deepcache_probe.json]
+
+At a full step the U-Net runs whole and the input of its last up-block is kept; at a shallow step only the
+preprocessing (time, class and text embeddings), conv_in, the first down-block, the last up-block (on the kept
+input and the fresh skip connections) and the output head run. A full step every `interval` calls of a stage
+(and whenever the rows change). Reported: each stage's shallow step time against its full step, at 2 and 16
+rows; and the quality gate's adherence and seconds per image on `--count` held-out captions per interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import engine
+from engine.demo.evaluate import EvalOptions, evaluate
+
+
+class CachedUNet:
+    """The torch backend's U-Net with DeepCache's shallow steps (module docstring); `depth` up-blocks (and as
+    many down-blocks) run at a shallow step, 1 the least."""
+
+    def __init__(self, unet, interval: int, depth: int = 1):
+        self.unet, self.model, self.interval = unet, unet.model, interval
+        self.kept, self.calls, self.last_t, self.depth = None, 0, None, depth
+        for index, block in enumerate(self.model.up_blocks):
+            block.register_forward_pre_hook(lambda m, a, kw, index=index: self._keep(index, kw), with_kwargs=True)
+
+    def __getattr__(self, name):  # sample_size, in_channels, ...: the wrapped U-Net's
+        return getattr(self.unet, name)
+
+    def _keep(self, index: int, kwargs):
+        if index == len(self.model.up_blocks) - self.depth:
+            self.kept = kwargs["hidden_states"]
+
+    def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None):
+        t = int(timestep.reshape(-1)[0])
+        if self.last_t is None or t > self.last_t:  # a new run starts at its highest timestep
+            self.calls = 0
+        self.last_t = t
+        full = (self.interval <= 1 or self.kept is None or self.kept.shape[0] != sample.shape[0]
+                or self.calls % self.interval == 0)
+        self.calls += 1
+        if full:
+            return self.unet(sample, timestep, encoder_hidden_states, class_labels)
+        return self.shallow(sample, timestep, encoder_hidden_states, class_labels)
+
+    @torch.inference_mode()
+    def shallow(self, sample, timestep, encoder_hidden_states, class_labels):
+        m = self.model
+        emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), None)
+        class_emb = m.get_class_embed(sample=sample, class_labels=class_labels)
+        if class_emb is not None:
+            emb = emb + class_emb
+        aug = m.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        emb = emb if aug is None else emb + aug
+        if m.time_embed_act is not None:
+            emb = m.time_embed_act(emb)
+        hidden = m.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        x = m.conv_in(sample)
+        skips = (x,)
+        for block in m.down_blocks[:self.depth]:
+            if getattr(block, "has_cross_attention", False):
+                x, res = block(hidden_states=x, temb=emb, encoder_hidden_states=hidden)
+            else:
+                x, res = block(hidden_states=x, temb=emb)
+            skips += res
+        ups = m.up_blocks[-self.depth:]
+        skips = skips[:sum(len(block.resnets) for block in ups)]  # the deeper blocks' skips are the kept input's
+        x = self.kept
+        for block in ups:
+            res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+            if getattr(block, "has_cross_attention", False):
+                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=hidden)
+            else:
+                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res)
+        if m.conv_norm_out is not None:
+            x = m.conv_act(m.conv_norm_out(x))
+        return m.conv_out(x)
+
+
+def step_times(pipe, rows: int, repeats: int = 20) -> dict:
+    """Median seconds of a full and a shallow step of each stage at `rows` rows."""
+    out = {}
+    text = pipe.text.encode(["a large red circle on a blue background"] * rows)
+    for stage in pipe.stages:
+        unet = stage.unet
+        size = stage.size
+        sample = torch.randn(rows, unet.in_channels, size, size)
+        t = torch.full((rows,), 500)
+        labels = torch.full((rows,), 250) if stage.noising is not None else None
+        unet.unet(sample, t, text, labels)  # keeps the last up-block's input
+        timings = {}
+        for kind, call in (("full", lambda: unet.unet(sample, t, text, labels)),
+                           ("shallow", lambda: unet.shallow(sample, t, text, labels))):
+            call()
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                seconds.append(time.perf_counter() - start)
+            timings[kind] = sorted(seconds)[len(seconds) // 2]
+        out[stage.name] = {**timings, "shallow_vs_full": timings["shallow"] / timings["full"]}
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    pipe = engine.load("shapes")
+    for stage in pipe.stages:
+        stage.unet = CachedUNet(stage.unet, 1)
+    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "count": args.count, "steps": {}, "gate": []}
+    for depth in args.depths:
+        for stage in pipe.stages:
+            stage.unet.depth = depth
+        report["steps"][depth] = {rows: step_times(pipe, rows) for rows in (2, 16)}
+        for rows, stages in report["steps"][depth].items():
+            print(f"depth {depth}, {rows} rows: " + ", ".join(
+                f"{name} shallow {s['shallow'] * 1e3:.1f} ms / full {s['full'] * 1e3:.1f} ms = "
+                f"{s['shallow_vs_full']:.0%}" for name, s in stages.items()))
+    for depth in args.depths:
+        for interval in args.intervals:
+            if interval == 1 and depth != args.depths[0]:
+                continue  # no caching: the same run whatever the depth
+            for stage in pipe.stages:
+                stage.unet.interval, stage.unet.depth, stage.unet.kept = interval, depth, None
+            result = evaluate(pipe, EvalOptions(count=args.count))
+            report["gate"].append({"depth": depth, "interval": interval, "adherence": result["adherence"],
+                                   "seconds_per_image": result["seconds_per_image"],
+                                   "frechet_distance": result["frechet_distance"]})
+            print(f"depth {depth}, interval {interval}: adherence {result['adherence']:.1%}, "
+                  f"{result['seconds_per_image']:.3f} s per image, distance {result['frechet_distance']:.3g}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
