@@ -30,6 +30,7 @@ class CachedUNet:
     def __init__(self, unet, interval: int, depth: int = 1):
         self.unet, self.model, self.interval = unet, unet.model, interval
         self.kept, self.calls, self.last_t, self.depth = None, 0, None, depth
+        self.full_first = 0  # the first calls of a run are all full (non-uniform refresh: denser early)
         for index, block in enumerate(self.model.up_blocks):
             block.register_forward_pre_hook(lambda m, a, kw, index=index: self._keep(index, kw), with_kwargs=True)
 
@@ -46,7 +47,7 @@ class CachedUNet:
             self.calls = 0
         self.last_t = t
         full = (self.interval <= 1 or self.kept is None or self.kept.shape[0] != sample.shape[0]
-                or self.calls % self.interval == 0)
+                or self.calls < self.full_first or self.calls % self.interval == 0)
         self.calls += 1
         if full:
             return self.unet(sample, timestep, encoder_hidden_states, class_labels)
@@ -116,6 +117,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--full-first", type=int, nargs="+", default=[0],
+                        help="runs of each: that many first calls of a stage's run always full")
+    parser.add_argument("--preset", default=None, help="generate with the model's preset (e.g. fast)")
+    parser.add_argument("--no-steps", action="store_true", help="skip the step timings")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     pipe = engine.load("shapes")
@@ -123,7 +128,7 @@ def main(argv=None) -> dict:
         stage.unet = CachedUNet(stage.unet, 1)
     report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "count": args.count, "steps": {}, "gate": []}
-    for depth in args.depths:
+    for depth in [] if args.no_steps else args.depths:
         for stage in pipe.stages:
             stage.unet.depth = depth
         report["steps"][depth] = {rows: step_times(pipe, rows) for rows in (2, 16)}
@@ -131,18 +136,21 @@ def main(argv=None) -> dict:
             print(f"depth {depth}, {rows} rows: " + ", ".join(
                 f"{name} shallow {s['shallow'] * 1e3:.1f} ms / full {s['full'] * 1e3:.1f} ms = "
                 f"{s['shallow_vs_full']:.0%}" for name, s in stages.items()))
-    for depth in args.depths:
-        for interval in args.intervals:
-            if interval == 1 and depth != args.depths[0]:
-                continue  # no caching: the same run whatever the depth
-            for stage in pipe.stages:
-                stage.unet.interval, stage.unet.depth, stage.unet.kept = interval, depth, None
-            result = evaluate(pipe, EvalOptions(count=args.count))
-            report["gate"].append({"depth": depth, "interval": interval, "adherence": result["adherence"],
-                                   "seconds_per_image": result["seconds_per_image"],
-                                   "frechet_distance": result["frechet_distance"]})
-            print(f"depth {depth}, interval {interval}: adherence {result['adherence']:.1%}, "
-                  f"{result['seconds_per_image']:.3f} s per image, distance {result['frechet_distance']:.3g}")
+    runs = [(d, i, f) for d in args.depths for i in args.intervals for f in args.full_first
+            if i > 1 or (d == args.depths[0] and f == args.full_first[0])]  # no caching: one run
+    options = {} if args.preset is None else {"preset": args.preset}
+    for depth, interval, full_first in runs:
+        for stage in pipe.stages:
+            stage.unet.interval, stage.unet.depth, stage.unet.kept = interval, depth, None
+            stage.unet.full_first = full_first
+        result = evaluate(pipe, EvalOptions(count=args.count), **options)
+        report["gate"].append({"depth": depth, "interval": interval, "full_first": full_first,
+                               "preset": args.preset, "adherence": result["adherence"],
+                               "seconds_per_image": result["seconds_per_image"],
+                               "frechet_distance": result["frechet_distance"]})
+        print(f"preset {args.preset}, depth {depth}, interval {interval}, first {full_first} full: adherence "
+              f"{result['adherence']:.1%}, {result['seconds_per_image']:.3f} s per image, "
+              f"distance {result['frechet_distance']:.3g}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(report, file, indent=1)
