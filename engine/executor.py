@@ -163,6 +163,13 @@ class StageExecutor:
         """One U-Net call over the next step of every run in `runs` (same sample shape; each at its own
         step, guided or not); returns each run's output rows (rows, C_out, H, W) float32, for its
         `StageRun.advance`. On static buffers the outputs are views of them, valid until the next call."""
+        kinds = {(run.shallow, None if run.cache is None else run.cache.depth) for run in runs}
+        if len(kinds) > 1:  # feature caching: one call per step kind (full or shallow) and depth
+            outputs = {}
+            for kind in sorted(kinds, key=str):
+                group = [run for run in runs if (run.shallow, None if run.cache is None else run.cache.depth) == kind]
+                outputs.update(zip(map(id, group), self.forward(group)))
+            return [outputs[id(run)] for run in runs]
         rows = [run.rows for run in runs]
         members = tuple((run.serial, run.guided) for run in runs)  # what the conditioning rows depend on
         if self.static:
@@ -188,7 +195,16 @@ class StageExecutor:
                 labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
                 self._eager_rows = (members, torch.cat([p[0] for p in parts]), labels)
             _, embeddings, labels = self._eager_rows
-        return self.unet(sample, timestep, embeddings, labels)
+        cache = first.cache
+        if cache is None:
+            return self.unet(sample, timestep, embeddings, labels)
+        if first.shallow:  # every run here is (forward groups them): their kept rows, in order
+            kept = torch.cat([run.kept for run in runs]) if len(runs) > 1 else first.kept
+            return self.unet.shallow(sample, timestep, embeddings, labels, kept, cache.depth)
+        out, kept = self.unet.full(sample, timestep, embeddings, labels, cache.depth)
+        for run, part in zip(runs, kept.split([run.rows for run in runs])):
+            run.kept, run.kept_guided = part, run.guided
+        return out
 
     def _static_call(self, runs: list, members: tuple, total: int) -> torch.Tensor:
         first = runs[0]

@@ -40,6 +40,65 @@ Steps = Union[int, str, Sequence[int]]
 
 
 @dataclass(frozen=True)
+class Caching:
+    """Feature caching across steps (DeepCache, Ma et al. 2024) for one stage: at a full step the U-Net runs
+    whole and keeps the input of its last `depth` up-blocks; at a shallow step only its embeddings, conv_in, its
+    first `depth` down-blocks, those up-blocks (on the kept input) and its head run. Which steps are full, counted
+    among the steps that run (k = 0, 1, ...): `refresh` where given, else every `interval`-th and the first
+    `full_first`; a step outside `window` (lo <= t < hi), where given, is always full."""
+
+    interval: int = 2
+    depth: int = 1
+    full_first: int = 0
+    window: tuple[int, int] | None = None
+    refresh: tuple[int, ...] | None = None  # explicit full steps, instead of the interval
+
+    def full_at(self, k: int, timestep: int) -> bool:
+        """Whether the k-th step that runs (at `timestep`) is a full step."""
+        if self.window is not None and not self.window[0] <= timestep < self.window[1]:
+            return True
+        if self.refresh is not None:
+            return k in self.refresh
+        return k < self.full_first or k % self.interval == 0
+
+
+CACHE_FIELDS = ("interval", "depth", "full_first", "window", "refresh")
+
+
+def caching(value) -> Caching | None:
+    """A stage's Caching from what a request or a preset gives: None, an interval (an int), a mapping of
+    CACHE_FIELDS, or a Caching; InvalidRequestError naming the field otherwise."""
+    if value is None or isinstance(value, Caching):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = {"interval": value}
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"cache takes an interval (a full step every N steps), a mapping of "
+                                  f"{', '.join(CACHE_FIELDS)}, or one of those per stage; got {value!r}")
+    unknown = sorted(set(value) - set(CACHE_FIELDS))
+    if unknown:
+        raise InvalidRequestError(f"cache has unknown field(s) {', '.join(unknown)}; it takes {', '.join(CACHE_FIELDS)}")
+    for name in ("interval", "depth"):
+        if name in value:
+            _check_int(f"cache {name}", value[name], 1, MAX_STEPS)
+    if "full_first" in value:
+        _check_int("cache full_first", value["full_first"], 0, MAX_STEPS)
+    window = value.get("window")
+    if window is not None:
+        _check_interval(window, "cache window")
+        window = tuple(window)
+    refresh = value.get("refresh")
+    if refresh is not None:
+        ok = isinstance(refresh, (list, tuple)) and refresh and all(
+            isinstance(k, int) and not isinstance(k, bool) for k in refresh)
+        if not ok or refresh[0] != 0 or any(a >= b for a, b in zip(refresh, refresh[1:])):
+            raise InvalidRequestError(f"cache refresh must be the full steps' indices among the steps that run, "
+                                      f"ascending and starting at 0 (the first step fills the cache), got {refresh!r}")
+        refresh = tuple(refresh)
+    return Caching(**{**value, "window": window, "refresh": refresh})
+
+
+@dataclass(frozen=True)
 class StageDefaults:
     """Defaults for one kind of stage: DeepFloyd IF's recommended fast settings."""
 
@@ -48,6 +107,7 @@ class StageDefaults:
     noise_level: int | None = None
     guidance_interval: tuple[int, int] | None = None  # None: guide every step
     scheduler: str | None = None  # a sampler name (SAMPLERS); None: the stage's own scheduler config
+    cache: Caching | None = None  # feature caching across steps (a preset's); None: every step full
 
     @classmethod
     def for_stage(cls, kind: str, overrides: Mapping[str, Any] | None = None) -> "StageDefaults":
@@ -70,7 +130,8 @@ class StageDefaults:
         steps = overrides.get("steps", default.steps)
         interval = overrides.get("guidance_interval", default.guidance_interval)
         merged = replace(default, **{**overrides, "steps": list(steps) if isinstance(steps, (list, tuple)) else steps,
-                                     "guidance_interval": None if interval is None else tuple(interval)})
+                                     "guidance_interval": None if interval is None else tuple(interval),
+                                     "cache": caching(overrides.get("cache", default.cache))})
         _check_steps(merged.steps)
         _check_guidance(merged.guidance)
         if merged.noise_level is not None:
@@ -103,6 +164,7 @@ class StageSettings:
     # half alone runs, at half the U-Net rows.
     guidance_interval: tuple[int, int] | None = None
     strength: float | None = None  # an edit's: how much of the schedule runs on the noised picture; None: none
+    cache: Caching | None = None  # feature caching across steps; None: every step full
 
     @property
     def steps(self) -> int:
@@ -164,6 +226,8 @@ class GenerateRequest:
     # Edits: how far into the schedule the picture is noised, in (0, 1]: one value, or one per stage (None for
     # a stage's default: diffusers' 0.7 for a base stage, 1.0 inpainting, 0.8 for super-resolution).
     strength: float | tuple[float | None, ...] | None = None
+    # Feature caching across steps (Caching): an interval, a mapping, or a tuple with one (or None) per stage
+    cache: object = None
     prompt_embeds: object = None  # (B, L, D) text embeddings instead of prompt (e.g. cached T5 outputs)
     negative_prompt_embeds: object = None  # (B, L, D) instead of negative_prompt; needs prompt_embeds
 
@@ -198,6 +262,8 @@ class GenerateRequest:
             to_model_range(self.image)  # refuses a bad image now, before any model work
         for value in _values(self.strength):
             _check_strength(value)
+        for value in _values(self.cache, is_sequence=lambda v: isinstance(v, tuple)):
+            caching(value)
         edited = self.original_image if self.original_image is not None else self.image
         if edited is None and (self.mask_image is not None or self.strength is not None):
             raise InvalidRequestError(f"{'mask_image' if self.mask_image is not None else 'strength'} is for edits: "
@@ -254,10 +320,11 @@ class GenerateRequest:
         steps = _spread(self.steps, n, "steps", is_sequence=_is_steps_tuple)
         guidance = _spread(self.guidance, n, "guidance")
         intervals = _spread(self.guidance_interval, n, "guidance_interval", is_sequence=_is_interval_tuple)
+        caches = _spread(self.cache, n, "cache", is_sequence=lambda v: isinstance(v, tuple))
         noisy = [default for default in defaults if default.noise_level is not None]
         noise = iter(_spread(self.noise_level, len(noisy), "noise_level", what="stages that take a noise level"))
         settings = []
-        for default, s, g, gi in zip(defaults, steps, guidance, intervals):
+        for default, s, g, gi, cache in zip(defaults, steps, guidance, intervals, caches):
             s = default.steps if s is None else s
             nl = None if default.noise_level is None else next(noise)
             settings.append(StageSettings(
@@ -266,6 +333,7 @@ class GenerateRequest:
                 noise_level=default.noise_level if nl is None else nl,
                 sampler=self.scheduler or default.scheduler,
                 guidance_interval=default.guidance_interval if gi is None else tuple(gi),
+                cache=default.cache if cache is None else caching(cache),
             ))
         return settings
 
@@ -460,11 +528,11 @@ def _check_strength(value) -> None:
                                   f"picture: 1 is all of it), got {value!r}")
 
 
-def _check_interval(value) -> None:
+def _check_interval(value, name: str = "guidance_interval") -> None:
     ok = (isinstance(value, (tuple, list)) and len(value) == 2
           and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
     if not ok or not 0 <= value[0] <= value[1] <= MAX_STEPS:
-        raise InvalidRequestError(f"guidance_interval must be a pair of timesteps (lo, hi) with "
+        raise InvalidRequestError(f"{name} must be a pair of timesteps (lo, hi) with "
                                   f"0 <= lo <= hi <= {MAX_STEPS} (guidance where lo <= t < hi), got {value!r} "
                                   "(for one interval per stage, pass a tuple of pairs, e.g. ((0, 600), None))")
 

@@ -95,6 +95,20 @@ class Stage:
 
     def validate(self, settings: StageSettings) -> None:
         """Refuse settings this stage's model cannot take (before any stage runs)."""
+        cache = settings.cache
+        if cache is None:
+            return
+        depths = getattr(self.unet, "cache_depths", 0)
+        if self.executor.static or not depths:
+            where = "the fast path" if self.executor.static else "this backend's U-Net"
+            raise InvalidRequestError(f"{self.name}: feature caching (cache=) runs on the torch backend's eager "
+                                      f"U-Nets so far, not on {where}: load with fast=False (torch), or drop cache=")
+        if cache.depth > depths:
+            raise InvalidRequestError(f"{self.name}: cache depth {cache.depth} is deeper than its U-Net allows "
+                                      f"(1..{depths}: all its up-blocks but the first)")
+        if cache.refresh is not None and cache.refresh[-1] >= settings.steps:
+            raise InvalidRequestError(f"{self.name}: cache refresh step {cache.refresh[-1]} is past its "
+                                      f"{settings.steps} steps")
 
     def validate_input_size(self, size) -> None:
         """Refuse a user's input image (H, W) this stage cannot take."""
@@ -236,6 +250,15 @@ class StageRun:
         self.noise = [stage._draw(generator, self.x.shape) if noisy and step >= first else None
                       for step, noisy in enumerate(self.sampler.noise_steps)]
         self.sampler.start(self.x, first)
+        # Feature caching: which steps are full (by the cache's plan), and what the last full step kept for the
+        # shallow ones, with the step kind (guided or not) its rows were; a shallow step whose rows differ is
+        # made full instead.
+        self.cache = settings.cache
+        timesteps = self.sampler.timesteps.tolist()
+        self.full_steps = [self.cache is None or step < first or self.cache.full_at(step - first, timesteps[step])
+                           for step in range(len(timesteps))]
+        self.kept: torch.Tensor | None = None
+        self.kept_guided: bool | None = None
 
     @property
     def steps(self) -> int:
@@ -249,6 +272,11 @@ class StageRun:
     def guided(self) -> bool:
         """Whether the next step runs classifier-free guidance."""
         return self.guided_steps[self.step]
+
+    @property
+    def shallow(self) -> bool:
+        """Whether the next step is a shallow one (feature caching): planned so, with kept rows of its kind."""
+        return not self.full_steps[self.step] and self.kept is not None and self.kept_guided == self.guided
 
     @property
     def rows(self) -> int:
@@ -310,6 +338,7 @@ class LatentUpscaleStage(Stage):
         return None if input_size is None else input_size * self.decoder.scale  # None: the user's image decides
 
     def validate(self, settings: StageSettings) -> None:
+        super().validate(settings)
         if settings.noise_level > self.max_noise_level:
             raise InvalidRequestError(f"{self.name} (x4 upscaler) takes noise_level 0..{self.max_noise_level}, got "
                                       f"{settings.noise_level}: give one noise level per stage, e.g. (250, 20)")

@@ -38,6 +38,9 @@ class UNet(Protocol):
 #                              and passes `values` (below) as a fifth argument, possibly None
 #   fixed_size: (H, W) | None  the one sample size it takes (an export built for its sample size); None or
 #                              absent: any size that `downsampling` divides (an edit's picture keeps its aspect)
+#   cache_depths: int          the deepest feature caching across steps it takes (absent: none), with
+#                              full(sample, t, ehs, labels, depth) -> (out, kept) and
+#                              shallow(sample, t, ehs, labels, kept, depth) -> out (torch_backend.TorchUNet)
 #   text_constants(embeddings) -> dict[str, Tensor] | None
 #                              what it computes from (rows, 77, D) embeddings alone, once per request (or per
 #                              change of a batch's members) instead of at every step; None: nothing

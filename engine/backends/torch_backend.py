@@ -101,6 +101,55 @@ class TorchUNet:
         """(module, its entry modules) for offload (engine/offload.py)."""
         return self.model, [self.model]
 
+    @property
+    def cache_depths(self) -> int:
+        """The deepest feature caching it takes (protocol.py): all its up-blocks but the first."""
+        return len(self.model.up_blocks) - 1
+
+    def full(self, sample, timestep, encoder_hidden_states, class_labels, depth: int):
+        """A full call that also returns what a shallow call at `depth` reuses: (out, the input of the last
+        `depth` up-blocks (rows, C, h, w))."""
+        kept = {}
+        block = self.model.up_blocks[-depth]
+        hook = block.register_forward_pre_hook(lambda m, args, kwargs: kept.update(x=kwargs["hidden_states"]),
+                                                with_kwargs=True)
+        try:
+            out = self(sample, timestep, encoder_hidden_states, class_labels)
+        finally:
+            hook.remove()
+        return out, kept["x"]
+
+    def shallow(self, sample, timestep, encoder_hidden_states, class_labels, kept, depth: int):
+        """A shallow call (DeepCache): the embeddings, conv_in, the first `depth` down-blocks, then the last
+        `depth` up-blocks on `kept` (a full call's, see `full`) with the fresh skip connections, and the head.
+        Given the full call's own inputs it returns the full call's output exactly."""
+        m = self.model
+        emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), None)
+        class_emb = m.get_class_embed(sample=sample, class_labels=class_labels)
+        if class_emb is not None:
+            emb = emb + class_emb
+        aug = m.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        emb = emb if aug is None else emb + aug
+        if m.time_embed_act is not None:
+            emb = m.time_embed_act(emb)
+        hidden = m.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        x = m.conv_in(sample)
+        skips = (x,)
+        for block in m.down_blocks[:depth]:
+            text = {"encoder_hidden_states": hidden} if getattr(block, "has_cross_attention", False) else {}
+            x, res = block(hidden_states=x, temb=emb, **text)
+            skips += res
+        ups = m.up_blocks[-depth:]
+        skips = skips[:sum(len(block.resnets) for block in ups)]  # the deeper ones are the kept input's
+        x = kept
+        for block in ups:
+            res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+            text = {"encoder_hidden_states": hidden} if getattr(block, "has_cross_attention", False) else {}
+            x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, **text)
+        if m.conv_norm_out is not None:
+            x = m.conv_act(m.conv_norm_out(x))
+        return m.conv_out(x)
+
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  class_labels: torch.Tensor | None = None) -> torch.Tensor:
         # sample (B, in_channels, H, W); timestep (B,) int64, one per row (the scheduler batches runs at

@@ -1,0 +1,123 @@
+"""Feature caching across steps (DeepCache; the feature-caching issue's first part): the torch backend's shallow
+call against its full call, the cache's plan of full steps, the step-level scheduler with cached and uncached
+requests in one batch, presets, and the errors. Off, every image is the one it was (the parity tests)."""
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine import GenerateRequest
+from engine.errors import InvalidRequestError
+from engine.options import Caching, caching
+from engine.serve import BatchingScheduler
+
+STEPS = (6, 5)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_shallow_call_on_the_full_calls_own_inputs_is_the_full_call(engine_pipe, depth):
+    text = engine_pipe.text.encode(["a red circle", "a blue square"])
+    for stage in engine_pipe.stages:
+        unet, size = stage.unet, stage.size
+        if depth > unet.cache_depths:
+            continue
+        sample = torch.randn(2, unet.in_channels, size, size, generator=torch.Generator().manual_seed(depth))
+        timestep = torch.tensor([700, 300])
+        labels = None if stage.noising is None else torch.tensor([250, 100])
+        out, kept = unet.full(sample, timestep, text, labels, depth)
+        assert torch.equal(out, unet(sample, timestep, text, labels))
+        assert torch.equal(unet.shallow(sample, timestep, text, labels, kept, depth), out)
+
+
+@pytest.mark.parametrize("cache, full", [
+    (2, [0, 2, 4]), ({"interval": 3, "full_first": 2}, [0, 1, 3]), ({"refresh": [0, 4]}, [0, 4]),
+    ({"interval": 4, "window": [0, 600]}, None),  # full outside the window: read from the timesteps below
+])
+def test_the_cache_plans_its_full_steps_and_the_unet_runs_them(engine_pipe, cache, full):
+    calls = []
+    stage = engine_pipe.stages[0]
+    hook = stage.unet.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        run = stage.start(engine_pipe.conditioning(GenerateRequest("a red circle"), engine_pipe.settings(
+            GenerateRequest("a red circle", steps=STEPS, cache=cache)))[engine_pipe.text],
+            None, engine_pipe.settings(GenerateRequest("a red circle", steps=STEPS, cache=cache))[0],
+            torch.Generator().manual_seed(0))
+        stage.denoise(run)
+    finally:
+        hook.remove()
+    if full is None:
+        timesteps = run.sampler.timesteps.tolist()
+        full = [k for k, t in enumerate(timesteps) if k % 4 == 0 or not 0 <= t < 600]
+    assert [k for k, f in enumerate(run.full_steps) if f] == full and len(calls) == len(full)
+
+
+def test_caching_changes_pictures_only_when_asked(engine_pipe):
+    options = dict(seed=3, steps=STEPS, output_type="np")
+    plain = engine_pipe.generate("a red circle", **options)
+    assert np.array_equal(engine_pipe.generate("a red circle", cache=None, **options), plain)
+    assert np.array_equal(engine_pipe.generate("a red circle", cache=1, **options), plain)  # every step full
+    assert np.abs(engine_pipe.generate("a red circle", cache=2, **options) - plain).max() > 1e-3
+    per_stage = engine_pipe.generate("a red circle", cache=(None, 2), **options)  # stage II only
+    assert not np.array_equal(per_stage, plain)
+
+
+def test_the_scheduler_keeps_each_requests_cache_whatever_its_batch_mates(engine_pipe):
+    requests = [GenerateRequest("a red circle", seed=1, steps=STEPS, cache=2, output_type="np"),
+                GenerateRequest("a blue square", seed=2, steps=STEPS, output_type="np"),
+                GenerateRequest("a red circle", seed=3, steps=STEPS, cache={"interval": 3, "depth": 1},
+                                guidance_interval=(0, 600), output_type="np"),
+                GenerateRequest("a red circle", seed=4, steps=(4, 3), cache=2, num_images_per_prompt=2,
+                                output_type="np")]
+    expected = [engine_pipe.run(request).images for request in requests]
+    scheduler = BatchingScheduler(engine_pipe, max_batch=8)
+    futures = [scheduler.submit(request) for request in requests]
+    while scheduler.step():
+        pass
+    for future, want in zip(futures, expected):
+        assert np.abs(future.result(timeout=0).images - want).max() <= 1e-5
+
+
+def test_a_preset_carries_its_cache(engine_pipe):
+    engine_pipe.add_preset("cached", [{"steps": 6, "cache": {"interval": 2}}, {"steps": 5, "cache": 3}])
+    try:
+        settings = engine_pipe.settings(GenerateRequest("a red circle", preset="cached"))
+        assert [s.cache for s in settings] == [Caching(interval=2), Caching(interval=3)]
+        assert np.array_equal(engine_pipe.generate("a red circle", preset="cached", seed=0, output_type="np"),
+                              engine_pipe.generate("a red circle", steps=(6, 5), cache=(2, 3), seed=0,
+                                                   output_type="np"))
+    finally:
+        engine_pipe.presets.pop("cached")
+        for stage in engine_pipe.stages:
+            stage.presets.pop("cached")
+
+
+@pytest.mark.parametrize("cache, message", [
+    (0, "cache interval must be 1..1000, got 0"),
+    ({"interval": 2, "colour": 1}, "cache has unknown field\\(s\\) colour"),
+    ({"refresh": [1, 3]}, "starting at 0"),
+    ({"window": [700, 100]}, "cache window must be a pair"),
+    ("often", "cache takes an interval"),
+    (True, "cache takes an interval"),
+])
+def test_bad_cache_settings_are_refused_by_the_request(cache, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerateRequest("a red circle", cache=cache)
+
+
+@pytest.mark.parametrize("cache, message", [
+    ({"depth": 9}, "cache depth 9 is deeper than its U-Net allows"),
+    ({"refresh": [0, 40]}, "cache refresh step 40 is past its 6 steps"),
+    ((2, 2, 2), "cache has 3 values but the cascade has 2 stages"),
+])
+def test_cache_settings_the_model_cannot_take_are_refused_before_any_work(engine_pipe, cache, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        engine_pipe.settings(GenerateRequest("a red circle", steps=STEPS, cache=cache))
+
+
+def test_caching_is_refused_where_it_does_not_run_yet(cascade_dir):
+    fast = engine.load(cascade_dir, fast=True)
+    with pytest.raises(InvalidRequestError, match="runs on the torch backend's eager U-Nets so far, not on the "
+                                                  "fast path"):
+        fast.settings(GenerateRequest("a red circle", cache=2))
+    assert caching({"interval": 2}) == Caching(interval=2)
