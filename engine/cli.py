@@ -69,7 +69,7 @@ def _interval_value(text: str):
 
 
 PER_STAGE = {"steps": _steps_value, "guidance": float, "noise_level": int, "guidance_interval": _interval_value,
-             "strength": float}
+             "strength": float, "cache": int}
 
 
 def _stage_defaults(name: str) -> str:
@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                      help="images per U-Net call (rows with different settings share calls)")
     bat.add_argument("--preset", default=None, metavar="NAME", help="the model's preset for rows that name none")
+    bat.add_argument("--cache", nargs="+", type=int, default=None, metavar="N",
+                     help="feature caching for rows that name none: a full U-Net step every N (one, or one per stage)")
     bat.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     bat.add_argument("--sheet", type=Path, default=None, metavar="PNG", help="a captioned contact sheet of every image")
     bat.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -383,6 +385,9 @@ def _add_speed_options(parser, convert: bool = False) -> None:
     parser.add_argument("--preset", default=None, metavar="NAME",
                         help="one of the model's presets (e.g. fast, balanced; see the README), under the options "
                              "given here")
+    parser.add_argument("--cache", nargs="+", default=None, metavar="N", type=int if convert else None,
+                        help="feature caching across steps: a full U-Net step every N steps, the others shallow "
+                             "(one for all stages or one per stage, 1: none); torch eager U-Nets")
 
 
 def _one_or_tuple(values):
@@ -453,7 +458,7 @@ def generate(args) -> None:
         strength=_one_or_tuple(args.strength), negative_prompt=args.negative_prompt, seed=args.seed,
         num_images_per_prompt=args.num_images, steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance),
         noise_level=_one_or_tuple(args.noise_level), guidance_interval=_one_or_tuple(args.guidance_interval),
-        scheduler=args.scheduler, preset=args.preset)
+        scheduler=args.scheduler, preset=args.preset, cache=_one_or_tuple(args.cache))
     output = Path(args.output)
     _check_output(output)
     if args.quiet:
@@ -610,9 +615,11 @@ def run_batch(args) -> None:
     elif (args.workers, args.autoscale, args.ray_address, args.cpus_per_worker) != (None,) * 4 or args.num_gpus:
         raise EngineError("--workers, --autoscale, --num-gpus, --cpus-per-worker and --ray-address are for a job on "
                           "Ray: add --ray")
+    cache = None if args.cache is None else args.cache[0] if len(args.cache) == 1 else list(args.cache)  # as a row's
     summary = offline.batch(args.input, args.out, model=args.model, max_batch=args.max_batch, strict=args.strict,
                             progress=not args.quiet, sheet=args.sheet,
-                            defaults={"preset": args.preset} if args.preset else None, ray=ray,
+                            defaults={name: value for name, value in (("preset", args.preset), ("cache", cache))
+                                      if value is not None} or None, ray=ray,
                             **load_options(args))
     for bad in summary.bad_rows:
         print(f"line {bad.line} skipped: {bad.reason}", file=sys.stderr)
@@ -645,7 +652,8 @@ def evaluate(args) -> None:
     options = quality_gate.EvalOptions(count=args.count, batch=args.batch, seed=args.seed)
     given = (("steps", _one_or_tuple(args.steps)), ("guidance", _one_or_tuple(args.guidance)),
              ("noise_level", _one_or_tuple(args.noise_level)), ("scheduler", args.scheduler),
-             ("guidance_interval", _one_or_tuple(args.guidance_interval)), ("preset", args.preset))
+             ("guidance_interval", _one_or_tuple(args.guidance_interval)), ("preset", args.preset),
+             ("cache", _one_or_tuple(args.cache)))
     generate_options = {k: v for k, v in given if v is not None}
     GenerateRequest("check", **generate_options)  # bad values are refused before the model loads
     if args.sheet is not None:

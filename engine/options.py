@@ -419,7 +419,7 @@ def request_from_call(prompt, options: Mapping[str, Any]) -> GenerateRequest:
 # The HTTP API's (and batch files') request fields -> GenerateRequest's, where they differ.
 API_FIELDS = {"n": "num_images_per_prompt", "mask": "mask_image"}
 API_REQUEST_FIELDS = ("prompt", "negative_prompt", "n", "seed", "steps", "guidance", "noise_level", "scheduler",
-                      "guidance_interval", "preset", "strength")
+                      "guidance_interval", "preset", "strength", "cache")
 
 
 def request_from_api(fields: Mapping[str, Any], image=None, mask_image=None) -> GenerateRequest:
@@ -430,7 +430,7 @@ def request_from_api(fields: Mapping[str, Any], image=None, mask_image=None) -> 
     kwargs = {API_FIELDS.get(name, name): fields[name] for name in (*API_REQUEST_FIELDS, "output_type")
               if fields.get(name) is not None}
     kwargs.update({name: value for name, value in (("image", image), ("mask_image", mask_image)) if value is not None})
-    for name in ("steps", "guidance", "noise_level", "strength"):
+    for name in ("steps", "guidance", "noise_level", "strength", "cache"):
         if isinstance(kwargs.get(name), list):
             kwargs[name] = tuple(kwargs[name])
     interval = kwargs.get("guidance_interval")

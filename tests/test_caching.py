@@ -121,3 +121,51 @@ def test_caching_is_refused_where_it_does_not_run_yet(cascade_dir):
                                                   "fast path"):
         fast.settings(GenerateRequest("a red circle", cache=2))
     assert caching({"interval": 2}) == Caching(interval=2)
+
+
+def test_cache_from_the_command_line_the_api_and_batch_rows(cascade_dir, engine_pipe, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from engine.cli import main
+    from engine.offline import batch
+    from engine.options import request_from_api
+
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "--model", str(cascade_dir), "--steps", "6", "5", "--cache", "2",
+                 "--seed", "1", "-o", str(out), "--quiet"]) == 0
+    expected = engine_pipe.generate("a red circle", steps=STEPS, cache=2, seed=1)[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
+    assert request_from_api({"prompt": "x", "cache": [2, {"interval": 3}]}).cache == (2, {"interval": 3})
+    summary = batch([{"prompt": "a red circle", "seed": 1, "steps": [6, 5], "cache": 2}], tmp_path / "job",
+                    model=engine_pipe, progress=False)
+    entry = json.loads((tmp_path / "job" / "manifest.jsonl").read_text().splitlines()[0])
+    assert summary.images_written == 1 and entry["request"]["cache"] == 2
+    assert entry["stages"]["stage_I"]["cache"]["interval"] == 2  # the resolved settings, as they ran
+    made = Image.open(tmp_path / "job" / entry["file"]).convert("RGB")
+    assert np.array_equal(np.asarray(made), np.asarray(expected))
+
+
+def test_the_http_field(engine_pipe):
+    import base64
+    import io
+    import time
+
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from engine.serve.http import create_app
+
+    with TestClient(create_app(engine_pipe, max_batch=4, warmup=False)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/health/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = client.post("/v1/images/generations", json={"prompt": "a red circle", "seed": 1, "steps": [6, 5],
+                                                              "cache": [None, {"interval": 2}]})
+        assert answer.status_code == 200, answer.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"]))))
+        want = np.asarray(engine_pipe.generate("a red circle", seed=1, steps=STEPS, cache=(None, 2))[0])
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        bad = client.post("/v1/images/generations", json={"prompt": "a red circle", "cache": 0})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache"

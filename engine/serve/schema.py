@@ -34,6 +34,9 @@ class GenerationBody(BaseModel):
         None, description="[lo, hi]: guidance only at timesteps lo <= t < hi (0..1000); or a list, one per stage "
                           "([lo, hi] or null)")
     preset: str | None = Field(None, description="a string: one of the model's presets (GET /v1/presets)")
+    cache: Union[int, dict, list[Union[int, dict, None]], None] = Field(
+        None, description="feature caching across steps: an interval (a full step every N), an object of interval, "
+                          "depth, full_first, window, refresh; or a list, one (or null) per stage")
     timeout: Number | None = Field(None, description="a number of seconds, at most the server's --timeout")
     model: str | None = Field(None, description="a string: the served model's name (GET /v1/models); another is a 404")
     # OpenAI's optional fields: accepted so that its clients work unchanged, and ignored.
