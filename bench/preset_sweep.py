@@ -99,6 +99,37 @@ SETTINGS: dict[str, dict] = {
 }
 
 
+# Feature caching (cache=, the feature-caching issue) on top of the `fast` preset's settings: candidates for a
+# certified `turbo` (bench/RESULTS.md, "Feature caching in the engine"). `fast` is stage I guided at
+# 200 <= t < 700 and stage II on five explicit timesteps; "cache I 8/3" is stage I's cache {"interval": 8,
+# "full_first": 3}, "II 2" stage II's cache=2.
+FAST_I, FAST_II = {"guidance_interval": [200, 700]}, {"steps": [999, 700, 400, 150, 0]}
+CANDIDATES: dict[str, dict] = {
+    "fast + cache I 4/3": {"stages": [{**FAST_I, "cache": {"interval": 4, "full_first": 3}}, FAST_II]},
+    "fast + cache I 4/3, II 2": {"stages": [{**FAST_I, "cache": {"interval": 4, "full_first": 3}},
+                                            {**FAST_II, "cache": 2}]},
+    "fast + cache I 6/3, II 3": {"stages": [{**FAST_I, "cache": {"interval": 6, "full_first": 3}},
+                                            {**FAST_II, "cache": 3}]},
+    "fast + cache I 8/2, II 5": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}},
+                                            {**FAST_II, "cache": 5}]},
+    "fast + cache I 4/3, II 4/3": {"stages": [{**FAST_I, "cache": {"interval": 4, "full_first": 3}},
+                                              {**FAST_II, "cache": {"interval": 4, "full_first": 3}}]},
+    "fast + cache I 8/3, II 4/3": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 3}},
+                                              {**FAST_II, "cache": {"interval": 4, "full_first": 3}}]},
+    "fast + cache I 12/3, II 4/3": {"stages": [{**FAST_I, "cache": {"interval": 12, "full_first": 3}},
+                                               {**FAST_II, "cache": {"interval": 4, "full_first": 3}}]},
+    "I 20 + cache 6/3, II fast + cache 4/3": {"stages": [
+        {**FAST_I, "steps": 20, "cache": {"interval": 6, "full_first": 3}},
+        {**FAST_II, "cache": {"interval": 4, "full_first": 3}}]},
+    "I 16 + cache 6/3, II fast + cache 4/3": {"stages": [
+        {**FAST_I, "steps": 16, "cache": {"interval": 6, "full_first": 3}},
+        {**FAST_II, "cache": {"interval": 4, "full_first": 3}}]},
+    "I 16 + cache 3/2, II fast + cache 3": {"stages": [
+        {**FAST_I, "steps": 16, "cache": {"interval": 3, "full_first": 2}}, {**FAST_II, "cache": 3}]},
+}
+SETTINGS.update(CANDIDATES)
+
+
 def as_options(pipe, name: str, setting: dict) -> dict:
     """generate() options for a setting; per-stage settings ("stages") become a preset of the pipeline."""
     if "stages" not in setting:

@@ -1,0 +1,72 @@
+"""The packaged model's presets against its defaults as users call it: whole one-image `generate()` calls,
+interleaved in one process (each round calls every setting once, on the next held-out caption), so the machine's
+drift touches all alike. The speed a preset is certified with (cascade.json "certified": "speedup").
+
+    python bench/preset_speed.py [--rounds 30] [--only fast turbo] [--json bench/results/preset_speed.json]
+    python bench/preset_speed.py --candidates            # bench/preset_sweep.py's cached candidates too
+
+Prints, per setting, the median seconds per image (with the spread of the middle half) and its speed over the
+defaults' median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+from engine.demo.evaluate import held_out_scenes  # noqa: E402
+from engine.demo.shapes import caption  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--only", nargs="+", default=None, help="these presets only (default: all the model's)")
+    parser.add_argument("--candidates", action="store_true", help="bench/preset_sweep.py's CANDIDATES too")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    pipe = engine.load(engine.DEFAULT_MODEL, device="cpu")
+    settings = {"default": {}, **{name: {"preset": name} for name in pipe.presets}}
+    if args.candidates:
+        from preset_sweep import CANDIDATES, as_options
+
+        settings.update({name: as_options(pipe, name, setting) for name, setting in CANDIDATES.items()})
+    if args.only:
+        settings = {name: settings[name] for name in ["default", *args.only]}
+    captions = [caption(scene) for scene in held_out_scenes(args.rounds)]
+    for options in settings.values():  # first-call costs out of the timings
+        pipe.generate(captions[0], seed=0, **options)
+    seconds = {name: [] for name in settings}
+    for k, prompt in enumerate(captions):
+        for name, options in settings.items():
+            start = time.perf_counter()
+            pipe.generate(prompt, seed=k, **options)
+            seconds[name].append(time.perf_counter() - start)
+    base = statistics.median(seconds["default"])
+    rows = []
+    print("| setting | s per image, median (middle half) | speed vs the defaults |\n|---|---:|---:|")
+    for name, times in seconds.items():
+        q1, median, q3 = statistics.quantiles(times, n=4)
+        rows.append({"name": name, "median_s": median, "q1_s": q1, "q3_s": q3, "speedup": base / median})
+        print(f"| {name} | {median:.3f} ({q1:.3f}-{q3:.3f}) | {base / median:.2f}x |")
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds,
+              "command": " ".join(sys.argv), "rows": rows}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
