@@ -169,3 +169,17 @@ def test_the_http_field(engine_pipe):
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
         bad = client.post("/v1/images/generations", json={"prompt": "a red circle", "cache": 0})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache"
+
+
+def test_the_x4_upscalers_unet_caches_too(three_stage_pipe):
+    stage = three_stage_pipe.stages[2]
+    unet = stage.unet
+    text = stage.text.encode(["a red circle", "a blue square"])
+    sample = torch.randn(2, unet.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    timestep, labels = torch.tensor([900, 400]), torch.tensor([20, 20])
+    out, kept = unet.full(sample, timestep, text, labels, 1)
+    assert torch.equal(unet.shallow(sample, timestep, text, labels, kept, 1), out)
+    options = dict(seed=1, steps=(3, 2, 4), output_type="np")
+    plain = three_stage_pipe.generate("a red circle", **options)
+    cached = three_stage_pipe.generate("a red circle", cache=(None, None, 2), **options)
+    assert cached.shape == plain.shape and not np.array_equal(cached, plain)

@@ -271,3 +271,8 @@ def test_provider_choice_and_its_errors():
 def test_the_cpu_provider_is_what_sessions_run(ort_pipe):
     unet = ort_pipe.stages[0].unet.component
     assert unet.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_feature_caching_is_refused_on_onnxruntime_for_now(ort_pipe):
+    with pytest.raises(InvalidRequestError, match="feature caching .* not on this backend's U-Net"):
+        ort_pipe.generate("a red circle", cache=2)
