@@ -103,6 +103,9 @@ class Offloader:
             return
         for other in [p for p in self.parts if p.name in self.resident and p is not part]:
             self._off(other)
+        for other in [p for p in self.parts if p.name in self._ahead and p is not part]:
+            del self._ahead[other.name]  # copied ahead for a turn that did not come (the scheduler's order)
+            other.place(torch.device("cpu"))
         self._on(part)
         following = self.parts[(self.parts.index(part) + 1) % len(self.parts)]
         ready = following is part or following.name in self.resident or following.name in self._ahead
