@@ -49,7 +49,12 @@ def test_bench_packaged_model_writes_report(tmp_path, capsys, monkeypatch):
     rows = {(r["component"], r["variant"]): r for r in report["rows"]}
     components = {c for c, _ in rows}
     assert {"text encoder", "stage_I U-Net step (32 px)", "stage_II U-Net step (128 px)",
+            "stage_I U-Net shallow step (32 px, cache depth 1)", "stage_II U-Net shallow step (128 px, cache depth 1)",
             "stage_I (1 steps, 32 px)", "stage_II (1 steps, 128 px)", "whole cascade (1+1 steps, 128 px)"} == components
+    for stage in ("stage_I", "stage_II"):  # feature caching's shallow step: fewer FLOPs than the full step's
+        shallow = rows[(f"{stage} U-Net shallow step ({32 if stage == 'stage_I' else 128} px, cache depth 1)", "ours")]
+        full = rows[(f"{stage} U-Net step ({32 if stage == 'stage_I' else 128} px)", "ours")]
+        assert 0 < shallow["flops"] < full["flops"] / 2 and shallow["finite"]
     for variant in ("eager", "ours"):  # side by side: U-Net steps and the whole cascade, with diffusers
         for component in ("stage_I U-Net step (32 px)", "stage_II U-Net step (128 px)",
                           "whole cascade (1+1 steps, 128 px)"):

@@ -197,6 +197,13 @@ def bench_cascade(session: Session) -> list[Row]:
         step_flops[stage.name] = count_flops(calls["eager"])
         rows += session.time_variants(f"{stage.name} U-Net step ({size} px)", calls, opts.batch, batch,
                                       dtype, step_flops[stage.name], "counted")
+        if getattr(stage.unet, "cache_depths", 0) and "ours" in session.compare:
+            # feature caching's shallow step (cache depth 1) on a full step's kept input: its own FLOPs
+            args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["class_labels"])
+            kept = stage.unet.full(*args, 1)[1]
+            shallow = {"ours": lambda u=stage.unet, args=args, kept=kept: u.shallow(*args, kept, 1)}
+            rows += session.time_variants(f"{stage.name} U-Net shallow step ({size} px, cache depth 1)", shallow,
+                                          opts.batch, batch, dtype, count_flops(shallow["ours"]), "counted")
         del plain, calls, inputs
         _free(device)
 
