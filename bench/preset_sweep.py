@@ -124,6 +124,14 @@ CANDIDATES: dict[str, dict] = {
     "I 16 + cache 6/3, II fast + cache 4/3": {"stages": [
         {**FAST_I, "steps": 16, "cache": {"interval": 6, "full_first": 3}},
         {**FAST_II, "cache": {"interval": 4, "full_first": 3}}]},
+    "fast + cache I 8/3, II t3 999..150": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 3}},
+                                                      {"steps": [999, 550, 150]}]},
+    "fast + cache I 12/3, II t3 999..150": {"stages": [{**FAST_I, "cache": {"interval": 12, "full_first": 3}},
+                                                       {"steps": [999, 550, 150]}]},
+    "fast + cache I 10/3, II t3 999..150": {"stages": [{**FAST_I, "cache": {"interval": 10, "full_first": 3}},
+                                                       {"steps": [999, 550, 150]}]},
+    "fast + cache I 8/2, II t3 999..150": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}},
+                                                      {"steps": [999, 550, 150]}]},
     "I 16 + cache 3/2, II fast + cache 3": {"stages": [
         {**FAST_I, "steps": 16, "cache": {"interval": 3, "full_first": 2}}, {**FAST_II, "cache": 3}]},
 }
