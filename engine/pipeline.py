@@ -27,7 +27,6 @@ from engine.text import TextEncoder
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Generation:
     """The images of one request, the seed that draws them again, and where the time went (seconds, device
@@ -341,8 +340,10 @@ class Pipeline:
         edited = request.image if first.kind == "base" else request.original_image
         if edited is None and (request.mask_image is not None or request.strength is not None):
             field = "mask_image" if request.mask_image is not None else "strength"
-            raise InvalidRequestError(f"{field} is for edits: give the picture to edit too (original_image=, as "
-                                      f"{first.name} ({first.kind}) takes image= as its low-res input)")
+            fix = {"base": "give image=, the picture to edit",
+                   "super_resolution": f"give the picture to edit as original_image= ({first.name} takes image= "
+                                       "as its low-res input)"}.get(first.kind, "an x4 upscaler does not edit")
+            raise InvalidRequestError(f"{field} is for edits: {fix}")
         return edited
 
     def edit_input(self, request: GenerateRequest, settings: list[StageSettings]) -> EditInput | None:
