@@ -1,6 +1,7 @@
 """A probe for the feature-caching issue (DeepCache, Ma et al. 2024): how much a shallow U-Net step saves on the
-packaged model and what caching costs in adherence, before the engine builds it. Not the engine's code path:
-a wrapper around the torch backend's eager U-Nets, for measurement only.
+packaged model and what caching costs in adherence. It runs the torch backend's own full and shallow U-Net calls
+(what `cache=` runs) under a schedule of its own (call counts within a run, --full-first), for trying schedules
+the engine's `cache=` settings do not name yet.
 
     python bench/deepcache_probe.py [--count 64] [--intervals 1 2 3 4] [--json bench/results/deepcache_probe.json]
 
@@ -14,32 +15,27 @@ rows; and the quality gate's adherence and seconds per image on `--count` held-o
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 import engine
+from engine.bench.report import save_json
 from engine.demo.evaluate import EvalOptions, evaluate
 
 
 class CachedUNet:
-    """The torch backend's U-Net with DeepCache's shallow steps (module docstring); `depth` up-blocks (and as
-    many down-blocks) run at a shallow step, 1 the least."""
+    """The torch backend's U-Net with DeepCache's shallow steps (module docstring) over its own `full` and
+    `shallow` calls (what `cache=` runs), scheduled by call count instead of the engine's per-run plan;
+    `depth` up-blocks (and as many down-blocks) run at a shallow step, 1 the least."""
 
     def __init__(self, unet, interval: int, depth: int = 1):
-        self.unet, self.model, self.interval = unet, unet.model, interval
-        self.kept, self.calls, self.last_t, self.depth = None, 0, None, depth
+        self.unet, self.interval, self.depth = unet, interval, depth
+        self.kept, self.calls, self.last_t = None, 0, None
         self.full_first = 0  # the first calls of a run are all full (non-uniform refresh: denser early)
-        for index, block in enumerate(self.model.up_blocks):
-            block.register_forward_pre_hook(lambda m, a, kw, index=index: self._keep(index, kw), with_kwargs=True)
 
     def __getattr__(self, name):  # sample_size, in_channels, ...: the wrapped U-Net's
         return getattr(self.unet, name)
-
-    def _keep(self, index: int, kwargs):
-        if index == len(self.model.up_blocks) - self.depth:
-            self.kept = kwargs["hidden_states"]
 
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None):
         t = int(timestep.reshape(-1)[0])
@@ -50,41 +46,9 @@ class CachedUNet:
                 or self.calls < self.full_first or self.calls % self.interval == 0)
         self.calls += 1
         if full:
-            return self.unet(sample, timestep, encoder_hidden_states, class_labels)
-        return self.shallow(sample, timestep, encoder_hidden_states, class_labels)
-
-    @torch.inference_mode()
-    def shallow(self, sample, timestep, encoder_hidden_states, class_labels):
-        m = self.model
-        emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), None)
-        class_emb = m.get_class_embed(sample=sample, class_labels=class_labels)
-        if class_emb is not None:
-            emb = emb + class_emb
-        aug = m.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
-        emb = emb if aug is None else emb + aug
-        if m.time_embed_act is not None:
-            emb = m.time_embed_act(emb)
-        hidden = m.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
-        x = m.conv_in(sample)
-        skips = (x,)
-        for block in m.down_blocks[:self.depth]:
-            if getattr(block, "has_cross_attention", False):
-                x, res = block(hidden_states=x, temb=emb, encoder_hidden_states=hidden)
-            else:
-                x, res = block(hidden_states=x, temb=emb)
-            skips += res
-        ups = m.up_blocks[-self.depth:]
-        skips = skips[:sum(len(block.resnets) for block in ups)]  # the deeper blocks' skips are the kept input's
-        x = self.kept
-        for block in ups:
-            res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
-            if getattr(block, "has_cross_attention", False):
-                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=hidden)
-            else:
-                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res)
-        if m.conv_norm_out is not None:
-            x = m.conv_act(m.conv_norm_out(x))
-        return m.conv_out(x)
+            out, self.kept = self.unet.full(sample, timestep, encoder_hidden_states, class_labels, self.depth)
+            return out
+        return self.unet.shallow(sample, timestep, encoder_hidden_states, class_labels, self.kept, self.depth)
 
 
 def step_times(pipe, rows: int, repeats: int = 20) -> dict:
@@ -97,10 +61,10 @@ def step_times(pipe, rows: int, repeats: int = 20) -> dict:
         sample = torch.randn(rows, unet.in_channels, size, size)
         t = torch.full((rows,), 500)
         labels = torch.full((rows,), 250) if stage.noising is not None else None
-        unet.unet(sample, t, text, labels)  # keeps the last up-block's input
+        kept = unet.full(sample, t, text, labels, unet.depth)[1]
         timings = {}
         for kind, call in (("full", lambda: unet.unet(sample, t, text, labels)),
-                           ("shallow", lambda: unet.shallow(sample, t, text, labels))):
+                           ("shallow", lambda: unet.shallow(sample, t, text, labels, kept, unet.depth))):
             call()
             seconds = []
             for _ in range(repeats):
@@ -151,9 +115,7 @@ def main(argv=None) -> dict:
         print(f"preset {args.preset}, depth {depth}, interval {interval}, first {full_first} full: adherence "
               f"{result['adherence']:.1%}, {result['seconds_per_image']:.3f} s per image, "
               f"distance {result['frechet_distance']:.3g}")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=1)
+    save_json(report, args.json)
     return report
 
 

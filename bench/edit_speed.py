@@ -11,7 +11,6 @@ median and the spread (min-max) over rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import engine
+from engine.bench.report import save_json
 
 
 def main(argv=None) -> dict:
@@ -56,9 +56,7 @@ def main(argv=None) -> dict:
     report = {"benchmark": "edit_speed", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds,
               "model": pipe.source, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=1)
+    save_json(report, args.json)
     return report
 
 

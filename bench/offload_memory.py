@@ -12,12 +12,12 @@ GPU issue's targets: a peak of at most 12 GB, and the plan within 10% of every p
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from engine.bench.real_size import real_size_parts
+from engine.bench.report import save_json
 from engine.loading import DTYPES
 from engine.offload import Offloader, Part
 from engine.plan import TOKENS, build, memory_plan
@@ -72,9 +72,7 @@ def main(argv=None) -> dict:
     report["peak_bytes"] = max(p["measured_bytes"] for p in report["phases"])
     report["planned_peak_bytes"] = plan.peak
     print(f"peak {report['peak_bytes'] / 1e9:.2f} GB (target <= 12 GB); planned {plan.peak / 1e9:.2f} GB")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=1)
+    save_json(report, args.json)
     return report
 
 

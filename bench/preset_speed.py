@@ -12,7 +12,6 @@ defaults' median.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
+from engine.bench.report import save_json  # noqa: E402
 from engine.demo.evaluate import held_out_scenes  # noqa: E402
 from engine.demo.shapes import caption  # noqa: E402
 
@@ -62,9 +62,7 @@ def main(argv=None) -> dict:
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds,
               "command": " ".join(sys.argv), "rows": rows}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(report, args.json)
     return report
 
 
