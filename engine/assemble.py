@@ -49,8 +49,7 @@ def build_pipeline(specs: list, components, source: str = "", notice: str | None
             raise ModelError(source or specs[0].directory, str(exc)) from exc
     mode = getattr(components, "offload", None)
     if mode is not None:  # the models wait in host memory, each on the device while it runs (offload.py)
-        keep = ("text_encoder",) if components.text_device != components.device else ()  # T5 runs where it is
-        pipeline.offloader = offload.install(pipeline, mode, keep)
+        pipeline.offloader = offload.install(pipeline, mode)
     return pipeline
 
 

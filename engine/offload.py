@@ -146,16 +146,17 @@ class Offloader:
             module.register_forward_hook(lambda m, args, out, leaf=leaf: self._off(leaf))
 
 
-def install(pipeline, mode: str, keep: tuple[str, ...] = ()) -> Offloader:
-    """Offload `pipeline`'s parts (all but those named in `keep`) in `mode`, in place; their weights go to host
-    memory now. InvalidRequestError where a component cannot be offloaded (an export's, or the fast path's)."""
+def install(pipeline, mode: str) -> Offloader:
+    """Offload `pipeline`'s parts in `mode`, in place; their weights go to host memory now. A text encoder that
+    runs on another device than the pipeline's (text_encoder_device="cpu") stays where it is.
+    InvalidRequestError where a component cannot be offloaded (an export's, or the fast path's)."""
     if any(stage.executor.static for stage in pipeline.stages):
         raise InvalidRequestError("offload moves weights between calls, which the fast path's compiled calls and "
                                   "captured graphs cannot follow: load with fast=False")
     parts = []
     for name, component in components(pipeline):
-        if name in keep:
-            continue
+        if getattr(component, "device", pipeline.device) != pipeline.device:
+            continue  # runs elsewhere (T5 on the CPU beside a GPU): nothing of it on the device to offload
         modules = getattr(component, "modules", None)
         found = None if modules is None else modules()
         if found is None:

@@ -168,8 +168,7 @@ class Pipeline:
                 return
             raise InvalidRequestError(f"{method}(): this pipeline is offloaded already (offload="
                                       f"{self.offloader.mode!r}): load it again to change that")
-        keep = ("text_encoder",) if self.text.device != self.device else ()
-        self.offloader = offload.install(self, mode, keep)
+        self.offloader = offload.install(self, mode)
 
     def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
         """diffusers' switch to xformers' attention: nothing to do, the backend's attention is already fused
