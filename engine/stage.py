@@ -160,13 +160,13 @@ class Stage:
         up = F.interpolate(previous.to(self.dtype), (self.size, self.size), mode="bilinear", align_corners=True)
         return x, self._noised(up, noise_level, generator)
 
-    def _edited(self, edit: Edit, previous, noise_level: int | None, generator: torch.Generator, sampler,
-                first: int):
-        """An edit's x at step `first` (B, 3, h, w): its picture noised to that step's timestep (kept where a mask
-        keeps it), and for super-resolution the previous image upsampled to the picture's size and augmented."""
+    def _edited(self, edit: Edit, previous, noise_level: int | None, generator: torch.Generator,
+                alphas_cumprod: torch.Tensor, timestep: int):
+        """An edit's x at its first step (B, 3, h, w): its picture noised to that step's `timestep` on the
+        sampler's schedule (kept where a mask keeps it), and for super-resolution the previous image upsampled
+        to the picture's size and augmented."""
         image = edit.image
-        timestep = int(sampler.timesteps[first])
-        noised = add_noise(image, self._draw(generator, image.shape), sampler.schedule.alphas_cumprod, timestep)
+        noised = add_noise(image, self._draw(generator, image.shape), alphas_cumprod, timestep)
         if edit.mask is None:
             x = noised
         else:
@@ -227,20 +227,22 @@ class StageRun:
         self.sampler = build_sampler(settings.sampler or stage.default_sampler, stage.scheduler_config,
                                      settings.timesteps, stage.device)
         batch = text.cond.shape[0]
+        timesteps = self.sampler.timesteps.tolist()  # on the host once: the edit's start and the plans below
         # The step it starts at: 0, or an edit's first step (its strength); the steps before it do not run.
         self.step = first = settings.first_step if edit is not None else 0
         if edit is None:
             x, low_res = stage._initial(previous, batch, settings.noise_level, generator)  # (B, C, H, W), (B, 3, H, W)
             self.x = x.float() * self.sampler.init_noise_sigma  # float32
         else:
-            x, low_res = stage._edited(edit, previous, settings.noise_level, generator, self.sampler, first)
+            x, low_res = stage._edited(edit, previous, settings.noise_level, generator,
+                                       self.sampler.schedule.alphas_cumprod, timesteps[first])
             self.x = x.float()  # diffusers' edit pipelines start from the noised picture as it is
         self.mask = None if edit is None or edit.mask is None else edit.mask.float()  # (B, 1, h, w)
 
         # Which steps guide, read from the host once per stage (the guidance interval); each guided step runs
         # [uncond; cond] (2B rows), any other the cond half alone (B rows).
         guides = text.uncond is not None
-        self.guided_steps = [guides and settings.guided_at(t) for t in self.sampler.timesteps.tolist()]
+        self.guided_steps = [guides and settings.guided_at(t) for t in timesteps]
         self.cond = text.cond  # (B, 77, D)
         self.pair = torch.cat([text.uncond, text.cond]) if any(self.guided_steps) else None  # (2B, 77, D)
         self.low_res, self.class_labels = low_res, None  # (B, 3, H, W); per step kind: labels (rows,)
@@ -254,7 +256,6 @@ class StageRun:
         # shallow ones, with the step kind (guided or not) its rows were; a shallow step whose rows differ is
         # made full instead.
         self.cache = settings.cache
-        timesteps = self.sampler.timesteps.tolist()
         self.full_steps = [self.cache is None or step < first or self.cache.full_at(step - first, timesteps[step])
                            for step in range(len(timesteps))]
         self.kept: torch.Tensor | None = None

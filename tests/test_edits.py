@@ -37,13 +37,20 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
+@pytest.fixture(autouse=True)
+def quiet(engine_pipe):
+    """The door's progress bars off here, and the session's pipe given back as it was."""
+    engine_pipe.set_progress_bar_config(disable=True)
+    yield
+    engine_pipe.progress_bar_config.clear()
+
+
 @pytest.fixture(scope="module")
 def edit_pipes(reference):
     return {masked: reference_edit(reference, masked) for masked in (False, True)}
 
 
 def ours(pipe, seed, strength, image, mask=None, **options):
-    pipe.set_progress_bar_config(disable=True)
     masked = {} if mask is None else {"mask_image": mask}
     return pipe(PROMPT, image=image, strength=strength, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                 generator=generator(seed), output_type="np", **masked, **options).images
@@ -70,7 +77,6 @@ def test_a_picture_that_is_not_square_keeps_its_aspect_as_in_diffusers(engine_pi
 def test_the_default_strengths_are_diffusers_and_several_prompts_and_images_each(engine_pipe, edit_pipes):
     prompts, pictures = ["a red circle", "a blue square"], [picture(seed=1), picture(seed=2)]
     pipe = engine_pipe
-    pipe.set_progress_bar_config(disable=True)
     found = pipe(prompts, image=pictures, num_inference_steps=STEPS, num_images_per_prompt=2,
                  generator=generator(4), output_type="np").images  # guidance: the model's defaults, GUIDANCE
     first, second = edit_pipes[False]
@@ -291,7 +297,6 @@ def test_the_edit_example_runs(tmp_path, monkeypatch):
 def test_a_list_of_generators_draws_each_images_edit_from_its_own(engine_pipe, edit_pipes):
     generators = lambda: [generator(5), generator(6)]  # noqa: E731  one per image, as diffusers takes them
     pictures = [picture(seed=1), picture(seed=2)]
-    engine_pipe.set_progress_bar_config(disable=True)
     found = engine_pipe(["a red circle", "a blue square"], image=pictures, mask_image=left_half_mask(),
                         strength=(0.8, 0.6), num_inference_steps=(6, 5), generator=generators(),
                         output_type="np").images
