@@ -91,10 +91,11 @@ def update(stage, sampler, index, out: torch.Tensor, guidance, x: torch.Tensor, 
     return sampler.step(index, eps, variance, x, noise)
 
 
-def keep_masked(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def keep_masked(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """An inpainting step's result: `after` where the mask (B, 1, h, w) redraws, `before` where it keeps, as
-    diffusers' `(1 - mask) * prev + mask * new` (exact for a 0/1 mask and finite values)."""
-    return (1 - mask) * before + mask * after
+    diffusers' `(1 - mask) * prev + mask * new` with keep = 1 - mask made once per run (exact for a 0/1 mask
+    and finite values)."""
+    return keep * before + mask * after
 
 
 def _capture(device: torch.device, call, warm=None) -> torch.cuda.CUDAGraph:
@@ -311,8 +312,9 @@ class StepRunner:
         self.embeddings = torch.empty((rows, *run.cond.shape[1:]), dtype=run.cond.dtype, device=device)
         self.class_labels = None if run.class_labels is None else torch.empty(rows, dtype=torch.int64, device=device)
         self.noise = torch.zeros((run.steps, *run.x.shape), device=device)
-        # An inpainting run's mask (B, 1, H, W): the steps keep x where it is 0 (keep_masked)
+        # An inpainting run's mask (B, 1, H, W) and 1 - mask: the steps keep x where the mask is 0 (keep_masked)
         self.mask = None if run.mask is None else torch.zeros_like(run.mask)
+        self.keep = None if run.mask is None else torch.zeros_like(run.mask)
         self.index = torch.zeros(1, dtype=torch.int64, device=device)
         self.guidance = torch.zeros(1, device=device)
         self.values: dict[str, torch.Tensor] | None = None  # the U-Net's text constants, made by the first load
@@ -342,6 +344,7 @@ class StepRunner:
                 self.noise[step].copy_(noise)
         if self.mask is not None:
             self.mask.copy_(run.mask)
+            self.keep.copy_(run.keep)
         if run.sampler is not self.sampler:
             self.sampler.load(run.sampler)
         values = self.unet.text_constants(embeddings)
@@ -363,7 +366,7 @@ class StepRunner:
         out = self.unet(model_in, timestep, self.embeddings[-rows:], labels, self.values).float()
         noise = self.noise.index_select(0, self.index)[0]  # (B, C, H, W)
         x = update(self.stage, self.sampler, self.index, out, self.guidance if guided else None, self.x, noise)
-        self.x.copy_(x if self.mask is None else keep_masked(self.x, x, self.mask))
+        self.x.copy_(x if self.mask is None else keep_masked(self.x, x, self.mask, self.keep))
         self.index.add_(1)
 
     @torch.inference_mode()

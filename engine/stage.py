@@ -238,6 +238,7 @@ class StageRun:
                                        self.sampler.schedule.alphas_cumprod, timesteps[first])
             self.x = x.float()  # diffusers' edit pipelines start from the noised picture as it is
         self.mask = None if edit is None or edit.mask is None else edit.mask.float()  # (B, 1, h, w)
+        self.keep = None if self.mask is None else 1 - self.mask  # made once: every step keeps x where it is 1
 
         # Which steps guide, read from the host once per stage (the guidance interval); each guided step runs
         # [uncond; cond] (2B rows), any other the cond half alone (B rows).
@@ -299,7 +300,7 @@ class StageRun:
         """Take this run's U-Net output (rows, out_channels, H, W), float32: guidance, then the sampler step."""
         guidance = self.settings.guidance if self.guided else None
         x = update(self.stage, self.sampler, self.step, out, guidance, self.x, self.noise[self.step])
-        self.x = x if self.mask is None else keep_masked(self.x, x, self.mask)
+        self.x = x if self.mask is None else keep_masked(self.x, x, self.mask, self.keep)
         self.step += 1
 
     def result(self) -> torch.Tensor:
