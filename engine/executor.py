@@ -164,11 +164,11 @@ class StageExecutor:
         """One U-Net call over the next step of every run in `runs` (same sample shape; each at its own
         step, guided or not); returns each run's output rows (rows, C_out, H, W) float32, for its
         `StageRun.advance`. On static buffers the outputs are views of them, valid until the next call."""
-        kinds = {(run.shallow, None if run.cache is None else run.cache.depth) for run in runs}
-        if len(kinds) > 1:  # feature caching: one call per step kind (full or shallow) and depth
+        kinds = {run.step_kind for run in runs}
+        if len(kinds) > 1:  # feature caching: one call per step kind (plain, full or shallow) and depth
             outputs = {}
-            for kind in sorted(kinds, key=str):
-                group = [run for run in runs if (run.shallow, None if run.cache is None else run.cache.depth) == kind]
+            for kind in sorted(kinds):
+                group = [run for run in runs if run.step_kind == kind]
                 outputs.update(zip(map(id, group), self.forward(group)))
             return [outputs[id(run)] for run in runs]
         rows = [run.rows for run in runs]
@@ -196,53 +196,81 @@ class StageExecutor:
                 labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
                 self._eager_rows = (members, torch.cat([p[0] for p in parts]), labels)
             _, embeddings, labels = self._eager_rows
-        cache = first.cache
-        if cache is None:
+        kind, depth = first.step_kind  # every run's here (forward groups them)
+        if kind == "unet":
             return self.unet(sample, timestep, embeddings, labels)
-        if first.shallow:  # every run here is (forward groups them): their kept rows, in order
+        if kind == "shallow":  # their kept rows, in order
             kept = torch.cat([run.kept for run in runs]) if len(runs) > 1 else first.kept
-            return self.unet.shallow(sample, timestep, embeddings, labels, kept, cache.depth)
-        out, kept = self.unet.full(sample, timestep, embeddings, labels, cache.depth)
+            return self.unet.shallow(sample, timestep, embeddings, labels, kept, depth)
+        out, kept = self.unet.full(sample, timestep, embeddings, labels, depth)
         for run, part in zip(runs, kept.split([run.rows for run in runs])):
-            run.kept, run.kept_guided = part, run.guided
+            run.kept = part
         return out
 
     def _static_call(self, runs: list, members: tuple, total: int) -> torch.Tensor:
         first = runs[0]
         embeddings, labels = first.conditioning()
-        buffers = self._buffers(total, tuple(first.x.shape[1:]), embeddings, labels)
+        buffers = self._buffers(total, tuple(first.x.shape[1:]), embeddings, labels, first.step_kind)
         buffers.write(runs, members)
         buffers.call()
+        if buffers.kind[0] == "full":  # each run keeps its rows (the buffers serve the next call)
+            row = 0
+            for run in runs:
+                run.kept = buffers.kept[row:row + run.rows].clone()
+                row += run.rows
         return buffers.out[:total]
 
     @torch.inference_mode()
-    def warmup(self, rows: int, embeddings: torch.Tensor) -> None:
-        """Make (compile, and on CUDA capture) the static buffers of the bucket a `rows`-row call runs at, for
-        conditioning rows like `embeddings` (1, 77, D); nothing to make for an eager U-Net."""
+    def warmup(self, rows: int, embeddings: torch.Tensor, kind: tuple[str, int] = ("unet", 0)) -> None:
+        """Make (compile, and on CUDA capture) the static buffers of the bucket a `rows`-row call of step kind
+        `kind` (StageRun.kind_at) runs at, for conditioning rows like `embeddings` (1, 77, D); nothing to make
+        for an eager U-Net."""
         if not self.static:
             return
         stage = self.stage
         labels = None if stage.noising is None else torch.zeros(1, dtype=torch.int64, device=stage.device)
-        buffers = self._buffers(rows, (stage.sample_channels, stage.size, stage.size), embeddings, labels)
+        buffers = self._buffers(rows, (stage.sample_channels, stage.size, stage.size), embeddings, labels, kind)
         buffers.set_conditioning([embeddings.expand(buffers.rows, -1, -1)],
                                  None if labels is None else [labels.expand(buffers.rows)])
         buffers.call()
 
-    def _buffers(self, rows: int, sample_shape: tuple, embeddings: torch.Tensor,
-                 labels: torch.Tensor | None) -> "RowBuffers":
+    def _buffers(self, rows: int, sample_shape: tuple, embeddings: torch.Tensor, labels: torch.Tensor | None,
+                 kind: tuple[str, int]) -> "RowBuffers":
         """The row buffers a `rows`-row call runs on (its bucket's), made on first use: keyed by the bucket, the
-        sample shape (C, H, W) and the conditioning rows' shape and dtype."""
-        key = (bucket(rows), sample_shape, tuple(embeddings.shape[1:]), embeddings.dtype, labels is not None)
+        sample shape (C, H, W), the conditioning rows' shape and dtype, and the step kind."""
+        key = (bucket(rows), sample_shape, tuple(embeddings.shape[1:]), embeddings.dtype, labels is not None, kind)
         if key not in self.buffers:
-            self.buffers[key] = RowBuffers(self.stage, key[0], sample_shape, embeddings, labels)
+            self.buffers[key] = RowBuffers(self.stage, key[0], sample_shape, embeddings, labels, kind)
         return self.buffers[key]
+
+
+def call_unet(unet, kind: tuple[str, int], args: tuple, values, kept: torch.Tensor | None) -> torch.Tensor:
+    """A static U-Net's call of one step kind (StageRun.kind_at) on (sample, timestep, embeddings, labels): the
+    plain call; under feature caching the full call, which writes what it keeps into `kept`, or the shallow
+    call on `kept`."""
+    name, depth = kind
+    if name == "full":
+        out, new = unet.full(*args, depth, values)
+        kept.copy_(new)
+        return out
+    if name == "shallow":
+        return unet.shallow(*args, kept, depth, values)
+    return unet(*args, values)
+
+
+def kept_buffer(stage, rows: int, sample: torch.Tensor, depth: int) -> torch.Tensor:
+    """Zeros for what a full call at `depth` keeps of `rows` rows of `sample` (rows', C_in, H, W),
+    channels_last as the static U-Net makes it."""
+    shape = stage.unet.kept_shape(rows, *sample.shape[2:], depth)
+    return torch.zeros(shape, dtype=stage.dtype, device=stage.device).contiguous(memory_format=torch.channels_last)
 
 
 class RowBuffers:
     """The scheduler's static buffers for one row bucket (module docstring)."""
 
-    def __init__(self, stage, rows: int, sample_shape, embeddings: torch.Tensor, labels: torch.Tensor | None):
-        self.stage, self.unet, self.rows = stage, stage.unet, rows
+    def __init__(self, stage, rows: int, sample_shape, embeddings: torch.Tensor, labels: torch.Tensor | None,
+                 kind: tuple[str, int] = ("unet", 0)):
+        self.stage, self.unet, self.rows, self.kind = stage, stage.unet, rows, kind
         device = stage.device
         self.sample = torch.zeros((rows, self.unet.in_channels, *sample_shape[1:]), dtype=stage.dtype,
                                   device=device).contiguous(memory_format=torch.channels_last)
@@ -251,15 +279,20 @@ class RowBuffers:
         self.class_labels = None if labels is None else torch.zeros(rows, dtype=torch.int64, device=device)
         self.values = self.unet.text_constants(self.embeddings)  # fresh tensors, these buffers' from now on
         self.out = torch.zeros((rows, self.unet.out_channels, *sample_shape[1:]), dtype=stage.dtype, device=device)
+        # Feature caching: what the full call keeps, the shallow call's input (rows, C, h, w)
+        self.kept = None if kind[0] == "unet" else kept_buffer(stage, rows, self.sample, kind[1])
         self.members: tuple | None = None  # whose conditioning rows the buffers hold
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def write(self, runs: list, members: tuple) -> None:
-        """The runs' samples and timesteps into their rows; their conditioning rows when the members changed."""
+        """The runs' samples and timesteps into their rows (and a shallow call's kept rows); their conditioning
+        rows when the members changed."""
         row = 0
         for run in runs:
             write_sample(self.sample[row:row + run.rows], run.x, run.low_res)
             self.timestep[row:row + run.rows].copy_(run.timestep)  # a (0-d) device tensor: no host sync
+            if self.kind[0] == "shallow":
+                self.kept[row:row + run.rows].copy_(run.kept)
             row += run.rows
         if members != self.members:
             parts = [run.conditioning() for run in runs]
@@ -282,7 +315,8 @@ class RowBuffers:
         self.members = None
 
     def _forward(self) -> None:
-        self.out.copy_(self.unet(self.sample, self.timestep, self.embeddings, self.class_labels, self.values))
+        args = (self.sample, self.timestep, self.embeddings, self.class_labels)
+        self.out.copy_(call_unet(self.unet, self.kind, args, self.values, self.kept))
 
     def call(self) -> None:
         """The U-Net over the buffers into `out`: a graph replay on CUDA (captured at the first call)."""
@@ -318,14 +352,16 @@ class StepRunner:
         self.index = torch.zeros(1, dtype=torch.int64, device=device)
         self.guidance = torch.zeros(1, device=device)
         self.values: dict[str, torch.Tensor] | None = None  # the U-Net's text constants, made by the first load
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        # Feature caching: what a full step keeps (rows, C, h, w); an unguided step's are the last B rows
+        self.kept = None if run.cache is None else kept_buffer(stage, rows, self.model_in, run.cache.depth)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # per step kind: (guided, StageRun.kind_at)
 
     @staticmethod
     def key(run) -> tuple:
         """What a runner is made for: runs with the same key share one."""
         return (tuple(run.x.shape), run.low_res is not None, run.pair is not None, tuple(run.cond.shape[1:]),
                 type(run.sampler).__name__, json.dumps(run.sampler.config, sort_keys=True, default=str), run.steps,
-                run.mask is not None)
+                run.mask is not None, None if run.cache is None else run.cache.depth)
 
     @torch.inference_mode()
     def load(self, run) -> None:
@@ -356,14 +392,17 @@ class StepRunner:
         self.index.fill_(run.step)  # 0, or an edit's first step
         self.guidance.fill_(run.settings.guidance)
 
-    def step(self, guided: bool) -> None:
-        """One step: input assembly, U-Net, guidance, sampler update; everything read and written is a buffer."""
+    def step(self, guided: bool, kind: tuple[str, int] = ("unet", 0)) -> None:
+        """One step of a kind (guided or not; the U-Net call, StageRun.kind_at): input assembly, U-Net,
+        guidance, sampler update; everything read and written is a buffer."""
         rows = self.model_in.shape[0] if guided else self.batch
         model_in = self.model_in[-rows:]
         write_sample(model_in, self.x, None)
         timestep = at(self.sampler.timesteps, self.index).expand(rows)
         labels = None if self.class_labels is None else self.class_labels[-rows:]
-        out = self.unet(model_in, timestep, self.embeddings[-rows:], labels, self.values).float()
+        kept = None if self.kept is None else self.kept[-rows:]
+        args = (model_in, timestep, self.embeddings[-rows:], labels)
+        out = call_unet(self.unet, kind, args, self.values, kept).float()
         noise = self.noise.index_select(0, self.index)[0]  # (B, C, H, W)
         x = update(self.stage, self.sampler, self.index, out, self.guidance if guided else None, self.x, noise)
         self.x.copy_(x if self.mask is None else keep_masked(self.x, x, self.mask, self.keep))
@@ -374,11 +413,11 @@ class StepRunner:
         """Step a loaded run to its end; its x becomes the result (a copy: the buffers serve the next run)."""
         captured = self.stage.device.type == "cuda"
         for step in progress_bar(run.step, self.steps, self.stage.name, progress):
-            guided = run.guided_steps[step]
+            guided, kind = run.guided_steps[step], run.kind_at(step)  # host lists: no sync
             if captured:
-                self._graph(guided).replay()
+                self._graph(guided, kind).replay()
             else:
-                self.step(guided)
+                self.step(guided, kind)
             if on_step is not None:
                 on_step(self.stage.name, step + 1, self.steps)
         run.x = self.x.clone()
@@ -386,20 +425,21 @@ class StepRunner:
 
     def _state(self) -> list[torch.Tensor]:
         """Everything a step writes (the sampler's tables too: DPM-Solver keeps its previous x0 there)."""
-        return [self.x, self.index] + [v for v in vars(self.sampler).values() if isinstance(v, torch.Tensor)]
+        kept = [] if self.kept is None else [self.kept]
+        return [self.x, self.index, *kept] + [v for v in vars(self.sampler).values() if isinstance(v, torch.Tensor)]
 
-    def _graph(self, guided: bool):
+    def _graph(self, guided: bool, kind: tuple[str, int]):
         """The CUDA graph of one step kind, captured on first use; the run's state is kept across the warm-up."""
-        if guided not in self.graphs:
+        if (guided, kind) not in self.graphs:
             state = self._state()
             saved = [t.clone() for t in state]
 
             def warm():
                 self.index.zero_()  # in range whatever the step count
-                self.step(guided)
+                self.step(guided, kind)
 
-            graph = _capture(self.stage.device, lambda: self.step(guided), warm)
+            graph = _capture(self.stage.device, lambda: self.step(guided, kind), warm)
             for tensor, value in zip(state, saved):
                 tensor.copy_(value)
-            self.graphs[guided] = graph
-        return self.graphs[guided]
+            self.graphs[guided, kind] = graph
+        return self.graphs[guided, kind]

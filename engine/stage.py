@@ -99,10 +99,10 @@ class Stage:
         if cache is None:
             return
         depths = getattr(self.unet, "cache_depths", 0)
-        if self.executor.static or not depths:
-            where = "the fast path" if self.executor.static else "this backend's U-Net"
-            raise InvalidRequestError(f"{self.name}: feature caching (cache=) runs on the torch backend's eager "
-                                      f"U-Nets so far, not on {where}: load with fast=False (torch), or drop cache=")
+        if not depths:
+            raise InvalidRequestError(f"{self.name}: feature caching (cache=) runs on the torch backend's U-Nets "
+                                      "(eager or fast), not on this backend's: load with backend='torch', or "
+                                      "drop cache=")
         if cache.depth > depths:
             raise InvalidRequestError(f"{self.name}: cache depth {cache.depth} is deeper than its U-Net allows "
                                       f"(1..{depths}: all its up-blocks but the first)")
@@ -253,14 +253,25 @@ class StageRun:
         self.noise = [stage._draw(generator, self.x.shape) if noisy and step >= first else None
                       for step, noisy in enumerate(self.sampler.noise_steps)]
         self.sampler.start(self.x, first)
-        # Feature caching: which steps are full (by the cache's plan), and what the last full step kept for the
-        # shallow ones, with the step kind (guided or not) its rows were; a shallow step whose rows differ is
-        # made full instead.
+        # Feature caching: which steps are full (by the cache's plan) and which shallow, read from the host
+        # once, so no step decides on a tensor; and what the last full step kept for the shallow ones.
         self.cache = settings.cache
         self.full_steps = [self.cache is None or step < first or self.cache.full_at(step - first, timesteps[step])
                            for step in range(len(timesteps))]
-        self.kept: torch.Tensor | None = None
-        self.kept_guided: bool | None = None
+        self.shallow_steps = self._shallow_plan(first)
+        self.kept: torch.Tensor | None = None  # (rows, C, h, w): the eager path's; static buffers keep their own
+
+    def _shallow_plan(self, first: int) -> list[bool]:
+        """Per step, whether it is shallow: planned so, and the last full step's rows were of its kind (guided
+        or not); a planned shallow step whose kind differs is made full instead, and keeps anew."""
+        plan, kept_kind = [False] * len(self.full_steps), None
+        for step in range(first, len(self.full_steps)):
+            guided = self.guided_steps[step]
+            if self.full_steps[step] or kept_kind != guided:
+                kept_kind = guided if self.cache is not None else None
+            else:
+                plan[step] = True
+        return plan
 
     @property
     def steps(self) -> int:
@@ -277,8 +288,20 @@ class StageRun:
 
     @property
     def shallow(self) -> bool:
-        """Whether the next step is a shallow one (feature caching): planned so, with kept rows of its kind."""
-        return not self.full_steps[self.step] and self.kept is not None and self.kept_guided == self.guided
+        """Whether the next step is a shallow one (feature caching; `_shallow_plan`)."""
+        return self.shallow_steps[self.step]
+
+    @property
+    def step_kind(self) -> tuple[str, int]:
+        """The U-Net call of the next step (`kind_at`)."""
+        return self.kind_at(self.step)
+
+    def kind_at(self, step: int) -> tuple[str, int]:
+        """The U-Net call of `step`, (kind, caching depth): ("unet", 0) without caching, else ("full", d) or
+        ("shallow", d)."""
+        if self.cache is None:
+            return "unet", 0
+        return ("shallow" if self.shallow_steps[step] else "full"), self.cache.depth
 
     @property
     def rows(self) -> int:

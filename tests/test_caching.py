@@ -115,12 +115,80 @@ def test_cache_settings_the_model_cannot_take_are_refused_before_any_work(engine
         engine_pipe.settings(GenerateRequest("a red circle", steps=STEPS, cache=cache))
 
 
-def test_caching_is_refused_where_it_does_not_run_yet(cascade_dir):
-    fast = engine.load(cascade_dir, fast=True)
-    with pytest.raises(InvalidRequestError, match="runs on the torch backend's eager U-Nets so far, not on the "
-                                                  "fast path"):
-        fast.settings(GenerateRequest("a red circle", cache=2))
+def test_caching_is_refused_where_it_does_not_run(cascade_dir):
+    exported = engine.load(cascade_dir, backend="onnxruntime")
+    with pytest.raises(InvalidRequestError, match="runs on the torch backend's U-Nets \\(eager or fast\\), not on "
+                                                  "this backend's"):
+        exported.settings(GenerateRequest("a red circle", cache=2))
     assert caching({"interval": 2}) == Caching(interval=2)
+
+
+def test_kept_shape_is_what_a_full_call_keeps(engine_pipe, three_stage_pipe):
+    for pipe in (engine_pipe, three_stage_pipe):
+        for stage in pipe.stages:
+            unet, size = stage.unet, 16 if stage.kind == "latent_upscaler" else stage.size
+            text = (stage.text or pipe.text).encode(["a red circle"])
+            labels = None if stage.noising is None else torch.tensor([20])
+            for depth in range(1, unet.cache_depths + 1):
+                sample = torch.randn(1, unet.in_channels, size, size)
+                _, kept = unet.full(sample, torch.tensor([500]), text, labels, depth)
+                assert tuple(kept.shape) == unet.kept_shape(1, size, size, depth)
+
+
+CACHED = [GenerateRequest("a red circle", seed=1, steps=STEPS, cache=2, output_type="np"),
+          GenerateRequest("a blue square", seed=2, steps=STEPS, output_type="np"),
+          GenerateRequest("a red circle", seed=3, steps=STEPS, cache=({"interval": 3, "full_first": 2}, 2),
+                          guidance_interval=(0, 600), output_type="np"),
+          GenerateRequest("a green square", seed=4, steps=(4, 3), cache=({"refresh": [0, 3]}, 2),
+                          num_images_per_prompt=2, output_type="np")]
+
+
+@pytest.fixture(scope="module")
+def fast_pipe(cascade_dir):
+    """The tiny cascade on the fast path, its U-Nets uncompiled (tests/test_fast.py compiles them once)."""
+    pipe = engine.load(cascade_dir, fast=True)
+    for stage in pipe.stages:
+        stage.unet.compile = False
+    return pipe
+
+
+def test_the_fast_path_caches_as_the_eager_path_does(fast_pipe, engine_pipe):
+    """Full and shallow steps on the StepRunner's buffers, and on the scheduler's row buffers with cached and
+    uncached requests in one batch: the eager path's images, within the fast path's bound (test_fast.py)."""
+    for request in CACHED:
+        want = engine_pipe.run(request).images
+        assert np.abs(fast_pipe.run(request).images - want).max() <= 1e-4
+    scheduler = BatchingScheduler(fast_pipe, max_batch=8)
+    futures = [scheduler.submit(request) for request in CACHED]
+    while scheduler.step():
+        pass
+    for future, request in zip(futures, CACHED):
+        assert np.abs(future.result(timeout=0).images - engine_pipe.run(request).images).max() <= 1e-4
+    kinds = {key[-1] for stage in fast_pipe.stages for key in stage.executor.buffers}
+    assert {("unet", 0), ("full", 1), ("shallow", 1)} <= kinds
+
+
+def test_shallow_steps_read_the_kept_features_from_the_buffers(fast_pipe):
+    """Spoiling the StepRunner's kept buffer before each shallow step changes the image: shallow steps run on
+    it. Without caching nothing reads it."""
+    from engine.executor import StepRunner
+
+    request = CACHED[0]
+    good = fast_pipe.run(request).images
+    step = StepRunner.step
+
+    def spoiled(runner, guided, kind=("unet", 0)):
+        if kind[0] == "shallow":
+            runner.kept.mul_(0.5)
+        step(runner, guided, kind)
+
+    StepRunner.step = spoiled
+    try:
+        bad = fast_pipe.run(request).images
+    finally:
+        StepRunner.step = step
+    assert np.abs(bad - good).max() > 1e-2
+    assert np.array_equal(fast_pipe.run(request).images, good)
 
 
 def test_cache_from_the_command_line_the_api_and_batch_rows(cascade_dir, engine_pipe, tmp_path):

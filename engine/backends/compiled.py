@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # Inductor options per device; CPU's freezing is what makes compiling pay there (module docstring).
 COMPILE_OPTIONS = {"cpu": {"freezing": True}, "cuda": {}}
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-GRAPH_CODE = ("fast_unet.py", "text_constants.py", "attention.py")  # beside this file, under engine/backends/
+GRAPH_CODE = ("fast_unet.py", "text_constants.py", "attention.py", "torch_backend.py")  # beside this file, under engine/backends/
 
 
 def compiled_dir() -> Path:
@@ -83,9 +83,9 @@ def signature(args: tuple) -> str:
     return json.dumps([describe(a) for a in args], sort_keys=True)
 
 
-def package_key(source: str, example_args: tuple, device: torch.device) -> dict:
-    """The cache key of one compiled call: what it computes (source hash), on what, with what."""
-    return {"source": source, "args": [describe(a) for a in example_args], "device": device.type,
+def package_key(source: str, example_args: tuple, device: torch.device, call: str = "unet:0") -> dict:
+    """The cache key of one compiled call: what it computes (source hash, call kind), on what, with what."""
+    return {"source": source, "call": call, "args": [describe(a) for a in example_args], "device": device.type,
             "options": COMPILE_OPTIONS[device.type], "torch": torch.__version__, "engine": __version__,
             "code": _graph_code_hash()}
 
@@ -125,12 +125,14 @@ class CompiledCall:
     `seconds` is what making it cost (compiling, or loading a cached package); `cached` whether a package
     was loaded from the cache."""
 
-    def __init__(self, module: torch.nn.Module, example_args: tuple, device: torch.device, source: Callable[[], str]):
-        """source: gives the hash of the U-Net's files (asked only where a package is keyed by it, on CPU)."""
+    def __init__(self, module: torch.nn.Module, example_args: tuple, device: torch.device, source: Callable[[], str],
+                 call: str = "unet:0"):
+        """source: gives the hash of the U-Net's files (asked only where a package is keyed by it, on CPU);
+        call: which call of the U-Net it is (fast_unet._Call's kind:depth), part of the key."""
         start = time.perf_counter()
         self.cached = False
         if device.type == "cpu":
-            self._call = self._package(module, example_args, device, source())
+            self._call = self._package(module, example_args, device, package_key(source(), example_args, device, call))
         else:
             os.environ.setdefault(INDUCTOR_CACHE_ENV, str(compiled_dir() / "inductor"))
             # One graph per shape and call kind, every stage's through the same forward: more than dynamo's 8.
@@ -143,8 +145,7 @@ class CompiledCall:
     def __call__(self, *args):
         return self._call(*args)
 
-    def _package(self, module, example_args: tuple, device: torch.device, source: str):
-        key = package_key(source, example_args, device)
+    def _package(self, module, example_args: tuple, device: torch.device, key: dict):
         path = compiled_dir() / f"{package_name(key)}.pt2"
         if path.is_file():
             why = distrust(path, key)

@@ -25,16 +25,21 @@ def resolve_fast(fast: bool | None, device: torch.device) -> bool:
 
 
 class _Call(torch.nn.Module):
-    """The U-Net call that gets compiled: the request's text constants (or None: computed) go in as inputs."""
+    """A U-Net call that gets compiled: the request's text constants (or None: computed) go in as inputs.
+    kind "unet": the plain call -> out; "full": -> (out, kept); "shallow": takes `kept` last -> out; `depth`
+    is the caching depth of the last two."""
 
-    def __init__(self, model, constants: TextConstants):
+    def __init__(self, unet, constants: TextConstants, kind: str = "unet", depth: int = 0):
         super().__init__()
-        self.model, self.constants = model, constants
+        self.model, self.unet, self.constants, self.kind, self.depth = unet.model, unet, constants, kind, depth
 
-    def forward(self, sample, timestep, embeddings, class_labels, values):
+    def forward(self, sample, timestep, embeddings, class_labels, values, kept=None):
         self.constants.use(values)
-        return self.model(sample, timestep, encoder_hidden_states=embeddings, class_labels=class_labels,
-                          return_dict=False)[0]
+        if self.kind == "full":
+            return self.unet.full(sample, timestep, embeddings, class_labels, self.depth)
+        if self.kind == "shallow":
+            return self.unet.shallow(sample, timestep, embeddings, class_labels, kept, self.depth)
+        return self.unet(sample, timestep, embeddings, class_labels)
 
 
 class FastUNet:
@@ -50,26 +55,49 @@ class FastUNet:
         self.in_channels, self.out_channels = unet.in_channels, unet.out_channels
         self.sample_size, self.downsampling, self.dtype = unet.sample_size, unet.downsampling, unet.dtype
         self.device = model.device
+        self.eager = unet  # its full and shallow calls (feature caching) and their kept shapes
         self.constants = TextConstants(model, unet.attention)
         self.directory = directory  # its weights and config: the compiled cache's key holds their hash
         self.compile = compile
-        self._call = _Call(model, self.constants)
-        self._compiled: dict[tuple, CompiledCall] = {}  # per shape; each says what making it cost (.seconds)
+        self._calls = {("unet", 0): _Call(unet, self.constants)}  # per call kind and caching depth
+        self._compiled: dict[tuple, CompiledCall] = {}  # per call and shape; each says what making it cost (.seconds)
 
     def text_constants(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """The text-only values for (rows, 77, D) prompt embeddings (text_constants.py), fresh tensors; None
         where this U-Net has no text-only work."""
         return self.constants.constants(embeddings) if self.constants.active else None
 
+    @property
+    def cache_depths(self) -> int:
+        return self.eager.cache_depths
+
+    def kept_shape(self, rows: int, height: int, width: int, depth: int) -> tuple[int, int, int, int]:
+        return self.eager.kept_shape(rows, height, width, depth)
+
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, values=None):
+        return self._run("unet", 0, sample, timestep, encoder_hidden_states, class_labels, values)
+
+    def full(self, sample, timestep, encoder_hidden_states, class_labels, depth: int, values=None):
+        """The full call under feature caching: (out, what a shallow call at `depth` reuses)."""
+        return self._run("full", depth, sample, timestep, encoder_hidden_states, class_labels, values)
+
+    def shallow(self, sample, timestep, encoder_hidden_states, class_labels, kept, depth: int, values=None):
+        """The shallow call on a full call's `kept` (torch_backend.TorchUNet.shallow)."""
+        kept = kept.contiguous(memory_format=torch.channels_last)  # no copy for the executor's buffers
+        return self._run("shallow", depth, sample, timestep, encoder_hidden_states, class_labels, values, kept)
+
+    def _run(self, kind: str, depth: int, sample, timestep, *rest):
         sample = sample.contiguous(memory_format=torch.channels_last)  # no copy for the executor's buffers
         timestep = timestep.contiguous()  # (rows,): a single run's step expands one timestep
-        args = (sample, timestep, encoder_hidden_states, class_labels, values)
+        args = (sample, timestep, *rest)
+        call = self._calls.get((kind, depth))
+        if call is None:
+            call = self._calls[kind, depth] = _Call(self.eager, self.constants, kind, depth)
         if not self.compile:
-            return self._call(*args)
-        key = signature(args)  # shapes, dtypes and strides of every argument, the text constants' too
+            return call(*args)
+        key = (kind, depth, signature(args))  # shapes, dtypes and strides of every argument, the constants' too
         if key not in self._compiled:
-            self._compiled[key] = CompiledCall(self._call, args, self.device, lambda: self.source)
+            self._compiled[key] = CompiledCall(call, args, self.device, lambda: self.source, f"{kind}:{depth}")
         return self._compiled[key](*args)
 
     @functools.cached_property

@@ -106,6 +106,13 @@ class TorchUNet:
         """The deepest feature caching it takes (protocol.py): all its up-blocks but the first."""
         return len(self.model.up_blocks) - 1
 
+    def kept_shape(self, rows: int, height: int, width: int, depth: int) -> tuple[int, int, int, int]:
+        """The shape of what a full call at `depth` keeps for a `rows`-row (rows, C, height, width) sample: the
+        input of up-block -depth, which runs at 1/2^(depth-1) of the sample's sides with the channels of the
+        level below it (block_out_channels[depth])."""
+        scale = 2 ** (depth - 1)
+        return rows, self.model.config.block_out_channels[depth], height // scale, width // scale
+
     def full(self, sample, timestep, encoder_hidden_states, class_labels, depth: int):
         """A full call that also returns what a shallow call at `depth` reuses: (out, the input of the last
         `depth` up-blocks (rows, C, h, w))."""
