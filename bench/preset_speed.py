@@ -4,6 +4,7 @@ drift touches all alike. The speed a preset is certified with (cascade.json "cer
 
     python bench/preset_speed.py [--rounds 30] [--only fast turbo] [--json bench/results/preset_speed.json]
     python bench/preset_speed.py --candidates            # bench/preset_sweep.py's cached candidates too
+    python bench/preset_speed.py --fast                  # every setting, the defaults too, on the fast path
 
 Prints, per setting, the median seconds per image (with the spread of the middle half) and its speed over the
 defaults' median.
@@ -33,9 +34,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--only", nargs="+", default=None, help="these presets only (default: all the model's)")
     parser.add_argument("--candidates", action="store_true", help="bench/preset_sweep.py's CANDIDATES too")
+    parser.add_argument("--fast", action="store_true", help="load on the fast path (compiled U-Nets; the first "
+                        "call of each setting compiles its shapes, once per machine)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    pipe = engine.load(engine.DEFAULT_MODEL, device="cpu")
+    pipe = engine.load(engine.DEFAULT_MODEL, device="cpu", fast=args.fast)
     settings = {"default": {}, **{name: {"preset": name} for name in pipe.presets}}
     if args.candidates:
         from preset_sweep import CANDIDATES, as_options
@@ -60,7 +63,7 @@ def main(argv=None) -> dict:
         rows.append({"name": name, "median_s": median, "q1_s": q1, "q3_s": q3, "speedup": base / median})
         print(f"| {name} | {median:.3f} ({q1:.3f}-{q3:.3f}) | {base / median:.2f}x |")
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds, "fast": args.fast,
               "command": " ".join(sys.argv), "rows": rows}
     save_json(report, args.json)
     return report

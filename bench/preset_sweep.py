@@ -132,6 +132,23 @@ CANDIDATES: dict[str, dict] = {
                                                        {"steps": [999, 550, 150]}]},
     "fast + cache I 8/2, II t3 999..150": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}},
                                                       {"steps": [999, 550, 150]}]},
+    "fast + cache I 8/2, II t3 999..150 + cache [0, 2]": {"stages": [
+        {**FAST_I, "cache": {"interval": 8, "full_first": 2}}, {"steps": [999, 550, 150], "cache": {"refresh": [0, 2]}}]},
+    "fast + cache I 8/2, II t3 999..150 + cache 3": {"stages": [
+        {**FAST_I, "cache": {"interval": 8, "full_first": 2}}, {"steps": [999, 550, 150], "cache": 3}]},
+    "fast + cache I 8/2, II t2 999, 450": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}},
+                                                      {"steps": [999, 450]}]},
+    "fast + cache I 8/2, II t2 999, 300": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}},
+                                                      {"steps": [999, 300]}]},
+    "fast + cache I 8/2, II t2 999, 600": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}},
+                                                      {"steps": [999, 600]}]},
+    "fast + cache I 8/3, II t2 999, 450": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 3}},
+                                                      {"steps": [999, 450]}]},
+    "fast + cache I 6/3, II t2 999, 450": {"stages": [{**FAST_I, "cache": {"interval": 6, "full_first": 3}},
+                                                      {"steps": [999, 450]}]},
+    "fast + cache I 8/2, II t4 999..150 + cache [0, 2]": {"stages": [
+        {**FAST_I, "cache": {"interval": 8, "full_first": 2}},
+        {"steps": [999, 700, 400, 150], "cache": {"refresh": [0, 2]}}]},
     "I 16 + cache 3/2, II fast + cache 3": {"stages": [
         {**FAST_I, "steps": 16, "cache": {"interval": 3, "full_first": 2}}, {**FAST_II, "cache": 3}]},
 }

@@ -50,15 +50,16 @@ def real_size_unet(name: str, dtype: str, out: Path, device=None) -> Path:
 
     from engine.bench import real_size
     from engine.exported import manifest as manifest_io
-    from export.onnx import _export_graph, _UNetGraph, unet_contract, versions
+    from engine.backends.torch_backend import TorchUNet
+    from export.onnx import _export_graph, unet_graphs, versions
 
     (part,) = [p for p in real_size.parts(name) if p.kind == "unet"]
     device = device or torch.device("cpu")
     unet = real_size.build(part, device, getattr(torch, dtype))
-    contract = unet_contract("stage_I", unet, dtype)
+    (contract, module), *_ = unet_graphs("stage_I", TorchUNet(unet, device=device), dtype)  # the full call's graph
     out.mkdir(parents=True)
-    _export_graph(_UNetGraph(unet), contract, out, device)
-    del unet
+    _export_graph(module, contract, out, device)
+    del unet, module
     manifest_io.write(out, {"precision": dtype, "source": {"model": name, "sha256": "0" * 64}, "notice": None,
                             "versions": versions(), "components": {contract.name: {**contract.describe(), "check": None}},
                             "stages": [], "presets": {}})

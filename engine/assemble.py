@@ -7,6 +7,7 @@ encoder) is decided once, whatever runs the components.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from engine import offload
@@ -14,8 +15,10 @@ from engine.errors import InvalidRequestError, ModelError
 from engine.options import StageDefaults
 from engine.pipeline import Pipeline
 from engine.schedules import NoiseSchedule
-from engine.stage import LatentUpscaleStage, Stage
+from engine.stage import NO_CACHING, LatentUpscaleStage, Stage
 from engine.text import NoTextEncoder, TextEncoder
+
+log = logging.getLogger(__name__)
 
 
 def build_pipeline(specs: list, components, source: str = "", notice: str | None = None,
@@ -47,6 +50,11 @@ def build_pipeline(specs: list, components, source: str = "", notice: str | None
             pipeline.add_preset(name, preset.stages, preset.certified)
         except InvalidRequestError as exc:  # the model's own files are wrong: say which
             raise ModelError(source or specs[0].directory, str(exc)) from exc
+        uncached = [stage.name for stage in stages
+                    if stage.presets[name].cache is not None and not getattr(stage.unet, "cache_depths", 0)]
+        if uncached:  # said now, not first at a request: the preset is refused until the fix
+            log.warning("preset %r caches features on %s, which this backend's U-Nets cannot run: requests with it "
+                        "are refused (%s)", name, ", ".join(uncached), NO_CACHING)
     mode = getattr(components, "offload", None)
     if mode is not None:  # the models wait in host memory, each on the device while it runs (offload.py)
         pipeline.offloader = offload.install(pipeline, mode)

@@ -61,6 +61,12 @@ class Edit:
     mask: torch.Tensor | None  # (B, 1, h, w) float32, 1 where redrawn, 0 where kept; None: image-to-image
 
 
+# Why a U-Net without `cache_depths` refuses feature caching, and the fixes (also said at load time, assemble.py)
+NO_CACHING = ("feature caching (cache=) needs a U-Net with a shallow call, and this one has none: the torch backend's "
+              "U-Nets (eager or fast) have one, and so do exports made by `python -m engine export` since shallow "
+              "graphs were added: export the model again, or load it with backend='torch'")
+
+
 class Stage:
     def __init__(self, name: str, unet, scheduler_config: Mapping[str, Any],
                  noising: NoiseSchedule | None, device: torch.device, dtype: torch.dtype, text=None,
@@ -100,9 +106,7 @@ class Stage:
             return
         depths = getattr(self.unet, "cache_depths", 0)
         if not depths:
-            raise InvalidRequestError(f"{self.name}: feature caching (cache=) runs on the torch backend's U-Nets "
-                                      "(eager or fast), not on this backend's: load with backend='torch', or "
-                                      "drop cache=")
+            raise InvalidRequestError(f"{self.name}: {NO_CACHING}, or drop cache=")
         if cache.depth > depths:
             raise InvalidRequestError(f"{self.name}: cache depth {cache.depth} is deeper than its U-Net allows "
                                       f"(1..{depths}: all its up-blocks but the first)")

@@ -7,13 +7,20 @@ The exported directory is self-contained (it runs with ONNX Runtime and no PyTor
     manifest.json                  every file's SHA-256, each component's contract and export check, versions
     tokenizer/                     copied from stage I
     text_encoder/model.onnx        input_ids, attention_mask (batch, 77) int64 -> last_hidden_state (batch, 77, D)
-    stage_I/unet/model.onnx        sample, timestep (batch,), encoder_hidden_states [, class_labels] -> out
+    stage_I/unet/model.onnx        sample, timestep (batch,), encoder_hidden_states [, class_labels] -> out, kept
+    stage_I/unet/shallow.onnx      the same inputs and kept -> out: feature caching's shallow call (below)
     stage_I/unet/config.json, stage_I/scheduler/, stage_II/image_noising_scheduler/, ...
     stage_III/                     an x4 upscaler's own graphs and configs, when the cascade has one:
       text_encoder/model.onnx      CLIP: input_ids (batch, 77) int64 -> last_hidden_state (batch, 77, D)
       unet/model.onnx              sample (batch, 7, height, width), timestep, encoder_hidden_states, class_labels
       vae_decoder/model.onnx       latents (batch, 4, height, width) -> image (batch, 3, 4 height, 4 width)
       tokenizer/, scheduler/, low_res_scheduler/, model_index.json
+
+Feature caching (DeepCache, engine/options.py `Caching`) at depth 1: a U-Net graph also returns `kept`, the input
+of its last up-block (batch, block_out_channels[1], H, W), and `unet/shallow.onnx` (component
+"stage_I/unet_shallow") computes a shallow step from it: the embeddings, conv_in, the first down-block, the last
+up-block and the head, so it holds only their weights. A full call on the graph's own inputs and a shallow call
+on its `kept` give the same `out` (torch_backend.TorchUNet.full and .shallow, traced).
 
 Each component's contract (names, shapes with the dynamic batch axis, dtypes, example inputs) is stated once,
 in `Contract`; export, the export check, the manifest and the ONNX Runtime backend all read it. Every graph is
@@ -28,6 +35,7 @@ export tests fast, and it needs no onnxscript.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import uuid
@@ -57,6 +65,7 @@ PRECISIONS = ("float32", "float16")
 # Export check: max |onnx - torch| <= ATOL + RTOL * max |torch|, per precision.
 TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit: bigger graphs keep weights in a side file
+CACHE_DEPTH = 1  # the feature-caching depth exports carry (module docstring): kept is at the sample's size
 
 
 class _TextEncoderGraph(torch.nn.Module):
@@ -88,13 +97,29 @@ class _VAEDecoderGraph(torch.nn.Module):
 
 
 class _UNetGraph(torch.nn.Module):
-    def __init__(self, unet):
+    """A U-Net's full call: out, and with `depth` what a shallow call at that depth reuses (TorchUNet.full)."""
+
+    def __init__(self, unet, depth: int = 0):
         super().__init__()
-        self.unet = unet
+        self.model, self.unet, self.depth = unet.model, unet, depth
 
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
-                         return_dict=False)[0]
+        if self.depth:
+            return self.unet.full(sample, timestep, encoder_hidden_states, class_labels, self.depth)
+        return self.unet(sample, timestep, encoder_hidden_states, class_labels)
+
+
+class _ShallowUNetGraph(torch.nn.Module):
+    """A U-Net's shallow call on a full call's kept features (TorchUNet.shallow); class_labels where the
+    contract has them, kept last."""
+
+    def __init__(self, unet, depth: int):
+        super().__init__()
+        self.model, self.unet, self.depth = unet.model, unet, depth
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        class_labels, kept = rest if len(rest) == 2 else (None, rest[0])
+        return self.unet.shallow(sample, timestep, encoder_hidden_states, class_labels, kept, self.depth)
 
 
 def text_encoder_contract(t5) -> Contract:
@@ -144,9 +169,34 @@ def unet_contract(stage_name: str, unet, precision: str, latent_size: int | None
         inputs["class_labels"] = (("batch",), "int64")
         ranges["class_labels"] = (0, config.num_class_embeds or 1000)
     sizes = {} if latent_size is None else {"height": latent_size, "width": latent_size}
-    return Contract(f"{stage_name}/unet", f"{stage_name}/unet/model.onnx", inputs=inputs,
-                    outputs={"out": (("batch", config.out_channels, height, width), precision)},
+    outputs = {"out": (("batch", config.out_channels, height, width), precision)}
+    if caches(unet):
+        outputs["kept"] = (("batch", config.block_out_channels[CACHE_DEPTH], height, width), precision)
+    return Contract(f"{stage_name}/unet", f"{stage_name}/unet/model.onnx", inputs=inputs, outputs=outputs,
                     precision=precision, value_ranges=ranges, example_sizes=sizes)
+
+
+def caches(unet) -> bool:
+    """Whether its export carries feature caching: a diffusers U-Net with an up-block past the first (depth 1
+    keeps the input of the last)."""
+    return len(unet.up_blocks) > CACHE_DEPTH
+
+
+def shallow_contract(full: Contract) -> Contract:
+    """The shallow call's contract, from its U-Net's: the same inputs and `kept` -> out."""
+    stage = full.name.rsplit("/", 1)[0]
+    return Contract(f"{stage}/unet_shallow", f"{stage}/unet/shallow.onnx",
+                    inputs={**full.inputs, "kept": full.outputs["kept"]}, outputs={"out": full.outputs["out"]},
+                    precision=full.precision, value_ranges=full.value_ranges, example_sizes=full.example_sizes)
+
+
+def unet_graphs(stage_name: str, unet, precision: str, latent_size: int | None = None) -> list:
+    """(contract, module) of a stage's U-Net graphs: the full call, and where it caches, the shallow call.
+    unet: the stage's TorchUNet, its model already in the export's precision."""
+    contract = unet_contract(stage_name, unet.model, precision, latent_size)
+    if not caches(unet.model):
+        return [(contract, _UNetGraph(unet))]
+    return [(contract, _UNetGraph(unet, CACHE_DEPTH)), (shallow_contract(contract), _ShallowUNetGraph(unet, CACHE_DEPTH))]
 
 
 def _export_graph(module: torch.nn.Module, contract: Contract, root: Path, device: torch.device | None = None) -> None:
@@ -171,20 +221,33 @@ def _export_graph(module: torch.nn.Module, contract: Contract, root: Path, devic
                         location=path.name + ".data")
 
 
+def as_traced(contract: Contract, root: Path) -> Contract:
+    """The contract with the inputs its traced graph kept: the exporter drops an input that nothing reads (the
+    x4 upscaler's shallow call reads no text), and the backends feed a graph what its contract lists."""
+    import onnx
+
+    graph = onnx.load(str(root / contract.file), load_external_data=False).graph
+    taken = {i.name for i in graph.input}
+    return dataclasses.replace(contract, inputs={n: v for n, v in contract.inputs.items() if n in taken})
+
+
 def check_graph(module: torch.nn.Module, contract: Contract, root: Path, seed: int = 1) -> dict:
     """Run the graph with ONNX Runtime (CPU) and the module on fresh random inputs at batch 3; the errors."""
     _, ort = require_onnx()
     session = ort.InferenceSession(str(root / contract.file), providers=["CPUExecutionProvider"])
     inputs = contract.example_inputs(3, torch.Generator().manual_seed(seed))  # not the export's batch
     with torch.no_grad():
-        expected = module(*inputs).float().numpy()
-    got = session.run(None, {name: t.numpy() for name, t in zip(contract.inputs, inputs)})[0].astype(np.float32)
-    max_abs = float(np.abs(got - expected).max())
-    scale = float(np.abs(expected).max())
+        expected = module(*inputs)
+    expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+    taken = {i.name for i in session.get_inputs()}  # the exporter drops inputs nothing reads (`as_traced`)
+    feed = {name: t.numpy() for name, t in zip(contract.inputs, inputs) if name in taken}
+    got = [g.astype(np.float32) for g in session.run(None, feed)]
     atol, rtol = TOLERANCE[contract.precision]
+    errors = [(float(np.abs(g - e).max()), float(np.abs(e).max())) for g, e in zip(got, expected)]
+    max_abs, scale = max(errors, key=lambda e: e[0] / (atol + rtol * e[1]))  # each output against its own scale
     result = {"max_abs_error": max_abs, "max_rel_error": max_abs / max(scale, 1e-12),
               "tolerance": atol + rtol * scale, "batch": 3, "provider": "CPUExecutionProvider"}
-    if not np.isfinite(got).all() or max_abs > result["tolerance"]:
+    if not all(np.isfinite(g).all() for g in got) or max_abs > result["tolerance"]:
         raise EngineError(f"export check failed for {contract.name}: ONNX Runtime differs from PyTorch by "
                           f"{max_abs:.3g} (tolerance {result['tolerance']:.3g} for {contract.precision}); "
                           "the graph was not written")
@@ -209,10 +272,15 @@ def _copy_configs(dirs: list[Path], names: list[str], root: Path) -> None:
             shutil.copy2(stage_dir / config, root / name / config)
 
 
+# Which graphs an export holds: 2 added the U-Nets' `kept` output and shallow graphs. Part of the export cache's
+# key (export/cache.py), so a cached export without them is made again.
+EXPORT_FORMAT = 2
+
+
 def versions() -> dict:
     onnx, ort = require_onnx()
     return {"engine": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__, "opset": OPSET}
+            "onnxruntime": ort.__version__, "opset": OPSET, "format": EXPORT_FORMAT}
 
 
 def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool = True,
@@ -250,24 +318,26 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
         for stage in pipe.stages:
             entry = {"name": stage.name, "kind": stage.kind, "unet": f"{stage.name}/unet/model.onnx",
                      "defaults": {k: v for k, v in asdict(stage.defaults).items() if v is not None}}
-            unet = stage.unet.model if dtype == "float32" else stage.unet.model.half()
+            if dtype != "float32":
+                stage.unet.model.half()  # in place: the U-Net graphs trace the stage's TorchUNet
             if isinstance(stage, LatentUpscaleStage):  # its latents take the size of the image it receives
                 vae_dtype = "float32" if dtype == "float32" or stage.decoder.vae.config.force_upcast else dtype
                 decoder = stage.decoder if vae_dtype == "float32" else _half_decoder(stage.decoder)
                 clip = stage.text.model
                 components += [(clip_text_encoder_contract(stage.name, clip), _ClipTextGraph(clip)),
-                               (unet_contract(stage.name, unet, dtype, latent_size=size), _UNetGraph(unet)),
+                               *unet_graphs(stage.name, stage.unet, dtype, latent_size=size),
                                (vae_decoder_contract(stage.name, decoder, vae_dtype, size), _VAEDecoderGraph(decoder))]
                 entry |= {"text_encoder": f"{stage.name}/text_encoder", "vae_decoder": f"{stage.name}/vae_decoder",
                           "max_noise_level": stage.max_noise_level}
             else:
-                components.append((unet_contract(stage.name, unet, dtype), _UNetGraph(unet)))
+                components += unet_graphs(stage.name, stage.unet, dtype)
             stages.append(entry)
             size = stage.output_size(size)
         described = {}
         for contract, module in tqdm(components, desc="export onnx", disable=not progress):
             _export_graph(module, contract, work)
-            described[contract.name] = {**contract.describe(), "check": check_graph(module, contract, work)}
+            described[contract.name] = {**as_traced(contract, work).describe(),
+                                        "check": check_graph(module, contract, work)}
             log.info("exported %s: %s", contract.name, described[contract.name]["check"])
         manifest_io.write(work, {
             "precision": dtype, "source": {"model": source, "sha256": source_sha256 or source_hash(dirs)}, "notice": notice,

@@ -55,7 +55,8 @@ def test_manifest_states_the_contract_checks_and_hashes(exported, cascade_dir):
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["versions"]["opset"] == OPSET >= 17 and manifest["versions"]["engine"] == engine.__version__
     assert manifest["precision"] == "float32" and len(manifest["source"]["sha256"]) == 64
-    assert set(manifest["components"]) == {"text_encoder", "stage_I/unet", "stage_II/unet"}
+    assert set(manifest["components"]) == {"text_encoder", "stage_I/unet", "stage_I/unet_shallow", "stage_II/unet",
+                                           "stage_II/unet_shallow"}
     sr = manifest["components"]["stage_II/unet"]
     assert sr["inputs"]["sample"]["shape"][0] == "batch" and "class_labels" in sr["inputs"]
     assert "class_labels" not in manifest["components"]["stage_I/unet"]["inputs"]
@@ -273,6 +274,52 @@ def test_the_cpu_provider_is_what_sessions_run(ort_pipe):
     assert unet.session.get_providers() == ["CPUExecutionProvider"]
 
 
-def test_feature_caching_is_refused_on_onnxruntime_for_now(ort_pipe):
-    with pytest.raises(InvalidRequestError, match="feature caching .* not on this backend's U-Net"):
-        ort_pipe.generate("a red circle", cache=2)
+@pytest.mark.parametrize("options", [
+    dict(seed=2, steps=(6, 5), cache=2),
+    dict(seed=7, steps=(6, 4), cache=({"interval": 3, "full_first": 2}, 2), guidance_interval=((200, 700), None)),
+])
+def test_onnxruntime_caches_features_as_torch_does(ort_pipe, engine_pipe, options):
+    """The export's full graphs (their `kept` output) and shallow graphs give the torch backend's cached images."""
+    ours = ort_pipe.generate([PROMPT, "a small yellow triangle"], output_type="np", **options)
+    want = engine_pipe.generate([PROMPT, "a small yellow triangle"], output_type="np", **options)
+    plain = engine_pipe.generate([PROMPT, "a small yellow triangle"], output_type="np",
+                                 **{k: v for k, v in options.items() if k != "cache"})
+    assert np.abs(ours - want).max() <= 1e-3 < np.abs(want - plain).max()
+
+
+def test_the_shallow_graphs_are_in_the_manifest_checked_and_hashed(exported, tmp_path):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    for stage in ("stage_I", "stage_II"):
+        full, shallow = manifest["components"][f"{stage}/unet"], manifest["components"][f"{stage}/unet_shallow"]
+        assert list(full["outputs"]) == ["out", "kept"] and shallow["inputs"]["kept"] == full["outputs"]["kept"]
+        assert shallow["file"] == f"{stage}/unet/shallow.onnx" and shallow["file"] in manifest["files"]
+        assert shallow["check"]["max_abs_error"] <= shallow["check"]["tolerance"]
+        # the shallow graph holds only its blocks' weights
+        assert (exported / shallow["file"]).stat().st_size < 0.8 * (exported / full["file"]).stat().st_size
+    copy = shutil.copytree(exported, tmp_path / "copy")
+    graph = copy / "stage_I" / "unet" / "shallow.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="stage_I/unet/shallow.onnx.*SHA-256"):
+        engine.load(copy)
+
+
+def test_an_export_without_shallow_graphs_refuses_caching_and_says_so_at_load(exported, tmp_path, caplog):
+    """An export made before shallow graphs: it loads and runs, a cached preset is named at load time, and a
+    cached request is refused with the fix."""
+    from engine.exported import manifest as manifest_io
+
+    copy = shutil.copytree(exported, tmp_path / "old")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for stage in ("stage_I", "stage_II"):
+        (copy / manifest["components"].pop(f"{stage}/unet_shallow")["file"]).unlink()
+    manifest["presets"]["quick"] = {"stages": {"stage_I": {"steps": 6, "cache": 2}}}
+    manifest.pop("files")
+    manifest_io.write(copy, manifest)
+    with caplog.at_level("WARNING", logger="engine.assemble"):
+        old = engine.load(copy)
+    assert "preset 'quick' caches features on stage_I" in caplog.text
+    with pytest.raises(InvalidRequestError, match="needs a U-Net with a shallow call.*export the model again"):
+        old.generate(PROMPT, preset="quick")
+    assert old.generate(PROMPT, steps=(2, 2), output_type="np").shape == (1, 32, 32, 3)

@@ -52,7 +52,8 @@ def test_the_packaged_model_builds_engines_with_a_full_manifest(shapes_engines):
                                     "targets": [TARGET], "max_images": 2}
     assert manifest["versions"]["tensorrt"] == manifest["tensorrt"]["version"]
     assert len(manifest["source"]["sha256"]) == 64 and len(manifest["source"]["onnx_manifest_sha256"]) == 64
-    assert set(manifest["components"]) == {"text_encoder", "stage_I/unet", "stage_II/unet"}
+    assert set(manifest["components"]) == {"text_encoder", "stage_I/unet", "stage_II/unet",  # and the shallow
+                                           "stage_I/unet_shallow", "stage_II/unet_shallow"}  # calls' (caching)
     assert not list(shapes_engines.rglob("*.onnx"))  # engines only, beside the copied configs
     assert (shapes_engines / "tokenizer" / "tokenizer.json").is_file()
     for name, component in manifest["components"].items():
@@ -135,7 +136,8 @@ def test_load_builds_the_three_stage_cascade_into_the_cache_once(three_stage_dir
     manifest = manifest_io.read_manifest(entry, kind="tensorrt")
     assert manifest["precision"] == "float32"
     assert set(manifest["components"]) == {"text_encoder", "stage_I/unet", "stage_II/unet", "stage_III/text_encoder",
-                                           "stage_III/unet", "stage_III/vae_decoder"}
+                                           "stage_III/unet", "stage_III/vae_decoder", "stage_I/unet_shallow",
+                                           "stage_II/unet_shallow", "stage_III/unet_shallow"}
     x4 = manifest["components"]["stage_III/unet"]
     axes = dynamic_axes(x4)
     assert {a for a in axes.values()} == {"batch", "height", "width"}

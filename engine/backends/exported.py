@@ -2,8 +2,8 @@
 encoder and VAE decoder calls over a component that takes named tensors.
 
 A backend of exports (onnxruntime_backend.py, tensorrt_backend.py) subclasses `ExportedComponents` and
-supplies `component(name)`: a callable component(**named torch tensors) -> its one output tensor, as the
-manifest's contract for `name` describes it.
+supplies `component(name)`: a callable component(**named torch tensors) -> its first output tensor, with
+`component.run(**named)` -> every output in order, as the manifest's contract for `name` describes it.
 """
 
 from __future__ import annotations
@@ -64,10 +64,14 @@ class GraphVAEDecoder:
 
 
 class GraphUNet:
-    """An exported U-Net behind the runtime's U-Net call (same interface as TorchUNet)."""
+    """An exported U-Net behind the runtime's U-Net call (same interface as TorchUNet). With `shallow`, the
+    export's shallow graph (export/onnx.py), it caches features at depth 1: `full` reads the U-Net graph's
+    `kept` output, `shallow` runs the shallow graph on it."""
 
-    def __init__(self, component, config: dict, dtype: torch.dtype):
+    def __init__(self, component, config: dict, dtype: torch.dtype, shallow=None):
         self.component = component
+        self.shallow_component = shallow
+        self.cache_depths = 1 if shallow is not None and "kept" in component.outputs else 0
         self.in_channels = config["in_channels"]
         self.out_channels = config["out_channels"]
         self.sample_size = config["sample_size"]
@@ -80,12 +84,24 @@ class GraphUNet:
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.component(**self._named(sample, timestep, encoder_hidden_states, class_labels))
+
+    def full(self, sample, timestep, encoder_hidden_states, class_labels, depth: int):
+        """(out, kept (B, C, H, W)): the U-Net graph's two outputs (depth is 1, the export's)."""
+        return self.component.run(**self._named(sample, timestep, encoder_hidden_states, class_labels))
+
+    def shallow(self, sample, timestep, encoder_hidden_states, class_labels, kept, depth: int):
+        named = self._named(sample, timestep, encoder_hidden_states, class_labels)
+        return self.shallow_component(**named, kept=kept)
+
+    @staticmethod
+    def _named(sample, timestep, encoder_hidden_states, class_labels) -> dict:
         # sample (B, C, H, W); timestep () or (B,) int64 -> the graph's (B,); encoder_hidden_states (B, 77, D)
         named = {"sample": sample, "timestep": timestep.reshape(-1).expand(sample.shape[0]),
                  "encoder_hidden_states": encoder_hidden_states}
         if class_labels is not None:
             named["class_labels"] = class_labels
-        return self.component(**named)
+        return named
 
 
 class ExportedComponents:
@@ -127,7 +143,9 @@ class ExportedComponents:
         return tokenizer, GraphTextModel(self.component(name)), output["shape"][-1]
 
     def unet(self, stage: StageSpec):
-        return GraphUNet(self.component(f"{stage.name}/unet"), self._json(stage.name, "unet", "config.json"), self.dtype)
+        shallow = f"{stage.name}/unet_shallow"  # feature caching's shallow graph; absent from earlier exports
+        return GraphUNet(self.component(f"{stage.name}/unet"), self._json(stage.name, "unet", "config.json"),
+                         self.dtype, self.component(shallow) if shallow in self.manifest["components"] else None)
 
     def vae_decoder(self, stage: StageSpec):
         return GraphVAEDecoder(self.component(self._entry(stage)["vae_decoder"]),

@@ -130,7 +130,8 @@ def check_session_providers(path: Path, asked: list[str], running: list[str]) ->
 
 
 class OrtComponent:
-    """One exported graph as a session; call(**named torch tensors) -> torch tensor of its (only) output."""
+    """One exported graph as a session; call(**named torch tensors) -> torch tensor of its first output
+    (`run`: every output, in the contract's order)."""
 
     def __init__(self, path: Path, description: dict, providers: list[str], options, device: torch.device):
         _, ort = require_onnx()
@@ -141,20 +142,24 @@ class OrtComponent:
             raise ModelError(path, f"ONNX Runtime cannot load this graph: {exc}") from exc
         check_session_providers(path, providers, self.session.get_providers())
         self.inputs = description["inputs"]
-        (self.output_name, self.output), = description["outputs"].items()
+        self.outputs = description["outputs"]
         self.device = device
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
+        return self.run(**tensors)[0]
+
+    def run(self, **tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         binding = self.session.io_binding()
         inputs, sizes = prepare_inputs(self.inputs, tensors, self.device)  # kept alive until the run returns
         for name, t in inputs.items():
             binding.bind_input(name, self.device.type, self.device.index or 0, _numpy_dtype(t.dtype),
                                tuple(t.shape), t.data_ptr())
-        out = output_buffer(self.output, sizes, self.device)
-        binding.bind_output(self.output_name, self.device.type, self.device.index or 0,
-                            _numpy_dtype(out.dtype), tuple(out.shape), out.data_ptr())
+        outputs = tuple(output_buffer(spec, sizes, self.device) for spec in self.outputs.values())
+        for name, out in zip(self.outputs, outputs):
+            binding.bind_output(name, self.device.type, self.device.index or 0, _numpy_dtype(out.dtype),
+                                tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(binding)
-        return out
+        return outputs
 
 
 def _numpy_dtype(dtype: torch.dtype):

@@ -36,7 +36,8 @@ def gpu_target(device: torch.device) -> str:
 
 
 class TrtComponent:
-    """One engine; call(**named torch tensors) -> torch tensor of its (only) output, on torch's current stream."""
+    """One engine; call(**named torch tensors) -> torch tensor of its first output (`run`: every output, in the
+    contract's order), on torch's current stream."""
 
     def __init__(self, api, runtime, logger, path: Path, name: str, description: dict, device: torch.device,
                  cache_file: Path):
@@ -50,12 +51,15 @@ class TrtComponent:
         cached = cache_file.read_bytes() if cache_file.is_file() else None
         self.context, self.runtime_cache = api.execution_context(engine, cached)
         self.inputs = description["inputs"]
-        (self.output_name, self.output), = description["outputs"].items()
+        self.outputs = description["outputs"]
         self.max_rows = description["profile"][next(iter(self.inputs))]["max"][0]
         self.device = device
         self._cache_saved = False
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
+        return self.run(**tensors)[0]
+
+    def run(self, **tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs, sizes = prepare_inputs(self.inputs, tensors, self.device)  # alive until the stream runs them
         if sizes["batch"] > self.max_rows:
             raise EngineError(f"{self.name}: {sizes['batch']} rows in one call, and its engine was built for at most "
@@ -63,14 +67,15 @@ class TrtComponent:
         for name, t in inputs.items():
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
-        out = output_buffer(self.output, sizes, self.device)
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        outputs = tuple(output_buffer(spec, sizes, self.device) for spec in self.outputs.values())
+        for name, out in zip(self.outputs, outputs):
+            self.context.set_tensor_address(name, out.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise EngineError(f"TensorRT failed to run {self.name} at shapes "
                               f"{ {n: tuple(t.shape) for n, t in inputs.items()} }")
         if not self._cache_saved:
             self._save_runtime_cache()
-        return out
+        return outputs
 
     def _save_runtime_cache(self) -> None:
         """After the first run: the kernels RTX compiled for this GPU, for the next process (best effort)."""
