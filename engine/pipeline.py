@@ -253,8 +253,9 @@ class Pipeline:
         makes each stage's single-run buffers for that shape (executor.StepRunner; compiled, and on CUDA
         captured, where the U-Nets are static). For the step-level scheduler (engine.serve, engine.batch), the
         static buffers of each row bucket that row counts in `scheduler_rows` run at (executor.bucket), for each
-        base and super-resolution stage (an x4 stage's size is its input's). Eager U-Nets have nothing to make:
-        this then costs only those generations."""
+        base and super-resolution stage (an x4 stage's size is its input's), and for each step kind a request
+        can run there: the plain call, and the full and shallow calls of each caching depth the model's presets
+        use. Eager U-Nets have nothing to make: this then costs only those generations."""
         timings = {}
         for n in images:
             _, timings[f"generate, {n} image(s)"] = timed(
@@ -263,9 +264,12 @@ class Pipeline:
             if not stage.executor.static or stage.kind == "latent_upscaler":
                 continue
             embeddings = self.encoder(stage).empty()  # (1, 77, D): conditioning rows as requests give them
+            depths = sorted({s.cache.depth for s in stage.presets.values() if s.cache is not None})
+            kinds = [("unet", 0)] + [(kind, depth) for depth in depths for kind in ("full", "shallow")]
             for rows in sorted({bucket(r) for r in scheduler_rows}):
-                _, timings[f"{stage.name} U-Net, {rows} rows"] = timed(
-                    self.device, stage.executor.warmup, rows, embeddings)
+                for kind in kinds:
+                    name = f"{stage.name} U-Net, {rows} rows" + ("" if kind[0] == "unet" else f", {kind[0]} {kind[1]}")
+                    _, timings[name] = timed(self.device, stage.executor.warmup, rows, embeddings, kind)
         return timings
 
     def settings(self, request: GenerateRequest) -> list[StageSettings]:

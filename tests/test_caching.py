@@ -244,3 +244,19 @@ def test_the_x4_upscalers_unet_caches_too(three_stage_pipe):
     plain = three_stage_pipe.generate("a red circle", **options)
     cached = three_stage_pipe.generate("a red circle", cache=(None, None, 2), **options)
     assert cached.shape == plain.shape and not np.array_equal(cached, plain)
+
+
+def test_warmup_makes_the_cached_presets_step_kinds(fast_pipe):
+    """A service start (pipe.warmup) makes the full and shallow buffers of each caching depth the presets use,
+    so a cached request's first step does not compile."""
+    fast_pipe.add_preset("cached", [{"cache": 2}, None])
+    try:
+        timings = fast_pipe.warmup(images=(), scheduler_rows=(3,))
+    finally:
+        fast_pipe.presets.pop("cached")
+        for stage in fast_pipe.stages:
+            stage.presets.pop("cached")
+    assert set(timings) == {"stage_I U-Net, 4 rows", "stage_I U-Net, 4 rows, full 1",
+                            "stage_I U-Net, 4 rows, shallow 1", "stage_II U-Net, 4 rows"}
+    kinds = {key[-1] for key in fast_pipe.stages[0].executor.buffers if key[0] == 4}
+    assert kinds >= {("unet", 0), ("full", 1), ("shallow", 1)}
