@@ -16,7 +16,10 @@ and on CUDA its calls are captured in CUDA graphs and replayed:
   class labels (rows,), the U-Net's text constants for those rows, and the output (rows, C_out, H, W). The
   conditioning rows and their text constants are written only when the batch's members (or their step kind)
   change; sample and timestep rows at every step. Padding rows keep whatever they held (U-Net rows are
-  independent; their outputs are dropped). On CUDA one graph per bucket replays the U-Net call.
+  independent; their outputs are dropped). On CUDA one graph per bucket replays the U-Net call. Under feature
+  caching each step kind (StageRun.kind_at: plain, or full or shallow at a depth) has its own buffers, with
+  `kept` (rows, C, h, w): a full call writes what it keeps there (each run takes a copy of its rows), a shallow
+  call reads each run's copy from there.
 - `StepRunner`, a single run's: for one shape of run (images B, sample shape, sampler kind, config and step
   count, with or without guidance), every tensor a step touches, so that the whole step (assembly, U-Net,
   guidance, sampler update) is one function of buffers, captured once per step kind (guided or not) on CUDA:
@@ -29,6 +32,9 @@ and on CUDA its calls are captured in CUDA graphs and replayed:
       index        (1,) int64, the step counter, on the device; the sampler's tables are indexed with it
                    (samplers.at) and the step increments it, so one step function serves every step
       guidance     (1,) float32, the guidance scale
+      kept         (rows, C, h, w) under feature caching: what the last full step kept (an unguided step's are
+                   its last B rows); a step's kind (guided or not; plain, full or shallow) is read from the
+                   run's host-side plan, one captured graph per kind
   A run's values are copied in (`load`), so one runner serves every run of its shape. An unguided step (under
   a guidance interval) uses the last B rows, the cond half, of the same buffers.
 

@@ -1,7 +1,8 @@
 """Compiled U-Net calls for the fast path, cached across processes beside the export cache.
 
-One compiled graph per static shape (rows, channels, height, width) and per call kind (with or without the
-request's text constants, text_constants.py). How, by device, chosen by measurement (bench/RESULTS.md, "The
+One compiled graph per static shape (rows, channels, height, width) and per call: the U-Net call kind (plain,
+or feature caching's full or shallow call at a depth; fast_unet.py) and whether it takes the request's text
+constants (text_constants.py). How, by device, chosen by measurement (bench/RESULTS.md, "The
 fast path on CPU"):
 - CPU: an AOTInductor package (torch.export, then inductor ahead of time) with freezing: the weights are
   folded in as constants and the convolution and linear weights prepacked for oneDNN, 1.7-2.1x the eager
@@ -13,8 +14,8 @@ fast path on CPU"):
 
 Location: cache_dir.cache_root() / "compiled", created owner-only (0700): a package is native code this
 process runs, so the directory is refused if another user owns it, and made owner-only if it is not. A
-package's name is the SHA-256 of its key: the U-Net's source hash (every file of its directory), the call's
-shapes and dtypes, the device kind, the compile options and the torch and engine versions. Beside it, NAME.json
+package's name is the SHA-256 of its key: the U-Net's source hash (every file of its directory), the call kind,
+the call's shapes and dtypes, the device kind, the compile options and the torch and engine versions. Beside it, NAME.json
 holds that key and the package's own SHA-256; a package is loaded only when both match (else it is reported
 and rebuilt), and one that fails to load is rebuilt too. Written to temporary names and renamed, so never
 half-written.

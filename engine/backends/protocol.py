@@ -40,7 +40,9 @@ class UNet(Protocol):
 #                              absent: any size that `downsampling` divides (an edit's picture keeps its aspect)
 #   cache_depths: int          the deepest feature caching across steps it takes (absent: none), with
 #                              full(sample, t, ehs, labels, depth) -> (out, kept) and
-#                              shallow(sample, t, ehs, labels, kept, depth) -> out (torch_backend.TorchUNet)
+#                              shallow(sample, t, ehs, labels, kept, depth) -> out (torch_backend.TorchUNet),
+#                              a static one taking `values` last in both; kept_shape(rows, H, W, depth) where
+#                              static (its buffers are allocated before the first call)
 #   text_constants(embeddings) -> dict[str, Tensor] | None
 #                              what it computes from (rows, 77, D) embeddings alone, once per request (or per
 #                              change of a batch's members) instead of at every step; None: nothing
