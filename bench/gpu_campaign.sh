@@ -11,10 +11,10 @@
 #              and, if that call ran out of time, again from the first part it did not finish:
 #              run(command="bash bench/gpu_campaign.sh NAME", ...) (parts.txt says which)
 #
-# Parts and their boxes, seconds (1010 at most: two calls): GPU tests (the scheduler's graph replay among them)
+# Parts and their boxes, seconds (1070 at most: two calls): GPU tests (the scheduler's graph replay among them)
 # 60; the fast path's GPU tests 70; native library check 20; IF-I-XL U-Net step, eager / compile / ours 100;
 # IF-II-L the same 100; the whole real-size cascade with T5-XXL, writing its random weights 90 and timing it 150;
-# T5-XXL 40; the packaged cascade 40; batch jobs with and without the fast path 45; the server the same, at one
+# the packaged model's presets (turbo: feature caching) against the defaults on that cascade 60; T5-XXL 40; the packaged cascade 40; batch jobs with and without the fast path 45; the server the same, at one
 # offered load, 55 (where the carried wheels give FastAPI and uvicorn); offload memory against the plan 60; ONNX
 # Runtime's CUDA provider 40 (where its wheel is installed); the quality gate in float16 and bfloat16, 30 each.
 # TensorRT is its own pair of calls (bench/gpu_tensorrt.sh).
@@ -54,6 +54,10 @@ part write_real_cascade 90 python3 -c "import torch; from engine.bench.real_size
 write_cascade('/tmp/if-real', 'cuda', torch.float16)"
 part bench_real_cascade 150 python3 -m engine bench --model /tmp/if-real --device cuda --compare eager,ours \
     --iters 3 --warmup 1 --json "$OUT/bench_real_cascade.json"
+# Feature caching's turbo (and the other presets' settings) against the defaults, whole generate() calls
+# interleaved on the real-size cascade, eager U-Nets (the fast path would compile each step kind first).
+part turbo_real 60 python3 bench/preset_speed.py --model /tmp/if-real --device cuda --dtype float16 \
+    --presets-of shapes --rounds 4 --json "$OUT/presets_real_cascade.json"
 part bench_t5-xxl 40 python3 -m engine bench --device cuda --iters 10 --warmup 2 --model t5-xxl:random \
     --json "$OUT/bench_t5-xxl.json"
 part bench_shapes 40 python3 -m engine bench --device cuda --fast --model shapes --json "$OUT/bench_shapes.json"

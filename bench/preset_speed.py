@@ -5,6 +5,9 @@ drift touches all alike. The speed a preset is certified with (cascade.json "cer
     python bench/preset_speed.py [--rounds 30] [--only fast turbo] [--json bench/results/preset_speed.json]
     python bench/preset_speed.py --candidates            # bench/preset_sweep.py's cached candidates too
     python bench/preset_speed.py --fast                  # every setting, the defaults too, on the fast path
+    python bench/preset_speed.py --model /tmp/if-real --device cuda --dtype float16 --presets-of shapes --only turbo
+                                                         # the packaged model's presets on another cascade
+                                                         # (bench/gpu_campaign.sh: real-size U-Nets)
 
 Prints, per setting, the median seconds per image (with the spread of the middle half) and its speed over the
 defaults' median.
@@ -36,9 +39,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--candidates", action="store_true", help="bench/preset_sweep.py's CANDIDATES too")
     parser.add_argument("--fast", action="store_true", help="load on the fast path (compiled U-Nets; the first "
                         "call of each setting compiles its shapes, once per machine)")
+    parser.add_argument("--model", default=engine.DEFAULT_MODEL, help="the cascade to time (default: packaged)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--presets-of", default=None, metavar="MODEL",
+                        help="add this model's presets to --model's (their settings, not their certificates)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    pipe = engine.load(engine.DEFAULT_MODEL, device="cpu", fast=args.fast)
+    pipe = engine.load(args.model, device=args.device, dtype=args.dtype, fast=args.fast)
+    if args.presets_of:
+        for name, preset in engine.load(args.presets_of, device="cpu").presets.items():
+            pipe.add_preset(name, preset.stages)
     settings = {"default": {}, **{name: {"preset": name} for name in pipe.presets}}
     if args.candidates:
         from preset_sweep import CANDIDATES, as_options
@@ -62,7 +73,8 @@ def main(argv=None) -> dict:
         q1, median, q3 = statistics.quantiles(times, n=4)
         rows.append({"name": name, "median_s": median, "q1_s": q1, "q3_s": q3, "speedup": base / median})
         print(f"| {name} | {median:.3f} ({q1:.3f}-{q3:.3f}) | {base / median:.2f}x |")
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": device, "model": str(args.model),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds, "fast": args.fast,
               "command": " ".join(sys.argv), "rows": rows}
     save_json(report, args.json)

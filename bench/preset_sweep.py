@@ -138,6 +138,9 @@ CANDIDATES: dict[str, dict] = {
         {**FAST_I, "cache": {"interval": 8, "full_first": 2}}, {"steps": [999, 550, 150], "cache": 3}]},
     "fast + cache I 8/2, II t2 999, 450": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}},
                                                       {"steps": [999, 450]}]},
+    "fast + cache I 8/2": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}}, FAST_II]},
+    "balanced + cache I 4/2": {"stages": [{"guidance_interval": [200, 1000], "cache": {"interval": 4, "full_first": 2}},
+                                          {"steps": 8}]},
     "fast + cache I 8/2, II t2 999, 300": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}},
                                                       {"steps": [999, 300]}]},
     "fast + cache I 8/2, II t2 999, 600": {"stages": [{**FAST_I, "cache": {"interval": 8, "full_first": 2}},
@@ -239,9 +242,15 @@ def main() -> None:
     parser.add_argument("--exclude", nargs="+", default=(), help="with --merge: rows left out of the plot")
     args = parser.parse_args()
     if args.merge:
-        merged = {}
+        merged, reference = {}, None
         for path in args.merge:
-            merged.update({row["name"]: row for row in json.loads(path.read_text())["rows"]})
+            rows = json.loads(path.read_text())["rows"]
+            # This machine's speed drifts between runs: a run with the defaults in it has its seconds scaled by
+            # the first such run's defaults over its own, so that speeds compare across runs.
+            base = next((row["seconds_per_image"] for row in rows if row["name"] == "default"), None)
+            reference = reference or base
+            scale = reference / base if base else 1.0
+            merged.update({row["name"]: {**row, "seconds_per_image": row["seconds_per_image"] * scale} for row in rows})
         rows = [row for name, row in merged.items() if name not in args.exclude]
         front = pareto(rows)
         print(table(rows, front))
