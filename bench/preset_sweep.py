@@ -242,14 +242,15 @@ def main() -> None:
     parser.add_argument("--exclude", nargs="+", default=(), help="with --merge: rows left out of the plot")
     args = parser.parse_args()
     if args.merge:
-        merged, reference = {}, None
-        for path in args.merge:
-            rows = json.loads(path.read_text())["rows"]
-            # This machine's speed drifts between runs: a run with the defaults in it has its seconds scaled by
-            # the first such run's defaults over its own, so that speeds compare across runs.
-            base = next((row["seconds_per_image"] for row in rows if row["name"] == "default"), None)
-            reference = reference or base
-            scale = reference / base if base else 1.0
+        # This machine's speed drifts between runs (the defaults took 0.33-0.47 s/image on one day): each run's
+        # seconds are scaled by the last run's defaults over its own (a run without the defaults takes the scale
+        # of the run before it), so that speeds compare across runs.
+        runs = [json.loads(path.read_text())["rows"] for path in args.merge]
+        defaults = [next((r["seconds_per_image"] for r in rows if r["name"] == "default"), None) for rows in runs]
+        reference = next((d for d in reversed(defaults) if d), None)
+        merged, scale = {}, 1.0
+        for rows, base in zip(runs, defaults):
+            scale = reference / base if base else scale
             merged.update({row["name"]: {**row, "seconds_per_image": row["seconds_per_image"] * scale} for row in rows})
         rows = [row for name, row in merged.items() if name not in args.exclude]
         front = pareto(rows)
