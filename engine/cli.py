@@ -68,8 +68,18 @@ def _interval_value(text: str):
     return int(lo), int(hi)
 
 
+def _refresh_value(text: str):
+    """S,S,...: a stage's full steps under feature caching (counted from 0, the first), or "none"."""
+    if text == "none":
+        return None
+    steps = text.split(",")
+    if not all(step.strip().isdigit() for step in steps):
+        raise ValueError(f"not S,S,... (full steps, e.g. 0,4,9) or 'none': {text!r}")
+    return {"refresh": [int(step) for step in steps]}
+
+
 PER_STAGE = {"steps": _steps_value, "guidance": float, "noise_level": int, "guidance_interval": _interval_value,
-             "strength": float, "cache": int}
+             "strength": float, "cache": int, "cache_steps": _refresh_value}
 
 
 def _stage_defaults(name: str) -> str:
@@ -253,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batching", choices=serve_defaults.POLICIES, default=serve_defaults.DEFAULT_POLICY,
                      help="step: requests join the running batch at every U-Net step (default); request: batches "
                           "form when the cascade is idle and run to the end; none: one request at a time")
+    srv.add_argument("--preset", default=None, metavar="NAME",
+                     help="the model's preset for requests that name neither a preset nor a cache (e.g. turbo)")
+    _add_cache_options(srv, " for requests that name neither a preset nor a cache")
     srv.add_argument("--replicas", type=int, default=1, help="with --ray: Ray Serve replicas (each loads the model)")
 
 
@@ -295,8 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                      help="images per U-Net call (rows with different settings share calls)")
     bat.add_argument("--preset", default=None, metavar="NAME", help="the model's preset for rows that name none")
-    bat.add_argument("--cache", nargs="+", type=int, default=None, metavar="N",
-                     help="feature caching for rows that name none: a full U-Net step every N (one, or one per stage)")
+    _add_cache_options(bat, " for rows that name none")
     bat.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     bat.add_argument("--sheet", type=Path, default=None, metavar="PNG", help="a captioned contact sheet of every image")
     bat.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -360,6 +372,7 @@ def _add_bench_parser(commands, common) -> None:
     bench.add_argument("--prompt", default=b.prompt, help="prompt of the cascade requests")
     bench.add_argument("--fast", action=argparse.BooleanOptionalAction, default=b.fast,
                        help="'ours' on the fast path (" + FAST_HELP + ")")
+    _add_cache_options(bench, " in one more row, the whole cascade cached (ours; diffusers has none)")
     bench.add_argument("--threads", type=int, default=b.threads,
                        help="torch CPU threads (default: torch's choice, one per core); on a shared machine 1 "
                             "avoids threads waiting on a busy core")
@@ -385,9 +398,32 @@ def _add_speed_options(parser, convert: bool = False) -> None:
     parser.add_argument("--preset", default=None, metavar="NAME",
                         help="one of the model's presets (e.g. fast, balanced; see the README), under the options "
                              "given here")
+    _add_cache_options(parser, convert=convert)
+
+
+def _add_cache_options(parser, what: str = "", convert: bool = True) -> None:
+    """--cache and --cache-steps: feature caching across steps, one value for all stages or one per stage."""
     parser.add_argument("--cache", nargs="+", default=None, metavar="N", type=int if convert else None,
-                        help="feature caching across steps: a full U-Net step every N steps, the others shallow "
-                             "(one for all stages or one per stage, 1: none); torch eager U-Nets")
+                        help=f"feature caching{what}: a full U-Net step every N steps, the others shallow (one for "
+                             "all stages or one per stage; 1: none)")
+    parser.add_argument("--cache-steps", nargs="+", default=None, metavar="S,S,...",
+                        type=_refresh_value if convert else None,
+                        help=f"feature caching{what}: full U-Net steps at these steps (from 0), the others shallow "
+                             "(one list for all stages or one per stage; 'none': no caching there)")
+
+
+def _speed_defaults(args) -> dict:
+    """--preset and --cache/--cache-steps as the API's fields, for a service's or a job's requests that name none."""
+    cache = _cache_option(args)
+    cache = list(cache) if isinstance(cache, tuple) else cache  # as a JSON field
+    return {name: value for name, value in (("preset", args.preset), ("cache", cache)) if value is not None}
+
+
+def _cache_option(args):
+    """The request's cache from --cache or --cache-steps (a value for every stage, or a tuple, one per stage)."""
+    if args.cache is not None and args.cache_steps is not None:
+        raise EngineError("give --cache N (a full step every N) or --cache-steps S,S,... (the full steps), not both")
+    return _one_or_tuple(args.cache if args.cache_steps is None else args.cache_steps)
 
 
 def _one_or_tuple(values):
@@ -458,7 +494,7 @@ def generate(args) -> None:
         strength=_one_or_tuple(args.strength), negative_prompt=args.negative_prompt, seed=args.seed,
         num_images_per_prompt=args.num_images, steps=_one_or_tuple(args.steps), guidance=_one_or_tuple(args.guidance),
         noise_level=_one_or_tuple(args.noise_level), guidance_interval=_one_or_tuple(args.guidance_interval),
-        scheduler=args.scheduler, preset=args.preset, cache=_one_or_tuple(args.cache))
+        scheduler=args.scheduler, preset=args.preset, cache=_cache_option(args))
     output = Path(args.output)
     _check_output(output)
     if args.quiet:
@@ -510,7 +546,8 @@ def bench(args, argv: list[str] | None) -> int:
         raise EngineError(f"--threshold must be above 1.0 (a p50 ratio), got {args.threshold}")
     options = BenchOptions(models=tuple(args.model), device=args.device, dtype=args.dtype, batch=args.batch,
                            steps=_one_or_tuple(args.steps), iters=args.iters, warmup=args.warmup,
-                           compare=args.compare, prompt=args.prompt, threads=args.threads, fast=args.fast)
+                           compare=args.compare, prompt=args.prompt, threads=args.threads, fast=args.fast,
+                           cache=_cache_option(args))
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     report = run(options, command_line(argv), progress=progress)
     print(table(report))
@@ -575,7 +612,7 @@ def serve(args) -> None:
             raise EngineError(f"{flag} must be a positive number of seconds, got {seconds:g}")
     app_kwargs = {"max_batch": args.max_batch, "max_queue": args.max_queue, "timeout_s": args.timeout,
                   "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth,
-                  "model_name": args.served_model_name or str(args.model[0])}
+                  "model_name": args.served_model_name or str(args.model[0]), "request_defaults": _speed_defaults(args)}
     load_kwargs = {**load_options(args), "images_per_call": args.max_batch}  # the memory plan's batch
     if args.ray:
         app = ray_app.application(load_kwargs, args.model, app_kwargs, replicas=args.replicas,
@@ -615,11 +652,8 @@ def run_batch(args) -> None:
     elif (args.workers, args.autoscale, args.ray_address, args.cpus_per_worker) != (None,) * 4 or args.num_gpus:
         raise EngineError("--workers, --autoscale, --num-gpus, --cpus-per-worker and --ray-address are for a job on "
                           "Ray: add --ray")
-    cache = None if args.cache is None else args.cache[0] if len(args.cache) == 1 else list(args.cache)  # as a row's
     summary = offline.batch(args.input, args.out, model=args.model, max_batch=args.max_batch, strict=args.strict,
-                            progress=not args.quiet, sheet=args.sheet,
-                            defaults={name: value for name, value in (("preset", args.preset), ("cache", cache))
-                                      if value is not None} or None, ray=ray,
+                            progress=not args.quiet, sheet=args.sheet, defaults=_speed_defaults(args) or None, ray=ray,
                             **load_options(args))
     for bad in summary.bad_rows:
         print(f"line {bad.line} skipped: {bad.reason}", file=sys.stderr)
@@ -653,7 +687,7 @@ def evaluate(args) -> None:
     given = (("steps", _one_or_tuple(args.steps)), ("guidance", _one_or_tuple(args.guidance)),
              ("noise_level", _one_or_tuple(args.noise_level)), ("scheduler", args.scheduler),
              ("guidance_interval", _one_or_tuple(args.guidance_interval)), ("preset", args.preset),
-             ("cache", _one_or_tuple(args.cache)))
+             ("cache", _cache_option(args)))
     generate_options = {k: v for k, v in given if v is not None}
     GenerateRequest("check", **generate_options)  # bad values are refused before the model loads
     if args.sheet is not None:

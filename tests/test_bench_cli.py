@@ -38,9 +38,9 @@ def _positive(row, *keys):
 def test_bench_packaged_model_writes_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CASCADE_ENGINE_CACHE", str(tmp_path / "cache"))  # empty: no ONNX Runtime rows
     out = tmp_path / "bench.json"
-    assert main(["bench", "--steps", "1", "--device", "cpu", *QUICK, "--json", str(out)]) == 0
+    assert main(["bench", "--steps", "2", "1", "--device", "cpu", *QUICK, "--cache", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["command"].startswith("python -m engine bench --steps 1")
+    assert report["command"].startswith("python -m engine bench --steps 2 1")
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
     assert {"torch", "diffusers", "transformers", "engine", "onnxruntime", "onnx"} <= set(report["versions"])
     assert report["versions"]["onnxruntime"]  # installed with the tests
@@ -50,14 +50,17 @@ def test_bench_packaged_model_writes_report(tmp_path, capsys, monkeypatch):
     components = {c for c, _ in rows}
     assert {"text encoder", "stage_I U-Net step (32 px)", "stage_II U-Net step (128 px)",
             "stage_I U-Net shallow step (32 px, cache depth 1)", "stage_II U-Net shallow step (128 px, cache depth 1)",
-            "stage_I (1 steps, 32 px)", "stage_II (1 steps, 128 px)", "whole cascade (1+1 steps, 128 px)"} == components
+            "stage_I (2 steps, 32 px)", "stage_II (1 steps, 128 px)", "whole cascade (2+1 steps, 128 px)",
+            "whole cascade (2+1 steps, 128 px, cache=2)"} == components
+    cached, plain = rows[("whole cascade (2+1 steps, 128 px, cache=2)", "ours")], rows[("whole cascade (2+1 steps, 128 px)", "ours")]
+    assert 0 < cached["flops"] < plain["flops"]  # its second stage I step is shallow
     for stage in ("stage_I", "stage_II"):  # feature caching's shallow step: fewer FLOPs than the full step's
         shallow = rows[(f"{stage} U-Net shallow step ({32 if stage == 'stage_I' else 128} px, cache depth 1)", "ours")]
         full = rows[(f"{stage} U-Net step ({32 if stage == 'stage_I' else 128} px)", "ours")]
         assert 0 < shallow["flops"] < full["flops"] / 2 and shallow["finite"]
     for variant in ("eager", "ours"):  # side by side: U-Net steps and the whole cascade, with diffusers
         for component in ("stage_I U-Net step (32 px)", "stage_II U-Net step (128 px)",
-                          "whole cascade (1+1 steps, 128 px)"):
+                          "whole cascade (2+1 steps, 128 px)"):
             row = rows[(component, variant)]
             _positive(row, "p50_ms", "p90_ms", "p99_ms", "images_per_s", "peak_memory_mib", "flops", "floor_ms",
                       "roofline_pct", "ours_speedup")
@@ -139,6 +142,7 @@ def test_scaled_down_real_size_models_run_side_by_side(tmp_path):
     (["--compare", "eager,fast"], "unknown --compare variant(s) fast"),
     (["--steps", "0"], "steps"),
     (["--threads", "0"], "threads must be an integer >= 1"),
+    (["--cache", "0"], "cache interval must be 1..1000"),
 ])
 def test_bench_bad_input_is_one_clear_error(argv, message, capsys):
     assert main(["bench", "--device", "cpu", *argv, "--quiet"]) == 2

@@ -199,6 +199,13 @@ def test_cache_from_the_command_line_the_api_and_batch_rows(cascade_dir, engine_
     expected = engine_pipe.generate("a red circle", steps=STEPS, cache=2, seed=1)[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
     assert request_from_api({"prompt": "x", "cache": [2, {"interval": 3}]}).cache == (2, {"interval": 3})
+    steps_out = tmp_path / "steps.png"
+    assert main(["generate", "a red circle", "--model", str(cascade_dir), "--steps", "6", "5", "--cache-steps",
+                 "0,2,4", "none", "--seed", "1", "-o", str(steps_out), "--quiet"]) == 0
+    by_steps = engine_pipe.generate("a red circle", steps=STEPS, cache=({"refresh": [0, 2, 4]}, None), seed=1)[0]
+    assert np.array_equal(np.asarray(Image.open(steps_out).convert("RGB")), np.asarray(by_steps))
+    both = ["generate", "a red circle", "--cache", "2", "--cache-steps", "0,3", "-o", str(tmp_path / "x.png")]
+    assert main(both) != 0 and not (tmp_path / "x.png").exists()  # refused: give one of them
     summary = batch([{"prompt": "a red circle", "seed": 1, "steps": [6, 5], "cache": 2}], tmp_path / "job",
                     model=engine_pipe, progress=False)
     entry = json.loads((tmp_path / "job" / "manifest.jsonl").read_text().splitlines()[0])
@@ -230,6 +237,38 @@ def test_the_http_field(engine_pipe):
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
         bad = client.post("/v1/images/generations", json={"prompt": "a red circle", "cache": 0})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache"
+
+
+def test_a_service_gives_its_speed_settings_to_requests_that_name_none(engine_pipe):
+    """create_app(request_defaults=...) (serve --preset/--cache/--cache-steps): a request naming no preset and no
+    cache gets the service's; one naming either keeps its own; bad defaults are refused before any model work."""
+    import base64
+    import io
+    import time
+
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from engine.serve.http import create_app
+
+    def image(answer):
+        assert answer.status_code == 200, answer.text
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))).astype(int)
+
+    def want(**options):
+        return np.asarray(engine_pipe.generate("a red circle", seed=1, steps=STEPS, **options)[0]).astype(int)
+
+    with TestClient(create_app(engine_pipe, max_batch=4, warmup=False, request_defaults={"cache": [None, 2]})) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/health/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = {"prompt": "a red circle", "seed": 1, "steps": [6, 5]}
+        assert np.abs(image(client.post("/v1/images/generations", json=body)) - want(cache=(None, 2))).max() <= 1
+        own = image(client.post("/v1/images/generations", json={**body, "cache": 3}))
+        assert np.abs(own - want(cache=3)).max() <= 1
+    for bad, message in (({"cache": 0}, "cache interval must be 1..1000"), ({"steps": 4}, "request_defaults takes")):
+        with pytest.raises(InvalidRequestError, match=message):
+            create_app(engine_pipe, warmup=False, request_defaults=bad)
 
 
 def test_the_x4_upscalers_unet_caches_too(three_stage_pipe):

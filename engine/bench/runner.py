@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class BenchOptions:
     prompt: str = PROMPT
     threads: int | None = None  # torch's CPU threads (torch.set_num_threads); None: torch's default
     fast: bool | None = None  # "ours" on the fast path (engine/fast.py); None: the device's default (fast.resolve_fast)
+    cache: object = None  # feature caching, as GenerateRequest's cache: adds a cached whole-cascade row (ours)
 
     def __post_init__(self):
         checks = [("batch", self.batch, 1), ("iters", self.iters, 1), ("warmup", self.warmup, 0)]
@@ -59,6 +61,8 @@ class BenchOptions:
                 raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}")
         if not self.models:
             raise InvalidRequestError("give at least one model")
+        if self.cache is not None:
+            GenerateRequest(self.prompt, cache=self.cache)  # refused here, before any model loads
         if self.compare is not None:
             unknown = [v for v in self.compare if v not in components.VARIANTS]
             if unknown or not self.compare:
@@ -225,6 +229,13 @@ def bench_cascade(session: Session) -> list[Row]:
     steps = "+".join(str(st.steps) for st in settings)
     cascade_rows = session.time_variants(f"whole cascade ({steps} steps, {pipe.image_size} px)", calls,
                                          opts.batch, opts.batch, dtype, total_flops, "counted")
+    if opts.cache is not None and "ours" in session.compare:  # diffusers has no caching: ours alone, beside it
+        cached = GenerateRequest(request.prompts, seed=0, steps=opts.steps, cache=opts.cache, output_type="pt")
+        pipe.settings(cached)  # a cache the model cannot take is refused before any timing
+        cascade_rows += session.time_variants(
+            f"whole cascade ({steps} steps, {pipe.image_size} px, cache={json.dumps(opts.cache)})",
+            {"ours": lambda: pipe.run(cached).images}, opts.batch, opts.batch, dtype,
+            count_flops(lambda: pipe.run(cached)), "counted")
     if "ours" not in session.compare:
         session.notes.append("text encoder and per-stage rows come from our Pipeline's requests: not run")
         return rows + cascade_rows

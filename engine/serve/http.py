@@ -75,8 +75,10 @@ class Service:
     """The model, its scheduler and metrics, and whether it is ready; shared by the app's handlers."""
 
     def __init__(self, load: Callable, max_batch: int, max_queue: int, timeout_s: float, warmup: bool,
-                 policy: str, limits: Limits, api_keys: tuple[str, ...] = (), model_name: str | None = None):
+                 policy: str, limits: Limits, api_keys: tuple[str, ...] = (), model_name: str | None = None,
+                 request_defaults: dict | None = None):
         self.load = load  # () -> Pipeline
+        self.request_defaults = request_defaults or {}  # create_app's
         self.limits = limits  # with the model-dependent ones filled in once the model is loaded
         self.model_name = model_name  # what /v1/models lists and a request's "model" may name (None: the source)
         self.started = int(time.time())
@@ -98,6 +100,7 @@ class Service:
             self.pipeline = self.load()
             self.model_name = self.model_name or self.pipeline.source
             defaults = self.pipeline.settings(GenerateRequest("limits"))  # each stage's default settings
+            self.pipeline.settings(request_from_api({"prompt": "check", **self.request_defaults}))  # fits the model
             self.limits = self.limits.for_model([s.steps for s in defaults], self.pipeline.image_size,
                                                 self.max_batch)
             if self.warmup:
@@ -132,12 +135,15 @@ class Service:
 def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout_s: float = DEFAULT_TIMEOUT_S, warmup: bool = True, run_scheduler: bool = True,
                policy: str = DEFAULT_POLICY, limits: Limits | None = None, api_keys=(), metrics_auth: bool = False,
-               readiness: Callable[[], str | None] | None = None, model_name: str | None = None):
+               readiness: Callable[[], str | None] | None = None, model_name: str | None = None,
+               request_defaults: dict | None = None):
     """The FastAPI app. `load`: a Pipeline (started at once), or a function that loads one (called in the
     background at startup, so /health/live answers while the model loads). `policy`: the scheduler's batching
     policy. api_keys: when given, the generation endpoint (and /metrics with metrics_auth) needs
     `Authorization: Bearer KEY` with one of them; the health endpoints stay open. `readiness`: a further check
-    for /health/ready, giving why it is not ready or None (Ray: the deployment's status); it may block."""
+    for /health/ready, giving why it is not ready or None (Ray: the deployment's status); it may block.
+    request_defaults: the speed settings ({"preset": ...} and/or {"cache": ...}, API fields) of a request that
+    names neither a preset nor a cache; checked now, and against the model once it is loaded."""
     from fastapi import FastAPI
 
     loaded = not callable(load) or hasattr(load, "stages")
@@ -146,7 +152,12 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
         raise InvalidRequestError(f"unknown batching policy {policy!r}; choose one of {', '.join(POLICIES)}")
     limits = limits or Limits.from_environment()
     limits.check(max_batch)  # before the model loads
-    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits, tuple(api_keys), model_name)
+    request_defaults = dict(request_defaults or {})
+    if set(request_defaults) - set(SPEED_FIELDS):
+        raise InvalidRequestError(f"request_defaults takes {', '.join(SPEED_FIELDS)}, got {sorted(request_defaults)}")
+    request_from_api({"prompt": "check", **request_defaults})  # bad values are refused before the model loads
+    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits, tuple(api_keys), model_name,
+                      request_defaults)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -331,6 +342,17 @@ def _metrics(service: Service):
     return metrics
 
 
+SPEED_FIELDS = ("preset", "cache")  # what a service's request_defaults may set
+
+
+def with_defaults(body, defaults: dict):
+    """The body with the service's speed settings where it names none of them (as a unit: a request's own
+    preset is never mixed with the service's cache)."""
+    if not defaults or not isinstance(body, dict) or any(body.get(name) is not None for name in SPEED_FIELDS):
+        return body
+    return {**body, **defaults}
+
+
 def parse_body(body, timeout_s: float, image_size: int | None, limits: Limits = Limits(),
                pictures: list | None = None, mask=None, pipeline=None) -> tuple[GenerateRequest, float]:
     """A GenerateRequest and the request's timeout from a JSON body, or an edit's form fields with its pictures
@@ -497,8 +519,8 @@ async def _generate(service: Service, request, request_id: str, read_body):
         service.metrics.request("invalid")
         return _unknown_model(service, body["model"])
     try:
-        gen_request, timeout = parse_body(body, service.timeout_s, service.pipeline.image_size, service.limits,
-                                          **pictures)
+        gen_request, timeout = parse_body(with_defaults(body, service.request_defaults), service.timeout_s,
+                                          service.pipeline.image_size, service.limits, **pictures)
         check_cost(gen_request, service.pipeline, service.limits)
         future = service.scheduler.submit(gen_request, timeout_s=timeout)
     except InvalidRequestError as exc:
