@@ -3,6 +3,9 @@ Fréchet distance and seconds per image for each setting, on the same held-out c
 
     python bench/preset_sweep.py [--count 64] [--json bench/results/preset_sweep.json] [--svg docs/preset_sweep.svg]
     python bench/preset_sweep.py --count 256 --only default fast balanced      # certify chosen settings
+    python bench/preset_sweep.py --presets --count 256 --certify bench/results/presets_speed_one_image*.json
+        # the model's presets in one run; each preset's "certified" in its cascade.json is written from it, with
+        # the one-image speeds of bench/preset_speed.py's reports (eager, and --fast)
 
 Each setting is a dict of generate() options; "default" is the model's own. The table printed (Markdown) and the
 SVG plot (adherence against seconds per image, the Pareto front joined) go into bench/RESULTS.md and docs/.
@@ -240,7 +243,12 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                         help="no runs: the table and plot of earlier runs' JSON (a later row of a name wins)")
     parser.add_argument("--exclude", nargs="+", default=(), help="with --merge: rows left out of the plot")
+    parser.add_argument("--certify", nargs="*", type=Path, default=None, metavar="SPEED_JSON",
+                        help="with --presets: write each preset's certificate into the packaged model's cascade.json, "
+                             "with the one-image speeds of these bench/preset_speed.py reports")
     args = parser.parse_args()
+    if args.certify is not None and not args.presets:
+        parser.error("--certify certifies the model's presets: add --presets")
     if args.merge:
         # This machine's speed drifts between runs (the defaults took 0.33-0.47 s/image on one day): each run's
         # seconds are scaled by the last run's defaults over its own (a run without the defaults takes the scale
@@ -286,6 +294,49 @@ def main() -> None:
         args.svg.parent.mkdir(parents=True, exist_ok=True)
         args.svg.write_text(svg(rows, front, f"shapes: quality gate ({args.count} held-out captions) "
                                              "against CPU seconds per image"))
+    if args.certify is not None:
+        certify(rows, args.certify, meta)
+
+
+def certify(rows: list[dict], speed_reports: list[Path], meta: dict, margin: float = 0.02) -> None:
+    """Write each preset's certificate into the packaged model's cascade.json: this run's adherence and seconds per
+    image (batches of 8) beside the defaults', and the one-image speed of each speed report ("one_image_speedup",
+    "one_image_speedup_fast_path" for a --fast report). Refuses a preset outside the margin of the defaults."""
+    from engine.model_dir import PACKAGED_ROOT
+
+    path = PACKAGED_ROOT / engine.DEFAULT_MODEL / "cascade.json"
+    cascade = json.loads(path.read_text())
+    by_name = {row["name"]: row for row in rows}
+    base = by_name["default"]
+    speeds = [json.loads(report.read_text()) for report in speed_reports]
+    for name, preset in cascade["presets"].items():
+        row = by_name[name]
+        if row["adherence"] < base["adherence"] - margin:
+            raise SystemExit(f"{name}: {row['adherence']:.1%} is more than {margin:.0%} below the defaults' "
+                             f"{base['adherence']:.1%}: not certified")
+        certified = {"adherence": round(row["adherence"], 4), "default_adherence": round(base["adherence"], 4),
+                     "captions": row["count"], "seconds_per_image": round(row["seconds_per_image"], 3),
+                     "default_seconds_per_image": round(base["seconds_per_image"], 3),
+                     "speedup": round(base["seconds_per_image"] / row["seconds_per_image"], 2)}
+        for report in speeds:
+            found = {r["name"]: r["speedup"] for r in report["rows"]}
+            if name in found:
+                key = "one_image_speedup_fast_path" if report.get("fast") else "one_image_speedup"
+                certified[key] = round(found[name], 2)
+        sources = " and ".join(_as_typed(report["command"]) for report in speeds)
+        certified |= {"floor": preset.get("certified", {}).get("floor", 0.85),
+                      "measured": f"{meta['date']}, {meta['threads']}-thread CPU, in one run: {_as_typed(meta['command'])}"
+                                  + (f"; one-image speed: {sources}" if sources else "")}
+        preset["certified"] = certified
+    path.write_text(json.dumps(cascade, indent=2) + "\n")
+    print(f"certificates written to {path}", file=sys.stderr)
+
+
+def _as_typed(command: str) -> str:
+    """A recorded command line as typed from the repository's root: no absolute paths into it, the script's folder."""
+    command = command.replace(str(Path(__file__).resolve().parents[1]) + "/", "")
+    script = command.split(" ", 1)[0]
+    return f"python bench/{command}" if script.endswith(".py") and "/" not in script else command
 
 
 if __name__ == "__main__":
