@@ -70,6 +70,17 @@ def engine_pipe(cascade_dir):
     return engine.load(cascade_dir, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def fast_pipe(cascade_dir):
+    """The tiny cascade on the fast path, its U-Nets left uncompiled (tests/test_fast.py compiles them once)."""
+    import engine
+
+    pipe = engine.load(cascade_dir, fast=True)
+    for stage in pipe.stages:
+        stage.unet.compile = False
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def reference(cascade_dir):
     """diffusers' IF pipelines over the same files: the oracle every parity test compares against."""

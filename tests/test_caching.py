@@ -136,15 +136,6 @@ CACHED = [GenerateRequest("a red circle", seed=1, steps=STEPS, cache=2, output_t
                           num_images_per_prompt=2, output_type="np")]
 
 
-@pytest.fixture(scope="module")
-def fast_pipe(cascade_dir):
-    """The tiny cascade on the fast path, its U-Nets uncompiled (tests/test_fast.py compiles them once)."""
-    pipe = engine.load(cascade_dir, fast=True)
-    for stage in pipe.stages:
-        stage.unet.compile = False
-    return pipe
-
-
 def test_the_fast_path_caches_as_the_eager_path_does(fast_pipe, engine_pipe):
     """Full and shallow steps on the StepRunner's buffers, and on the scheduler's row buffers with cached and
     uncached requests in one batch: the eager path's images, within the fast path's bound (test_fast.py)."""

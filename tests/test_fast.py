@@ -30,15 +30,6 @@ STEPS = (4, 3)
 
 
 @pytest.fixture(scope="module")
-def fast_pipe(cascade_dir):
-    """The tiny cascade on the fast path, its U-Nets left uncompiled (compiling is tested once, below)."""
-    pipe = engine.load(cascade_dir, fast=True)
-    for stage in pipe.stages:
-        stage.unet.compile = False
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def channels_last_pipe(cascade_dir):
     """The eager loop with its U-Nets in channels_last, the fast path's memory format."""
     pipe = engine.load(cascade_dir)
