@@ -70,6 +70,20 @@ def test_fast_path_capture_and_replay_give_the_eager_images(cascade_dir):
     assert np.array_equal(fast.generate("a red circle", **options), ours)  # replayed again, same bits
 
 
+def test_fast_path_caches_features_in_captured_graphs(cascade_dir):
+    """Feature caching on CUDA: one graph per step kind (guided or not; full or shallow), kept features in the
+    runner's buffer, the eager path's cached images within rounding, and the same bits when replayed again."""
+    fast = _fast_cuda(cascade_dir)
+    eager = engine.load(cascade_dir, device="cuda", dtype="float16", fast=False)
+    options = dict(seed=0, steps=(6, 4), guidance=(7.0, 4.0), output_type="np", cache=(2, {"refresh": [0, 2]}),
+                   guidance_interval=((300, 900), None))
+    ours = fast.generate("a red circle", **options)
+    kinds = {key for s in fast.stages for runner in s.executor.runners.values() for key in runner.graphs}
+    assert {kind for _, (kind, _) in kinds} == {"full", "shallow"}
+    assert np.abs(ours - eager.generate("a red circle", **options)).max() < HALF_BOUND["float16"]
+    assert np.array_equal(fast.generate("a red circle", **options), ours)
+
+
 def test_fast_path_replay_allocates_nothing_and_never_syncs(cascade_dir):
     fast = _fast_cuda(cascade_dir)
     options = dict(seed=0, steps=(4, 3), guidance=(7.0, 4.0), output_type="pt")
@@ -85,7 +99,7 @@ def test_fast_path_replay_allocates_nothing_and_never_syncs(cascade_dir):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(run.steps):
-            runner._graph(run.guided_steps[step]).replay()
+            runner._graph(run.guided_steps[step], run.kind_at(step)).replay()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
