@@ -265,8 +265,8 @@ def call_unet(unet, kind: tuple[str, int], args: tuple, values, kept: torch.Tens
 
 
 def kept_buffer(stage, rows: int, sample: torch.Tensor, depth: int) -> torch.Tensor:
-    """Zeros for what a full call at `depth` keeps of `rows` rows of `sample` (rows', C_in, H, W),
-    channels_last as the static U-Net makes it."""
+    """Zeros for what a full call at `depth` keeps for `rows` rows shaped like `sample` (any rows, C_in, H, W):
+    (rows, C, h, w), channels_last as the static U-Net makes it."""
     shape = stage.unet.kept_shape(rows, *sample.shape[2:], depth)
     return torch.zeros(shape, dtype=stage.dtype, device=stage.device).contiguous(memory_format=torch.channels_last)
 

@@ -263,7 +263,7 @@ class StageRun:
         self.full_steps = [self.cache is None or step < first or self.cache.full_at(step - first, timesteps[step])
                            for step in range(len(timesteps))]
         self.shallow_steps = self._shallow_plan(first)
-        self.kept: torch.Tensor | None = None  # (rows, C, h, w): the eager path's; static buffers keep their own
+        self.kept: torch.Tensor | None = None  # (rows, C, h, w), its rows of the last full call (StepRunner: its own)
 
     def _shallow_plan(self, first: int) -> list[bool]:
         """Per step, whether it is shallow: planned so, and the last full step's rows were of its kind (guided
