@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from engine import ray_batch
 from engine.batch_job import (MANIFEST, BadRow, BatchSummary, Plan, append, checked_rows, generate_rows, images_of,
-                              prepare, record, stop_on_signals, write_sheet)
+                              prepare, record, row_request, stop_on_signals, write_sheet)
 from engine.errors import EngineError, InvalidRequestError
 from engine.loading import load
 from engine.model_dir import DEFAULT_MODEL
@@ -70,6 +70,19 @@ def batch(source, out, model: Pipeline | str | None = None, max_batch: int = DEF
     return summary
 
 
+def _caching(pipe: Pipeline, plan: Plan, defaults: dict | None) -> list:
+    """The per-stage settings of the rows that cache features (what the warm-up makes them), each once."""
+    found = {}
+    for row in plan.todo:
+        try:
+            settings = pipe.settings(row_request(row, 0, defaults, pictures=False))
+        except EngineError:  # a bad row: reported when it runs
+            continue
+        if any(s.cache is not None for s in settings):
+            found[tuple(s.cache for s in settings)] = settings
+    return list(found.values())
+
+
 def _model_paths(model) -> list:
     return [DEFAULT_MODEL] if model is None else [model] if isinstance(model, (str, Path)) else list(model)
 
@@ -79,7 +92,7 @@ def _run_here(pipe: Pipeline, plan: Plan, out: Path, max_batch: int, strict: boo
     """The plan's rows on this process, through one scheduler; the manifest grows as rows finish."""
     summary = BatchSummary(out, images_skipped=plan.images_skipped)
     if plan.todo and any(stage.executor.static for stage in pipe.stages):
-        summary.warmup_seconds = sum(warm_up(pipe, max_batch).values())
+        summary.warmup_seconds = sum(warm_up(pipe, max_batch, caching=_caching(pipe, plan, defaults)).values())
     stop = threading.Event()
     start = time.perf_counter()
     with stop_on_signals(stop), open(out / MANIFEST, "a", encoding="utf-8") as manifest, \

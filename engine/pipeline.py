@@ -246,7 +246,7 @@ class Pipeline:
             _, walk.timings[stage.name] = timed(self.device, whole_stage)
         return walk.result()
 
-    def warmup(self, images=(1,), scheduler_rows=(), **options) -> dict[str, float]:
+    def warmup(self, images=(1,), scheduler_rows=(), caching=None, **options) -> dict[str, float]:
         """Compile and capture what a deployment will run, before its first request; returns seconds per part.
 
         A generation per image count in `images` (options as `generate` takes them: steps, guidance, preset...)
@@ -254,17 +254,21 @@ class Pipeline:
         captured, where the U-Nets are static). For the step-level scheduler (engine.serve, engine.batch), the
         static buffers of each row bucket that row counts in `scheduler_rows` run at (executor.bucket), for each
         base and super-resolution stage (an x4 stage's size is its input's), and for each step kind a request
-        can run there: the plain call, and the full and shallow calls of each caching depth the model's presets
-        use. Eager U-Nets have nothing to make: this then costs only those generations."""
+        can run there: the plain call, and the full and shallow calls of each caching depth in `caching`, lists of
+        per-stage settings (pipe.settings(request) or a preset's; None: every preset of the model's). Eager
+        U-Nets have nothing to make: this then costs only those generations."""
         timings = {}
         for n in images:
             _, timings[f"generate, {n} image(s)"] = timed(
                 self.device, lambda: self.generate("warm-up", num_images_per_prompt=n, output_type="pt", **options))
-        for stage in self.stages:
+        if caching is None:
+            caching = [[stage.presets[name] for stage in self.stages] for name in self.presets]
+        for index, stage in enumerate(self.stages):
             if not stage.executor.static or stage.kind == "latent_upscaler":
                 continue
             embeddings = self.encoder(stage).empty()  # (1, 77, D): conditioning rows as requests give them
-            depths = sorted({s.cache.depth for s in stage.presets.values() if s.cache is not None})
+            depths = sorted({per_stage[index].cache.depth for per_stage in caching
+                             if per_stage[index].cache is not None})
             kinds = [("unet", 0)] + [(kind, depth) for depth in depths for kind in ("full", "shallow")]
             for rows in sorted({bucket(r) for r in scheduler_rows}):
                 for kind in kinds:

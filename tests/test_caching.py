@@ -290,3 +290,25 @@ def test_warmup_makes_the_cached_presets_step_kinds(fast_pipe):
                             "stage_I U-Net, 4 rows, shallow 1", "stage_II U-Net, 4 rows"}
     kinds = {key[-1] for key in fast_pipe.stages[0].executor.buffers if key[0] == 4}
     assert kinds >= {("unet", 0), ("full", 1), ("shallow", 1)}
+
+
+def test_a_batch_job_warms_the_step_kinds_its_rows_run(fast_pipe, tmp_path):
+    """engine.batch's warm-up makes the caching kinds its rows use, not every preset's: rows caching stage I
+    only leave stage II's full and shallow buffers unmade, though a preset caches there."""
+    from engine.offline import batch
+
+    fast_pipe.add_preset("cached", [None, {"cache": 2}])
+    for stage in fast_pipe.stages:
+        stage.executor.buffers.clear()
+    try:
+        summary = batch([{"prompt": "a red circle", "seed": 1, "steps": [4, 3], "cache": [2, None]}],
+                        tmp_path / "job", model=fast_pipe, max_batch=2, progress=False)
+    finally:
+        fast_pipe.presets.pop("cached")
+        for stage in fast_pipe.stages:
+            stage.presets.pop("cached")
+    assert summary.images_written == 1 and summary.warmup_seconds > 0
+    kinds = [{key[-1] for key in stage.executor.buffers} for stage in fast_pipe.stages]
+    assert kinds[0] == {("unet", 0), ("full", 1), ("shallow", 1)} and kinds[1] == {("unet", 0)}
+    warmed = {key[0] for key in fast_pipe.stages[0].executor.buffers if key[-1] == ("shallow", 1)}
+    assert warmed == {1, 2, 4}  # every bucket up to 2 x max_batch rows, before any row ran

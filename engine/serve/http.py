@@ -100,11 +100,11 @@ class Service:
             self.pipeline = self.load()
             self.model_name = self.model_name or self.pipeline.source
             defaults = self.pipeline.settings(GenerateRequest("limits"))  # each stage's default settings
-            self.pipeline.settings(request_from_api({"prompt": "check", **self.request_defaults}))  # fits the model
             self.limits = self.limits.for_model([s.steps for s in defaults], self.pipeline.image_size,
                                                 self.max_batch)
+            caching = served_caching(self.pipeline, self.request_defaults)  # the defaults fit the model, too
             if self.warmup:
-                self.warmup_seconds = warm_up(self.pipeline, self.max_batch)
+                self.warmup_seconds = warm_up(self.pipeline, self.max_batch, caching)
                 parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.warmup_seconds.items())
                 print(f"warm-up: {sum(self.warmup_seconds.values()):.1f} s ({parts})", file=sys.stderr, flush=True)
             self.scheduler = BatchingScheduler(self.pipeline, self.max_batch, self.max_queue, self.policy)
@@ -343,6 +343,13 @@ def _metrics(service: Service):
 
 
 SPEED_FIELDS = ("preset", "cache")  # what a service's request_defaults may set
+
+
+def served_caching(pipeline, request_defaults: dict) -> list:
+    """The feature caching a service's requests can run, as per-stage settings for its warm-up: every preset's
+    and its request_defaults' (InvalidRequestError where those do not fit the model)."""
+    defaults = pipeline.settings(request_from_api({"prompt": "check", **request_defaults}))
+    return [[stage.presets[name] for stage in pipeline.stages] for name in pipeline.presets] + [defaults]
 
 
 def with_defaults(body, defaults: dict):

@@ -21,7 +21,7 @@ import time
 
 from engine.errors import EngineError, InvalidRequestError
 from engine.loading import load
-from engine.serve.http import create_app
+from engine.serve.http import create_app, served_caching
 from engine.serve.metrics import BATCH_BUCKETS, SECONDS_BUCKETS
 from engine.options import DEFAULT_MAX_BATCH
 from engine.serve.defaults import DEFAULT_MAX_QUEUE
@@ -85,7 +85,8 @@ def replica_app(load_kwargs: dict, model: list[str], app_kwargs: dict):
 
 
     pipeline = load(*model, **load_kwargs)
-    warm_up(pipeline, app_kwargs.get("max_batch", DEFAULT_MAX_BATCH))  # every row bucket, before Ray routes to it
+    caching = served_caching(pipeline, app_kwargs.get("request_defaults") or {})
+    warm_up(pipeline, app_kwargs.get("max_batch", DEFAULT_MAX_BATCH), caching)  # every row bucket, before Ray routes
     context = serve.get_replica_context()
     app = create_app(pipeline, warmup=False, readiness=DeploymentReadiness(context.app_name), **app_kwargs)
     app.state.service.metrics.sinks.append(RayMetrics())

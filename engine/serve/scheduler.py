@@ -313,12 +313,13 @@ class BatchingScheduler:
             self.on_finish(job, status)
 
 
-def warm_up(pipeline: Pipeline, max_batch: int) -> dict[str, float]:
+def warm_up(pipeline: Pipeline, max_batch: int, caching=None) -> dict[str, float]:
     """The one warm-up of a deployment (a service start, a Ray replica, `engine.batch`), before it takes work:
     one short generation (the text encoders and each stage once), and where the U-Nets are static (the fast
     path) the executor's buffers of every row bucket the scheduler can call, 1 .. 2 x max_batch rows (each
-    image twice under guidance): compiled, and on CUDA captured. Returns seconds per part."""
-    return pipeline.warmup(images=(1,), scheduler_rows=range(1, 2 * max_batch + 1), steps=1)
+    image twice under guidance), for each step kind feature caching in `caching` runs (Pipeline.warmup; None:
+    the presets'): compiled, and on CUDA captured. Returns seconds per part."""
+    return pipeline.warmup(images=(1,), scheduler_rows=range(1, 2 * max_batch + 1), caching=caching, steps=1)
 
 
 def _settle(future: Future, result=None, exception: Exception | None = None) -> None:
