@@ -11,12 +11,13 @@
 #              and, if that call ran out of time, again from the first part it did not finish:
 #              run(command="bash bench/gpu_campaign.sh NAME", ...) (parts.txt says which)
 #
-# Parts and their boxes, seconds (1070 at most: two calls): GPU tests (the scheduler's graph replay among them)
+# Parts and their boxes, seconds (1200 at most: two calls, a third from the part it stopped at): GPU tests (the scheduler's graph replay among them)
 # 60; the fast path's GPU tests 70; native library check 20; IF-I-XL U-Net step, eager / compile / ours 100;
 # IF-II-L the same 100; the whole real-size cascade with T5-XXL, writing its random weights 90 and timing it 150;
 # the packaged model's presets (turbo: feature caching) against the defaults on that cascade 60; T5-XXL 40; the packaged cascade 40; batch jobs with and without the fast path 45; the server the same, at one
 # offered load, 55 (where the carried wheels give FastAPI and uvicorn); offload memory against the plan 60; ONNX
-# Runtime's CUDA provider 40 (where its wheel is installed); the quality gate in float16 and bfloat16, 30 each.
+# Runtime's CUDA provider 40 (where its wheel is installed); the quality gate in float16 and bfloat16, 30 each;
+# the attention kernel against SDPA 40, and attention="auto"'s choice on the real-size U-Nets 90.
 # TensorRT is its own pair of calls (bench/gpu_tensorrt.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,4 +82,8 @@ for dtype in float16 bfloat16; do
     part "gate_$dtype" 30 python3 -m engine eval --device cuda --dtype "$dtype" --count 64 --quiet \
         --json "$OUT/eval_shapes_$dtype.json"
 done
+# The attention kernel against SDPA per shape, and attention="auto"'s choice per real-size U-Net (timed at load).
+part attention 40 python3 bench/attention.py --json "$OUT/attention.json"
+part attention_auto 90 python3 -c "import logging, engine; logging.basicConfig(level=logging.INFO); \
+engine.load('/tmp/if-real', device='cuda', attention='auto')"
 cat "$OUT/parts.txt"

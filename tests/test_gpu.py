@@ -59,6 +59,21 @@ def _fast_cuda(cascade_dir):
     return pipe
 
 
+def test_auto_attention_picks_one_per_unet_and_tracks_cpu_float32(cascade_dir, engine_pipe):
+    """attention="auto": each U-Net timed with SDPA and the kernel at load, the faster kept; images as float16."""
+    pytest.importorskip("triton")
+    from engine.backends.attention import AddedKVProcessor
+
+    gpu = engine.load(cascade_dir, device="cuda", dtype="float16", attention="auto")
+    for stage in gpu.stages:
+        ours = any(isinstance(m.processor, AddedKVProcessor) for m in stage.unet.model.modules()
+                   if hasattr(m, "processor"))
+        assert stage.unet.attention == ("triton" if ours else "sdpa")
+    options = dict(seed=0, steps=(4, 3), guidance=(7.0, 4.0), output_type="np")
+    ours = gpu.generate("a red circle", **options)
+    assert np.abs(ours - engine_pipe.generate("a red circle", **options)).max() < HALF_BOUND["float16"]
+
+
 def test_fast_path_capture_and_replay_give_the_eager_images(cascade_dir):
     """CUDA graphs per step kind, replayed: the eager loop's images (same precision) within rounding."""
     fast = _fast_cuda(cascade_dir)

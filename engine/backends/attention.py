@@ -17,7 +17,8 @@ import torch
 
 from engine.errors import InvalidRequestError
 
-ATTENTION_CHOICES = ("sdpa", "triton")
+ATTENTION_CHOICES = ("sdpa", "triton", "auto")  # auto: each U-Net takes whichever is faster on it (`by_timing`)
+TIMED_CALLS = 3  # per processor, after a warm call (Triton compiles there), when attention="auto" times them
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -155,11 +156,50 @@ def added_kv_modules(model) -> dict[str, torch.nn.Module]:
 
 
 def resolve_attention(attention: str | None, device: torch.device) -> str:
-    """The attention a load asked for, checked; None: triton on CUDA where Triton is installed, else sdpa."""
+    """The attention a load asked for, checked; None: triton on CUDA where Triton is installed, else sdpa.
+    "auto" stays "auto" on CUDA with Triton (each U-Net is timed with both when it loads, `by_timing`); elsewhere
+    it is sdpa, the only one that runs compiled there (Triton reads CPU tensors only in its interpreter)."""
     if attention is None:
         return "triton" if device.type == "cuda" and triton_available() else "sdpa"
     if attention not in ATTENTION_CHOICES:
         raise InvalidRequestError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
     if attention == "triton" and not triton_available():
         raise InvalidRequestError("attention='triton' needs Triton: pip install 'cascade-engine[triton]'")
+    if attention == "auto" and not (device.type == "cuda" and triton_available()):
+        return "sdpa"
     return attention
+
+
+def by_timing(model, call, device: torch.device, calls: int = TIMED_CALLS) -> tuple[str, dict[str, float]]:
+    """attention="auto" for one model: "sdpa" or "triton", whichever runs `call()` (one forward of `model` at
+    its size) faster, and the median seconds of each. Each is installed in turn, warmed by one call, then timed
+    `calls` times; the model keeps the winner's processors (diffusers' own for sdpa)."""
+    import statistics
+    import time
+
+    original = dict(model.attn_processors)  # diffusers' processors, by module name
+    seconds = {}
+    for choice in ("sdpa", "triton"):
+        if choice == "sdpa":
+            model.set_attn_processor(dict(original))  # a copy: diffusers pops from the mapping it is given
+        else:
+            install(model, "triton")
+        times = []
+        with torch.inference_mode():
+            for k in range(calls + 1):
+                _sync(device)
+                start = time.perf_counter()
+                call()
+                _sync(device)
+                if k:  # the first call warms (and compiles), untimed
+                    times.append(time.perf_counter() - start)
+        seconds[choice] = statistics.median(times)
+    best = min(seconds, key=seconds.get)
+    if best == "sdpa":
+        model.set_attn_processor(dict(original))
+    return best, seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -3,12 +3,30 @@ read from a stage's directory, behind the runtime's component calls (backends/pr
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from engine.backends.attention import install
+from engine.backends.attention import TIMED_CALLS, by_timing, install
 from engine.errors import ModelError
 from engine.backends.fast_unet import FastUNet
-from engine.model_dir import downsampling, load_tokenizer, model_config, text_config, weights_variant
+from engine.model_dir import downsampling, load_tokenizer, model_config, text_config, text_width, weights_variant
+
+log = logging.getLogger(__name__)
+
+
+def example_call(model, device: torch.device):
+    """One forward of a diffusers U-Net at its own sample size, 2 rows (one guided image), random inputs: what
+    attention="auto" times (attention.by_timing)."""
+    config = model.config
+    dtype = model.dtype
+    size = config.sample_size
+    sample = torch.randn(2, config.in_channels, size, size, device=device, dtype=dtype)
+    timestep = torch.full((2,), 500, device=device)
+    text = torch.randn(2, 77, text_width(config), device=device, dtype=dtype)
+    sr = config.class_embed_type is not None or config.num_class_embeds is not None
+    labels = torch.full((2,), 100, device=device) if sr else None
+    return lambda: model(sample, timestep, encoder_hidden_states=text, class_labels=labels, return_dict=False)
 
 
 def text_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,8 +74,15 @@ class TorchComponents:
     def unet(self, stage):
         from diffusers import UNet2DConditionModel
 
-        model = self._diffusers(UNet2DConditionModel, stage.directory / "unet", "U-Net", self.dtype)
-        unet = TorchUNet(model.to(self.home), self.attention, self.device)
+        model = self._diffusers(UNet2DConditionModel, stage.directory / "unet", "U-Net", self.dtype).to(self.home)
+        attention = self.attention
+        if attention == "auto" and self.home != self.device:  # offloaded: not on the GPU to be timed there
+            attention = "triton"
+        if attention == "auto":  # timed here, on the device it runs on
+            attention, seconds = by_timing(model, example_call(model, self.device), self.device)
+            log.info("%s: attention=%s (median of %d calls: %s)", stage.name, attention, TIMED_CALLS,
+                     ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items()))
+        unet = TorchUNet(model, attention, self.device)
         return FastUNet(unet, stage.directory / "unet") if self.fast else unet
 
     def vae_decoder(self, stage):
@@ -67,7 +92,8 @@ class TorchComponents:
         # The VAE overflows in float16: diffusers decodes in float32 when the config says force_upcast (default).
         upcast = self.dtype == torch.float16 and model_config(folder, "AutoencoderKL", "VAE config")["force_upcast"]
         vae = self._diffusers(AutoencoderKL, folder, "vae", torch.float32 if upcast else self.dtype)
-        return TorchVAEDecoder(vae.to(self.home), self.attention)
+        # under "auto", the VAE (the x4 upscaler's) takes CUDA's default, Triton: only the U-Nets are timed
+        return TorchVAEDecoder(vae.to(self.home), "triton" if self.attention == "auto" else self.attention)
 
     def _diffusers(self, cls, folder, what: str, dtype: torch.dtype):
         # The variant follows the stage's dtype, also for an upcast VAE, as diffusers' variant= does.
