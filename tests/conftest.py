@@ -87,6 +87,18 @@ def reference(cascade_dir):
     return reference_cascade(cascade_dir)
 
 
+def scheduled(pipe, requests, **options) -> list:
+    """Each request's images through one step-level scheduler (BatchingScheduler(pipe, **options)), all submitted
+    at once and stepped by hand to the end: their U-Net calls shared as the scheduler batches them."""
+    from engine.serve import BatchingScheduler
+
+    scheduler = BatchingScheduler(pipe, **options)
+    futures = [scheduler.submit(request) for request in requests]
+    while scheduler.step():
+        pass
+    return [future.result(timeout=0).images for future in futures]
+
+
 def diffusers_cascade(reference, prompts, seed, steps, guidance, n=1, negative=None, noise_level=250,
                       scheduler_cls=None):
     """The reference cascade's np images (B, H, W, 3), optionally with another scheduler class."""

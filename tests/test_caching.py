@@ -10,7 +10,7 @@ import engine
 from engine import GenerateRequest
 from engine.errors import InvalidRequestError
 from engine.options import Caching, caching
-from engine.serve import BatchingScheduler
+from tests.conftest import scheduled
 
 STEPS = (6, 5)
 
@@ -70,12 +70,8 @@ def test_the_scheduler_keeps_each_requests_cache_whatever_its_batch_mates(engine
                 GenerateRequest("a red circle", seed=4, steps=(4, 3), cache=2, num_images_per_prompt=2,
                                 output_type="np")]
     expected = [engine_pipe.run(request).images for request in requests]
-    scheduler = BatchingScheduler(engine_pipe, max_batch=8)
-    futures = [scheduler.submit(request) for request in requests]
-    while scheduler.step():
-        pass
-    for future, want in zip(futures, expected):
-        assert np.abs(future.result(timeout=0).images - want).max() <= 1e-5
+    for images, want in zip(scheduled(engine_pipe, requests, max_batch=8), expected):
+        assert np.abs(images - want).max() <= 1e-5
 
 
 def test_a_preset_carries_its_cache(engine_pipe):
@@ -142,12 +138,8 @@ def test_the_fast_path_caches_as_the_eager_path_does(fast_pipe, engine_pipe):
     for request in CACHED:
         want = engine_pipe.run(request).images
         assert np.abs(fast_pipe.run(request).images - want).max() <= 1e-4
-    scheduler = BatchingScheduler(fast_pipe, max_batch=8)
-    futures = [scheduler.submit(request) for request in CACHED]
-    while scheduler.step():
-        pass
-    for future, request in zip(futures, CACHED):
-        assert np.abs(future.result(timeout=0).images - engine_pipe.run(request).images).max() <= 1e-4
+    for images, request in zip(scheduled(fast_pipe, CACHED, max_batch=8), CACHED):
+        assert np.abs(images - engine_pipe.run(request).images).max() <= 1e-4
     kinds = {key[-1] for stage in fast_pipe.stages for key in stage.executor.buffers}
     assert {("unet", 0), ("full", 1), ("shallow", 1)} <= kinds
 

@@ -14,8 +14,8 @@ import engine
 from engine import GenerateRequest
 from engine.errors import InvalidRequestError
 from engine.images import edit_input
-from engine.serve import BatchingScheduler
 from engine.testing.reference import reference_edit, run_reference_edit, swap_scheduler
+from tests.conftest import scheduled
 
 PROMPT = "a red circle"
 STEPS = (10, 8)
@@ -144,12 +144,9 @@ def test_the_fast_path_and_the_scheduler_agree_with_the_eager_runtime(cascade_di
     eager = [engine_pipe.run(request).images for request in requests]
     for request, expected in zip(requests, eager):
         assert np.abs(fast.run(request).images - expected).max() <= 1e-4  # channels_last rounding (test_fast.py)
-    scheduler = BatchingScheduler(engine_pipe)  # every request at once: edits and text-to-image share U-Net calls
-    futures = [scheduler.submit(request) for request in requests]
-    while scheduler.step():
-        pass
-    for future, expected in zip(futures, eager):
-        assert np.abs(future.result(timeout=0).images - expected).max() <= 1e-5
+    # every request at once: edits and text-to-image share U-Net calls
+    for images, expected in zip(scheduled(engine_pipe, requests), eager):
+        assert np.abs(images - expected).max() <= 1e-5
 
 
 def test_onnxruntime_agrees_and_refuses_what_its_export_cannot_take(cascade_dir, engine_pipe, tmp_path):

@@ -16,7 +16,7 @@ from engine.errors import InvalidRequestError
 from engine.model_dir import read_stages, stage_dirs
 from engine.bench.real_size import real_size_parts
 from engine.plan import LiveBytes, memory_plan, parse_memory, parts_of
-from engine.serve import BatchingScheduler
+from tests.conftest import scheduled
 
 STEPS = (3, 2, 2)
 PHASES = ["text_encoder", "stage_III.text_encoder", "stage_I.unet", "stage_II.unet", "stage_III.unet",
@@ -57,12 +57,8 @@ def test_model_offload_puts_one_model_on_at_a_time_in_cascade_order(offloaded, t
 
 def test_the_scheduler_offloads_as_its_steps_alternate_between_stages(offloaded, three_stage_pipe):
     requests = [GenerateRequest("a red circle", seed=seed, steps=STEPS, output_type="np") for seed in (1, 2)]
-    scheduler = BatchingScheduler(offloaded, max_batch=2)
-    futures = [scheduler.submit(request) for request in requests]
-    while scheduler.step():
-        pass
-    for future, request in zip(futures, requests):
-        assert np.abs(future.result(timeout=0).images - three_stage_pipe.run(request).images).max() <= 1e-5
+    for images, request in zip(scheduled(offloaded, requests, max_batch=2), requests):
+        assert np.abs(images - three_stage_pipe.run(request).images).max() <= 1e-5
     assert len(offloaded.offloader.resident) == 1
 
 
