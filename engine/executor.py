@@ -219,10 +219,14 @@ class StageExecutor:
         buffers = self._buffers(total, tuple(first.x.shape[1:]), embeddings, labels, first.step_kind)
         buffers.write(runs, members)
         buffers.call()
-        if buffers.kind[0] == "full":  # each run keeps its rows (the buffers serve the next call)
+        if buffers.kind[0] == "full":  # each run keeps a copy of its rows (the buffers serve the next call)
             row = 0
             for run in runs:
-                run.kept = buffers.kept[row:row + run.rows].clone()
+                part = buffers.kept[row:row + run.rows]
+                if run.kept is not None and run.kept.shape == part.shape:
+                    run.kept.copy_(part)  # into the run's own copy: no allocation per full step
+                else:
+                    run.kept = part.clone()
                 row += run.rows
         return buffers.out[:total]
 
