@@ -24,6 +24,43 @@ def _inputs(engine_pipe, stage, seed: int = 0):
     return sample, torch.tensor([700, 300]), text, labels
 
 
+# -- the stream ONNX Runtime and TensorRT run on ----------------------------------------------------------------
+
+DEFAULT, OWN, CALLERS, OTHER = 0, 0x7F01, 0x7F02, 0x7F03  # stream handles: 0 is the default stream
+
+
+@pytest.mark.parametrize("current, fixed, expected", [
+    (DEFAULT, None, (OWN, True)),  # torch on the default stream: ours, ordered with it on both sides
+    (CALLERS, None, (CALLERS, False)),  # a caller's stream: run on it, in order by construction
+    (DEFAULT, OWN, (OWN, True)),  # an ORT session made on the default stream, run there too
+    (CALLERS, OWN, (OWN, True)),  # ... and run under a caller's stream later: its stream is fixed, so ordered
+    (CALLERS, CALLERS, (CALLERS, False)),  # a session made under a caller's stream, run under it
+    (OTHER, CALLERS, (CALLERS, True)),  # ... and run under another one
+    (DEFAULT, CALLERS, (CALLERS, True)),
+])
+def test_a_run_never_goes_on_the_default_stream_and_is_ordered_where_streams_differ(current, fixed, expected):
+    from engine.backends.streams import compute_stream
+
+    assert compute_stream(current, OWN, fixed) == expected
+    assert compute_stream(current, OWN, fixed)[0] != DEFAULT
+
+
+def test_the_own_stream_and_an_ort_sessions_stream_are_never_the_default_one():
+    from engine.backends.onnxruntime_backend import provider_options
+    from engine.backends.streams import compute_stream
+
+    with pytest.raises(ValueError, match="non-default"):
+        compute_stream(DEFAULT, DEFAULT)
+    cuda = torch.device("cuda", 1)
+    assert provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"], cuda, OWN) == [
+        ("CUDAExecutionProvider", {"device_id": "1", "has_user_compute_stream": "1", "user_compute_stream": str(OWN)}),
+        "CPUExecutionProvider"]
+    for stream in (DEFAULT, None):  # 0 reads as "no stream" to ORT: refused, not passed on
+        with pytest.raises(ValueError, match="non-default stream"):
+            provider_options(["CUDAExecutionProvider"], cuda, stream)
+    assert provider_options(["CPUExecutionProvider"], torch.device("cpu")) == ["CPUExecutionProvider"]
+
+
 # -- the full call traced whole ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("index", [0, 1])  # the base U-Net, and the super-resolution one (class labels)

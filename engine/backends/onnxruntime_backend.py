@@ -3,7 +3,8 @@
 The runtime around it (prompt handling, samplers, guidance, noise) is the torch code every backend shares;
 only the text encoders, the U-Nets and the x4 upscaler's VAE decoder run as ONNX Runtime sessions (behind the
 calls of exported.py). Tensors cross by pointer with IO binding
-(no numpy copies): inputs are bound from torch tensors, outputs are written into preallocated torch tensors.
+(no numpy copies): inputs are bound from torch tensors, outputs are written into preallocated torch tensors. On
+CUDA each session runs on a stream ordered with torch's by stream waits (streams.py: never the default stream).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.backends.exported import ExportedComponents, output_buffer, prepare_inputs
+from engine.backends.streams import RunStream
 from engine.errors import EngineError, InvalidRequestError, ModelError
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # the first one available is used
@@ -106,13 +108,15 @@ def resolve_providers(providers, available: list[str] | None = None, cuda: bool 
     return providers
 
 
-def provider_options(providers: list[str], device: torch.device) -> list:
-    """Each provider as a session takes it: CUDA's on torch's device and its current stream, so that ORT's
-    kernels and torch's ops (the sampler between U-Net calls) run in order on one stream with no sync between."""
+def provider_options(providers: list[str], device: torch.device, stream: int | None = None) -> list:
+    """Each provider as a session takes it: CUDA's on torch's device and on `stream`, the handle of the
+    component's stream (streams.RunStream; never the default stream's 0, which ORT reads as none given), so
+    ORT's kernels and torch's ops (the sampler between U-Net calls) are ordered by stream waits, no host sync."""
     chosen = []
     for provider in providers:
         if provider == "CUDAExecutionProvider" and device.type == "cuda":
-            stream = torch.cuda.current_stream(device).cuda_stream
+            if not stream:
+                raise ValueError(f"CUDAExecutionProvider needs a non-default stream's handle, got {stream!r}")
             chosen.append((provider, {"device_id": str(device.index or 0), "has_user_compute_stream": "1",
                                       "user_compute_stream": str(stream)}))
         else:
@@ -135,9 +139,11 @@ class OrtComponent:
 
     def __init__(self, path: Path, description: dict, providers: list[str], options, device: torch.device):
         _, ort = require_onnx()
+        # On CUDA the session's stream is fixed now; each run is ordered with torch's stream then (streams.py)
+        self.stream = RunStream(device, fix=True) if device.type == "cuda" else None
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options,
-                                                providers=provider_options(providers, device))
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=provider_options(
+                providers, device, None if self.stream is None else self.stream.handle))
         except Exception as exc:  # ORT raises its own types for unreadable or invalid graphs
             raise ModelError(path, f"ONNX Runtime cannot load this graph: {exc}") from exc
         check_session_providers(path, providers, self.session.get_providers())
@@ -158,7 +164,8 @@ class OrtComponent:
         for name, out in zip(self.outputs, outputs):
             binding.bind_output(name, self.device.type, self.device.index or 0, _numpy_dtype(out.dtype),
                                 tuple(out.shape), out.data_ptr())
-        self.session.run_with_iobinding(binding)
+        with contextlib.nullcontext() if self.stream is None else self.stream.ordered():
+            self.session.run_with_iobinding(binding)
         return outputs
 
 

@@ -3,8 +3,9 @@
 Everything around the engines (prompt handling, samplers, guidance, noise, seeds) is the torch code every
 backend shares; the text encoders, U-Nets and VAE decoder run as engines behind the calls of exported.py.
 Tensors are bound by pointer (torch CUDA tensors in, a preallocated torch tensor out: no copies) and each
-engine runs with execute_async_v3 on torch's current stream, so it orders with the sampler's torch ops without
-a synchronisation. TensorRT for RTX captures each engine's launches as a CUDA graph itself (its runtime
+engine runs with execute_async_v3 on torch's current stream, or where that is the default stream on one of its
+own ordered with it by stream waits (streams.py), so it orders with the sampler's torch ops without a host
+synchronisation. TensorRT for RTX captures each engine's launches as a CUDA graph itself (its runtime
 config's WHOLE_GRAPH_CAPTURE) and keeps the kernels it compiles at first run in a runtime cache, saved beside
 the engines in .runtime-cache/ (hidden files are outside the manifest's hashes) where the directory is writable.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from engine.backends.exported import ExportedComponents, output_buffer, prepare_inputs
+from engine.backends.streams import RunStream
 from engine.backends.tensorrt_api import FLAVOURS, INSTALL, require_tensorrt
 from engine.errors import EngineError, ModelError
 
@@ -37,7 +39,7 @@ def gpu_target(device: torch.device) -> str:
 
 class TrtComponent:
     """One engine; call(**named torch tensors) -> torch tensor of its first output (`run`: every output, in the
-    contract's order), on torch's current stream."""
+    contract's order), ordered with torch's current stream."""
 
     def __init__(self, api, runtime, logger, path: Path, name: str, description: dict, device: torch.device,
                  cache_file: Path):
@@ -54,6 +56,7 @@ class TrtComponent:
         self.outputs = description["outputs"]
         self.max_rows = description["profile"][next(iter(self.inputs))]["max"][0]
         self.device = device
+        self.stream = RunStream(device, fix=False)
         self._cache_saved = False
 
     def __call__(self, **tensors: torch.Tensor) -> torch.Tensor:
@@ -70,7 +73,9 @@ class TrtComponent:
         outputs = tuple(output_buffer(spec, sizes, self.device) for spec in self.outputs.values())
         for name, out in zip(self.outputs, outputs):
             self.context.set_tensor_address(name, out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        with self.stream.ordered() as stream:  # torch's current stream, or ours ordered with it (streams.py)
+            ran = self.context.execute_async_v3(stream)
+        if not ran:
             raise EngineError(f"TensorRT failed to run {self.name} at shapes "
                               f"{ {n: tuple(t.shape) for n, t in inputs.items()} }")
         if not self._cache_saved:
