@@ -10,12 +10,22 @@ buffers: that is the executor's.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from engine.backends.compiled import CompiledCall, signature
 from engine.backends.text_constants import TextConstants
 from engine.exported.manifest import source_hash
+
+
+# "0": the fast path's U-Net calls run uncompiled (static buffers, text constants and, on CUDA, graphs stay): what
+# a rehearsal of the GPU campaign on a CPU sets (bench/campaign.py), where a compiled shape costs a minute.
+COMPILE_ENV = "CASCADE_FAST_COMPILE"
+
+
+def compile_by_default() -> bool:
+    return os.environ.get(COMPILE_ENV, "1") != "0"
 
 
 def resolve_fast(fast: bool | None, device: torch.device) -> bool:
@@ -48,7 +58,9 @@ class FastUNet:
 
     static = True  # compiled per shape: the executor calls it on static buffers (and captures it on CUDA)
 
-    def __init__(self, unet, directory, compile: bool = True):
+    def __init__(self, unet, directory, compile: bool | None = None, source: str | None = None):
+        """directory: its weights' folder, whose files key the compiled cache; or `source`, that key itself
+        (weights made in memory, not read from files). compile None: compile_by_default()."""
         model = unet.model.to(memory_format=torch.channels_last)
         self.model = model
         self.attention = unet.attention
@@ -58,7 +70,9 @@ class FastUNet:
         self.eager = unet  # its full and shallow calls (feature caching) and their kept shapes
         self.constants = TextConstants(model, unet.attention)
         self.directory = directory  # its weights and config: the compiled cache's key holds their hash
-        self.compile = compile
+        if source is not None:
+            self.source = source  # over the cached property
+        self.compile = compile_by_default() if compile is None else compile
         self._calls = {("unet", 0): _Call(unet, self.constants)}  # per call kind and caching depth
         self._compiled: dict[tuple, CompiledCall] = {}  # per call and shape; each says what making it cost (.seconds)
 

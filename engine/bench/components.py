@@ -1,16 +1,18 @@
 """What one timed call is: a component's inputs, and its three variants side by side.
 
     eager    the plain diffusers / transformers module (diffusers' default SDPA attention processors)
-    compile  the same module under torch.compile (COMPILE_MODES), sharing its weights
-    ours     the engine's fast path (backends/fast_unet.py: text constants made once per request, compiled, channels_last)
-             as the pipeline runs it, with "ours, eager runtime" beside it: TorchUNet (our attention processors,
-             Triton on CUDA, channels_last on CUDA) around its own copy of the weights
+    compile  the same module under torch.compile (the bench's compile mode, COMPILE_MODES), sharing its weights
+    ours     the engine's fast path (backends/fast_unet.py: text constants made once per request, compiled,
+             channels_last) as the pipeline runs it, each call replayed from a CUDA graph on a GPU (`graphed`), with
+             "ours, eager runtime" beside it: TorchUNet (our attention processors, Triton on CUDA, channels_last on
+             CUDA) around its own copy of the weights; off the fast path, that TorchUNet alone
 
 All three get the same inputs, built once. A U-Net step runs at the classifier-free-guidance batch (2 x images).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -25,10 +27,10 @@ VARIANTS = ("eager", "compile", "ours")
 # "onnxruntime": our Pipeline on the cached ONNX export of the same cascade, a row added where one exists.
 LABELS = {"eager": "{library} eager", "compile": "{library}+compile", "ours": "ours", "onnxruntime": "ours, ONNX Runtime",
           "ours_eager": "ours, eager runtime"}
-# torch.compile's mode per device: max-autotune on a GPU (the issue's comparison); on CPU it only adds C++ GEMM
-# template tuning that takes minutes on a small machine, so the default mode (and compile is off by default
-# on CPU anyway: DEFAULT_COMPARE).
-COMPILE_MODES = {"cuda": "max-autotune", "cpu": "default"}
+# torch.compile's modes for the "compile" peer. "default" unless asked: max-autotune benchmarks GEMM and conv
+# templates per shape, minutes per real-size U-Net (bench/RESULTS.md), more than a device call's time box holds;
+# it stays available (--compile-mode) for a call of its own.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_COMPARE = {"cuda": ("eager", "compile", "ours"), "cpu": ("eager", "ours")}
 TIMESTEP = 500  # mid-schedule; a U-Net's cost does not depend on it
 NOISE_LEVEL = 250  # class label of the super-resolution U-Nets (IF-II's default; the x4's is 20, same cost)
@@ -68,36 +70,70 @@ def ours_unet_call(model, inputs, device: torch.device) -> Callable[[], torch.Te
     return call
 
 
-def compiled(fn, device: torch.device):
-    """torch.compile of a module or function in the device's mode; it compiles on its first call."""
-    return torch.compile(fn, mode=COMPILE_MODES[device.type])
+# "eager": torch.compile traces (dynamo, with its graph breaks and guards) but generates no code: what the GPU
+# campaign's rehearsal on a CPU sets (bench/campaign.py), where inductor's C++ takes minutes per U-Net.
+COMPILE_BACKEND_ENV = "CASCADE_BENCH_COMPILE_BACKEND"
 
 
-def fresh_copy(model):
-    """A plain diffusers model with `model`'s weights and config: diffusers' default attention processors and
-    contiguous weights, whatever the engine did to `model`. Built on meta, allocated empty, weights copied."""
+def compiled(fn, mode: str = "default"):
+    """torch.compile of a module or function in `mode` (COMPILE_MODES); it compiles on its first call."""
+    backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+    if backend != "inductor":
+        return torch.compile(fn, backend=backend)  # modes are inductor's
+    return torch.compile(fn, mode=mode)
+
+
+def graphed(call: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+    """`call` as the fast path runs it: on CUDA captured once in a CUDA graph (after warm-up calls on a side
+    stream, as the executor captures) and replayed, returning the output it wrote; elsewhere `call` itself.
+    `call` must read static tensors (the inputs built once)."""
+    if device.type != "cuda":
+        return call
+    from engine.executor import _capture
+
+    captured = {}  # the graph and the output it writes in place, made at the first call (timed as the first call:
+    # compiling, warm-up and capture, as a pipeline's first request pays them)
+
+    def replay():
+        if not captured:
+            out = []
+            captured["graph"] = _capture(device, lambda: out.append(call()))
+            captured["out"] = out[-1]
+        captured["graph"].replay()
+        return captured["out"]
+    return replay
+
+
+def fresh_copy(model, dtype: torch.dtype | None = None):
+    """A plain diffusers (or transformers) model with `model`'s weights and config, in `dtype` (default: its
+    own): diffusers' default attention processors and contiguous weights, whatever the engine did to `model`.
+    Built on meta, allocated empty, weights copied."""
     with torch.device("meta"):
-        plain = type(model).from_config(model.config)
-    plain = torch.nn.Module.to(plain, model.dtype).to_empty(device=model.device)
+        plain = type(model).from_config(model.config) if hasattr(type(model), "from_config") else type(model)(model.config)
+    plain = torch.nn.Module.to(plain, dtype or model.dtype).to_empty(device=model.device)
     plain.load_state_dict(model.state_dict())
     return plain.eval().requires_grad_(False)
 
 
-def unet_variants(model, inputs, device: torch.device, compare, ours=None) -> dict[str, Callable[[], object]]:
-    """eager / compile on `model` (a plain diffusers U-Net), ours on `ours` (a TorchUNet; default: one built
-    on a copy of `model`). The eager call is always first: it also serves to count FLOPs."""
+def unet_variants(model, inputs, device: torch.device, compare, ours=None,
+                  compile_mode: str = "default") -> dict[str, Callable[[], object]]:
+    """eager / compile on `model` (a plain diffusers U-Net), ours on `ours` (a TorchUNet or the fast path's
+    FastUNet; default: a TorchUNet built on a copy of `model`). The eager call is always first: it also serves
+    to count FLOPs."""
     eager = unet_call(model, inputs)
     calls = {"eager": eager}
     if "compile" in compare:
-        calls["compile"] = unet_call(compiled(model, device), inputs)
+        calls["compile"] = unet_call(compiled(model, compile_mode), inputs)
     if "ours" in compare:
         if ours is None:
             calls["ours"] = ours_unet_call(model, inputs, device)
         elif getattr(ours, "static", False):  # the fast path: the text constants made once, as once per request
             values = ours.text_constants(inputs["encoder_hidden_states"])
-            timestep = inputs["timestep"].expand(len(inputs["sample"]))  # (rows,), as the pipeline calls it
-            calls["ours"] = lambda: ours(inputs["sample"], timestep, inputs["encoder_hidden_states"],
-                                         inputs["class_labels"], values)
+            # (rows,) contiguous and the sample channels_last, as the executor's buffers hold them
+            timestep = inputs["timestep"].expand(len(inputs["sample"])).contiguous()
+            sample = inputs["sample"].contiguous(memory_format=torch.channels_last)
+            calls["ours"] = graphed(lambda: ours(sample, timestep, inputs["encoder_hidden_states"],
+                                                 inputs["class_labels"], values), device)
             calls["ours_eager"] = ours_unet_call(model, inputs, device)  # the eager runtime, its own row
         else:
             calls["ours"] = lambda: ours(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
@@ -106,12 +142,12 @@ def unet_variants(model, inputs, device: torch.device, compare, ours=None) -> di
 
 
 def module_variants(call_with: Callable[[object], object], model, device: torch.device,
-                    compare) -> dict[str, Callable[[], object]]:
+                    compare, compile_mode: str = "default") -> dict[str, Callable[[], object]]:
     """Eager and compiled variants of a component the engine runs unchanged (the text encoders): there is no
     "ours" to compare, so it is left out (the table says so)."""
     calls = {"eager": lambda: call_with(model)}
     if "compile" in compare:  # the whole call compiled (torch.compile(vae) would compile forward, not decode)
-        calls["compile"] = compiled(lambda: call_with(model), device)
+        calls["compile"] = compiled(lambda: call_with(model), compile_mode)
     return calls
 
 
@@ -122,16 +158,25 @@ def token_inputs(vocab_size: int, batch: int, device: torch.device, seed: int = 
 
 
 def part_calls(part, model, config: dict, batch: int, size: int | None, device: torch.device,
-               dtype: torch.dtype, compare) -> tuple[dict[str, Callable[[], object]], int]:
+               dtype: torch.dtype, compare, compile_mode: str = "default",
+               fast: bool = False, source: str = "") -> tuple[dict[str, Callable[[], object]], int]:
     """The calls of one real-size part ("eager" always first, whatever `compare` says: it counts FLOPs and
-    checks the output) and the tensor batch they run at."""
+    checks the output) and the tensor batch they run at. fast: a U-Net's "ours" is the fast path (a FastUNet
+    on a copy of `model`, its compiled packages keyed by `source`), as a loaded pipeline runs it."""
     if part.kind == "unet":
         inputs = unet_inputs(config, 2 * batch, size, device, dtype)  # 2 x images: batched CFG
-        return unet_variants(model, inputs, device, compare), 2 * batch
+        ours = None
+        if fast and "ours" in compare:
+            from engine.backends.fast_unet import FastUNet
+
+            ours = FastUNet(TorchUNet(fresh_copy(model), resolve_attention(None, device), device), None,
+                            source=source)
+        return unet_variants(model, inputs, device, compare, ours, compile_mode), 2 * batch
     if part.kind == "vae_decode":
         gen = torch.Generator("cpu").manual_seed(0)
         latents = torch.randn(batch, config["latent_channels"], size, size, generator=gen).to(device, dtype)
-        calls = module_variants(lambda m: m.decode(latents, return_dict=False)[0], model, device, compare)
+        calls = module_variants(lambda m: m.decode(latents, return_dict=False)[0], model, device, compare,
+                                compile_mode)
         if "ours" in compare:  # the engine's decoder (our attention kernel for the 512-wide mid-block head)
 
             decoder = TorchVAEDecoder(fresh_copy(model), resolve_attention(None, device))
@@ -141,5 +186,5 @@ def part_calls(part, model, config: dict, batch: int, size: int | None, device: 
     if part.kind in ("t5", "clip"):
         ids = token_inputs(config["vocab_size"], batch, device)
         mask = torch.ones_like(ids)
-        return module_variants(lambda m: m(ids, attention_mask=mask)[0], model, device, compare), batch
+        return module_variants(lambda m: m(ids, attention_mask=mask)[0], model, device, compare, compile_mode), batch
     raise ValueError(f"unknown part kind {part.kind!r}")

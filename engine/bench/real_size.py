@@ -5,6 +5,8 @@ then `to_empty` on the target device (one uninitialised allocation) and a random
     if-ii-l:random         IF-II-L U-Net (1.2B), 64 -> 256 px
     sd-x4-upscaler:random  the x4 upscaler's U-Net (473M), VAE (55M) and CLIP text encoder (340M), 256 -> 1024 px
     t5-xxl:random          T5-v1.1-XXL encoder (4.8B), 77 tokens
+    if-cascade:random      DeepFloyd's published cascade (T5-XXL, IF-I-XL, IF-II-L) as our Pipeline, its models
+                           made in device memory (`load_cascade`): timed whole, no weights written to disk
 
 The architectures are engine/configs/real_size.json (the published configs, with the parameter counts checked
 against them and the FLOPs per forward, which this module reads too). `NAME:tiny` builds the same architecture scaled down
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from engine.backends.torch_backend import text_dtype
+from engine.backends.torch_backend import TorchComponents, text_dtype
+from engine.model_dir import load_tokenizer, text_config
 from engine.options import STAGE_DEFAULTS
 from engine.plan import PlanPart
 from engine.schedules import NAMED_SCHEDULES
@@ -69,7 +72,8 @@ MODELS: dict[str, tuple[Part, ...]] = {
     "t5-xxl": (Part("T5-XXL encoder", "t5-v1_1-xxl/encoder", "t5", "T5-v1.1-XXL encoder", "T5-v1.1-XXL encoder",
                     flops_field="flops_77tok"),),
 }
-NAMES = tuple(f"{model}:{size}" for size in SIZES for model in MODELS)
+CASCADES = ("if-cascade",)  # whole cascades, timed through our Pipeline (load_cascade), not part by part
+NAMES = tuple(f"{model}:{size}" for size in SIZES for model in (*MODELS, *CASCADES))
 
 # The scaled-down architectures: same block types, embeddings, conditioning and outputs; a CPU runs them in
 # milliseconds. Applied on top of the real config.
@@ -101,6 +105,10 @@ def split_name(name: str) -> tuple[str, str]:
 
 def is_real_size_name(name: str) -> bool:
     return name in NAMES
+
+
+def is_cascade_name(name: str) -> bool:
+    return is_real_size_name(name) and split_name(name)[0] in CASCADES
 
 
 def parts(name: str) -> tuple[Part, ...]:
@@ -178,22 +186,27 @@ def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def build(part: Part, device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0):
     """The part with random weights on `device` in `dtype`: meta -> cast (free) -> to_empty -> random init."""
+    return materialize(on_meta(part, tiny), device, dtype, seed)
+
+
+def materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A module built on the meta device, made real on `device` in `dtype` with random weights (random_init_)."""
     # torch.nn.Module.to, not diffusers' override (it warns about keep-in-float32 modules these models lack).
-    module = torch.nn.Module.to(on_meta(part, tiny), dtype)
+    module = torch.nn.Module.to(module, dtype)
     module = module.to_empty(device=device)
     if hasattr(module, "tie_weights"):  # to_empty gives tied weights (T5's embeddings) a tensor each: tie again
         module.tie_weights()
     random_init_(module, seed)
-    _init_buffers(part, module)
+    _init_buffers(module)
     return module.eval().requires_grad_(False)
 
 
-def _init_buffers(part: Part, module: torch.nn.Module) -> None:
+def _init_buffers(module: torch.nn.Module) -> None:
     """to_empty leaves buffers uninitialised too; the only one these models have is CLIP's position ids."""
     for name, buffer in list(module.named_buffers()):
         owner, _, leaf = name.rpartition(".")
         if leaf != "position_ids":
-            raise ValueError(f"{part.name}: no rule to initialise buffer {name}")
+            raise ValueError(f"{type(module).__name__}: no rule to initialise buffer {name}")
         ids = torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer).clone()
         module.get_submodule(owner).register_buffer(leaf, ids, persistent=False)
 
@@ -219,22 +232,29 @@ def real_size_parts(dtype: torch.dtype, x4: bool = False) -> list[PlanPart]:
 
 
 def write_cascade(root: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float16,
-                  tiny: bool = False, seed: int = 0) -> Path:
+                  tiny: bool = False, seed: int = 0, weights: bool = True) -> Path:
     """DeepFloyd's published IF cascade (T5-XXL, IF-I-XL, IF-II-L) with random weights, written under `root` in
     DeepFloyd's layout (stage_I, stage_II, cascade.json) with the published scheduler configs, so that the whole
     cascade, ours and diffusers', can be timed at real size without the weights (`python -m engine bench --model
     ROOT`). The weights are made on `device` (fast on a GPU) in `dtype` and saved as safetensors (about 21 GB in
-    float16); tiny: the scaled-down architectures, for tests. Random weights make noise, not pictures."""
+    float16); tiny: the scaled-down architectures, for tests. Random weights make noise, not pictures.
+    weights=False writes the configs and the tokenizer only (kilobytes): what `load_cascade` reads, making the
+    weights in memory instead."""
     root = Path(root)
     configs = reference()
-    t5, base, sr = (build(MODELS[name][0], torch.device(device), dtype, tiny, seed)
-                    for name in ("t5-xxl", "if-i-xl", "if-ii-l"))
     stage_i, stage_ii = root / "stage_I", root / "stage_II"
+    folders = {"t5-xxl": stage_i / "text_encoder", "if-i-xl": stage_i / "unet", "if-ii-l": stage_ii / "unet"}
     build_tokenizer().save_pretrained(stage_i / "tokenizer")
-    t5.save_pretrained(stage_i / "text_encoder", safe_serialization=True)
-    base.save_pretrained(stage_i / "unet", safe_serialization=True)
-    sr.save_pretrained(stage_ii / "unet", safe_serialization=True)
-    del t5, base, sr
+    for name, folder in folders.items():
+        part = MODELS[name][0]
+        if weights:
+            model = build(part, torch.device(device), dtype, tiny, seed)
+            model.save_pretrained(folder, safe_serialization=True)
+            del model
+        else:  # the config alone, from the architecture on meta (no memory), and what the weights will be
+            on_meta(part, tiny).save_config(folder) if part.kind == "unet" else \
+                on_meta(part, tiny).config.save_pretrained(folder)
+            (folder / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed, "init": random_init_.__doc__}) + "\n")
     files = {stage_i / "scheduler" / "scheduler_config.json": configs["IF-I-XL/scheduler"],
              stage_ii / "scheduler" / "scheduler_config.json": configs["IF-II-L/scheduler"],
              stage_ii / "image_noising_scheduler" / "scheduler_config.json": configs["IF-II-L/image_noising_scheduler"],
@@ -251,3 +271,74 @@ def write_cascade(root: str | Path, device: torch.device | str = "cpu", dtype: t
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n")
     return root
+
+
+# Beside each config of a cascade written with weights=False: the seed and the init its weights are made with,
+# so that a key over the folder's files (the fast path's compiled packages) changes when they do.
+RANDOM_WEIGHTS = "random_weights.json"
+
+
+class RandomWeights(TorchComponents):
+    """The torch backend's components with every model made from its config in memory (`materialize`: random
+    weights, on the device, in a second) instead of read from weight files: a cascade written with
+    weights=False loads through the same assembly, attention and fast path as any model directory."""
+
+    seed = 0
+
+    def text_encoder(self, stage):
+        from transformers import T5EncoderModel
+
+        config = text_config(stage.directory / "text_encoder")
+        with torch.device("meta"):
+            model = T5EncoderModel(config)
+        model = materialize(model, self.home, text_dtype(self.dtype), self.seed)
+        return load_tokenizer(stage.directory), model, model.config.d_model
+
+    def _diffusers(self, cls, folder, what: str, dtype: torch.dtype):
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(folder))
+        return materialize(model, self.home, dtype, self.seed)
+
+
+def load_cascade(name: str, device: torch.device, dtype: torch.dtype, fast: bool | None = None,
+                 attention: str | None = None, root: str | Path | None = None):
+    """Our Pipeline over the published cascade of `name` (CASCADES, :random or :tiny), its models made in device
+    memory: the configs and tokenizer are written under `root` (default: a new temporary folder), never the
+    weights (21 GB in float16 that a fresh GPU machine would spend a minute and a half writing)."""
+    import tempfile
+
+    from engine.assemble import build_pipeline
+    from engine.backends.attention import resolve_attention
+    from engine.backends.fast_unet import resolve_fast
+    from engine.model_dir import read_stages, stage_dirs
+
+    if not is_cascade_name(name):
+        raise ValueError(f"not a real-size cascade: {name!r} (one of {', '.join(n for n in NAMES if is_cascade_name(n))})")
+    root = Path(root or tempfile.mkdtemp(prefix=f"{split_name(name)[0]}-"))  # kilobytes; reference_pipes reads it
+    write_cascade(root, tiny=split_name(name)[1] == "tiny", weights=False)
+    cascade = stage_dirs([root])
+    components = RandomWeights(device, dtype, resolve_attention(attention, device), fast=resolve_fast(fast, device))
+    return build_pipeline(read_stages(cascade), components, source=f"{name} ({root})", notice=cascade.notice)
+
+
+def reference_pipes(pipe, root: str | Path, dtype: torch.dtype):
+    """diffusers' IFPipeline + IFSuperResolutionPipeline over the weights of `load_cascade(..., root=root)`'s
+    pipeline, as a diffusers user runs them: plain modules (diffusers' attention processors, contiguous weights:
+    copies, since ours changed theirs) and T5 in the U-Nets' dtype (DeepFloyd's float16 variant)."""
+    from engine.bench.components import fresh_copy
+    from engine.testing.reference import if_pipes
+
+    root = Path(root)
+    return if_pipes(root / "stage_I", root / "stage_II", fresh_copy(pipe.text.model, dtype),
+                    *(fresh_copy(stage.unet.model) for stage in pipe.stages), device=str(pipe.device))
+
+
+def load_model(name: str, device=None, dtype=None, fast: bool | None = None, attention: str | None = None):
+    """engine.load(name, ...), or `load_cascade` where `name` is a real-size cascade (if-cascade:random): what the
+    bench scripts that time whole images take as --model."""
+    from engine.loading import load, resolve_device, resolve_dtype
+
+    if not is_cascade_name(name):
+        return load(name, device=device, dtype=dtype, fast=fast, attention=attention)
+    device = resolve_device(device)
+    return load_cascade(name, device, resolve_dtype(dtype, device), fast=fast, attention=attention)

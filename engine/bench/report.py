@@ -73,10 +73,15 @@ def environment(device: torch.device) -> dict:
 
 
 def save_json(report: dict, path: Path | None) -> None:
+    """The report at `path` (None: nowhere), replaced whole: written beside it, then renamed, so a process killed
+    while writing (a time box) leaves the previous version, never half a file. Called after every row by the
+    benches that report as they go."""
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(partial, path)
 
 
 def table_cell(value, fmt: str) -> str:

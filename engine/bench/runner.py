@@ -1,10 +1,14 @@
 """`python -m engine bench`: what to time for each model, in which order, and the report it makes.
 
-A cascade (a packaged model name or model directories, as `generate` takes them) is timed through our Pipeline:
-one U-Net step per stage side by side with diffusers (eager, torch.compile), then the whole request interleaved
-with diffusers' IF pipelines; the text encoder and per-stage rows come from those same requests' own per-stage
-timings (Pipeline.run). A real-size random model (real_size.NAMES) is timed component by component, side by side.
-Every row gets p50/p90/p99, images/s, peak memory and its floor (FLOPs / the matmul peak measured in this run).
+A cascade (a packaged model name or model directories, as `generate` takes them, or a real-size cascade made in
+memory: real_size.CASCADES) is timed through our Pipeline: one U-Net step per stage side by side with diffusers
+(eager, torch.compile), then the whole request interleaved with diffusers' IF pipelines; the text encoder and
+per-stage rows come from those same requests' own per-stage timings (Pipeline.run). A real-size random model
+(real_size.NAMES) is timed component by component, side by side. Every row gets p50/p90/p99, images/s, peak
+memory and its floor (FLOPs / the matmul peak measured in this run).
+
+Rows are reported as they are timed (`run`'s `on_report`: the CLI rewrites its --json file after each
+component), so a run stopped by a time box keeps every component it finished.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +25,7 @@ from typing import Callable
 import torch
 
 from engine.backends import BACKENDS
+from engine.backends.fast_unet import resolve_fast
 from engine.backends.onnxruntime_backend import require_onnx
 from engine.backends.torch_backend import text_dtype
 from engine.bench import components, real_size
@@ -51,6 +57,7 @@ class BenchOptions:
     threads: int | None = None  # torch's CPU threads (torch.set_num_threads); None: torch's default
     fast: bool | None = None  # "ours" on the fast path (engine/fast.py); None: the device's default (fast.resolve_fast)
     cache: object = None  # feature caching, as GenerateRequest's cache: adds a cached whole-cascade row (ours)
+    compile_mode: str = "default"  # the "compile" peer's torch.compile mode (components.COMPILE_MODES)
 
     def __post_init__(self):
         checks = [("batch", self.batch, 1), ("iters", self.iters, 1), ("warmup", self.warmup, 0)]
@@ -61,6 +68,9 @@ class BenchOptions:
                 raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}")
         if not self.models:
             raise InvalidRequestError("give at least one model")
+        if self.compile_mode not in components.COMPILE_MODES:
+            raise InvalidRequestError(f"unknown compile mode {self.compile_mode!r}; choose from "
+                                      f"{', '.join(components.COMPILE_MODES)}")
         if self.cache is not None:
             GenerateRequest(self.prompt, cache=self.cache)  # refused here, before any model loads
         if self.compare is not None:
@@ -76,8 +86,12 @@ class BenchOptions:
         return tuple(m for m in self.models if not real_size.is_real_size_name(m))
 
     @property
+    def real_cascades(self) -> tuple[str, ...]:
+        return tuple(m for m in self.models if real_size.is_cascade_name(m))
+
+    @property
     def real_size(self) -> tuple[str, ...]:
-        return tuple(m for m in self.models if real_size.is_real_size_name(m))
+        return tuple(m for m in self.models if real_size.is_real_size_name(m) and not real_size.is_cascade_name(m))
 
 
 def _check_model_name(model: str) -> None:
@@ -134,12 +148,20 @@ class Session:
     dtype: torch.dtype
     compare: tuple[str, ...]
     progress: Callable[[str], None] | None = None  # one line per component timed (the CLI: stderr)
+    on_rows: Callable[[], None] | None = None  # after each `add`: the report so far (run's on_report)
     peaks_tflops: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # every row timed so far, in the report's order
 
     def say(self, line: str) -> None:
         if self.progress is not None:
             self.progress(line)
+
+    def add(self, rows: list[Row]) -> None:
+        """Rows just timed: into the report, which is handed on at once (a time box may end the run next)."""
+        self.rows += rows
+        if self.on_rows is not None:
+            self.on_rows()
 
     def peak(self, dtype: torch.dtype) -> float:
         key = str(dtype).removeprefix("torch.")
@@ -174,17 +196,25 @@ def _finite(out) -> bool | None:
     return None
 
 
-def bench_cascade(session: Session) -> list[Row]:
-    """Our Pipeline on a cascade: U-Net step per stage side by side, then whole requests (text, stages, total)."""
+def bench_cascade(session: Session, name: str | None = None) -> None:
+    """Our Pipeline on a cascade (the options' model directories, or real-size cascade `name` made in memory):
+    U-Net step per stage side by side, then whole requests (text, stages, total)."""
 
     opts, device, dtype = session.options, session.device, session.dtype
     request = GenerateRequest([opts.prompt] * opts.batch, seed=0, steps=opts.steps, output_type="pt")
     # "ours" is the fast path where it is on (engine/fast.py): its first calls compile, reported as the first
     # call's cost, and the eager runtime gets its own row.
-    pipe = load(*opts.cascade, backend="torch", device=device, dtype=dtype, fast=opts.fast)
+    if name is None:
+        pipe = load(*opts.cascade, backend="torch", device=device, dtype=dtype, fast=opts.fast)
+        dirs = stage_dirs(opts.cascade).dirs
+        peers = None if len(dirs) not in (2, 3) else lambda: reference_stages(*dirs, dtype=dtype, device=str(device))
+        ort_pipe = _onnxruntime_pipeline(session)
+    else:
+        session.say(f"building {name} in memory (random weights)")
+        root = Path(tempfile.mkdtemp(prefix="if-cascade-"))  # configs and tokenizer only
+        pipe = real_size.load_cascade(name, device, dtype, fast=opts.fast, root=root)
+        peers, ort_pipe = (lambda: real_size.reference_pipes(pipe, root, dtype)), None
     settings = request.per_stage([s.defaults for s in pipe.stages])
-    rows: list[Row] = []
-    ort_pipe = _onnxruntime_pipeline(session)
 
     step_flops = {}
     received = [None] + pipe.output_sizes()  # the side of the images each stage receives
@@ -193,21 +223,23 @@ def bench_cascade(session: Session) -> list[Row]:
         size = previous if stage.kind == "latent_upscaler" else stage.size  # x4 latents: the received size
         plain = components.fresh_copy(stage.unet.model)  # diffusers' own processors, contiguous weights
         inputs = components.unet_inputs(plain.config, batch, size, device, dtype)
-        calls = components.unet_variants(plain, inputs, device, session.compare, ours=stage.unet)
+        calls = components.unet_variants(plain, inputs, device, session.compare, ours=stage.unet,
+                                         compile_mode=opts.compile_mode)
         if ort_pipe is not None:
             ort_unet = next(s.unet for s in ort_pipe.stages if s.name == stage.name)
             calls["onnxruntime"] = lambda u=ort_unet: u(inputs["sample"], inputs["timestep"],
                                                         inputs["encoder_hidden_states"], inputs["class_labels"])
         step_flops[stage.name] = count_flops(calls["eager"])
-        rows += session.time_variants(f"{stage.name} U-Net step ({size} px)", calls, opts.batch, batch,
-                                      dtype, step_flops[stage.name], "counted")
+        session.add(session.time_variants(f"{stage.name} U-Net step ({size} px)", calls, opts.batch, batch,
+                                          dtype, step_flops[stage.name], "counted"))
         if getattr(stage.unet, "cache_depths", 0) and "ours" in session.compare:
             # feature caching's shallow step (cache depth 1) on a full step's kept input: its own FLOPs
             args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["class_labels"])
             kept = stage.unet.full(*args, 1)[1]
             shallow = {"ours": lambda u=stage.unet, args=args, kept=kept: u.shallow(*args, kept, 1)}
-            rows += session.time_variants(f"{stage.name} U-Net shallow step ({size} px, cache depth 1)", shallow,
-                                          opts.batch, batch, dtype, count_flops(shallow["ours"]), "counted")
+            session.add(session.time_variants(f"{stage.name} U-Net shallow step ({size} px, cache depth 1)",
+                                              shallow, opts.batch, batch, dtype, count_flops(shallow["ours"]),
+                                              "counted"))
         del plain, calls, inputs
         _free(device)
 
@@ -219,7 +251,7 @@ def bench_cascade(session: Session) -> list[Row]:
         return result.images
 
     calls = {"ours": ours}
-    calls.update(_diffusers_cascade(session, stage_dirs(opts.cascade).dirs, request, settings))
+    calls.update(_diffusers_cascade(session, peers, request, settings))
     if ort_pipe is not None:
         calls["onnxruntime"] = lambda: ort_pipe.run(request).images
     text_flops = count_flops(lambda: pipe.text.encode(request.prompts))
@@ -227,30 +259,30 @@ def bench_cascade(session: Session) -> list[Row]:
                    for s, st in zip(pipe.stages, settings, strict=True)}
     total_flops = text_flops + sum(stage_flops.values())
     steps = "+".join(str(st.steps) for st in settings)
-    cascade_rows = session.time_variants(f"whole cascade ({steps} steps, {pipe.image_size} px)", calls,
-                                         opts.batch, opts.batch, dtype, total_flops, "counted")
-    if opts.cache is not None and "ours" in session.compare:  # diffusers has no caching: ours alone, beside it
-        cached = GenerateRequest(request.prompts, seed=0, steps=opts.steps, cache=opts.cache, output_type="pt")
-        pipe.settings(cached)  # a cache the model cannot take is refused before any timing
-        cascade_rows += session.time_variants(
-            f"whole cascade ({steps} steps, {pipe.image_size} px, cache={json.dumps(opts.cache)})",
-            {"ours": lambda: pipe.run(cached).images}, opts.batch, opts.batch, dtype,
-            count_flops(lambda: pipe.run(cached)), "counted")
+    label = f"whole cascade ({steps} steps, {pipe.image_size} px" + ("" if name is None else f", {name}")
+    whole = label + ")"
+    session.add(session.time_variants(whole, calls, opts.batch, opts.batch, dtype, total_flops, "counted"))
+    del calls
+    _free(device)  # the peers' copies of the weights
     if "ours" not in session.compare:
         session.notes.append("text encoder and per-stage rows come from our Pipeline's requests: not run")
-        return rows + cascade_rows
+        return
     # The sub-rows: the timed requests only (the first call and the warm-up calls come before them in
     # `timings`; on CUDA the peak-memory call comes after).
     timed = timings[1 + opts.warmup:1 + opts.warmup + opts.iters]
     sub = [("text", "text encoder", text_flops, pipe.text.model.dtype)]
     sub += [(s.name, f"{s.name} ({st.steps} steps, {size} px)", stage_flops[s.name], dtype)
             for s, st, size in zip(pipe.stages, settings, pipe.output_sizes(), strict=True)]
-    for key, name, flops, sub_dtype in sub:
-        rows.append(Row(name, "ours", opts.batch, opts.batch, str(sub_dtype).removeprefix("torch."),
-                        [t[key] for t in timed], flops=flops, flops_source="counted",
-                        floor_s=floor_seconds(flops, session.peak(sub_dtype))))
-    rows += cascade_rows
-    return rows
+    session.add([Row(label, "ours", opts.batch, opts.batch, str(sub_dtype).removeprefix("torch."),
+                     [t[key] for t in timed], flops=flops, flops_source="counted",
+                     floor_s=floor_seconds(flops, session.peak(sub_dtype)))
+                 for key, label, flops, sub_dtype in sub])
+    if opts.cache is not None:  # diffusers has no caching: ours alone, beside it
+        cached = GenerateRequest(request.prompts, seed=0, steps=opts.steps, cache=opts.cache, output_type="pt")
+        pipe.settings(cached)  # a cache the model cannot take is refused before any timing
+        session.add(session.time_variants(
+            f"{label}, cache={json.dumps(opts.cache)})", {"ours": lambda: pipe.run(cached).images}, opts.batch,
+            opts.batch, dtype, count_flops(lambda: pipe.run(cached)), "counted"))
 
 
 def _onnxruntime_pipeline(session: Session):
@@ -273,23 +305,25 @@ def _onnxruntime_pipeline(session: Session):
     return load_exported(exported, providers=[provider])
 
 
-def _diffusers_cascade(session: Session, dirs: list[Path], request: GenerateRequest, settings) -> dict:
-    """diffusers' IF pipelines over the same files, eager and with compiled U-Nets (sharing the weights)."""
+def _diffusers_cascade(session: Session, peers: Callable[[], tuple] | None, request: GenerateRequest,
+                       settings) -> dict:
+    """diffusers' IF pipelines over the same weights (`peers` makes them; None: this cascade has no diffusers
+    peer), eager and with compiled U-Nets (sharing the weights)."""
 
     wanted = [v for v in ("eager", "compile") if v in session.compare]
     if not wanted:
         return {}
-    if len(dirs) not in (2, 3):
-        session.notes.append(f"whole cascade: diffusers compared only for IF cascades of two stages and an "
-                             f"optional x4 upscaler (this has {len(dirs)})")
+    if peers is None:
+        session.notes.append("whole cascade: diffusers compared only for IF cascades of two stages and an "
+                             "optional x4 upscaler")
         return {}
-    pipes = reference_stages(*dirs, dtype=session.dtype, device=str(session.device))
+    pipes = peers()
     args = dict(prompts=request.prompts, seed=request.seed, steps=[s.timesteps for s in settings],
                 guidance=[s.guidance for s in settings], noise_level=tuple(s.noise_level for s in settings[1:]),
                 output_type="pt")
     calls = {"eager": lambda: run_reference(pipes, **args)}
     if "compile" in wanted:
-        compiled_unets = [components.compiled(p.unet, session.device) for p in pipes]
+        compiled_unets = [components.compiled(p.unet, session.options.compile_mode) for p in pipes]
 
         def run_compiled():
             with _swapped_unets(pipes, compiled_unets):
@@ -310,19 +344,23 @@ def _swapped_unets(pipes, unets):
             p.unet = u
 
 
-def bench_real_size(session: Session, name: str) -> list[Row]:
-    """Each part of a real-size random model, side by side (ours only where the engine has its own wrapper)."""
+def bench_real_size(session: Session, name: str) -> None:
+    """Each part of a real-size random model, side by side; "ours" where the engine has its own wrapper: a
+    U-Net's is the fast path where it is on (BenchOptions.fast), as a loaded pipeline runs it."""
 
     tiny = real_size.split_name(name)[1] == "tiny"
-    rows: list[Row] = []
+    fast = resolve_fast(session.options.fast, session.device)
     for part in real_size.parts(name):
         session.say(f"building {name} {part.name} (random weights)")
         dtype = text_dtype(session.dtype) if part.kind == "t5" else session.dtype  # T5 never in float16
         config = real_size.part_config(part, tiny)
         model = real_size.build(part, session.device, dtype, tiny=tiny)
         size = real_size.input_size(part, config, tiny)
+        # the compiled packages' key: what makes the weights (the architecture, random_init_ and its seed)
+        weights_key = f"{name}/{part.config_key}, real_size.random_init_ seed 0"
         calls, batch = components.part_calls(part, model, config, session.options.batch, size, session.device,
-                                             dtype, session.compare)
+                                             dtype, session.compare, session.options.compile_mode, fast,
+                                             weights_key)
         flops = real_size.reference_flops(part, tiny)
         if flops is not None:
             flops, source = flops * batch, "reference"
@@ -332,11 +370,10 @@ def bench_real_size(session: Session, name: str) -> list[Row]:
             session.notes.append(f"{part.name}: no 'ours' row: the engine runs this module unchanged")
         label = part.name if size is None else f"{part.name} ({size} {part.unit})"
         library = "transformers" if part.kind in ("t5", "clip") else "diffusers"
-        rows += session.time_variants(f"{name} {label}", calls, session.options.batch, batch, dtype, flops, source,
-                                      library)
+        session.add(session.time_variants(f"{name} {label}", calls, session.options.batch, batch, dtype, flops,
+                                          source, library))
         del model, calls
         _free(session.device)
-    return rows
 
 
 def _free(device: torch.device) -> None:
@@ -345,33 +382,43 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run(options: BenchOptions, command: str = "", progress: Callable[[str], None] | None = None) -> dict:
-    """Run every benchmark `options` asks for; the report (also what --json writes)."""
+def run(options: BenchOptions, command: str = "", progress: Callable[[str], None] | None = None,
+        on_report: Callable[[dict], None] | None = None) -> dict:
+    """Run every benchmark `options` asks for; the report (also what --json writes). on_report: given the
+    report so far after each component timed (its "complete" false), so that a stopped run keeps its rows."""
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     if options.threads is not None:
         torch.set_num_threads(options.threads)
-    if options.cascade:
+    if options.cascade or options.real_cascades:
         GenerateRequest(options.prompt, steps=options.steps)  # bad steps fail before any model work
     session = Session(options, device, dtype, options.compare or components.DEFAULT_COMPARE[device.type],
                       progress)
-    rows: list[Row] = []
+
+    def report(complete: bool) -> dict:
+        ours_p50 = {r.component: percentiles_ms(r.samples_s)["p50_ms"] for r in session.rows if r.variant == "ours"}
+        return {
+            "benchmark": "python -m engine bench", "command": command, "date": time.strftime("%Y-%m-%d"),
+            **environment(device),
+            "options": {**asdict(options), "compare": list(session.compare),
+                        "dtype": str(dtype).removeprefix("torch."), "fast": resolve_fast(options.fast, device)},
+            "matmul_peak_tflops": session.peaks_tflops,
+            "peak_memory": peak_memory_kind(device),
+            "timer": "CUDA events (after a synchronize)" if device.type == "cuda" else "time.perf_counter",
+            "complete": complete,
+            "rows": [r.summary(ours_p50.get(r.component)) for r in session.rows],
+            "notes": session.notes,
+        }
+
+    if on_report is not None:
+        session.on_rows = lambda: on_report(report(complete=False))
     with torch.inference_mode():
         session.peak(dtype)  # first, on an idle device
         if options.cascade:
-            rows += bench_cascade(session)
+            bench_cascade(session)
+        for name in options.real_cascades:
+            bench_cascade(session, name)
         for name in options.real_size:
-            rows += bench_real_size(session, name)
-    ours_p50 = {r.component: percentiles_ms(r.samples_s)["p50_ms"] for r in rows if r.variant == "ours"}
-    return {
-        "benchmark": "python -m engine bench", "command": command, "date": time.strftime("%Y-%m-%d"),
-        **environment(device),
-        "options": {**asdict(options), "compare": list(session.compare), "dtype": str(dtype).removeprefix("torch."),
-                    "compile_mode": components.COMPILE_MODES[device.type]},
-        "matmul_peak_tflops": session.peaks_tflops,
-        "peak_memory": peak_memory_kind(device),
-        "timer": "CUDA events (after a synchronize)" if device.type == "cuda" else "time.perf_counter",
-        "rows": [r.summary(ours_p50.get(r.component)) for r in rows],
-        "notes": session.notes,
-    }
+            bench_real_size(session, name)
+    return report(complete=True)

@@ -24,21 +24,13 @@ def reference_cascade(cascade_dir: str | Path, dtype: torch.dtype = torch.float3
 def reference_stages(stage_i: str | Path, stage_ii: str | Path, stage_iii: str | Path | None = None,
                      dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """IFPipeline + IFSuperResolutionPipeline (+ StableDiffusionUpscalePipeline) from stage directories."""
-    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
-    from transformers import AutoTokenizer, T5EncoderModel
+    from diffusers import UNet2DConditionModel
+    from transformers import T5EncoderModel
 
     stage_i, stage_ii = Path(stage_i), Path(stage_ii)
-    common = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
-    first = IFPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(stage_i / "tokenizer"),
-        text_encoder=T5EncoderModel.from_pretrained(stage_i / "text_encoder", dtype=dtype),
-        unet=UNet2DConditionModel.from_pretrained(stage_i / "unet", torch_dtype=dtype),
-        scheduler=DDPMScheduler.from_pretrained(stage_i / "scheduler"), **common)
-    second = IFSuperResolutionPipeline(
-        tokenizer=None, text_encoder=None,
-        unet=UNet2DConditionModel.from_pretrained(stage_ii / "unet", torch_dtype=dtype),
-        scheduler=DDPMScheduler.from_pretrained(stage_ii / "scheduler"),
-        image_noising_scheduler=DDPMScheduler.from_pretrained(stage_ii / "image_noising_scheduler"), **common)
+    first, second = if_pipes(stage_i, stage_ii, T5EncoderModel.from_pretrained(stage_i / "text_encoder", dtype=dtype),
+                             UNet2DConditionModel.from_pretrained(stage_i / "unet", torch_dtype=dtype),
+                             UNet2DConditionModel.from_pretrained(stage_ii / "unet", torch_dtype=dtype))
     pipes = [first, second]
     if stage_iii is not None:
         pipes.append(reference_upscaler(stage_iii, dtype))
@@ -46,6 +38,26 @@ def reference_stages(stage_i: str | Path, stage_ii: str | Path, stage_iii: str |
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
     return tuple(pipes)
+
+
+def if_pipes(stage_i: Path, stage_ii: Path, text_encoder, unet_i, unet_ii, device: str | None = None):
+    """IFPipeline + IFSuperResolutionPipeline around given modules, tokenizer and schedulers read from the stage
+    directories (no safety checker or watermarker: the engine's parity is with the images before them)."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+    from transformers import AutoTokenizer
+
+    common = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    first = IFPipeline(tokenizer=AutoTokenizer.from_pretrained(stage_i / "tokenizer"), text_encoder=text_encoder,
+                       unet=unet_i, scheduler=DDPMScheduler.from_pretrained(stage_i / "scheduler"), **common)
+    second = IFSuperResolutionPipeline(
+        tokenizer=None, text_encoder=None, unet=unet_ii,
+        scheduler=DDPMScheduler.from_pretrained(stage_ii / "scheduler"),
+        image_noising_scheduler=DDPMScheduler.from_pretrained(stage_ii / "image_noising_scheduler"), **common)
+    for pipe in (first, second):
+        pipe.set_progress_bar_config(disable=True)
+        if device is not None:
+            pipe.to(device)
+    return first, second
 
 
 def reference_upscaler(stage_dir: str | Path, dtype: torch.dtype = torch.float32):
