@@ -8,12 +8,27 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    # Everything the parts import that the bare GPU machine lacks (it has torch, triton, transformers, onnx,
+    # onnxruntime), at this venv's versions, every dependency named (--no-deps: nothing pulls torch). .whl is
+    # cleared first: two versions of one package abort the install there.
     mkdir -p .git/info; grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl "diffusers==0.42.1" importlib_metadata \
-        starlette uvicorn  # the last two for bench/gpu_serve.sh
-    # The native library needs no driver to build; its files are copied (not symlinked) so they travel.
+    rm -rf .whl && mkdir .whl
+    PYTHON="${PYTHON:-.venv/bin/python}"  # the project's venv: its versions are the ones tested here
+    specs=$("$PYTHON" -c 'import sys; from importlib.metadata import version
+print(" ".join(f"{n}=={version(n)}" for n in sys.argv[1:]))' diffusers importlib_metadata zipp \
+        fastapi starlette pydantic pydantic_core annotated_types annotated_doc typing_inspection typing_extensions \
+        uvicorn h11 click httpx httpcore anyio sniffio certifi idna prometheus_client \
+        pytest pluggy iniconfig pytest-timeout) || exit 1
+    # shellcheck disable=SC2086  # one argument per package
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -d .whl $specs || exit 1
+    du -sh .whl
+    # The native library needs no driver to build; its files are copied (not symlinked) so they travel. cmake
+    # is given the venv's python (it needs Triton), whether or not the venv is active.
     grep -qx '/.native/' .git/info/exclude || echo /.native/ >> .git/info/exclude
-    cmake -S . -B build > /dev/null && cmake --build build > /dev/null && rm -rf .native && mkdir .native \
+    cmake -S . -B build -DPython3_EXECUTABLE="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" > /dev/null && cmake --build build > /dev/null \
+        && rm -rf .native && mkdir .native \
         && cp -L build/libcascade_kernels.so.1 .native/ && cp -L build/libcascade_kernels.so .native/ \
         && cp build/test_gpu_attention .native/
     exit
