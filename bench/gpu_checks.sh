@@ -48,5 +48,5 @@ if [[ -f .native/libcascade_kernels.so ]]; then
     LD_LIBRARY_PATH=.native .native/test_gpu_attention 2>&1 | tee "$OUT/native_gpu.log"
     echo "native gpu_attention exit: ${PIPESTATUS[0]} (77: skipped)" | tee -a "$OUT/native_gpu.log"
     python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py 2>&1 | tail -n 3 | tee -a "$OUT/native_gpu.log"
-    timeout 300 python3 bench/first_image.py --runs 1 --json "$OUT/first_image.json" 2>&1 | tee "$OUT/first_image.log"
+    timeout --kill-after=10 300 python3 bench/first_image.py --runs 1 --json "$OUT/first_image.json" 2>&1 | tee "$OUT/first_image.log"
 fi

@@ -48,5 +48,5 @@ fi
 export PYTHONPATH=/tmp/ort-site:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" | tee "$OUT/providers.txt"
-timeout "${ORT_GPU_S:-300}" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k onnxruntime \
+timeout --kill-after=10 "${ORT_GPU_S:-300}" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py -k onnxruntime \
     2>&1 | tee "$OUT/ort_gpu.log"

@@ -55,5 +55,5 @@ if [[ ! -d /tmp/trt-site/tensorrt_rtx_bindings ]]; then
 fi
 export PYTHONPATH=/tmp/trt-site:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv | tee "$OUT/device.txt"
-timeout "${TRT_GPU_S:-540}" python3 bench/tensorrt_gpu.py --carried "$STAGE/engines" --json "$OUT/tensorrt_gpu.json" \
+timeout --kill-after=10 "${TRT_GPU_S:-540}" python3 bench/tensorrt_gpu.py --carried "$STAGE/engines" --json "$OUT/tensorrt_gpu.json" \
     2>&1 | tee "$OUT/tensorrt_gpu.log"

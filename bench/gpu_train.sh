@@ -32,10 +32,10 @@ for v in $VARIANTS; do rm -rf "$WORK/$v"; cp -r "$FROM" "$WORK/$v"; done
 
 limit=$(python3 -c "print(int($MINUTES * 60 * 1.3 + 80))")  # the budget plus start-up; a stuck process cannot eat the call
 common=(--device "$DEVICE" --steps 1000000 1000000 --minutes "$MINUTES" --threads 4 --lr "$LR")
-timeout "$limit" python3 -m engine.demo.train "$WORK/a" --stage II --batch 256 128 "${common[@]}" > "$OUT/logs/a_II.log" 2>&1 &
-timeout "$limit" python3 -m engine.demo.train "$WORK/a" --stage I --batch 256 128 "${common[@]}" > "$OUT/logs/a_I.log" 2>&1 &
+timeout --kill-after=10 "$limit" python3 -m engine.demo.train "$WORK/a" --stage II --batch 256 128 "${common[@]}" > "$OUT/logs/a_II.log" 2>&1 &
+timeout --kill-after=10 "$limit" python3 -m engine.demo.train "$WORK/a" --stage I --batch 256 128 "${common[@]}" > "$OUT/logs/a_I.log" 2>&1 &
 [[ " $VARIANTS " == *" b "* ]] \
-    && timeout "$limit" python3 -m engine.demo.train "$WORK/b" --stage I --batch 512 128 "${common[@]}" > "$OUT/logs/b_I.log" 2>&1 &
+    && timeout --kill-after=10 "$limit" python3 -m engine.demo.train "$WORK/b" --stage I --batch 512 128 "${common[@]}" > "$OUT/logs/b_I.log" 2>&1 &
 wait
 for log in "$OUT"/logs/*_I*.log; do echo "== $log"; grep -v "^Loading" "$log" | tail -n 3; done
 if [[ -d "$WORK/b" ]]; then
