@@ -127,6 +127,7 @@ PARTS = (
          "eager against ours (the fast path: compiled, captured), then whole images with T5-XXL, ours against "
          "diffusers' IF pipelines; inductor compiles IF-I-XL and IF-II-L once each (about 60-90 s and 40-60 s)",
          lambda m: _bench(m, "headline", [f"if-cascade:{m.size}"], "--compare", "eager,ours",
+                          "--iters", m.pick("20", "2"), "--whole-iters", m.pick("3", "1"),
                           *m.pick([], ["--steps", "2", "2", "--fast"]))),
     Part("tests", 1, 120,
          "tests/test_gpu.py on the tiny cascade: half precision, the fast path's capture and replay, the "

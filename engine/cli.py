@@ -362,6 +362,8 @@ def _add_bench_parser(commands, common) -> None:
     bench.add_argument("--steps", nargs="+", type=_steps_value, default=b.steps, metavar="N|NAME",
                        help="steps per stage for the stage and cascade rows, as in generate (default: smart27)")
     bench.add_argument("--iters", type=int, default=b.iters, help=f"timed calls per variant (default: {b.iters})")
+    bench.add_argument("--whole-iters", type=int, default=b.whole_iters,
+                       help="timed whole-cascade requests per variant, one warm-up (default: --iters)")
     bench.add_argument("--warmup", type=int, default=b.warmup,
                        help=f"untimed calls per variant after the first one, which is timed apart "
                             f"(compilation) (default: {b.warmup})")
@@ -548,6 +550,7 @@ def bench(args, argv: list[str] | None) -> int:
         raise EngineError(f"--threshold must be above 1.0 (a p50 ratio), got {args.threshold}")
     options = BenchOptions(models=tuple(args.model), device=args.device, dtype=args.dtype, batch=args.batch,
                            steps=_one_or_tuple(args.steps), iters=args.iters, warmup=args.warmup,
+                           whole_iters=args.whole_iters,
                            compare=args.compare, prompt=args.prompt, threads=args.threads, fast=args.fast,
                            cache=_cache_option(args), compile_mode=args.compile_mode)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))

@@ -52,6 +52,7 @@ class BenchOptions:
     steps: Steps | tuple[Steps, ...] | None = None  # per stage, as GenerateRequest; None: the request default
     iters: int = 10  # timed calls per variant
     warmup: int = 2  # untimed calls per variant, after the first call (timed apart: compilation, autotuning)
+    whole_iters: int | None = None  # timed whole-cascade requests per variant (None: iters); warm-up min(warmup, 1)
     compare: tuple[str, ...] | None = None  # subset of components.VARIANTS; None: DEFAULT_COMPARE per device
     prompt: str = PROMPT
     threads: int | None = None  # torch's CPU threads (torch.set_num_threads); None: torch's default
@@ -63,6 +64,8 @@ class BenchOptions:
         checks = [("batch", self.batch, 1), ("iters", self.iters, 1), ("warmup", self.warmup, 0)]
         if self.threads is not None:
             checks.append(("threads", self.threads, 1))
+        if self.whole_iters is not None:
+            checks.append(("whole_iters", self.whole_iters, 1))
         for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidRequestError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -172,7 +175,7 @@ class Session:
 
     def time_variants(self, component: str, calls: dict[str, Callable[[], object]], images: int, batch: int,
                       dtype: torch.dtype, flops: int | None, flops_source: str,
-                      library: str = "diffusers") -> list[Row]:
+                      library: str = "diffusers", iters: int | None = None, warmup: int | None = None) -> list[Row]:
         """First call of each variant (timed apart), then interleaved warm-up and timing, then peak memory."""
         calls = {v: fn for v, fn in calls.items()  # the eager runtime comes with ours, as its own row
                  if v in self.compare or (v == "ours_eager" and "ours" in self.compare)}
@@ -182,7 +185,8 @@ class Session:
             outputs = []
             first[variant] = timed_call(lambda fn=fn, outputs=outputs: outputs.append(fn()), self.device)
             finite[variant] = _finite(outputs[0])
-        samples = interleaved(calls, self.options.iters, self.options.warmup, self.device)
+        samples = interleaved(calls, self.options.iters if iters is None else iters,
+                              self.options.warmup if warmup is None else warmup, self.device)
         floor = floor_seconds(flops, self.peak(dtype))
         return [Row(component, variant, images, batch, str(dtype).removeprefix("torch."), samples[variant],
                     first_call_s=first[variant], peak_memory_bytes=peak_memory_bytes(fn, self.device),
@@ -232,8 +236,10 @@ def bench_cascade(session: Session, name: str | None = None) -> None:
         step_flops[stage.name] = count_flops(calls["eager"])
         session.add(session.time_variants(f"{stage.name} U-Net step ({size} px)", calls, opts.batch, batch,
                                           dtype, step_flops[stage.name], "counted"))
-        if getattr(stage.unet, "cache_depths", 0) and "ours" in session.compare:
-            # feature caching's shallow step (cache depth 1) on a full step's kept input: its own FLOPs
+        if getattr(stage.unet, "cache_depths", 0) and not getattr(stage.unet, "static", False) \
+                and "ours" in session.compare:
+            # feature caching's shallow step (cache depth 1) on a full step's kept input: its own FLOPs. Eager
+            # U-Nets only: on the fast path it would compile two more graphs per stage (minutes at real size)
             args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["class_labels"])
             kept = stage.unet.full(*args, 1)[1]
             shallow = {"ours": lambda u=stage.unet, args=args, kept=kept: u.shallow(*args, kept, 1)}
@@ -261,7 +267,10 @@ def bench_cascade(session: Session, name: str | None = None) -> None:
     steps = "+".join(str(st.steps) for st in settings)
     label = f"whole cascade ({steps} steps, {pipe.image_size} px" + ("" if name is None else f", {name}")
     whole = label + ")"
-    session.add(session.time_variants(whole, calls, opts.batch, opts.batch, dtype, total_flops, "counted"))
+    # whole requests take seconds at real size: their own count (--whole-iters), one warm-up
+    whole_iters, whole_warmup = opts.whole_iters or opts.iters, min(opts.warmup, 1)
+    session.add(session.time_variants(whole, calls, opts.batch, opts.batch, dtype, total_flops, "counted",
+                                      iters=whole_iters, warmup=whole_warmup))
     del calls
     _free(device)  # the peers' copies of the weights
     if "ours" not in session.compare:
@@ -269,7 +278,7 @@ def bench_cascade(session: Session, name: str | None = None) -> None:
         return
     # The sub-rows: the timed requests only (the first call and the warm-up calls come before them in
     # `timings`; on CUDA the peak-memory call comes after).
-    timed = timings[1 + opts.warmup:1 + opts.warmup + opts.iters]
+    timed = timings[1 + whole_warmup:1 + whole_warmup + whole_iters]
     sub = [("text", "text encoder", text_flops, pipe.text.model.dtype)]
     sub += [(s.name, f"{s.name} ({st.steps} steps, {size} px)", stage_flops[s.name], dtype)
             for s, st, size in zip(pipe.stages, settings, pipe.output_sizes(), strict=True)]
@@ -282,7 +291,8 @@ def bench_cascade(session: Session, name: str | None = None) -> None:
         pipe.settings(cached)  # a cache the model cannot take is refused before any timing
         session.add(session.time_variants(
             f"{label}, cache={json.dumps(opts.cache)})", {"ours": lambda: pipe.run(cached).images}, opts.batch,
-            opts.batch, dtype, count_flops(lambda: pipe.run(cached)), "counted"))
+            opts.batch, dtype, count_flops(lambda: pipe.run(cached)), "counted", iters=whole_iters,
+            warmup=whole_warmup))
 
 
 def _onnxruntime_pipeline(session: Session):
