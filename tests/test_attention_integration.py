@@ -135,12 +135,13 @@ def test_plain_processor_falls_back_for_masks_and_heads_past_the_kernel():
 def test_auto_attention_times_both_and_keeps_the_faster(engine_pipe):
     """attention="auto" (by_timing) on a real U-Net: both processors run and are timed, the faster one stays
     installed. On CPU the interpreted kernel is far slower, so diffusers' own processors come back, unchanged."""
-    from engine.backends.attention import by_timing, resolve_attention
+    from engine.backends.attention import by_timing, resolve_attention, timer_for
     from engine.backends.torch_backend import example_call
 
     model = engine_pipe.stages[0].unet.model
     before = {name: type(p) for name, p in model.attn_processors.items()}
-    best, seconds = by_timing(model, example_call(model, torch.device("cpu")), torch.device("cpu"), calls=1)
+    cpu = torch.device("cpu")
+    best, seconds = by_timing(model, lambda: example_call(model, cpu), timer_for(cpu), calls=1)
     assert set(seconds) == {"sdpa", "triton"} and all(s > 0 for s in seconds.values())
     assert best == "sdpa" and seconds["triton"] > seconds["sdpa"]
     assert {name: type(p) for name, p in model.attn_processors.items()} == before

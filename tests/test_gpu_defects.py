@@ -8,11 +8,16 @@
 - The memory plan counts the fast path's static buffers and CUDA-graph pool.
 """
 
+import os
+
 import pytest
 import torch
 
 import engine
 from engine import GenerateRequest
+
+if not torch.cuda.is_available():  # attention="auto" times the kernel on CPU tensors: the interpreter only
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _inputs(engine_pipe, stage, seed: int = 0):
@@ -129,3 +134,81 @@ def test_offload_puts_each_unet_on_for_its_full_and_shallow_calls(cascade_dir):
     switch = names.index("stage_I.unet", names.index("stage_II.unet"))  # stage I again, then back to stage II
     assert names[switch + 3] == "stage_II.unet" and len(deep) < len(seen)
     assert all(resident == [name] for name, resident in seen), seen
+
+
+# -- attention="auto" timed as it runs -------------------------------------------------------------------------
+
+def _fresh_unet(cascade_dir, stage: str = "stage_I"):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(cascade_dir / stage / "unet").eval()
+
+
+@pytest.mark.parametrize("cost, winner", [({"sdpa": 3e-3, "triton": 1e-3}, "triton"),
+                                          ({"sdpa": 1e-3, "triton": 3e-3}, "sdpa")])
+def test_auto_attention_keeps_the_choice_its_timer_finds_faster(cascade_dir, cost, winner):
+    """by_timing with a clock that says how long each choice takes: the call is made after the choice is
+    installed (a compiled call compiles with it), warmed untimed, timed `calls` times; the faster stays."""
+    from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
+
+    from engine.backends.attention import AddedKVProcessor, by_timing
+
+    model = _fresh_unet(cascade_dir)
+    made, ran = [], []
+
+    def installed() -> str:
+        ours = any(isinstance(p, AddedKVProcessor) for p in model.attn_processors.values())
+        return "triton" if ours else "sdpa"
+
+    def make_call():
+        made.append(installed())
+        return lambda: ran.append(installed())  # no forward: Triton runs only interpreted on a CPU
+
+    def timer(call) -> float:
+        call()
+        return cost[ran[-1]]
+
+    best, seconds = by_timing(model, make_call, timer, calls=3)
+    assert best == winner and seconds == cost and best == min(seconds, key=seconds.get)
+    assert made == ["sdpa", "triton"] and ran == ["sdpa"] * 4 + ["triton"] * 4  # one warm call each, untimed
+    kept = {type(p) for p in model.attn_processors.values()}
+    assert kept == ({AddedKVProcessor} if winner == "triton" else {AttnAddedKVProcessor2_0})
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors through the kernel need "
+                    "TRITON_INTERPRET=1 (on a GPU, tests/test_gpu.py loads with auto there)")
+def test_a_unet_loaded_with_auto_carries_its_timings_and_their_argmin(cascade_dir):
+    """TorchComponents.unet under "auto" (what engine.load resolves it to on CUDA with Triton; on a CPU it
+    resolves to sdpa untimed): each U-Net keeps attention_seconds, median seconds per choice, and its
+    attention is their argmin. Triton runs interpreted here: the tiny U-Nets make that a few seconds."""
+    pytest.importorskip("triton")
+    from engine.backends.attention import resolve_attention
+    from engine.backends.torch_backend import TorchComponents
+    from engine.model_dir import read_stages, stage_dirs
+
+    cpu = torch.device("cpu")
+    components = TorchComponents(cpu, torch.float32, "auto")
+    unet = components.unet(read_stages(stage_dirs([cascade_dir]))[0])  # the base U-Net: the interpreter is slow
+    assert set(unet.attention_seconds) == {"sdpa", "triton"}
+    assert all(s > 0 for s in unet.attention_seconds.values())
+    assert unet.attention == min(unet.attention_seconds, key=unet.attention_seconds.get)
+    assert resolve_attention("auto", cpu) == "sdpa"
+    untimed = engine.load(cascade_dir, attention="auto")
+    assert all(stage.unet.attention == "sdpa" and stage.unet.attention_seconds is None for stage in untimed.stages)
+
+
+def test_the_timed_call_is_two_rows_at_the_models_size(cascade_dir):
+    """example_call: the pipeline's 2 rows (one guided image) at the model's sample size, its output the
+    model's own for those inputs; on the fast path the sample is channels_last, as FastUNet passes it."""
+    from engine.backends.torch_backend import example_call
+
+    model = _fresh_unet(cascade_dir, "stage_II")  # a super-resolution U-Net: class labels too
+    shapes = []
+    hook = model.conv_in.register_forward_pre_hook(lambda module, args: shapes.append(
+        (tuple(args[0].shape), args[0].is_contiguous(memory_format=torch.channels_last))))
+    with torch.inference_mode():
+        out = example_call(model, torch.device("cpu"))()
+    hook.remove()
+    size = model.config.sample_size
+    assert shapes == [((2, model.config.in_channels, size, size), False)]
+    assert out.shape == (2, model.config.out_channels, size, size)

@@ -170,36 +170,51 @@ def resolve_attention(attention: str | None, device: torch.device) -> str:
     return attention
 
 
-def by_timing(model, call, device: torch.device, calls: int = TIMED_CALLS) -> tuple[str, dict[str, float]]:
-    """attention="auto" for one model: "sdpa" or "triton", whichever runs `call()` (one forward of `model` at
-    its size) faster, and the median seconds of each. Each is installed in turn, warmed by one call, then timed
-    `calls` times; the model keeps the winner's processors (diffusers' own for sdpa)."""
+def by_timing(model, make_call, timer, calls: int = TIMED_CALLS) -> tuple[str, dict[str, float]]:
+    """attention="auto" for one model: "sdpa" or "triton", whichever runs its call faster, and the median
+    seconds of each. Each is installed in turn, then `make_call()` gives the call to time in the form it will
+    run (made after the choice is installed: a compiled call is compiled with it), warmed by one untimed call
+    (Triton and the compiler compile there), then timed `calls` times by `timer(call) -> seconds`
+    (`timer_for`). The model keeps the winner's processors (diffusers' own for sdpa)."""
     import statistics
-    import time
 
     original = dict(model.attn_processors)  # diffusers' processors, by module name
     seconds = {}
-    for choice in ("sdpa", "triton"):
-        if choice == "sdpa":
-            model.set_attn_processor(dict(original))  # a copy: diffusers pops from the mapping it is given
-        else:
-            install(model, "triton")
-        times = []
-        with torch.inference_mode():
-            for k in range(calls + 1):
-                _sync(device)
-                start = time.perf_counter()
-                call()
-                _sync(device)
-                if k:  # the first call warms (and compiles), untimed
-                    times.append(time.perf_counter() - start)
-        seconds[choice] = statistics.median(times)
+    with torch.inference_mode():
+        for choice in ("sdpa", "triton"):
+            if choice == "sdpa":
+                model.set_attn_processor(dict(original))  # a copy: diffusers pops from the mapping it is given
+            else:
+                install(model, "triton")
+            call = make_call()
+            call()
+            seconds[choice] = statistics.median(timer(call) for _ in range(calls))
     best = min(seconds, key=seconds.get)
     if best == "sdpa":
         model.set_attn_processor(dict(original))
     return best, seconds
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timer_for(device: torch.device):
+    """timer(call) -> the seconds one call takes on `device`: between two CUDA events on CUDA (the GPU's own
+    timeline, launch gaps included: no host clock around an asynchronous launch), perf_counter elsewhere."""
+    if device.type != "cuda":
+        import time
+
+        def host(call) -> float:
+            start = time.perf_counter()
+            call()
+            return time.perf_counter() - start
+
+        return host
+
+    def events(call) -> float:
+        stream = torch.cuda.current_stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        call()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # ms -> s
+
+    return events

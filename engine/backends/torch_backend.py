@@ -4,10 +4,11 @@ read from a stage's directory, behind the runtime's component calls (backends/pr
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
-from engine.backends.attention import TIMED_CALLS, by_timing, install
+from engine.backends.attention import TIMED_CALLS, by_timing, install, timer_for
 from engine.errors import ModelError
 from engine.backends.fast_unet import FastUNet
 from engine.model_dir import downsampling, load_tokenizer, model_config, text_config, text_width, weights_variant
@@ -15,18 +16,53 @@ from engine.model_dir import downsampling, load_tokenizer, model_config, text_co
 log = logging.getLogger(__name__)
 
 
-def example_call(model, device: torch.device):
-    """One forward of a diffusers U-Net at its own sample size, 2 rows (one guided image), random inputs: what
-    attention="auto" times (attention.by_timing)."""
+def example_call(model, device: torch.device, fast: bool = False):
+    """One call of a diffusers U-Net in the form it will run, for attention="auto" to time (attention.by_timing):
+    2 rows (one guided image, the pipeline's rows per call) at its own sample size, random inputs, on the model
+    as it is (TorchComponents.unet makes it channels_last on CUDA first, as TorchUNet runs it). `fast`: as the
+    fast path runs it, a channels_last sample, compiled as CompiledCall compiles on CUDA (torch.compile, static
+    shapes, inductor's options; on CPU likewise, where the fast path would load an AOTInductor package of the
+    same graph instead) and on CUDA replayed from a CUDA graph, as the executor replays it.
+    Not reproduced (the same for both choices, and costly to rebuild at load): the fast path's text constants
+    (text_constants.py: the text-only projections leave the step; the attention itself sees the same shapes),
+    its other row buckets, and a whole step's capture (guidance and sampler update beside the U-Net)."""
+    from engine.backends.compiled import COMPILE_OPTIONS, INDUCTOR_CACHE_ENV, compiled_dir
+
     config = model.config
     dtype = model.dtype
     size = config.sample_size
     sample = torch.randn(2, config.in_channels, size, size, device=device, dtype=dtype)
+    if fast:
+        sample = sample.contiguous(memory_format=torch.channels_last)  # as FastUNet passes it
     timestep = torch.full((2,), 500, device=device)
     text = torch.randn(2, 77, text_width(config), device=device, dtype=dtype)
     sr = config.class_embed_type is not None or config.num_class_embeds is not None
     labels = torch.full((2,), 100, device=device) if sr else None
-    return lambda: model(sample, timestep, encoder_hidden_states=text, class_labels=labels, return_dict=False)
+
+    def call():
+        return model(sample, timestep, encoder_hidden_states=text, class_labels=labels, return_dict=False)[0]
+
+    if not fast:
+        return call
+    # As CompiledCall sets them: inductor's cache where the fast path keeps it, and room for one graph per U-Net
+    # and choice, all through this one function (past dynamo's limit it would run uncompiled, unsaid)
+    os.environ.setdefault(INDUCTOR_CACHE_ENV, str(compiled_dir() / "inductor"))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = torch.compile(call, dynamic=False, options=dict(COMPILE_OPTIONS[device.type]))
+    if device.type != "cuda":
+        return compiled
+    # Captured as executor._capture does (warm-up calls on a side stream first), in a memory pool of its own
+    # that goes with the graph once timed.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            compiled()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        compiled()
+    return graph.replay
 
 
 def text_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,15 +111,22 @@ class TorchComponents:
         from diffusers import UNet2DConditionModel
 
         model = self._diffusers(UNet2DConditionModel, stage.directory / "unet", "U-Net", self.dtype).to(self.home)
-        attention = self.attention
+        attention, seconds = self.attention, None
         if attention == "auto" and self.home != self.device:  # offloaded: not on the GPU to be timed there
             attention = "triton"
-        if attention == "auto":  # timed here, on the device it runs on
-            attention, seconds = by_timing(model, example_call(model, self.device), self.device)
-            log.info("%s: attention=%s (median of %d calls: %s)", stage.name, attention, TIMED_CALLS,
+        if attention == "auto":  # timed here, on the device it runs on, in the form it runs in (example_call)
+            if self.device.type == "cuda":
+                model.to(memory_format=torch.channels_last)  # TorchUNet's layout there
+            attention, seconds = by_timing(model, lambda: example_call(model, self.device, self.fast),
+                                           timer_for(self.device))
+            log.info("%s: attention=%s (median of %d calls, %s: %s)", stage.name, attention, TIMED_CALLS,
+                     "compiled and replayed as the fast path runs it" if self.fast else "eager",
                      ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items()))
         unet = TorchUNet(model, attention, self.device)
-        return FastUNet(unet, stage.directory / "unet") if self.fast else unet
+        chosen = FastUNet(unet, stage.directory / "unet") if self.fast else unet
+        if seconds is not None:  # what chose it, median seconds per choice; .attention is its argmin
+            unet.attention_seconds = chosen.attention_seconds = seconds
+        return chosen
 
     def vae_decoder(self, stage):
         from diffusers import AutoencoderKL
@@ -172,6 +215,8 @@ def _up(m, blocks, x, skips: tuple, emb, hidden, odd: bool):
 
 class TorchUNet:
     """Calls a diffusers `UNet2DConditionModel` with named tensors and returns its output tensor."""
+
+    attention_seconds: dict[str, float] | None = None  # attention="auto": median seconds per choice (by_timing)
 
     def __init__(self, model, attention: str = "sdpa", device: torch.device | None = None):
         self.model = model.eval().requires_grad_(False)
