@@ -48,8 +48,9 @@ from engine.batch_job import Row, row_request  # noqa: E402
 STEP_MIX = [["smart27", 15], [20, 10], [10, 6], [27, 15]]
 
 
-def rows(count: int) -> list[dict]:
-    return [{"prompt": caption(scene), "seed": k, "steps": STEP_MIX[k % len(STEP_MIX)]}
+def rows(count: int, steps: list | None = None) -> list[dict]:
+    """`count` held-out captions, each with its seed and steps (STEP_MIX in turn, or every row `steps`)."""
+    return [{"prompt": caption(scene), "seed": k, "steps": steps or STEP_MIX[k % len(STEP_MIX)]}
             for k, scene in enumerate(held_out_scenes(count))]
 
 
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="with --fast-vs-eager: cpu or cuda")
     parser.add_argument("--fast-vs-eager", action="store_true",
                         help="engine.batch with the fast path against without it, instead of against a loop")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="every row's steps per stage (default: STEP_MIX in turn); the campaign's rehearsal: few")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--ray", action="store_true",
                         help="jobs on a local Ray cluster (1 and several workers) against the job on one process")
@@ -71,7 +74,7 @@ def main() -> None:
         return on_ray(args)
 
     pipe = engine.load(engine.DEFAULT_MODEL, device="cpu")
-    work = rows(args.rows)
+    work = rows(args.rows, args.steps)
     requests = [row_request(Row(k + 1, fields)) for k, fields in enumerate(work)]
     pipe.run(requests[0])  # warm-up
     loop_rates, batch_rates = [], []
@@ -91,7 +94,7 @@ def main() -> None:
     ratios = [b / loop for b, loop in zip(batch_rates, loop_rates)]
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "engine": engine.__version__,
-              "command": " ".join(sys.argv), "rows": args.rows, "max_batch": args.max_batch, "step_mix": STEP_MIX,
+              "command": " ".join(sys.argv), "rows": args.rows, "max_batch": args.max_batch, "step_mix": [args.steps] if args.steps else STEP_MIX,
               "loop_images_per_s": loop_rates, "batch_images_per_s": batch_rates, "ratios": ratios,
               "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
     print(f"| loop of generate() | {np.median(loop_rates):.2f} images/s ({min(loop_rates):.2f}-{max(loop_rates):.2f}) |")
@@ -116,7 +119,7 @@ def timed_batch(pipe, work, max_batch: int):
 def fast_vs_eager(args) -> None:
     eager = engine.load(engine.DEFAULT_MODEL, device=args.device, fast=False)
     fast = engine.load(engine.DEFAULT_MODEL, device=args.device, fast=True)
-    work = rows(args.rows)
+    work = rows(args.rows, args.steps)
     eager.run(row_request(Row(1, work[0])))  # warm-up
     rates = {"eager": [], "fast": []}
     warmups = []
@@ -133,7 +136,7 @@ def fast_vs_eager(args) -> None:
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "engine": engine.__version__, "command": " ".join(sys.argv),
-              "rows": args.rows, "max_batch": args.max_batch, "step_mix": STEP_MIX,
+              "rows": args.rows, "max_batch": args.max_batch, "step_mix": [args.steps] if args.steps else STEP_MIX,
               "eager_images_per_s": rates["eager"], "fast_images_per_s": rates["fast"], "fast_warmup_s": warmups,
               "ratios": ratios, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
               "ratio_max": max(ratios)}
@@ -160,7 +163,7 @@ def on_ray(args) -> None:
     variants = {"one process": None, "ray, 1 worker x 1 CPU": RayOptions(workers=1, num_cpus=1),
                 f"ray, 1 worker x {cpus} CPUs": RayOptions(workers=1, num_cpus=cpus),
                 f"ray, {cpus} workers x 1 CPU": RayOptions(workers=cpus, num_cpus=1)}
-    work = rows(args.rows)
+    work = rows(args.rows, args.steps)
     rates = {name: [] for name in variants}
     busy = {name: [] for name in variants}  # per worker, images/s while busy
     for round_ in range(args.rounds):

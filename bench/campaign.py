@@ -114,6 +114,7 @@ class Part:
     command: Callable[[Mode], list[str] | None]
     unless: Callable[[Mode], str | None] = lambda mode: None
     env: tuple[tuple[str, str], ...] = ()  # extra environment, both modes
+    rehearse_env: tuple[tuple[str, str], ...] = ()  # extra environment in the rehearsal only
 
 
 def _cuda_only(reason: str) -> Callable[[Mode], str | None]:
@@ -144,7 +145,8 @@ PARTS = (
          lambda m: _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_attention_kernel.py",
                            *m.pick([], ["-k", "test_head_dims_and_dtypes and float32 and 64"]))),
     Part("attention", 2, 40, "the attention kernel against SDPA per real shape (no compile)",
-         lambda m: _python("bench/attention.py", *m.pick([], ["--smoke"]), "--json", m.json("attention"))),
+         lambda m: _python("bench/attention.py", *m.pick([], ["--smoke"]), "--json", m.json("attention")),
+         rehearse_env=(("TRITON_INTERPRET", "1"),)),  # the kernel on CPU tensors: Triton's interpreter
     Part("attention_auto", 2, 90,
          "attention='auto' on the real-size U-Nets: each timed with SDPA and the kernel as it will run, the "
          "choice and both times",
@@ -158,7 +160,8 @@ PARTS = (
                            "--rounds", m.pick("4", "2"), "--json", m.json("presets_real"))),
     Part("batch_fast", 2, 45, "engine.batch with and without the fast path on the packaged model",
          lambda m: _python("bench/batch_throughput.py", "--fast-vs-eager", "--device", m.device,
-                           "--rows", m.pick("32", "2"), "--rounds", m.pick("2", "1"), "--json",
+                           "--rows", m.pick("32", "2"), "--rounds", m.pick("2", "1"),
+                           *m.pick([], ["--steps", "2", "2"]), "--json",
                            m.json("batch_fast"))),
     Part("serve_fast", 2, 55, "the server with and without the fast path at one offered load",
          lambda m: _python("bench/serve_load.py", "--fast-vs-eager", "--device", m.device,
@@ -208,6 +211,8 @@ def part_env(part: Part | None, mode: Mode | None = None) -> dict[str, str]:
         env.update(CASCADE_FAST_COMPILE="0", CASCADE_BENCH_COMPILE_BACKEND="eager", CASCADE_GPU_TESTS_ON_CPU="1",
                    CUDA_VISIBLE_DEVICES="")
     env.update(part.env if part else ())
+    if mode is not None and mode.rehearse and part is not None:
+        env.update(part.rehearse_env)
     return env
 
 
@@ -320,8 +325,10 @@ def summary(work: Path, lines: list[str]) -> str:
                             f"{row['p50_ms']:.2f} | {row.get('p90_ms', 0):.2f} | {shown} |")
         elif isinstance(rows, list):
             text += [f"- {json.dumps(row)[:300]}" for row in rows[:20]]
-        else:
-            text.append(f"- figures: {', '.join(list(report)[:20])}")
+        else:  # a script's own report: its figures (numbers and short values) as they are
+            text += [f"- {key}: {json.dumps(value)[:200]}" for key, value in report.items()
+                     if isinstance(value, (int, float, bool)) or (isinstance(value, list) and len(value) <= 8)
+                     or (isinstance(value, str) and len(value) <= 80)]
         text.append("")
     return "\n".join(text)
 
@@ -379,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [p.name for p in PARTS if p.call == parts[0].call and PARTS.index(p) < PARTS.index(parts[0])]
     if skipped and not args.all:
         lines.append(f"not run this time (before {parts[0].name} in call {parts[0].call}): {', '.join(skipped)}")
-    out.say(lines[-1])
+    out.say("\n".join(lines[len(previous):]))
     failed = False
     for part in parts:
         line, status, _ = run_part(part, mode, out)

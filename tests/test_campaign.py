@@ -133,11 +133,11 @@ def test_rehearsal_runs_every_part_and_a_resume_from_the_middle(tmp_path):
     assert any(r["component"].startswith("whole cascade") and r["variant"] == "eager" for r in headline["rows"])
     assert "## headline" in (out / "summary.md").read_text()
 
-    resumed = subprocess.run(["bash", "bench/gpu_campaign.sh", "--rehearse", "batch_fast"], cwd=ROOT, env=env,
+    resumed = subprocess.run(["bash", "bench/gpu_campaign.sh", "--rehearse", "serve_fast"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     last = (out / "parts.txt").read_text().split("\n== ")[-1]
-    assert "not run this time (before batch_fast in call 2): kernel_tests, attention" in last
+    assert "not run this time (before serve_fast in call 2): kernel_tests, attention" in last
     ran = [line.split(":")[0] for line in last.splitlines()[2:] if line]
-    assert ran == ["batch_fast", "serve_fast", "offload"], last
+    assert ran == ["serve_fast", "offload"], last
     assert sorted(p.name for p in out.iterdir()) == sorted(campaign.OUT_FILES)
