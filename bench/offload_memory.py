@@ -7,6 +7,13 @@ the seconds each part takes to go on.
 The models are the published architectures (engine/configs/real_size.json) with uninitialised weights: memory
 and copy times do not depend on the values. Each phase runs its part's forward once at the plan's shapes. The
 GPU issue's targets: a peak of at most 12 GB, and the plan within 10% of every phase.
+
+What is resident, per phase: the running part, and beside it the next part where the offloader copied it ahead
+(engine/offload.py: only where free memory is PREFETCH_MARGIN times its size, so always on a large card and
+never on the 16 GB card the targets are for). The peak is measured from the moment the running part is on
+(the part before it already off), and the verdicts are judged on the phase's own peak: the measured peak less
+the bytes of the part copied ahead, which the plan does not count (a card that cannot hold both copies none
+ahead). Both figures are reported.
 """
 
 from __future__ import annotations
@@ -52,26 +59,49 @@ def main(argv=None) -> dict:
     offloader = Offloader([Part(p.name, modules[p.name], [modules[p.name]], pin=True) for p in parts], device, "model")
     report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "dtype": args.dtype,
               "images": args.images, "phases": []}
+    by_name = {p.name: p for p in offloader.parts}
     with torch.inference_mode():
         for part, planned in zip(parts, plan.phases):
+            came_ahead = part.name in offloader.ahead
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            offloader.activate(next(p for p in offloader.parts if p.name == part.name))
-            torch.cuda.synchronize()
+            offloader.activate(by_name[part.name])
+            # until the part is usable on the compute stream (a device-wide sync would also wait for the next
+            # part's copy ahead, which overlaps this phase)
+            torch.cuda.current_stream(device).synchronize()
             on_seconds = time.perf_counter() - start
+            ahead = offloader.ahead  # copied ahead by this activation, beside the running part
+            ahead_bytes = sum(by_name[name].bytes for name in ahead)
+            # The part before, if it came ahead, is freed only once the allocator sees its last use done
+            # (record_stream): empty_cache settles that, so the peak from here holds the running part, what is
+            # copied ahead, and the call's own memory
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
             inputs, options = phase_inputs(part, args.images, device)
             modules[part.name](*inputs, **options)
             torch.cuda.synchronize()
             measured = torch.cuda.max_memory_allocated(device)
-            report["phases"].append({"part": part.name, "measured_bytes": measured, "planned_bytes": planned.total,
-                                     "plan_error": planned.total / measured - 1, "on_seconds": on_seconds,
-                                     "weights_gb_per_s": planned.weights / on_seconds / 1e9})
-            print(f"{part.name:16} measured {measured / 1e9:6.2f} GB, planned {planned.total / 1e9:6.2f} GB "
-                  f"({planned.total / measured - 1:+.1%}); on in {on_seconds:.2f} s")
-    report["peak_bytes"] = max(p["measured_bytes"] for p in report["phases"])
+            own = measured - ahead_bytes  # the phase's own peak: what the plan models and the targets judge
+            report["phases"].append({
+                "part": part.name, "resident": list(offloader.resident), "running_bytes": by_name[part.name].bytes,
+                "ahead": ahead, "ahead_bytes": ahead_bytes, "measured_bytes": measured, "phase_bytes": own,
+                "planned_bytes": planned.total, "plan_error": planned.total / own - 1,
+                "within_10_percent": abs(planned.total / own - 1) <= 0.10, "came_ahead": came_ahead,
+                "on_seconds": on_seconds,
+                # a copy made ahead overlapped the phase before: its on_seconds is a wait, not a transfer
+                "weights_gb_per_s": None if came_ahead else planned.weights / on_seconds / 1e9})
+            beside = f" + {', '.join(ahead)} ahead {ahead_bytes / 1e9:.2f} GB" if ahead else ""
+            print(f"{part.name:16} phase {own / 1e9:6.2f} GB{beside}, planned {planned.total / 1e9:6.2f} GB "
+                  f"({planned.total / own - 1:+.1%}); on in {on_seconds:.2f} s{' (came ahead)' if came_ahead else ''}")
+    report["peak_bytes"] = max(p["phase_bytes"] for p in report["phases"])
+    report["peak_with_ahead_bytes"] = max(p["measured_bytes"] for p in report["phases"])
     report["planned_peak_bytes"] = plan.peak
-    print(f"peak {report['peak_bytes'] / 1e9:.2f} GB (target <= 12 GB); planned {plan.peak / 1e9:.2f} GB")
+    report["peak_within_12_gb"] = report["peak_bytes"] <= 12e9
+    report["plan_within_10_percent"] = all(p["within_10_percent"] for p in report["phases"])
+    print(f"peak {report['peak_bytes'] / 1e9:.2f} GB without the part copied ahead (target <= 12 GB: "
+          f"{'met' if report['peak_within_12_gb'] else 'MISSED'}), {report['peak_with_ahead_bytes'] / 1e9:.2f} GB "
+          f"with it; planned {plan.peak / 1e9:.2f} GB (within 10% of every phase: "
+          f"{'yes' if report['plan_within_10_percent'] else 'NO'})")
     save_json(report, args.json)
     return report
 

@@ -181,7 +181,8 @@ def _load_model(paths, spec, device, dtype, revision, options: dict, text_encode
         text_device = options.get("text_encoder_device")
         try:
             refuse_what_cannot_fit(specs, dtype, options.get("offload"),
-                                   text_device is None or text_device == device, images_per_call, device)
+                                   text_device is None or text_device == device, images_per_call, device,
+                                   fast=bool(options.get("fast")))
         except InvalidRequestError:
             raise
         except Exception as exc:  # a model the plan cannot build on the meta device: loading goes on without it

@@ -98,6 +98,11 @@ class Offloader:
     def bytes(self) -> int:
         return sum(part.bytes for part in self.parts)
 
+    @property
+    def ahead(self) -> list[str]:
+        """The parts copied ahead (on the device beside the resident ones, until their turn)."""
+        return list(self._ahead)
+
     def activate(self, part: Part) -> None:
         """`part` on the device, every other part off (mode "model"); the next part copied ahead if it fits."""
         if part.name in self.resident:

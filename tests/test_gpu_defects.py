@@ -212,3 +212,72 @@ def test_the_timed_call_is_two_rows_at_the_models_size(cascade_dir):
     size = model.config.sample_size
     assert shapes == [((2, model.config.in_channels, size, size), False)]
     assert out.shape == (2, model.config.out_channels, size, size)
+
+
+# -- the memory plan on the fast path --------------------------------------------------------------------------
+
+def _bytes(*tensors) -> int:
+    """Bytes of the tensors given (None skipped; a dict's values)."""
+    found = []
+    for t in tensors:
+        found += list(t.values()) if isinstance(t, dict) else [] if t is None else [t]
+    return sum(t.numel() * t.element_size() for t in found)
+
+
+def test_the_plans_static_buffers_are_what_the_executor_allocates(fast_pipe, cascade_dir):
+    """static_buffers from the configs on the meta device, against the executor's own buffers on CPU (the same
+    shapes it makes on CUDA): a RowBuffers per row bucket a 1-image request's calls run at, and the StepRunner of
+    a 1-image run at the stage's default steps."""
+    from engine.model_dir import read_stages, stage_dirs
+    from engine.plan import build, parts_of, row_buckets, static_buffers
+
+    parts = {p.name: p for p in parts_of(read_stages(stage_dirs([cascade_dir])), torch.float32)}
+    fast_pipe.generate("a red circle", seed=0)  # default steps: one StepRunner per stage
+    text = fast_pipe.text.encode(["a red circle"])  # (1, 77, D)
+    assert row_buckets(1) == [1, 2] and row_buckets(3) == [1, 2, 4, 8] and row_buckets(10) == [1, 2, 4, 8, 16, 20]
+    for stage in fast_pipe.stages:
+        for rows in row_buckets(1):
+            stage.executor.warmup(rows, text)
+        buffers = [b for key, b in stage.executor.buffers.items() if key[0] in (1, 2) and key[-1] == ("unet", 0)]
+        (runner,) = stage.executor.runners.values()
+        allocated = sum(_bytes(b.sample, b.timestep, b.embeddings, b.class_labels, b.values, b.out) for b in buffers)
+        allocated += _bytes(runner.x, runner.model_in, runner.embeddings, runner.class_labels, runner.noise,
+                            runner.index, runner.guidance, runner.values)
+        part = parts[f"{stage.name}.unet"]
+        assert len(buffers) == 2 and static_buffers(build(part), part, 1) == allocated
+
+
+def test_the_fast_paths_memory_grows_with_its_row_buckets(cascade_dir):
+    from engine.model_dir import read_stages, stage_dirs
+    from engine.plan import memory_plan, parts_of
+
+    parts = parts_of(read_stages(stage_dirs([cascade_dir])), torch.float16)
+    eager, one, four = memory_plan(parts, images=1), memory_plan(parts, images=1, fast=True), \
+        memory_plan(parts, images=4, fast=True)
+    assert eager.static == 0 and eager.graph_pool == 0 and all(p.static == 0 for p in eager.phases)
+    assert set(one.static_buffers) == {"stage_I.unet", "stage_II.unet"}
+    for name in one.static_buffers:  # buckets 1, 2 against 1, 2, 4, 8
+        assert four.static_buffers[name] > one.static_buffers[name] > 0
+    assert four.graph_pool > one.graph_pool > 0  # the largest bucket's activations: 8 rows against 2
+    assert all(p.static == one.static for p in one.phases)  # made at a stage's first call, kept in every phase
+    assert one.peak == eager.peak + one.static
+    assert "fast path's static buffers and graph pool" in one.table() and "CUDA-graph pool" in one.table()
+
+
+def test_a_load_that_fits_only_without_the_fast_paths_buffers_is_refused_naming_them(cascade_dir):
+    from engine.errors import InvalidRequestError
+    from engine.model_dir import read_stages, stage_dirs
+    from engine.plan import memory_plan, parts_of, refuse_what_cannot_fit
+
+    specs = read_stages(stage_dirs([cascade_dir]))
+    cuda = torch.device("cuda")
+    eager = memory_plan(parts_of(specs, torch.float16)).peak
+    fast = memory_plan(parts_of(specs, torch.float16), fast=True).peak
+    free = (eager + fast) // 2
+    assert refuse_what_cannot_fit(specs, torch.float16, None, True, 1, cuda, free=free).peak == eager
+    with pytest.raises(InvalidRequestError, match=r"(?s)GB of them the fast path's static buffers and CUDA-graph "
+                                                  r"pool, for row buckets up to 2 rows\), which has .*load it with "
+                                                  r"fast=False \(--no-fast\)\n.*CUDA-graph pool"):
+        refuse_what_cannot_fit(specs, torch.float16, None, True, 1, cuda, free=free, fast=True)
+    with pytest.raises(InvalidRequestError, match="fast=False \\(--no-fast\\), and offload='model'"):
+        refuse_what_cannot_fit(specs, torch.float16, None, True, 1, cuda, free=1000, fast=True)
