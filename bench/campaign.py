@@ -147,11 +147,11 @@ PARTS = (
     Part("attention", 2, 40, "the attention kernel against SDPA per real shape (no compile)",
          lambda m: _python("bench/attention.py", *m.pick([], ["--smoke"]), "--json", m.json("attention")),
          rehearse_env=(("TRITON_INTERPRET", "1"),)),  # the kernel on CPU tensors: Triton's interpreter
-    Part("attention_auto", 2, 90,
-         "attention='auto' on the real-size U-Nets: each timed with SDPA and the kernel as it will run, the "
-         "choice and both times",
+    Part("attention_auto", 2, 60,
+         "attention='auto' on the real-size U-Nets as the eager runtime runs them (channels_last, CUDA events): "
+         "the choice and both times, no compile",
          lambda m: _python("bench/attention_auto.py", "--model", f"if-cascade:{m.size}", "--device", m.device,
-                           "--json", m.json("attention_auto"))),
+                           "--no-fast", "--json", m.json("attention_auto"))),
     Part("presets_real", 2, 90,
          "the packaged model's presets (turbo: feature caching) against the defaults on the real-size cascade, "
          "whole images interleaved, eager U-Nets (no compile)",
@@ -185,6 +185,11 @@ PARTS = (
                           *m.pick([], ["--fast"]))),
     Part("shapes", 3, 40, "the packaged cascade, ours on the fast path against diffusers",
          lambda m: _bench(m, "shapes", ["shapes"], "--fast", *m.pick([], ["--steps", "2", "2"]))),
+    Part("attention_auto_fast", 3, 240,
+         "attention='auto' as the fast path runs it: each choice compiled and replayed from a graph, per U-Net "
+         "(four real-size compiles, about 60 s each)",
+         lambda m: _python("bench/attention_auto.py", "--model", f"if-cascade:{m.size}", "--device", m.device,
+                           "--fast", "--json", m.json("attention_auto_fast"))),
     Part("native", 3, 20, "the native kernel library's GPU test (carried in .native/)",
          lambda m: [str(ROOT / ".native/test_gpu_attention")],
          unless=lambda m: _cuda_only("it opens libcuda")(m) or (
