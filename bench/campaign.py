@@ -121,8 +121,10 @@ def _cuda_only(reason: str) -> Callable[[Mode], str | None]:
     return lambda mode: f"no CPU form: {reason}" if mode.rehearse else None
 
 
+FAST_TESTS = "fast_path or scheduler or auto_attention"  # the GPU tests that compile (tiny U-Nets, per shape)
+
 PARTS = (
-    # -- call 1: the headline first, then the tests that say it can be trusted, then the torch.compile peer ----
+    # -- call 1: the headline first, then the tests that say it can be trusted --------------------------------
     Part("headline", 1, 240,
          "the real-size cascade (T5-XXL, IF-I-XL, IF-II-L) made in memory: each U-Net's CFG step, diffusers "
          "eager against ours (the fast path: compiled, captured), then whole images with T5-XXL, ours against "
@@ -130,23 +132,37 @@ PARTS = (
          lambda m: _bench(m, "headline", [f"if-cascade:{m.size}"], "--compare", "eager,ours",
                           "--iters", m.pick("20", "2"), "--whole-iters", m.pick("3", "1"),
                           *m.pick([], ["--steps", "2", "2", "--fast"]))),
-    Part("tests", 1, 120,
-         "tests/test_gpu.py on the tiny cascade: half precision, the fast path's capture and replay, the "
-         "scheduler's graphs, offload, each against an eager float32 run; the known-fragile test last",
-         lambda m: _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py")),
-    Part("compile_peer", 1, 120,
+    Part("tests", 1, 60,
+         "tests/test_gpu.py without a compile: half precision and float32 against CPU float32 (the fragile "
+         "test last, with the float32 check beside it that says whether a failure is the device path or the "
+         "precision), offload, ONNX Runtime and TensorRT where present",
+         lambda m: _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "-k",
+                           f"not ({FAST_TESTS})")),
+    Part("tests_fast", 1, 120,
+         "tests/test_gpu.py's fast path: capture and replay across requests, feature caching in graphs, no "
+         "allocation or sync in a replay, the scheduler's graphs, attention='auto'; each against eager float32. "
+         "One shared pipeline: the tiny U-Nets compile once per shape and call kind (seconds each)",
+         lambda m: _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "-k", FAST_TESTS)),
+    Part("attention", 1, 40, "the attention kernel against SDPA per real shape (no compile)",
+         lambda m: _python("bench/attention.py", *m.pick([], ["--smoke"]), "--json", m.json("attention")),
+         rehearse_env=(("TRITON_INTERPRET", "1"),)),  # the kernel on CPU tensors: Triton's interpreter
+    Part("native", 1, 20, "the native kernel library's GPU test (carried in .native/)",
+         lambda m: [str(ROOT / ".native/test_gpu_attention")],
+         unless=lambda m: _cuda_only("it opens libcuda")(m) or (
+             None if (ROOT / ".native/libcascade_kernels.so").is_file() else
+             "no .native/: build it here with bash bench/gpu_checks.sh --fetch-wheels and carry it"),
+         env=(("CASCADE_KERNELS_LIB", str(ROOT / ".native/libcascade_kernels.so")),
+              ("LD_LIBRARY_PATH", str(ROOT / ".native")))),
+    # -- call 2, by value: the torch.compile peer first ---------------------------------------------------------
+    Part("compile_peer", 2, 150,
          "diffusers' U-Nets under torch.compile (mode default: no max-autotune) beside eager, IF-I-XL then "
          "IF-II-L, each compile timed as its first call; inductor's own compile times decide the box",
          lambda m: _bench(m, "compile_peer", [f"if-i-xl:{m.size}", f"if-ii-l:{m.size}"], "--compare",
                           "eager,compile", "--compile-mode", "default")),
-    # -- call 2, by value ----------------------------------------------------------------------------------
     Part("kernel_tests", 2, 60,
          "the attention kernel's tests on CUDA (autotuned per key: its box holds the tuning)",
          lambda m: _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_attention_kernel.py",
                            *m.pick([], ["-k", "test_head_dims_and_dtypes and float32 and 64"]))),
-    Part("attention", 2, 40, "the attention kernel against SDPA per real shape (no compile)",
-         lambda m: _python("bench/attention.py", *m.pick([], ["--smoke"]), "--json", m.json("attention")),
-         rehearse_env=(("TRITON_INTERPRET", "1"),)),  # the kernel on CPU tensors: Triton's interpreter
     Part("attention_auto", 2, 60,
          "attention='auto' on the real-size U-Nets as the eager runtime runs them (channels_last, CUDA events): "
          "the choice and both times, no compile",
@@ -161,8 +177,7 @@ PARTS = (
     Part("batch_fast", 2, 45, "engine.batch with and without the fast path on the packaged model",
          lambda m: _python("bench/batch_throughput.py", "--fast-vs-eager", "--device", m.device,
                            "--rows", m.pick("32", "2"), "--rounds", m.pick("2", "1"),
-                           *m.pick([], ["--steps", "2", "2"]), "--json",
-                           m.json("batch_fast"))),
+                           *m.pick([], ["--steps", "2", "2"]), "--json", m.json("batch_fast"))),
     Part("serve_fast", 2, 55, "the server with and without the fast path at one offered load",
          lambda m: _python("bench/serve_load.py", "--fast-vs-eager", "--device", m.device,
                            "--requests", m.pick("24", "2"), "--overload", m.pick("4", "1"),
@@ -170,10 +185,10 @@ PARTS = (
                            "--json", m.json("serve_fast")),
          unless=lambda m: None if _have("fastapi") and _have("uvicorn") and _have("httpx") else
          "FastAPI, uvicorn or httpx missing: carry .whl (bash bench/gpu_checks.sh --fetch-wheels)"),
-    Part("offload", 2, 60, "offload='model' on the real-size cascade: each phase's peak against the plan",
+    # -- call 3 ----------------------------------------------------------------------------------------------
+    Part("offload", 3, 60, "offload='model' on the real-size cascade: each phase's peak against the plan",
          lambda m: _python("bench/offload_memory.py", "--json", m.json("offload")),
          unless=_cuda_only("it reads the CUDA allocator's peaks")),
-    # -- call 3 ----------------------------------------------------------------------------------------------
     Part("gate_float16", 3, 30, "the quality gate in float16 on the packaged model (within 2 points of float32)",
          lambda m: _python("-m", "engine", "eval", "--device", m.device, "--dtype", m.pick("float16", "float32"),
                            "--count", m.pick("64", "2"), "--quiet", "--json", m.json("gate_float16"))),
@@ -185,22 +200,16 @@ PARTS = (
                           *m.pick([], ["--fast"]))),
     Part("shapes", 3, 40, "the packaged cascade, ours on the fast path against diffusers",
          lambda m: _bench(m, "shapes", ["shapes"], "--fast", *m.pick([], ["--steps", "2", "2"]))),
-    Part("attention_auto_fast", 3, 240,
-         "attention='auto' as the fast path runs it: each choice compiled and replayed from a graph, per U-Net "
-         "(four real-size compiles, about 60 s each)",
-         lambda m: _python("bench/attention_auto.py", "--model", f"if-cascade:{m.size}", "--device", m.device,
-                           "--fast", "--json", m.json("attention_auto_fast"))),
-    Part("native", 3, 20, "the native kernel library's GPU test (carried in .native/)",
-         lambda m: [str(ROOT / ".native/test_gpu_attention")],
-         unless=lambda m: _cuda_only("it opens libcuda")(m) or (
-             None if (ROOT / ".native/libcascade_kernels.so").is_file() else
-             "no .native/: build it here with bash bench/gpu_checks.sh --fetch-wheels and carry it"),
-         env=(("CASCADE_KERNELS_LIB", str(ROOT / ".native/libcascade_kernels.so")),
-              ("LD_LIBRARY_PATH", str(ROOT / ".native")))),
     Part("ort_cuda", 3, 40, "ONNX Runtime's CUDA provider against torch (bench/gpu_ort.sh stages its build)",
          lambda m: _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "-k", "onnxruntime"),
          unless=lambda m: None if m.rehearse or _ort_cuda() else
          "onnxruntime has no CUDA provider here: stage it first (bash bench/gpu_ort.sh)"),
+    # -- call 4: the costliest left --------------------------------------------------------------------------
+    Part("attention_auto_fast", 4, 240,
+         "attention='auto' as the fast path runs it: each choice compiled and replayed from a graph, per U-Net "
+         "(four real-size compiles, about 60 s each)",
+         lambda m: _python("bench/attention_auto.py", "--model", f"if-cascade:{m.size}", "--device", m.device,
+                           "--fast", "--json", m.json("attention_auto_fast"))),
 )
 BY_NAME = {part.name: part for part in PARTS}
 CALLS = sorted({part.call for part in PARTS})
