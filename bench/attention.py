@@ -149,17 +149,19 @@ def main(argv=None) -> dict:
         shapes = cascade_shapes(json.loads(CONFIGS.read_text())) + long_shapes()
         batches, iters, warmup, peak_n = args.batches, args.iters, args.warmup, 8192
     peak = matmul_peak_tflops(torch.device(device), dtype, peak_n, iters)
-    rows = [measure(s, b, dtype, device, iters, warmup, peak)
-            for s in shapes for b in (batches if s["name"].startswith("IF") or args.smoke else [1])]
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "triton": __import__("triton").__version__, "dtype": args.dtype,
         "command": command_line(argv, "attention.py"),
-        "matmul_peak_tflops": peak, "rows": rows,
+        "matmul_peak_tflops": peak, "complete": False, "rows": [],
     }
-    print(table(rows, peak))
-    save_json(report, args.json)
+    todo = [(s, b) for s in shapes for b in (batches if s["name"].startswith("IF") or args.smoke else [1])]
+    for k, (shape, batch) in enumerate(todo):
+        report["rows"].append(measure(shape, batch, dtype, device, iters, warmup, peak))
+        report["complete"] = k + 1 == len(todo)
+        save_json(report, args.json)  # after every shape: a run stopped early keeps what it measured
+    print(table(report["rows"], peak))
     return report
 
 

@@ -43,6 +43,7 @@ import engine  # noqa: E402
 from engine.demo.evaluate import held_out_scenes  # noqa: E402
 from engine.demo.shapes import caption  # noqa: E402
 from engine.batch_job import Row, row_request  # noqa: E402
+from engine.bench.report import save_json  # noqa: E402
 
 # Mixed per-row settings: (stage I steps, stage II steps), cycled over the rows.
 STEP_MIX = [["smart27", 15], [20, 10], [10, 6], [27, 15]]
@@ -131,6 +132,9 @@ def fast_vs_eager(args) -> None:
         warmups.append(warm)
         print(f"round {round_ + 1}: batch {rates['eager'][-1]:.2f} images/s, batch --fast {rate:.2f} images/s "
               f"(warm-up {warm:.1f} s), {rate / rates['eager'][-1]:.2f}x", file=sys.stderr)
+        save_json({"benchmark": "batch_fast_vs_eager", "complete": False, "rounds_done": round_ + 1,
+                   "eager_images_per_s": rates["eager"], "fast_images_per_s": rates["fast"],
+                   "fast_warmup_s": warmups}, args.json)  # kept if the run stops before its end
     ratios = [f / e for f, e in zip(rates["fast"], rates["eager"])]
     report = {"benchmark": "batch_fast_vs_eager", "date": time.strftime("%Y-%m-%d"),
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -146,9 +150,7 @@ def fast_vs_eager(args) -> None:
               f"({min(values):.2f}-{max(values):.2f}) |")
     print(f"| ratio | {report['ratio_median']:.2f}x ({report['ratio_min']:.2f}-{report['ratio_max']:.2f}) |")
     print(f"| fast warm-up | {', '.join(f'{w:.1f} s' for w in warmups)} (the first compiles, later ones load) |")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save_json({**report, "complete": True}, args.json)
 
 
 def on_ray(args) -> None:

@@ -325,6 +325,10 @@ def main(argv=None) -> dict:
         base_rate = float(args.rate)
 
     loads = []
+    frame = {"benchmark": "serve_load", "command": command_line(argv, "serve_load.py"),
+             **environment(resolve_device(args.device)), "model": args.model, "base_rate_per_s": base_rate,
+             "steps": args.steps, "mixed_steps": args.mixed_steps, "max_batch": args.max_batch,
+             "repeat": args.repeat, "fast_vs_eager": args.fast_vs_eager}
     for overload in args.overload:
         rate = base_rate * overload
         count = args.requests if args.seconds is None else max(2, round(rate * args.seconds))
@@ -336,14 +340,13 @@ def main(argv=None) -> dict:
             for policy in (FAST_VARIANTS if args.fast_vs_eager else POLICY_VARIANTS):
                 policies[policy] = run_policy(args, policy, requests, arrivals)
                 print(f"{overload:g}x seed {seed} {policy:8s} {policies[policy]}", flush=True)
+                save_json({**frame, "complete": False, "loads": loads,  # kept if the run stops before its end
+                           "running": {"overload": overload, "seed": seed, "policies": policies}}, args.json)
             repeats.append({"seed": seed, "policies": policies, **target(policies)})
         loads.append({"overload": overload, "rate_per_s": rate, "requests": count, "repeats": repeats,
                       **summary(repeats)})
 
-    report = {"benchmark": "serve_load", "command": command_line(argv, "serve_load.py"),
-              **environment(resolve_device(args.device)), "model": args.model, "base_rate_per_s": base_rate,
-              "steps": args.steps, "mixed_steps": args.mixed_steps, "max_batch": args.max_batch,
-              "repeat": args.repeat, "fast_vs_eager": args.fast_vs_eager, "loads": loads}
+    report = {**frame, "complete": True, "loads": loads}
     print_tables(report)
     save_json(report, args.json)
     return report

@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--offload", choices=OFFLOAD_MODES, default=None)
     pln.add_argument("--text-encoder-device", choices=("cpu",), default=None, help="cpu: T5 off the device")
     pln.add_argument("--images", type=int, default=1, help="images per U-Net call (a server: its --max-batch)")
+    pln.add_argument("--fast", action="store_true",
+                     help="the U-Nets on the fast path: its static buffers per row bucket and its CUDA-graph pool "
+                          "counted in every phase (what engine.load checks on CUDA, where fast is the default)")
     pln.add_argument("--gpu-memory", default=None, metavar="SIZE",
                      help="say whether it fits, e.g. 16GB or 24GiB (exit status 1 if not)")
     bat = commands.add_parser("batch", parents=[*loads, _ray_options("run on a Ray cluster's workers (Ray Data)")],
@@ -683,7 +686,8 @@ def plan(args) -> int:
         parts = real_size_parts(dtype, x4=args.real_size == "if+x4")
     else:
         parts = parts_of(read_stages(stage_dirs(args.model)), dtype)
-    result = memory_plan(parts, args.offload, args.images, text_on_device=args.text_encoder_device is None)
+    result = memory_plan(parts, args.offload, args.images, text_on_device=args.text_encoder_device is None,
+                         fast=args.fast)
     print(result.table(memory))
     return 0 if memory is None or result.fits(memory) else 1
 

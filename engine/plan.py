@@ -257,7 +257,7 @@ def build(part: PlanPart) -> torch.nn.Module:
             from diffusers import UNet2DConditionModel
 
             module = UNet2DConditionModel.from_config(part.config)
-    return module.to(part.dtype).eval()
+    return torch.nn.Module.to(module, part.dtype).eval()  # not diffusers' .to (it warns)
 
 
 def activation_peak(module: torch.nn.Module, part: PlanPart, images: int, rows: int | None = None) -> int:
