@@ -42,6 +42,7 @@ import uuid
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -284,13 +285,14 @@ def versions() -> dict:
 
 
 def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool = True,
-                source_sha256: str | None = None) -> Path:
+                source_sha256: str | None = None, finish: Callable[[Path, Path], None] | None = None) -> Path:
     """Export the cascade at `paths` (as engine.load takes them) into the directory `out`; returns it.
 
     Built in a temporary directory beside `out` and renamed into place, so `out` is never half-written.
     `out` may be a previous export (it is replaced); any other existing non-empty directory is refused.
     source_sha256: `source_hash` of the model when the caller has it already (the cache does), so a
-    multi-GB model is not read twice.
+    multi-GB model is not read twice. finish: called with (the finished directory, `out`) before the rename
+    (the cache seals its entries there).
     """
     from tqdm.auto import tqdm
 
@@ -345,6 +347,8 @@ def export_onnx(*paths, out: str | Path, dtype: str = "float32", progress: bool 
             "stages": stages,
             "presets": {name: preset.to_json(names) for name, preset in cascade.presets.items()},
         })
+        if finish is not None:
+            finish(work, out)
         replace_directory(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

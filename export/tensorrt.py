@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from engine.backends.tensorrt_api import CURRENT, TensorRT, require_tensorrt
+from engine.cache_dir import owner_only, set_aside, untrusted
 from engine.errors import EngineError
 from engine.exported import manifest as manifest_io
 from engine.options import DEFAULT_MAX_BATCH  # the service's step batch
@@ -82,6 +86,20 @@ def attention_summary(messages: list[tuple[int, str]]) -> dict:
     return {"layers": len(layers), "fused_attention": len(fused), "attention_layers": fused}
 
 
+def _timing_cache_bytes(timing_cache: Path | None) -> bytes | None:
+    """The timing cache's bytes where it is a regular file of ours no one else can write (TensorRT deserialises
+    it); one that is not is reported and set aside (engine/cache_dir.py)."""
+    if timing_cache is None or not os.path.lexists(timing_cache):
+        return None
+    status = timing_cache.lstat()
+    why = untrusted(status) or (None if stat.S_ISREG(status.st_mode) else "it is not a regular file")
+    if why is not None:
+        log.warning("the TensorRT timing cache %s is not read: %s; starting a new one", timing_cache, why)
+        set_aside(timing_cache)
+        return None
+    return timing_cache.read_bytes()
+
+
 def build_engine(api: TensorRT, onnx_path: Path, shapes: dict, targets: tuple[str, ...],
                  timing_cache: Path | None = None) -> tuple[bytes, dict]:
     """(serialized engine, build summary) for one ONNX graph. timing_cache: a file of tactic timings that the
@@ -101,7 +119,7 @@ def build_engine(api: TensorRT, onnx_path: Path, shapes: dict, targets: tuple[st
     for name, shape in shapes.items():
         optimisation.set_shape(name, shape["min"], shape["opt"], shape["max"])
     config.add_optimization_profile(optimisation)
-    known = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
+    known = _timing_cache_bytes(timing_cache)
     cache = api.attach_timing_cache(config, known)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -109,17 +127,22 @@ def build_engine(api: TensorRT, onnx_path: Path, shapes: dict, targets: tuple[st
         raise EngineError(f"TensorRT could not build an engine from {onnx_path}: {'; '.join(logger.errors) or 'no reason given'}")
     if cache is not None and timing_cache is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(bytes(cache.serialize()))
+        partial = timing_cache.with_name(f".{timing_cache.name}.{uuid.uuid4().hex[:8]}")
+        partial.write_bytes(bytes(cache.serialize()))
+        owner_only(partial)
+        os.replace(partial, timing_cache)  # replaces a link, never writes through one
     data = bytes(serialized)
     return data, {"seconds": round(time.perf_counter() - start, 2), "bytes": len(data),
                   **attention_summary(logger.messages)}
 
 
 def build_engines(onnx_dir: str | Path, out: str | Path, targets: tuple[str, ...] | None = None,
-                  max_images: int = DEFAULT_MAX_BATCH, progress: bool = True, timing_cache: Path | None = None) -> Path:
+                  max_images: int = DEFAULT_MAX_BATCH, progress: bool = True, timing_cache: Path | None = None,
+                  finish: Callable[[Path, Path], None] | None = None) -> Path:
     """Engines for every component of the ONNX export at `onnx_dir`, written to `out` (atomically: built beside
     it and renamed); returns `out`. `out` may be an earlier engine directory (replaced), nothing else non-empty.
-    timing_cache: see build_engine (the export cache and the command line keep one in the cache directory)."""
+    timing_cache: see build_engine (the export cache and the command line keep one in the cache directory).
+    finish: called with (the finished directory, `out`) before the rename (the cache seals its entries there)."""
     from tqdm.auto import tqdm
 
     api = require_tensorrt()
@@ -137,7 +160,8 @@ def build_engines(onnx_dir: str | Path, out: str | Path, targets: tuple[str, ...
 
     work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        shutil.copytree(onnx_dir, work, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data", manifest_io.MANIFEST))
+        shutil.copytree(onnx_dir, work, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data", manifest_io.MANIFEST,
+                                                                  ".seal"))
         components = {}
         for name, description in tqdm(source["components"].items(), desc="build tensorrt", disable=not progress):
             shapes = profile(description, max_images)
@@ -158,6 +182,8 @@ def build_engines(onnx_dir: str | Path, out: str | Path, targets: tuple[str, ...
                          "max_images": max_images},
             "components": components, "stages": source["stages"], "presets": source.get("presets", {}),
         }, kind="tensorrt")
+        if finish is not None:
+            finish(work, out)
         replace_directory(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

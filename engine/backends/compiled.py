@@ -12,13 +12,14 @@ fast path on CPU"):
   with inductor's own graph cache kept under the same directory; the fast path captures the compiled call in
   a CUDA graph itself. Not yet measured on a GPU.
 
-Location: cache_dir.cache_root() / "compiled", created owner-only (0700): a package is native code this
-process runs, so the directory is refused if another user owns it, and made owner-only if it is not. A
-package's name is the SHA-256 of its key: the U-Net's source hash (every file of its directory), the call kind,
-the call's shapes and dtypes, the device kind, the compile options and the torch and engine versions. Beside it, NAME.json
-holds that key and the package's own SHA-256; a package is loaded only when both match (else it is reported
-and rebuilt), and one that fails to load is rebuilt too. Written to temporary names and renamed, so never
-half-written.
+Location: cache_dir.cache_dir("compiled"), owner-only, refused if it is a symlink, another user's or writable
+by others (engine/cache_dir.py says why): a package is native code this process runs. A package's name is the
+SHA-256 of its key: the U-Net's source hash (every file of its directory), the call kind, the call's shapes and
+dtypes, the device kind, the compile options and the torch and engine versions. Beside it, NAME.json holds that
+key, the package's own SHA-256 and the cache's seal over both (an HMAC only this account can compute). A package
+is loaded only when both files are ours and written by no one else, the key and the hash match and the seal is
+valid (else it is reported, set aside and rebuilt); one that fails to load is rebuilt too. Written to temporary
+names and renamed, so never half-written.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -34,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from engine.cache_dir import CACHE_ENV, cache_root
+from engine.cache_dir import cache_dir, owner_only, seal, sealed, set_aside, untrusted
 from engine.errors import EngineError
 from engine.version import __version__
 
@@ -48,16 +50,7 @@ GRAPH_CODE = ("fast_unet.py", "text_constants.py", "attention.py", "torch_backen
 
 def compiled_dir() -> Path:
     """The packages' directory, made if need be, owner-only (module docstring)."""
-    path = cache_root() / "compiled"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    status = path.stat()
-    if hasattr(os, "getuid") and status.st_uid != os.getuid():
-        raise EngineError(f"{path} belongs to another user, and compiled U-Nets are native code run from it: set "
-                          f"{CACHE_ENV} to a directory of your own")
-    if status.st_mode & 0o077:
-        log.warning("%s was open to other users; made owner-only (compiled U-Nets are native code)", path)
-        path.chmod(0o700)
-    return path
+    return cache_dir("compiled")
 
 
 def _graph_code_hash() -> str:
@@ -96,20 +89,41 @@ def package_name(key: dict) -> str:
 
 
 def distrust(package: Path, key: dict) -> str | None:
-    """Why the package must not be loaded, or None: its key file (NAME.json) must hold `key` and the package's
-    own SHA-256."""
+    """Why the package must not be loaded, or None: it and its key file (NAME.json) must be regular files of ours
+    that no one else can write, the key file must hold `key` and the package's own SHA-256, sealed by this cache."""
     record = package.with_suffix(".json")
+    for path, what in ((package, "it"), (record, "its key file")):
+        try:
+            status = path.lstat()
+        except FileNotFoundError:
+            return "it has no key file" if path == record else "it is not there"
+        why = untrusted(status) or (None if stat.S_ISREG(status.st_mode) else "it is not a regular file")
+        if why is not None:
+            return f"{what}: {why}"
     try:
         kept = json.loads(record.read_text())
-    except FileNotFoundError:
-        return "it has no key file"
     except (OSError, ValueError) as exc:
         return f"its key file cannot be read ({exc})"
     if not isinstance(kept, dict) or kept.get("key") != key:
         return "its key file holds another key"
     if kept.get("sha256") != _sha256(package):
         return "its bytes do not match the hash in its key file"
+    if not sealed(_sealed_part(key, kept["sha256"]), kept.get("seal")):
+        return "its key file was not sealed by this cache (written by someone else, or by another cache's secret)"
     return None
+
+
+def keep_record(package: Path, record: Path, key: dict) -> None:
+    """Write the key file of `package` (at `record`): its key, its SHA-256 and the cache's seal over both."""
+    owner_only(package)
+    digest = _sha256(package)
+    record.write_text(json.dumps({"key": key, "sha256": digest, "seal": seal(_sealed_part(key, digest))},
+                                 sort_keys=True))
+    owner_only(record)
+
+
+def _sealed_part(key: dict, digest: str) -> bytes:
+    return json.dumps({"key": key, "sha256": digest}, sort_keys=True).encode()
 
 
 def _sha256(path: Path) -> str:
@@ -148,7 +162,7 @@ class CompiledCall:
 
     def _package(self, module, example_args: tuple, device: torch.device, key: dict):
         path = compiled_dir() / f"{package_name(key)}.pt2"
-        if path.is_file():
+        if os.path.lexists(path):
             why = distrust(path, key)
             if why is None:
                 try:
@@ -158,6 +172,9 @@ class CompiledCall:
                 except Exception as exc:  # a truncated or foreign file: say so, then build it again
                     why = f"it cannot be loaded ({type(exc).__name__}: {exc})"
             log.warning("compiled U-Net %s is not loaded: %s; compiling it again", path, why)
+            for stale in (path, path.with_suffix(".json")):
+                if os.path.lexists(stale):
+                    set_aside(stale)  # never followed, never run
         log.info("compiling a U-Net call for %s into %s (once per shape; about a minute on a small CPU)",
                  [tuple(a.shape) for a in example_args if isinstance(a, torch.Tensor)], path)
         with torch.no_grad():
@@ -167,7 +184,7 @@ class CompiledCall:
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
                                                      inductor_configs=dict(COMPILE_OPTIONS[device.type]))  # a copy: it adds to the dict
-            record.write_text(json.dumps({"key": key, "sha256": _sha256(partial)}, sort_keys=True))
+            keep_record(partial, record, key)
             os.replace(record, path.with_suffix(".json"))
             os.replace(partial, path)
         finally:
