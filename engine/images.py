@@ -44,9 +44,8 @@ def to_model_range(image) -> torch.Tensor:
         return tensor.detach().float().cpu().contiguous()
     if isinstance(image, Image.Image):
         image = [image]
-    if isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image):
-        if len({i.size for i in image}) != 1:
-            raise InvalidRequestError(f"images must share one size, got {sorted({i.size for i in image})}")
+    if _pictures(image):
+        check_image(image)
         array = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in image])  # (B, H, W, 3)
         tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
     elif isinstance(image, np.ndarray):
@@ -65,6 +64,21 @@ def to_model_range(image) -> torch.Tensor:
     if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
         raise InvalidRequestError("image values must be finite and in [0, 1] (as output_type 'np' and 'pt' give)")
     return tensor.contiguous() * 2 - 1
+
+
+def check_image(image) -> None:
+    """to_model_range's checks, without converting PIL pictures to float to make them (a request is checked long
+    before it runs): one size for all of them. Arrays and tensors are converted, as their values are checked."""
+    pictures = [image] if isinstance(image, Image.Image) else image
+    if not _pictures(pictures):
+        to_model_range(image)
+    elif len({i.size for i in pictures}) != 1:
+        raise InvalidRequestError(f"images must share one size, got {sorted({i.size for i in pictures})}")
+
+
+def _pictures(image) -> bool:
+    """Whether `image` is a non-empty list (or tuple) of PIL images."""
+    return isinstance(image, (list, tuple)) and bool(image) and all(isinstance(i, Image.Image) for i in image)
 
 
 def edit_size(width: int, height: int, side: int) -> tuple[int, int]:
@@ -134,7 +148,7 @@ def edit_input(image, mask) -> EditInput:
     if isinstance(image, Image.Image):
         image = [image]
     if isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image):
-        to_model_range(list(image))  # the same checks as any input image (one size, ...)
+        check_image(list(image))  # the same checks as any input image (one size, ...)
         images = list(image)
     else:
         images = to_model_range(image)

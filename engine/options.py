@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 
 from engine.errors import InvalidRequestError
-from engine.images import edit_input, to_model_range
+from engine.images import check_image, edit_input
 from engine.samplers import SAMPLERS
 from engine.schedules import NAMED_SCHEDULES, named_timesteps
 
@@ -259,7 +259,7 @@ class GenerateRequest:
         if self.preset is not None and not isinstance(self.preset, str):
             raise InvalidRequestError(f"preset must be a preset's name, got {self.preset!r}")
         if self.image is not None:
-            to_model_range(self.image)  # refuses a bad image now, before any model work
+            check_image(self.image)  # refuses a bad image now, before any model work (and converts no picture)
         for value in _values(self.strength):
             _check_strength(value)
         for value in _values(self.cache, is_sequence=lambda v: isinstance(v, tuple)):

@@ -54,7 +54,7 @@ from engine.serve.defaults import (DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HEADER_TIMEO
                                    POLICIES, Limits)
 from engine.serve.metrics import Metrics
 from engine.serve.scheduler import BatchingScheduler, warm_up
-from engine.serve.edits import parse_form
+from engine.serve.edits import bound_decoders, parse_form
 from engine.serve.schema import (EDIT_FIELDS, FIELDS, FILES, IGNORED_FIELDS, EditBody, ErrorResponse, GenerationBody,
                                  ImagesResponse)
 from engine.version import __version__
@@ -158,6 +158,7 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     request_from_api({"prompt": "check", **request_defaults})  # bad values are refused before the model loads
     service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits, tuple(api_keys), model_name,
                       request_defaults)
+    bound_decoders()  # Pillow's own bomb bound, process-wide: lowered to the edits route's
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -464,7 +465,9 @@ def _json_body(service: Service, raw: bytearray, content_type: str) -> tuple[dic
 
 def _form_body(service: Service, raw: bytearray, content_type: str) -> tuple[dict, dict]:
     """/v1/images/edits: the form's fields, and its pictures and mask (engine/serve/edits.py)."""
-    fields, pictures, mask = parse_form(raw, content_type)
+    limits = service.limits  # filled for the model by Service.start, which comes before any request
+    fields, pictures, mask = parse_form(raw, content_type, limits.max_images or DEFAULT_MAX_BATCH,
+                                        limits.max_pixels_per_request)
     return fields, {"pictures": pictures, "mask": mask, "pipeline": service.pipeline}
 
 
@@ -514,14 +517,18 @@ async def _generate(service: Service, request, request_id: str, read_body):
     except asyncio.TimeoutError:
         service.metrics.request("invalid")
         return _error(408, f"the body did not arrive within {service.limits.body_timeout_s:g} s", "invalid_request")
+    except Exception as exc:  # the body reader's own failures on what the client sent (or did not)
+        return _unreadable(service, request_id, exc)
     if raw is None:
         service.metrics.request("invalid")
         return _error(413, f"the body is over {limit} bytes", "invalid_request")
-    try:  # an upload's pictures are decoded off the event loop
+    try:  # the body is parsed, and an upload's pictures decoded, off the event loop
         body, pictures = await asyncio.to_thread(read_body, service, raw, request.headers.get("content-type", ""))
     except InvalidRequestError as exc:
         service.metrics.request("invalid")
         return _error(400, str(exc), "invalid_request")
+    except Exception as exc:  # a parser or decoder failing on client input: still that client's 400
+        return _unreadable(service, request_id, exc)
     if isinstance(body, dict) and body.get("model") is not None and body["model"] != service.model_name:
         service.metrics.request("invalid")
         return _unknown_model(service, body["model"])
@@ -566,6 +573,15 @@ async def _generate(service: Service, request, request_id: str, read_body):
                          "prompt_chars": sum(map(len, gen_request.prompts)),
                          "seconds": {k: round(v, 4) for k, v in generation.timings.items()}}))
     return JSONResponse({"created": int(time.time()), "seed": gen_request.seed, "data": data})
+
+
+def _unreadable(service: Service, request_id: str, exc: Exception):
+    """The 400 for a body that a reader or parser failed on in a way of its own (not an InvalidRequestError):
+    counted as invalid, and logged in one line naming the request and the exception, without a traceback."""
+    service.metrics.request("invalid")
+    what = f"{type(exc).__name__}: {str(exc)[:200]}"
+    log.warning(json.dumps({"request_id": request_id, "unreadable_body": what}))
+    return _error(400, f"the body could not be read ({what}); send a well-formed body", "invalid_request")
 
 
 async def _disconnected(request) -> None:
