@@ -152,11 +152,11 @@ def test_a_bomb_is_refused_at_once_in_little_memory_while_the_server_stays_live(
         start = time.perf_counter()
         response = post(server, body)
         seconds = time.perf_counter() - start
-    assert response.status_code == 400, response.text[:300]
-    assert names in response.json()["error"]["message"]
     assert seconds < 2, f"refused after {seconds:.1f} s"
     assert watch.growth < MAX_GROWTH, f"the server grew by {watch.growth >> 20} MB"
     assert watch.live and max(watch.live) < 1, f"/health/live took {max(watch.live):.2f} s"
+    assert response.status_code == 400, response.text[:300]
+    assert names in response.json()["error"]["message"]
 
 
 def test_many_parts_do_not_hold_up_another_clients_generation(server):
@@ -176,7 +176,7 @@ def test_many_parts_do_not_hold_up_another_clients_generation(server):
     for thread in bombers:
         thread.join()
     assert set(answers.values()) == {400}
-    assert beside < alone + 2, f"a generation of {alone:.2f} s took {beside:.2f} s beside the bombs"
+    assert beside < 2 * alone + 1, f"a generation of {alone:.2f} s took {beside:.2f} s beside the bombs"
 
 
 def lab_tiff() -> bytes:
