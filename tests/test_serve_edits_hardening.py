@@ -352,3 +352,12 @@ def test_no_edit_form_gets_anything_but_a_200_400_or_413_and_a_request_in_flight
     check()
     other.join(120)
     assert in_flight["response"].status_code == 200, in_flight["response"].text[:300]
+
+
+def test_the_server_lowers_pillows_bomb_bound_and_never_raises_it(monkeypatch):
+    from engine.serve.edits import MAX_PICTURE_PIXELS, bound_decoders
+
+    for before, after in ((None, MAX_PICTURE_PIXELS), (10**9, MAX_PICTURE_PIXELS), (1000, 1000)):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", before)
+        bound_decoders()
+        assert Image.MAX_IMAGE_PIXELS == after

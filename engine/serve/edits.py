@@ -52,8 +52,9 @@ def picture_budget(max_pixels_per_request: int | None) -> int:
 
 def bound_decoders() -> None:
     """Pillow's decompression-bomb bound (Image.MAX_IMAGE_PIXELS, a process-wide setting) lowered to
-    MAX_PICTURE_PIXELS at server start, so a decoder reached some other way refuses past it too. Only ever
-    lowered: code that set a tighter bound keeps it."""
+    MAX_PICTURE_PIXELS when a server process starts (http.run), so a decoder reached some other way refuses past
+    it too. Not done by create_app: an app built in a process that does other work (tests, batch jobs) leaves
+    their bound alone. Only ever lowered: code that set a tighter bound keeps it."""
     from PIL import Image
 
     if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > MAX_PICTURE_PIXELS:

@@ -34,15 +34,18 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import io
 import hmac
 import json
 import logging
+import re
 import sys
 import threading
 import time
 import uuid
 from concurrent.futures import CancelledError
+from pathlib import Path
 from typing import Callable
 
 from engine.errors import (EngineError, InvalidRequestError, NumericalError, QueueFullError, ShuttingDownError,
@@ -62,6 +65,8 @@ from engine.version import __version__
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+HEALTH_PATHS = ("/health/live", "/v2/health/live", "/health/ready", "/v2/health/ready")  # open with API keys
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/[^\s'\",:]+")  # as a failure's message names a file
 MAX_JSON_DEPTH = 8  # the deepest a valid body goes is 3: {"steps": [[999, 500], 27]}
 MAX_GUIDANCE = 50.0  # IF's own are 4 and 7; far past this a step overflows (a 400, not a NumericalError's 500)
 
@@ -76,11 +81,12 @@ class Service:
 
     def __init__(self, load: Callable, max_batch: int, max_queue: int, timeout_s: float, warmup: bool,
                  policy: str, limits: Limits, api_keys: tuple[str, ...] = (), model_name: str | None = None,
-                 request_defaults: dict | None = None):
+                 request_defaults: dict | None = None, show_model_path: bool = False):
         self.load = load  # () -> Pipeline
         self.request_defaults = request_defaults or {}  # create_app's
         self.limits = limits  # with the model-dependent ones filled in once the model is loaded
-        self.model_name = model_name  # what /v1/models lists and a request's "model" may name (None: the source)
+        self.model_name = model_name  # what /v1/models lists and a request's "model" may name (None: from the source)
+        self.show_model_path = show_model_path  # whether clients may see where the model is on disk
         self.started = int(time.time())
         self.api_keys = tuple(key.encode() for key in api_keys)
         self.draining = threading.Event()  # set at SIGTERM: readiness 503, new requests 503
@@ -98,7 +104,7 @@ class Service:
         """Load, warm up (scheduler.warm_up), then start the scheduler; /health/ready turns 200 after."""
         try:
             self.pipeline = self.load()
-            self.model_name = self.model_name or self.pipeline.source
+            self.model_name = self.model_name or served_name(self.pipeline.source, self.show_model_path)
             defaults = self.pipeline.settings(GenerateRequest("limits"))  # each stage's default settings
             self.limits = self.limits.for_model([s.steps for s in defaults], self.pipeline.image_size,
                                                 self.max_batch)
@@ -116,6 +122,8 @@ class Service:
             self.ready.set()
         except Exception as exc:  # reported by /health/ready and the log; the process stays up to say so
             self.failure = f"{type(exc).__name__}: {exc}"
+            if not self.show_model_path:  # the health routes are open: no paths from this disk (the log has them)
+                self.failure = ABSOLUTE_PATH.sub("<path>", self.failure)
             log.exception("the model could not be loaded")
 
     def stop(self) -> None:
@@ -134,14 +142,17 @@ class Service:
 
 def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
                timeout_s: float = DEFAULT_TIMEOUT_S, warmup: bool = True, run_scheduler: bool = True,
-               policy: str = DEFAULT_POLICY, limits: Limits | None = None, api_keys=(), metrics_auth: bool = False,
+               policy: str = DEFAULT_POLICY, limits: Limits | None = None, api_keys=(), metrics_open: bool = False,
                readiness: Callable[[], str | None] | None = None, model_name: str | None = None,
-               request_defaults: dict | None = None):
+               request_defaults: dict | None = None, show_model_path: bool = False):
     """The FastAPI app. `load`: a Pipeline (started at once), or a function that loads one (called in the
     background at startup, so /health/live answers while the model loads). `policy`: the scheduler's batching
-    policy. api_keys: when given, the generation endpoint (and /metrics with metrics_auth) needs
-    `Authorization: Bearer KEY` with one of them; the health endpoints stay open. `readiness`: a further check
-    for /health/ready, giving why it is not ready or None (Ray: the deployment's status); it may block.
+    policy. api_keys: when given, every route but the health routes (HEALTH_PATHS) needs `Authorization: Bearer
+    KEY` with one of them: generation, /v1/models, /v1/limits, /v1/presets, /openapi.json, /docs, /redoc, and
+    /metrics unless metrics_open (for a scraper that cannot send a token; /metrics names no model or path).
+    An empty key is refused. model_name: the name clients see (default: the model's folder name, or its path
+    with show_model_path). `readiness`: a further check for /health/ready, giving why it is not ready or None
+    (Ray: the deployment's status); it may block.
     request_defaults: the speed settings ({"preset": ...} and/or {"cache": ...}, API fields) of a request that
     names neither a preset nor a cache; checked now, and against the model once it is loaded."""
     from fastapi import FastAPI
@@ -156,9 +167,12 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     if set(request_defaults) - set(SPEED_FIELDS):
         raise InvalidRequestError(f"request_defaults takes {', '.join(SPEED_FIELDS)}, got {sorted(request_defaults)}")
     request_from_api({"prompt": "check", **request_defaults})  # bad values are refused before the model loads
-    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits, tuple(api_keys), model_name,
-                      request_defaults)
-    bound_decoders()  # Pillow's own bomb bound, process-wide: lowered to the edits route's
+    api_keys = tuple(api_keys)
+    if any(not isinstance(key, str) or not key.strip() for key in api_keys):
+        raise InvalidRequestError("an API key is empty (or all whitespace): was $KEY set? An empty key would let "
+                                  "'Authorization: Bearer ' through; give a real key, or none for no auth")
+    service = Service(loader, max_batch, max_queue, timeout_s, warmup, policy, limits, api_keys, model_name,
+                      request_defaults, show_model_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -172,8 +186,11 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
             thread.join()
             service.stop()
 
-    app = FastAPI(title="cascade-engine", version=__version__, lifespan=lifespan,
+    # FastAPI's own /openapi.json, /docs and /redoc would stay open: they are added below, behind the keys.
+    app = FastAPI(title="cascade-engine", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None,
                   description="OpenAI-style image generation over a cascaded diffusion model, batched per step.")
+    keyed = functools.partial(_guarded, service, counted=False)  # every route but health
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 500, 503, 504)}
     body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": GenerationBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
@@ -193,14 +210,38 @@ def create_app(load, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAUL
     for path in ("/health/ready", "/v2/health/ready"):
         _route(app, path, "GET", ready)
     metrics = _metrics(service)
-    _route(app, "/metrics", "GET", _guarded(service, metrics, counted=False) if metrics_auth else metrics)
-    _route(app, "/v1/presets", "GET", _presets(service))
-    _route(app, "/v1/limits", "GET", _limits(service))
-    models = _models(service)
+    _route(app, "/metrics", "GET", metrics if metrics_open else keyed(metrics))
+    _route(app, "/v1/presets", "GET", keyed(_presets(service)))
+    _route(app, "/v1/limits", "GET", keyed(_limits(service)))
+    models = keyed(_models(service))
     _route(app, "/v1/models", "GET", models)
     _route(app, "/v1/models/{model:path}", "GET", models)
+    for path, handler in _described(app).items():
+        _route(app, path, "GET", keyed(handler), include_in_schema=False)
     app.state.service = service
     return app
+
+
+def served_name(source: str, show_path: bool) -> str:
+    """The model's name for clients: its first folder's name ("IF-I-XL-v1.0"), or the source as given (a path)
+    where the operator asked for it (--show-model-path)."""
+    return source if show_path else (Path(source.split(", ")[0]).name or source)
+
+
+def _described(app) -> dict:
+    """FastAPI's /openapi.json, /docs and /redoc as handlers, so that they can stand behind the API keys."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from starlette.responses import JSONResponse
+
+    async def spec(request):
+        return JSONResponse(app.openapi())
+
+    async def docs(request):
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    async def redoc(request):
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+    return {"/openapi.json": spec, "/docs": docs, "/redoc": redoc}
 
 
 def _route(app, path: str, method: str, handler, **openapi) -> None:
@@ -254,7 +295,7 @@ def _ready(service: Service, readiness: Callable[[], str | None] | None):
         reason = await asyncio.to_thread(readiness) if readiness is not None else None
         if reason is not None:
             return _error(503, reason, "not_ready", {"Retry-After": "5"})
-        return JSONResponse({"status": "ready", "model": service.pipeline.source})
+        return JSONResponse({"status": "ready", "model": service.model_name})
     return ready
 
 
@@ -444,9 +485,10 @@ def _guarded(service: Service, handler, counted: bool = True):
     async def guarded(request):
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip().encode()
-        # compare_digest against every key, so the time taken says nothing about which one came close
+        # compare_digest against every key, so the time taken says nothing about which one came close; an empty
+        # token never matches (create_app refuses empty keys too)
         matches = [hmac.compare_digest(given, key) for key in service.api_keys]
-        if scheme.lower() != "bearer" or not any(matches):
+        if scheme.lower() != "bearer" or not given or not any(matches):
             if counted:
                 service.metrics.request("unauthorized")
             return _error(401, "a valid API key is required: Authorization: Bearer KEY", "unauthorized",
@@ -603,6 +645,7 @@ def run(app, host: str, port: int, log_level: str = "info", drain_timeout_s: flo
     import uvicorn  # optional: the [serve] extra
 
     service = app.state.service
+    bound_decoders()  # Pillow's own bomb bound, process-wide, so set here in the serving process, not by create_app
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
