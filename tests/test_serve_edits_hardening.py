@@ -119,10 +119,11 @@ def webp_bomb() -> bytes:
 
 def bombs() -> dict:
     bomb = webp_bomb()
-    nested = b"x"
-    for depth in range(1500):
-        nested = (f"--B{depth}\r\nContent-Type: multipart/mixed; boundary=B{depth + 1}\r\n\r\n".encode() + nested
-                  + f"\r\n--B{depth}--\r\n".encode())
+    nested = b'--Z1500\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--Z1500--\r\n'
+    for depth in range(1499, -1, -1):  # each level a part named image holding the next multipart
+        boundary = BOUNDARY if depth == 0 else f"Z{depth}"
+        nested = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"\r\nContent-Type: multipart/mixed; '
+                  f'boundary=Z{depth + 1}\r\n\r\n').encode() + nested + f"\r\n--{boundary}--\r\n".encode()
     return {
         # (body, what the 400 names)
         "four 4096x4096 WebPs for one prompt": (
@@ -135,9 +136,7 @@ def bombs() -> dict:
             b"--XyZ\r\nContent-Disposition: form-data; name=\"" + b"=?utf-8?q?a?= " * 20_000 + b"\"\r\n\r\nx\r\n"
             + b"--XyZ--\r\n", "header"),
         "60,000 tiny parts": (form(*[part("steps[]", b"1") for _ in range(60_000)]), f"{MAX_PARTS} parts"),
-        "1,500 nested multiparts": (
-            form(*fields(), part("image", nested, "in.png", "Content-Type: multipart/mixed; boundary=B0\r\n")),
-            "nested multipart"),
+        "1,500 nested multiparts": (nested, "nested multipart"),
     }
 
 
