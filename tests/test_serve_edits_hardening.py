@@ -161,12 +161,14 @@ def test_a_bomb_is_refused_at_once_in_little_memory_while_the_server_stays_live(
 def test_many_parts_do_not_hold_up_another_clients_generation(server):
     body = BOMBS["60,000 tiny parts"][0]
     good = form(*fields(), part("image", encoded(picture(), "PNG"), "in.png"))
-    start = time.perf_counter()
-    assert post(server, good).status_code == 200
-    alone = time.perf_counter() - start
+    alone = 0.0  # the slower of two, so a busy machine's own slowness is in the bound
+    for _ in range(2):
+        start = time.perf_counter()
+        assert post(server, good).status_code == 200
+        alone = max(alone, time.perf_counter() - start)
     answers = {}
     bombers = [threading.Thread(target=lambda i=i: answers.update({i: post(server, body).status_code}))
-               for i in range(4)]
+               for i in range(8)]
     for thread in bombers:
         thread.start()
     start = time.perf_counter()
@@ -175,7 +177,8 @@ def test_many_parts_do_not_hold_up_another_clients_generation(server):
     for thread in bombers:
         thread.join()
     assert set(answers.values()) == {400}
-    assert beside < 2 * alone + 1, f"a generation of {alone:.2f} s took {beside:.2f} s beside the bombs"
+    # Parsed whole by email.parser, the eight held the GIL for a minute and more: the generation took many times.
+    assert beside < 2 * alone + 3, f"a generation of {alone:.2f} s took {beside:.2f} s beside the bombs"
 
 
 def lab_tiff() -> bytes:
