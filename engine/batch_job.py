@@ -7,25 +7,34 @@ Input: a .txt file (one prompt a line), a .csv file (a `prompt` column, plus any
 negative_prompt, scheduler, guidance_interval, preset, strength). In Python, rows may also be an iterable of
 strings or dicts of those fields. Edits: a row's `image` (and for inpainting `mask`) is a picture file's path,
 relative to the input file's folder (for an iterable, the current folder) and inside it: a path that leads out
-of it, by `..`, an absolute path or a link, is a bad row.
+of it, by `..`, an absolute path or a link, is a bad row. A picture is read only if it is a regular file (not a
+FIFO, device or socket), reached from / one folder at a time without following any link (so no folder swapped
+for a link mid-read can redirect it), at most MAX_PICTURE_PIXELS by its header before it is decoded; any failure
+to read or decode it, whatever the cause, makes its row a bad row with its line number.
 
 Output: DIR/images/<row>-<k>.png (row: the input's line number; k: the image of that row), each written under
 DIR/.partial/ and renamed into images/, so no partial file is ever visible there; DIR/manifest.jsonl, one line
 per image: the input row, the resolved request (its seed drawn when the row has none), the file, its SHA-256,
 the timings, the model and its backend; DIR/seeds.jsonl, the seed of every seedless row, on disk before the row
 runs. A second run on the same DIR skips the rows whose images the manifest records with matching hashes (and
-whose input row is unchanged), and redoes the others with the seeds recorded for them.
+whose input row is unchanged), and redoes the others with the seeds recorded for them. A manifest line of the
+wrong shape (hand-edited), or naming a file other than its own images/ROW-K.png, is ignored with a warning. A job
+holds DIR/.lock (flock) while it runs: a second job on the same DIR is refused until the first ends.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import signal
+import stat
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,6 +56,10 @@ MANIFEST = "manifest.jsonl"
 SEEDS = "seeds.jsonl"  # the seed of every seedless row, on disk before the row runs
 IMAGES = "images"
 PARTIAL = ".partial"  # where images are written before their rename into images/
+LOCK = ".lock"  # flock'ed by the job running on DIR
+# A row's picture, by its header, before it is decoded. Declared twice: the edits route's bound
+# (engine/serve/edits.py MAX_PICTURE_PIXELS), kept here so a batch job does not import the server.
+MAX_PICTURE_PIXELS = 4096 * 4096
 
 
 # A row's picture files (paths inside its folder) -> the request fields they fill.
@@ -225,21 +238,77 @@ def row_request(row: Row, seed: int | None = None, defaults: dict | None = None,
 
 def row_picture(row: Row, name: str, path):
     """The picture file a row names in field `name`, read as diffusers' edit pipelines take it (RGB, a mask grey);
-    InvalidRequestError for a path that is not a string, leads out of the row's folder, or cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    InvalidRequestError for a path that is not a string, leads out of the row's folder, or cannot be read or
+    decoded for any reason (module docstring)."""
+    from PIL import Image
 
     if not isinstance(path, str) or not path:
         raise InvalidRequestError(f"{name} must be a picture file's path, got {path!r}")
     folder = Path(row.folder or ".").resolve()
-    file = (folder / path).resolve()  # links and .. resolved: where the file really is
-    if not file.is_relative_to(folder):
-        raise InvalidRequestError(f"{name} {path!r} is outside the input's folder {str(folder)!r}: a row names "
-                                  "pictures inside it")
     try:
-        with Image.open(file) as picture:
+        descriptor = open_inside(folder, path)
+    except Outside as exc:
+        raise InvalidRequestError(f"{name} {path!r} is outside the input's folder {str(folder)!r} ({exc}): a row "
+                                  "names picture files inside it, not links") from None
+    except Exception as exc:  # noqa: BLE001: a NUL, a missing file, a FIFO...: the row's, never the job's
+        raise InvalidRequestError(f"cannot read {name} {path!r}: {type(exc).__name__}: {exc}") from None
+    try:
+        with os.fdopen(descriptor, "rb") as file, Image.open(file) as picture:  # the header only, so far
+            width, height = picture.size
+            if width * height > MAX_PICTURE_PIXELS:
+                raise InvalidRequestError(f"{name} {path!r} is {width}x{height}: over the {MAX_PICTURE_PIXELS} pixels "
+                                          "a batch row's picture may have (4096x4096); scale it down")
             return picture.convert("L" if name == "mask" else "RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InvalidRequestError(f"cannot read {name} {path!r}: {exc}") from exc
+    except InvalidRequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001: a LAB mask, a decompression bomb, a truncated file...
+        raise InvalidRequestError(f"cannot read {name} {path!r}: {type(exc).__name__}: {exc}") from None
+
+
+class Outside(ValueError):
+    """A path that leads out of the folder it must stay in: by .., as an absolute path, or through a link."""
+
+
+_NO_FOLLOW = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_inside(folder: Path, relative: str) -> int:
+    """A descriptor of the regular file at `relative` under `folder` (an absolute path without links, as
+    Path.resolve gives), opened from / one component at a time with O_NOFOLLOW, each folder through the one
+    above it: a component that is a link (a folder swapped for one mid-read included) fails instead of being
+    followed, so nothing outside `folder` is ever opened. O_NONBLOCK: a FIFO does not hang the open; what is not
+    a regular file (FIFO, device, socket, folder) is refused after it by fstat. Outside for a path that leads
+    out; OSError or ValueError (a NUL) for the rest."""
+    if os.path.isabs(relative):
+        raise Outside("an absolute path")
+    parts = os.path.normpath(relative).split(os.sep)  # "a/./b" -> a, b; no link is followed, so this is exact
+    if parts[0] == os.pardir:
+        raise Outside("it leads out by '..'")
+    current = os.open("/", _NO_FOLLOW | os.O_DIRECTORY)
+    try:
+        for part in [*folder.parts[1:], *parts[:-1]]:
+            try:
+                inner = os.open(part, _NO_FOLLOW | os.O_DIRECTORY, dir_fd=current)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and \
+                        stat.S_ISLNK(os.stat(part, dir_fd=current, follow_symlinks=False).st_mode):
+                    raise Outside(f"{part!r} is a link") from None  # O_NOFOLLOW | O_DIRECTORY's answer to one
+                raise
+            os.close(current)
+            current = inner
+        try:
+            descriptor = os.open(parts[-1], _NO_FOLLOW | os.O_NONBLOCK, dir_fd=current)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Outside(f"{parts[-1]!r} is a link") from None
+            raise
+    finally:
+        os.close(current)
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        raise OSError(f"not a regular file (a FIFO, device, socket or folder: mode {stat.filemode(mode)})")
+    return descriptor
 
 
 def checked_rows(source, strict: bool, defaults: dict | None) -> tuple[list[Row], list[BadRow]]:
@@ -288,6 +357,27 @@ def prepare(out: Path, rows: list[Row], defaults: dict | None) -> Plan:
                 images_todo=sum(images_of(row, defaults) for row in todo))
 
 
+@contextlib.contextmanager
+def job_lock(out: Path):
+    """Hold out/.lock (an exclusive flock) for the job: EngineError at once if another job holds it. The lock
+    goes with the process, so a killed job leaves none behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        raise EngineError(f"cannot open the batch job's lock {path}: {exc}") from exc
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EngineError(f"another batch job holds the output folder {out} (its lock {path}): wait for it to "
+                              "finish, or give this job another --out") from None
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def identity(pipe: Pipeline) -> dict:
     """What made an image, as each manifest line records it."""
     return {"model": pipe.source, "backend": pipe.backend, "device": str(pipe.device),
@@ -314,8 +404,44 @@ def append(manifest, entries: list[dict]) -> None:
 
 def sort_manifest(out: Path) -> None:
     """Rewrite the manifest in row order (image order within a row)."""
-    entries = [json.loads(line) for line in (out / MANIFEST).read_text(encoding="utf-8").splitlines()]
-    _rewrite_manifest(out, sorted(entries, key=lambda e: (e["row"], e["image"])))
+    _rewrite_manifest(out, sorted(manifest_entries(out), key=lambda e: (e["row"], e["image"])))
+
+
+def manifest_entries(out: Path) -> list[dict]:
+    """The manifest's entries, in file order; a line that is not one (cut short by a crash, hand-edited into
+    another shape, naming a file other than its own) is ignored with a warning."""
+    path, entries = out / MANIFEST, []
+    if not path.exists():
+        return entries
+    for number, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            entry = json.loads(raw)
+        except (ValueError, RecursionError):
+            log.warning("%s line %d ignored: not JSON (cut short by a crash?); its image is made again", path, number)
+            continue
+        why = _malformed(entry)
+        if why is not None:
+            log.warning("%s line %d ignored: %s; its image is made again", path, number, why)
+            continue
+        entries.append(entry)
+    return entries
+
+
+def _malformed(entry) -> str | None:
+    """Why a manifest line is not an entry as record() writes it, or None."""
+    if not isinstance(entry, dict):
+        return f"a JSON object is expected, not {type(entry).__name__}"
+    row, image, request = entry.get("row"), entry.get("image"), entry.get("request")
+    if type(row) is not int or type(image) is not int or row < 1 or image < 0:
+        return "its row and image must be whole numbers"
+    if entry.get("file") != f"{IMAGES}/{row}-{image}.png":  # never a path of the line's choosing
+        return f"its file must be {IMAGES}/{row}-{image}.png, not {entry.get('file')!r}"
+    if not isinstance(entry.get("sha256"), str) or not isinstance(request, dict):
+        return "it has no sha256 or request"
+    if "prompt" not in request or type(request.get("n", 1)) is not int or \
+            not (request.get("seed") is None or type(request.get("seed")) is int):
+        return "its request's prompt, n or seed is not as the engine writes them"
+    return None
 
 
 def _rewrite_manifest(out: Path, entries: list[dict]) -> None:
@@ -363,20 +489,15 @@ def _resume(out: Path, rows: list[Row]) -> tuple[dict[int, list[dict]], dict[int
     -> entries), and the seeds recorded for the others (where their input row is unchanged). Every such seed is
     in the seeds file before the manifest is rewritten with the kept entries only (one line per image, whatever
     is redone), so no kill between here and a row's last image loses its seed; stray partial files go."""
-    path = out / MANIFEST
     for stray in (out / PARTIAL).glob("*"):
         stray.unlink()
     current = {row.line: row for row in rows}
     kept_seeds = _kept_seeds(out, current)
-    if not path.exists():
+    if not (out / MANIFEST).exists():
         return {}, kept_seeds
     by_line: dict[int, list[dict]] = {}
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(raw)
-            by_line.setdefault(int(entry["row"]), []).append(entry)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a crash: its image is redone
+    for entry in manifest_entries(out):
+        by_line.setdefault(entry["row"], []).append(entry)
     done, seeds = {}, dict(kept_seeds)
     for line, entries in by_line.items():
         row = current.get(line)
@@ -428,8 +549,11 @@ def _prompts(row: Row) -> int:
 
 
 def _intact(out: Path, entry: dict) -> bool:
-    file = out / entry["file"]
-    return file.is_file() and hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"]
+    try:
+        with os.fdopen(open_inside(out.resolve(), entry["file"]), "rb") as file:  # a link there is not followed
+            return hashlib.sha256(file.read()).hexdigest() == entry["sha256"]
+    except (OSError, ValueError):
+        return False
 
 
 class stop_on_signals:
@@ -460,9 +584,16 @@ def write_sheet(out: Path, rows: list[Row], path) -> None:
     """A contact sheet of every image in the manifest, captioned with its prompt."""
     from PIL import Image
 
-    entries = [json.loads(line) for line in (out / MANIFEST).read_text(encoding="utf-8").splitlines()]
+    entries = manifest_entries(out)
     order = {row.line: i for i, row in enumerate(rows)}
     entries.sort(key=lambda e: (order.get(e["row"], len(order)), e["image"]))
-    pictures = [Image.open(out / e["file"]).convert("RGB") for e in entries]
-    captions = [str(e["request"]["prompt"]) for e in entries]
+    pictures, captions = [], []
+    for entry in entries:  # the job's own images/ROW-K.png, links not followed
+        try:
+            with os.fdopen(open_inside(out.resolve(), entry["file"]), "rb") as file, Image.open(file) as picture:
+                pictures.append(picture.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            log.warning("%s left out of the contact sheet: %s", entry["file"], exc)
+            continue
+        captions.append(str(entry["request"]["prompt"]))
     contact_sheet(pictures, captions).save(path)

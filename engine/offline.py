@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from engine import ray_batch
 from engine.batch_job import (MANIFEST, BadRow, BatchSummary, Plan, append, checked_rows, generate_rows, images_of,
-                              prepare, record, row_request, stop_on_signals, write_sheet)
+                              job_lock, prepare, record, row_request, stop_on_signals, write_sheet)
 from engine.errors import EngineError, InvalidRequestError
 from engine.loading import load
 from engine.model_dir import DEFAULT_MODEL
@@ -50,23 +50,24 @@ def batch(source, out, model: Pipeline | str | None = None, max_batch: int = DEF
     rows, bad = checked_rows(source, strict, defaults)
     # The memory plan (engine/plan.py) checks the job's calls fit: max_batch images each.
     load_options = {"images_per_call": max_batch, **{k: v for k, v in load_options.items() if v is not None}}
-    if ray is not None and ray is not False:
-        if isinstance(model, Pipeline):
-            raise InvalidRequestError("a batch job on Ray loads the model on each worker: pass its path(s) or hub "
-                                      "id as model=, not a loaded Pipeline")
-        options = RayOptions() if ray is True else ray
-        if not isinstance(options, RayOptions):
-            raise InvalidRequestError(f"ray= takes RayOptions(...) or True, got {type(ray).__name__}")
-        plan = prepare(out, rows, defaults)
-        summary = ray_batch.run(plan, out, _model_paths(model), options, max_batch, strict, progress, defaults,
-                                load_options)
-    else:
-        pipe = model if isinstance(model, Pipeline) else load(*_model_paths(model), **load_options)
-        plan = prepare(out, rows, defaults)
-        summary = _run_here(pipe, plan, out, max_batch, strict, progress, defaults)
-    summary.bad_rows[:0] = bad
-    if sheet is not None and not summary.stopped:
-        write_sheet(out, rows, sheet)
+    with job_lock(out):  # one job per output folder: a second is refused before it loads anything
+        if ray is not None and ray is not False:
+            if isinstance(model, Pipeline):
+                raise InvalidRequestError("a batch job on Ray loads the model on each worker: pass its path(s) or "
+                                          "hub id as model=, not a loaded Pipeline")
+            options = RayOptions() if ray is True else ray
+            if not isinstance(options, RayOptions):
+                raise InvalidRequestError(f"ray= takes RayOptions(...) or True, got {type(ray).__name__}")
+            plan = prepare(out, rows, defaults)
+            summary = ray_batch.run(plan, out, _model_paths(model), options, max_batch, strict, progress, defaults,
+                                    load_options)
+        else:
+            pipe = model if isinstance(model, Pipeline) else load(*_model_paths(model), **load_options)
+            plan = prepare(out, rows, defaults)
+            summary = _run_here(pipe, plan, out, max_batch, strict, progress, defaults)
+        summary.bad_rows[:0] = bad
+        if sheet is not None and not summary.stopped:
+            write_sheet(out, rows, sheet)
     return summary
 
 
