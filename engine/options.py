@@ -471,8 +471,9 @@ def _check_embeddings(name: str, value) -> None:
         raise InvalidRequestError(f"{name} has no rows")
 
 
-# C0 control characters and DEL, except tab, newline and carriage return: nothing a prompt means by them.
-_CONTROL = {chr(c) for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F)}
+# C0 control characters, DEL and the C1 controls (U+0080-U+009F: U+0085 NEL, U+009B CSI, ...), except tab,
+# newline and carriage return: nothing a prompt means by them.
+_CONTROL = {chr(c) for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))}
 
 
 def _check_text(text: str, name: str) -> str:
