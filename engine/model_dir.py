@@ -39,6 +39,46 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # An organisation/name pair as the Hub spells repository ids.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
+# -- what a config may say: no code, bounded sizes
+# The configs a model folder holds, read (and checked) before anything is built; tokenizer.json and weight
+# indexes are data read by their own checks.
+CONFIG_FILES = ("model_index.json", "config.json", "scheduler_config.json", "tokenizer_config.json",
+                "special_tokens_map.json", "preprocessor_config.json", "generation_config.json")
+MAX_CONFIG_BYTES = 4 << 20  # the largest published IF config (T5's tokenizer_config.json) is about 20 KB
+MAX_CONFIG_DEPTH = 12  # real configs nest 3 deep (tokenizer_config.json's added_tokens_decoder), cascade.json 5
+# Keys naming a class that transformers or diffusers would look up: it must be one of theirs, never a module in
+# the folder. auto_map (transformers) and custom_pipeline (diffusers) name code in the folder: always refused.
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipeline")
+TRANSFORMERS_CLASS_KEYS = ("architectures", "tokenizer_class", "processor_class", "feature_extractor_type",
+                           "image_processor_type")
+# The most each size may be: about 4x the largest in any published IF model (engine/configs/real_size.json:
+# IF-I-XL, IF-II-L, the x4 upscaler, T5-XXL), so that a config cannot make the engine build (on the meta device)
+# or allocate a model no one published. Applied to an int or to each int of a list; a list key's length too.
+CONFIG_BOUNDS = {
+    # diffusers U-Nets and VAEs
+    "layers_per_block": 16,  # IF-II-L: [2, 2, 3, 5, 5]
+    "transformer_layers_per_block": 16,  # 1
+    "block_out_channels": 16384,  # IF-I-XL: 2816
+    "in_channels": 64, "out_channels": 64, "latent_channels": 64,  # 7, 6, 4
+    "attention_head_dim": 1024, "num_attention_heads": 256, "addition_embed_type_num_heads": 256,  # 64, 64, 64
+    "cross_attention_dim": 16384, "encoder_hid_dim": 16384, "time_embedding_dim": 16384,  # 2816, 4096, 1280
+    "projection_class_embeddings_input_dim": 16384, "class_embed_dim": 16384,
+    "norm_num_groups": 1024,  # 32
+    "num_class_embeds": 100_000,  # x4: 1000
+    "sample_size": 8192,  # 256
+    # transformers' T5 and CLIP
+    "d_model": 16384, "hidden_size": 16384, "projection_dim": 16384,  # 4096, 1024, 512
+    "d_ff": 65536, "intermediate_size": 65536,  # 10240, 4096
+    "num_layers": 128, "num_decoder_layers": 128, "num_hidden_layers": 128,  # 24, 24, 23
+    "num_heads": 256, "d_kv": 1024,  # 64, 64
+    "vocab_size": 1_000_000,  # 49408
+    "max_position_embeddings": 65536, "n_positions": 65536, "relative_attention_num_buckets": 1024,
+    "relative_attention_max_distance": 65536,  # 77, 512, 32, 128
+    # schedulers
+    "num_train_timesteps": 100_000,  # 1000
+}
+MAX_CONFIG_LIST = 16  # blocks per U-Net (IF-II-L: 5) and the like; for the CONFIG_BOUNDS keys that hold lists
+
 
 # -- stage directories ----------------------------------------------------------------------------------------
 
@@ -106,8 +146,12 @@ def _read_cascade(root: Path, source: str) -> CascadeDirs:
     if not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages):
         raise ModelError(file, 'cascade.json must hold {"stages": ["stage_I", "stage_II", ...]} '
                                "(stage directories relative to it, in cascade order)")
-    dirs = [(root / s).resolve() for s in stages]
-    for d in dirs:
+    dirs = [(root / s).resolve() for s in stages]  # symlinks followed: where the files really are
+    for s, d in zip(stages, dirs):
+        if not d.is_relative_to(root):
+            raise ModelError(file, f"stage {s!r} resolves to {d}, outside the cascade's folder {root}: stages "
+                                   "are directories under it (a symlink out of it counts as outside); move or "
+                                   "copy the stage into the folder, or load the stage directories directly")
         if not d.is_dir():
             raise ModelError(d, "stage directory listed in cascade.json does not exist")
     # A model's own generation defaults, by stage directory: {"defaults": {"stage_II": {"steps": 20, ...}}}.
@@ -164,6 +208,7 @@ def read_stages(cascade: CascadeDirs) -> list[StageSpec]:
     weights are read; ModelError names the stage directory and the problem."""
     dirs, first = cascade.dirs, cascade.stages[0]
     for stage_dir in dirs:
+        check_configs(stage_dir)
         refuse_unsafe_shards(stage_dir)
     if is_x4_upscaler(first.path):  # alone: an upscaler of the images passed to generate(image=...)
         if len(dirs) > 1:
@@ -342,8 +387,9 @@ def text_config(folder: Path):
     from transformers import AutoConfig
 
     _read_json(folder / "config.json", "text encoder config")  # names a missing or corrupt file as ours do
+    check_configs(folder)
     try:
-        return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except Exception as exc:
         raise ModelError(folder, f"cannot read the text encoder config: {exc}") from exc
 
@@ -354,15 +400,118 @@ def _load_config(cls, folder: Path, what: str) -> dict[str, Any]:
 
 
 def _read_json(file: Path, what: str) -> dict:
+    """A JSON config as an object, checked by check_config (no code, bounded sizes) before anyone builds from it."""
     if not file.is_file():
         raise ModelError(file.parent, f"missing {file.name} ({what})")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelError(file, f"{what} is {file.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES}")
     try:
         data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(file, f"corrupt {what}: {exc}") from exc
+    except RecursionError:  # the parser's own recursion: nested far past MAX_CONFIG_DEPTH
+        raise ModelError(file, f"corrupt {what}: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise ModelError(file, f"corrupt {what}: expected a JSON object")
+    check_config(data, file)
     return data
+
+
+def check_configs(folder: Path) -> None:
+    """check_config on every config (CONFIG_FILES) in `folder` and its subfolders (a stage's components), so
+    that no loader of transformers or diffusers sees one that names code or an unbounded size."""
+    if not folder.is_dir():
+        return
+    for sub in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
+        for file in (sub / name for name in CONFIG_FILES):
+            if not file.is_file():
+                continue
+            if file.stat().st_size > MAX_CONFIG_BYTES:
+                raise ModelError(file, f"{file.stat().st_size} bytes; a config is at most {MAX_CONFIG_BYTES}")
+            try:
+                data = json.loads(file.read_bytes())
+            except (OSError, ValueError):  # corrupt: no library builds anything from it; its reader names it
+                continue
+            except RecursionError:
+                raise ModelError(file, f"corrupt config: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
+            if isinstance(data, dict):
+                check_config(data, file)
+
+
+def check_config(data: dict, file: Path) -> None:
+    """ModelError, naming the file and field, for a config that names code in the model folder (auto_map, a
+    custom pipeline, a class transformers or diffusers do not have), nests past MAX_CONFIG_DEPTH, or sizes a
+    model past CONFIG_BOUNDS. Run on the raw JSON, before any library reads it or any module is built."""
+    _check_depth(data, file)
+    for key in REMOTE_CODE_KEYS:
+        if key in data:
+            raise ModelError(file, f'"{key}" names Python code in the model folder; this engine never runs code '
+                                   f"from a model folder (trust_remote_code is always off): use a model whose "
+                                   f"classes transformers and diffusers ship, or delete \"{key}\" if the "
+                                   "built-in class is meant")
+    for key in TRANSFORMERS_CLASS_KEYS:
+        for name in _as_names(data.get(key)):
+            _check_class("transformers", name, file, key)
+    if file.name == "model_index.json" and "_class_name" in data:  # the pipeline's class: diffusers' own
+        # (a component's config.json names its class too, but the engine builds fixed classes for components)
+        _check_class("diffusers", data["_class_name"], file, "_class_name")
+    if file.name == "model_index.json":  # components as [library, class]: diffusers resolves a library that is
+        # not transformers or diffusers as one of diffusers' pipeline packages ("deepfloyd_if"), else as a module
+        # in the folder: only the first kinds are let through
+        for key, value in data.items():
+            if isinstance(value, list) and value and value[0] is not None:
+                library = value[0] if len(value) == 2 and isinstance(value[0], str) else None
+                if library not in ("diffusers", "transformers"):
+                    library = f"diffusers.pipelines.{library}" if library and library.isidentifier() else None
+                if library is None or not _importable(library):
+                    raise ModelError(file, f'"{key}": {value!r} names a library that is not transformers, '
+                                           "diffusers or one of diffusers' pipelines (code in the model folder); "
+                                           "this engine never runs code from a model folder")
+                _check_class(library, value[1], file, key)
+    for key, bound in CONFIG_BOUNDS.items():
+        value = data.get(key)
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) > MAX_CONFIG_LIST:
+            raise ModelError(file, f'"{key}" lists {len(value)} values; published IF models have at most 5 '
+                                   f"(this engine takes at most {MAX_CONFIG_LIST})")
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v <= bound:
+                raise ModelError(file, f'"{key}" is {value!r}; this engine builds models up to {key}={bound} '
+                                       "(about 4x the largest published IF model): a config past it is refused "
+                                       "before any module is built")
+
+
+def _check_depth(data, file: Path) -> None:
+    """Iteratively, so that a deep config is a ModelError, not a RecursionError in whoever walks it next."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise ModelError(file, f"corrupt config: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def _as_names(value) -> list:
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def _check_class(library: str, name, file: Path, key: str) -> None:
+    """`name` must be a class `library` itself ships (a fast tokenizer's "...Fast" name included)."""
+    import importlib
+
+    if not isinstance(name, str) or not name.isidentifier() or not hasattr(importlib.import_module(library), name):
+        raise ModelError(file, f'"{key}": {name!r} is not a {library} class; this engine loads only the classes '
+                               f"{library} ships, never code from the model folder")
 
 
 # -- weight files ---------------------------------------------------------------------------------------------
@@ -444,7 +593,8 @@ def load_tokenizer(stage_dir: Path):
     from transformers import AutoTokenizer
 
     folder = stage_dir / "tokenizer"
+    check_configs(folder)
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except Exception as exc:  # transformers raises many types for a bad tokenizer folder
         raise ModelError(folder, f"cannot load the tokenizer: {exc}") from exc
