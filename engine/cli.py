@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import ipaddress
 import json
 import logging
 import os
@@ -245,12 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "$CASCADE_ENGINE_MAX_PIXELS_PER_REQUEST, else --max-images at the model's size)")
     srv.add_argument("--served-model-name", default=None, metavar="NAME",
                      help="the model's name in /v1/models and the one a request's 'model' may name (default: the "
-                          "first --model as given)")
+                          "first --model's folder name; its path with --show-model-path)")
+    srv.add_argument("--show-model-path", action="store_true",
+                     help="let clients see the model's path as given (/v1/models, /health/ready, load failures); "
+                          "default: its folder name only")
     srv.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                     help="require 'Authorization: Bearer KEY' on the generation endpoint (repeat for several "
-                          "keys; also $CASCADE_ENGINE_API_KEYS, comma-separated); health endpoints stay open")
+                     help="require 'Authorization: Bearer KEY' on every route but /health/* (repeat for several "
+                          "keys; also $CASCADE_ENGINE_API_KEYS, comma-separated); an empty key is refused")
     srv.add_argument("--api-key-file", type=Path, default=None, metavar="FILE", help="API keys, one per line")
-    srv.add_argument("--metrics-auth", action="store_true", help="require an API key on /metrics too")
+    srv.add_argument("--metrics-open", action="store_true",
+                     help="with API keys, leave /metrics open (for a scraper that cannot send a bearer token)")
+    srv.add_argument("--metrics-auth", action="store_true", help=argparse.SUPPRESS)  # the default now
     srv.add_argument("--drain-timeout", type=float, default=serve_defaults.DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
                      help="after SIGTERM: seconds the requests in flight get to finish (readiness is 503 at once; "
                           "what is left then gets 503)")
@@ -604,7 +610,7 @@ def serve(args) -> None:
     from engine.serve import http, ray_app
 
     keys = _api_keys(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
+    if not keys and beyond_loopback(args.host):
         print(f"warning: listening on {args.host}, beyond loopback, with no API key: anyone who can reach it can "
               "use the model (--api-key)", file=sys.stderr)
     limits = serve_defaults.Limits.from_environment()
@@ -621,8 +627,9 @@ def serve(args) -> None:
         if not seconds > 0:
             raise EngineError(f"{flag} must be a positive number of seconds, got {seconds:g}")
     app_kwargs = {"max_batch": args.max_batch, "max_queue": args.max_queue, "timeout_s": args.timeout,
-                  "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_auth": args.metrics_auth,
-                  "model_name": args.served_model_name or str(args.model[0]), "request_defaults": _speed_defaults(args)}
+                  "policy": args.batching, "limits": limits, "api_keys": keys, "metrics_open": args.metrics_open,
+                  "model_name": args.served_model_name, "show_model_path": args.show_model_path,
+                  "request_defaults": _speed_defaults(args)}
     load_kwargs = {**load_options(args), "images_per_call": args.max_batch}  # the memory plan's batch
     if args.ray:
         app = ray_app.application(load_kwargs, args.model, app_kwargs, replicas=args.replicas,
@@ -636,17 +643,42 @@ def serve(args) -> None:
 
 
 def _api_keys(args) -> list[str]:
-    """The service's API keys: --api-key, --api-key-file, $CASCADE_ENGINE_API_KEYS (empty: no auth)."""
-    keys = list(args.api_key or [])
-    keys += [k.strip() for k in os.environ.get("CASCADE_ENGINE_API_KEYS", "").split(",") if k.strip()]
+    """The service's API keys: --api-key, --api-key-file, $CASCADE_ENGINE_API_KEYS (none given: no auth). A key
+    source that is given but empty (`--api-key "$KEY"` with KEY unset) is refused: it would mean no auth, or a key
+    that an empty bearer token matches."""
+    keys = []
+    for key in args.api_key or []:
+        if not key.strip():
+            raise EngineError("--api-key is empty: was $KEY set? (an empty key would let anyone in)")
+        keys.append(key.strip())
+    if "CASCADE_ENGINE_API_KEYS" in os.environ:
+        given = [k.strip() for k in os.environ["CASCADE_ENGINE_API_KEYS"].split(",") if k.strip()]
+        if not given:
+            raise EngineError("$CASCADE_ENGINE_API_KEYS is set but holds no key: was it meant to be? Unset it "
+                              "for no auth, or give comma-separated keys")
+        keys += given
     if args.api_key_file is not None:
         try:
-            keys += [line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()]
+            given = [line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()]
         except OSError as exc:
             raise EngineError(f"cannot read --api-key-file {str(args.api_key_file)!r}: {exc.strerror}") from exc
-    if args.metrics_auth and not keys:
-        raise EngineError("--metrics-auth needs an API key (--api-key, --api-key-file or $CASCADE_ENGINE_API_KEYS)")
+        if not given:
+            raise EngineError(f"--api-key-file {str(args.api_key_file)!r} holds no key (one per line)")
+        keys += given
+    if args.metrics_open and not keys:
+        raise EngineError("--metrics-open only means something with an API key (without one, every route is open)")
     return keys
+
+
+def beyond_loopback(host: str) -> bool:
+    """Whether listening on `host` reaches beyond this machine: anything but a loopback address or localhost
+    (0.0.0.0, ::, a LAN address, a name that may resolve anywhere)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return True
 
 
 def run_batch(args) -> None:
