@@ -17,6 +17,7 @@ capability among the engines' targets.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -88,8 +89,11 @@ class TrtComponent:
         if self.runtime_cache is None:
             return
         try:
-            self.cache_file.parent.mkdir(exist_ok=True)
-            self.cache_file.write_bytes(bytes(self.runtime_cache.serialize()))
+            # Owner-only whatever the umask: a group-writable file makes a cache entry untrusted (cache_dir.py).
+            self.cache_file.parent.mkdir(mode=0o700, exist_ok=True)
+            descriptor = os.open(self.cache_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(bytes(self.runtime_cache.serialize()))
         except OSError as exc:
             log.info("runtime cache of %s not saved (%s); the next process compiles its kernels again", self.name, exc)
 
