@@ -177,8 +177,9 @@ def test_many_parts_do_not_hold_up_another_clients_generation(server):
     for thread in bombers:
         thread.join()
     assert set(answers.values()) == {400}
-    # Parsed whole by email.parser, the eight held the GIL for a minute and more: the generation took many times.
-    assert beside < 2 * alone + 3, f"a generation of {alone:.2f} s took {beside:.2f} s beside the bombs"
+    # Parsed whole by email.parser, the eight held the GIL for a minute: beside them a generation of 8 s took 66 s.
+    # The slack is for this process's own work beside it: it sends the eight 3.4 MB bodies too.
+    assert beside < 2 * alone + 10, f"a generation of {alone:.2f} s took {beside:.2f} s beside the bombs"
 
 
 def lab_tiff() -> bytes:
@@ -321,8 +322,8 @@ def test_no_edit_form_gets_anything_but_a_200_400_or_413_and_a_request_in_flight
                                                                             "form-data; name=" + "(" * 50])
     parts = st.tuples(dispositions, st.lists(st.tuples(header_names, header_values), max_size=3), data)
 
-    def body_of(chosen, ending):
-        out = b""
+    def body_of(chosen, ending, anchored):
+        out = form(*fields(), part("image", encoded(picture(), "PNG"), "in.png"))[:-9] if anchored else b""
         for disposition, headers, payload in chosen:
             lines = [f"Content-Disposition: {disposition}"] + [f"{k}: {v}" for k, v in headers]
             out += (f"--{BOUNDARY}\r\n" + "\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogatepass")
@@ -339,13 +340,14 @@ def test_no_edit_form_gets_anything_but_a_200_400_or_413_and_a_request_in_flight
     other = threading.Thread(target=generate)
     other.start()
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
     @given(chosen=st.lists(parts, max_size=5),
            ending=st.sampled_from([f"--{BOUNDARY}--\r\n".encode(), b"", b"--XyZ", b"junk"]),
            content_type=st.sampled_from([FORM, FORM + "; charset=utf-8", "multipart/form-data; boundary=",
-                                         'multipart/form-data; boundary="XyZ"', "multipart/mixed; boundary=XyZ"]))
-    def check(chosen, ending, content_type):
-        response = post(server, body_of(chosen, ending), content_type)
+                                         'multipart/form-data; boundary="XyZ"', "multipart/mixed; boundary=XyZ"]),
+           anchored=st.booleans())  # after a valid prompt and picture: the random parts reach the pictures' checks
+    def check(chosen, ending, content_type, anchored):
+        response = post(server, body_of(chosen, ending, anchored), content_type)
         assert response.status_code in (200, 400, 413), response.text[:300]
         assert response.headers["x-request-id"]
         if response.status_code != 200:
