@@ -100,7 +100,8 @@ class TorchComponents:
         chosen = weights_variant(folder, self.dtype, f"transformers.{cls.__name__}", self.variant)
         tokenizer = load_tokenizer(stage.directory)
         try:
-            model = cls.from_pretrained(folder, config=config, use_safetensors=True, variant=chosen, dtype=as_dtype)
+            model = cls.from_pretrained(folder, config=config, use_safetensors=True, variant=chosen, dtype=as_dtype,
+                                        trust_remote_code=False, local_files_only=True)
         except Exception as exc:  # transformers raises many types for bad weight files
             raise ModelError(folder, f"cannot load the {'CLIP' if clip else 'T5'} encoder weights: {exc}") from exc
         dim = model.config.hidden_size if clip else model.config.d_model

@@ -47,7 +47,8 @@ def if_pipes(stage_i: Path, stage_ii: Path, text_encoder, unet_i, unet_ii, devic
     from transformers import AutoTokenizer
 
     common = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
-    first = IFPipeline(tokenizer=AutoTokenizer.from_pretrained(stage_i / "tokenizer"), text_encoder=text_encoder,
+    tokenizer = AutoTokenizer.from_pretrained(stage_i / "tokenizer", trust_remote_code=False)
+    first = IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
                        unet=unet_i, scheduler=DDPMScheduler.from_pretrained(stage_i / "scheduler"), **common)
     second = IFSuperResolutionPipeline(
         tokenizer=None, text_encoder=None, unet=unet_ii,
