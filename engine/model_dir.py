@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -505,11 +506,17 @@ def _importable(module: str) -> bool:
         return False
 
 
-def _check_class(library: str, name, file: Path, key: str) -> None:
-    """`name` must be a class `library` itself ships (a fast tokenizer's "...Fast" name included)."""
+@functools.cache
+def _shipped(library: str) -> frozenset[str]:
+    """The names `library` exports; dir() of transformers' and diffusers' lazy modules imports none of them."""
     import importlib
 
-    if not isinstance(name, str) or not name.isidentifier() or not hasattr(importlib.import_module(library), name):
+    return frozenset(dir(importlib.import_module(library)))
+
+
+def _check_class(library: str, name, file: Path, key: str) -> None:
+    """`name` must be a class `library` itself ships (a fast tokenizer's "...Fast" name included)."""
+    if not isinstance(name, str) or not name.isidentifier() or name not in _shipped(library):
         raise ModelError(file, f'"{key}": {name!r} is not a {library} class; this engine loads only the classes '
                                f"{library} ships, never code from the model folder")
 
