@@ -2,7 +2,7 @@
 
     bash bench/gpu_campaign.sh --plan            every part, its box and what it measures; each call's total
     bash bench/gpu_campaign.sh                   call 1 (the headline table first)
-    bash bench/gpu_campaign.sh --call 2          call 2 (then 3), ordered by value
+    bash bench/gpu_campaign.sh --call 2          call 2 (then 3 and 4), ordered by value
     bash bench/gpu_campaign.sh PART              from PART to the end of its call (a resume: a call that ran
                                                  out of time goes on where parts.txt says it stopped)
     bash bench/gpu_campaign.sh --rehearse [--all | --call N | PART]

@@ -72,7 +72,9 @@ def test_the_scheduler_keeps_each_requests_cache_whatever_its_batch_mates(engine
                                 output_type="np")]
     expected = [engine_pipe.run(request).images for request in requests]
     for images, want in zip(scheduled(engine_pipe, requests, max_batch=8), expected):
-        assert np.abs(images - want).max() <= 1e-5
+        # the scheduler tests' bound for rows batched with others (test_serve_scheduler.py): CPU kernels round a
+        # batched call's rows differently (1.4e-5 seen with 2 threads), while another request's cache moves far more
+        assert np.abs(images - want).max() <= 1e-4
 
 
 def test_a_preset_carries_its_cache(engine_pipe):

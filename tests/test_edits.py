@@ -244,7 +244,10 @@ def test_batch_rows_edit_pictures_inside_the_input_folder_only(engine_pipe, tmp_
     expected = engine_pipe.generate("a red circle", image=picture(), mask_image=left_half_mask(),
                                     strength=(0.9, 0.7), steps=(4, 3), seed=3)[0]
     made = Image.open(tmp_path / "out" / entries[1]["file"])
-    assert np.array_equal(np.asarray(made.convert("RGB")), np.asarray(expected))
+    # Batched with row 2 in one U-Net call, where generate() ran it alone: CPU kernels' last bits may move a pixel
+    # by one level (README, batch jobs); a wrong edit input moves it by far more
+    difference = np.abs(np.asarray(made.convert("RGB"), dtype=int) - np.asarray(expected, dtype=int))
+    assert difference.max() <= 1, difference.max()
     assert entries[1]["request"]["strength"] == [0.9, 0.7] and entries[1]["input"]["mask"] == "pictures/mask.png"
     assert entries[2]["stages"]["stage_I"]["strength"] == 0.7  # diffusers' default, as it ran
 
