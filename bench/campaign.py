@@ -173,7 +173,7 @@ PARTS = (
          "whole images interleaved, eager U-Nets (no compile)",
          lambda m: _python("bench/preset_speed.py", "--model", f"if-cascade:{m.size}", "--device", m.device,
                            "--dtype", m.pick("float16", "float32"), "--presets-of", "shapes", "--only", "turbo",
-                           "--rounds", m.pick("4", "2"), "--json", m.json("presets_real"))),
+                           "--rounds", m.pick("4", "1"), "--json", m.json("presets_real"))),
     Part("batch_fast", 2, 45, "engine.batch with and without the fast path on the packaged model",
          lambda m: _python("bench/batch_throughput.py", "--fast-vs-eager", "--device", m.device,
                            "--rows", m.pick("32", "2"), "--rounds", m.pick("2", "1"),

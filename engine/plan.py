@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.backends.text_constants import TextConstants
-from engine.backends.torch_backend import text_dtype
+from engine.backends.torch_backend import text_constant_bytes, text_dtype
 from engine.errors import InvalidRequestError
 from engine.executor import ROW_BUCKETS, bucket
 from engine.model_dir import model_config, text_config
@@ -216,11 +215,7 @@ def static_buffers(module: torch.nn.Module, part: PlanPart, images: int) -> int:
     width = config.get("encoder_hid_dim") or config["cross_attention_dim"]
     labels = config["in_channels"] != 3  # a super-resolution or x4 stage takes its noise level as class labels
     pixels = part.side * part.side
-    constants = TextConstants(module)
-    per_row_constants = 0
-    if constants.active:  # (1, 77, D) embeddings -> the text-only values of one row, on meta tensors
-        values = constants.constants(torch.empty(1, TOKENS, width, device="meta", dtype=part.dtype))
-        per_row_constants = sum(v.numel() * v.element_size() for v in values.values())
+    per_row_constants = text_constant_bytes(module, width, part.dtype)  # one row's, on meta tensors
 
     def conditioning(rows: int) -> int:  # embeddings, class labels and text constants of `rows` rows
         return rows * (TOKENS * width * size + (8 if labels else 0) + per_row_constants)

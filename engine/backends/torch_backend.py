@@ -10,7 +10,9 @@ import torch
 
 from engine.backends.attention import TIMED_CALLS, by_timing, install, timer_for
 from engine.errors import ModelError
-from engine.backends.fast_unet import FastUNet
+from engine.backends.compiled import COMPILE_OPTIONS, INDUCTOR_CACHE_ENV, compiled_dir
+from engine.backends.fast_unet import FastUNet, resolve_fast  # resolve_fast: the device's default, also the bench's
+from engine.backends.text_constants import TextConstants
 from engine.model_dir import downsampling, load_tokenizer, model_config, text_config, text_width, weights_variant
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,6 @@ def example_call(model, device: torch.device, fast: bool = False):
     Not reproduced (the same for both choices, and costly to rebuild at load): the fast path's text constants
     (text_constants.py: the text-only projections leave the step; the attention itself sees the same shapes),
     its other row buckets, and a whole step's capture (guidance and sampler update beside the U-Net)."""
-    from engine.backends.compiled import COMPILE_OPTIONS, INDUCTOR_CACHE_ENV, compiled_dir
-
     config = model.config
     dtype = model.dtype
     size = config.sample_size
@@ -292,3 +292,19 @@ class TorchVAEDecoder:
         # latents (B, 4, h, w) -> (B, 3, scale * h, scale * w). Cast first, then divide, in diffusers' order.
         latents = latents.to(self.vae.dtype)
         return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+
+
+def on_fast_path(unet: TorchUNet, source: str) -> FastUNet:
+    """`unet` on the fast path with its weights made in memory, not read from a folder: `source` keys its
+    compiled packages instead of the folder's files (the bench's real-size U-Nets)."""
+    return FastUNet(unet, None, source=source)
+
+
+def text_constant_bytes(model, width: int, dtype: torch.dtype) -> int:
+    """Bytes of the fast path's text constants (text_constants.py) for one row of (77, width) embeddings, measured
+    on meta tensors; installs them on `model` (the memory plan's meta copy). 0 where it has none."""
+    constants = TextConstants(model)
+    if not constants.active:
+        return 0
+    values = constants.constants(torch.empty(1, 77, width, device="meta", dtype=dtype))
+    return sum(v.numel() * v.element_size() for v in values.values())

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from engine.backends.attention import resolve_attention
-from engine.backends.torch_backend import TorchUNet, TorchVAEDecoder
+from engine.backends.torch_backend import TorchUNet, TorchVAEDecoder, on_fast_path
+from engine.executor import _capture
 from engine.model_dir import text_width
 from engine.text import MAX_TOKENS as TEXT_TOKENS
 
@@ -89,8 +90,6 @@ def graphed(call: Callable[[], torch.Tensor], device: torch.device) -> Callable[
     `call` must read static tensors (the inputs built once)."""
     if device.type != "cuda":
         return call
-    from engine.executor import _capture
-
     captured = {}  # the graph and the output it writes in place, made at the first call (timed as the first call:
     # compiling, warm-up and capture, as a pipeline's first request pays them)
 
@@ -167,10 +166,7 @@ def part_calls(part, model, config: dict, batch: int, size: int | None, device: 
         inputs = unet_inputs(config, 2 * batch, size, device, dtype)  # 2 x images: batched CFG
         ours = None
         if fast and "ours" in compare:
-            from engine.backends.fast_unet import FastUNet
-
-            ours = FastUNet(TorchUNet(fresh_copy(model), resolve_attention(None, device), device), None,
-                            source=source)
+            ours = on_fast_path(TorchUNet(fresh_copy(model), resolve_attention(None, device), device), source)
         return unet_variants(model, inputs, device, compare, ours, compile_mode), 2 * batch
     if part.kind == "vae_decode":
         gen = torch.Generator("cpu").manual_seed(0)

@@ -17,18 +17,24 @@ Random weights time like real ones; they make noise, not pictures.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from engine.backends.torch_backend import TorchComponents, text_dtype
-from engine.model_dir import load_tokenizer, text_config
+from engine.assemble import build_pipeline
+from engine.backends.attention import resolve_attention
+from engine.backends.torch_backend import TorchComponents, resolve_fast, text_dtype
+from engine.bench.components import fresh_copy
+from engine.loading import load, resolve_device, resolve_dtype
+from engine.model_dir import load_tokenizer, read_stages, stage_dirs, text_config
 from engine.options import STAGE_DEFAULTS
 from engine.plan import PlanPart
 from engine.schedules import NAMED_SCHEDULES
 from engine.testing.random_models import build_tokenizer
+from engine.testing.reference import if_pipes
 
 CONFIGS_FILE = Path(__file__).resolve().parents[1] / "configs" / "real_size.json"
 SIZES = ("random", "tiny")  # NAME:random is the real size, NAME:tiny the scaled-down one
@@ -305,13 +311,6 @@ def load_cascade(name: str, device: torch.device, dtype: torch.dtype, fast: bool
     """Our Pipeline over the published cascade of `name` (CASCADES, :random or :tiny), its models made in device
     memory: the configs and tokenizer are written under `root` (default: a new temporary folder), never the
     weights (21 GB in float16 that a fresh GPU machine would spend a minute and a half writing)."""
-    import tempfile
-
-    from engine.assemble import build_pipeline
-    from engine.backends.attention import resolve_attention
-    from engine.backends.fast_unet import resolve_fast
-    from engine.model_dir import read_stages, stage_dirs
-
     if not is_cascade_name(name):
         raise ValueError(f"not a real-size cascade: {name!r} (one of {', '.join(n for n in NAMES if is_cascade_name(n))})")
     root = Path(root or tempfile.mkdtemp(prefix=f"{split_name(name)[0]}-"))  # kilobytes; reference_pipes reads it
@@ -325,9 +324,6 @@ def reference_pipes(pipe, root: str | Path, dtype: torch.dtype):
     """diffusers' IFPipeline + IFSuperResolutionPipeline over the weights of `load_cascade(..., root=root)`'s
     pipeline, as a diffusers user runs them: plain modules (diffusers' attention processors, contiguous weights:
     copies, since ours changed theirs) and T5 in the U-Nets' dtype (DeepFloyd's float16 variant)."""
-    from engine.bench.components import fresh_copy
-    from engine.testing.reference import if_pipes
-
     root = Path(root)
     return if_pipes(root / "stage_I", root / "stage_II", fresh_copy(pipe.text.model, dtype),
                     *(fresh_copy(stage.unet.model) for stage in pipe.stages), device=str(pipe.device))
@@ -336,8 +332,6 @@ def reference_pipes(pipe, root: str | Path, dtype: torch.dtype):
 def load_model(name: str, device=None, dtype=None, fast: bool | None = None, attention: str | None = None):
     """engine.load(name, ...), or `load_cascade` where `name` is a real-size cascade (if-cascade:random): what the
     bench scripts that time whole images take as --model."""
-    from engine.loading import load, resolve_device, resolve_dtype
-
     if not is_cascade_name(name):
         return load(name, device=device, dtype=dtype, fast=fast, attention=attention)
     device = resolve_device(device)

@@ -25,9 +25,8 @@ from typing import Callable
 import torch
 
 from engine.backends import BACKENDS
-from engine.backends.fast_unet import resolve_fast
 from engine.backends.onnxruntime_backend import require_onnx
-from engine.backends.torch_backend import text_dtype
+from engine.backends.torch_backend import resolve_fast, text_dtype
 from engine.bench import components, real_size
 from engine.bench.report import environment
 from engine.bench.roofline import count_flops, floor_seconds, matmul_peak_tflops
