@@ -104,9 +104,10 @@ def keep_masked(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor, k
     return keep * before + mask * after
 
 
-def _capture(device: torch.device, call, warm=None) -> torch.cuda.CUDAGraph:
+def _capture(device: torch.device, call, warm=None, private: bool = False) -> torch.cuda.CUDAGraph:
     """`call()` captured in a CUDA graph, after WARMUP_STEPS calls of `warm` (default: `call`) on a side
-    stream (the caller restores any state those calls changed)."""
+    stream (the caller restores any state those calls changed). private: in a memory pool of its own, which
+    goes with the graph (a graph made only to be timed), not the device's shared one."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -114,7 +115,8 @@ def _capture(device: torch.device, call, warm=None) -> torch.cuda.CUDAGraph:
             (warm or call)()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=_POOLS.setdefault(device, torch.cuda.graph_pool_handle())):
+    pool = torch.cuda.graph_pool_handle() if private else _POOLS.setdefault(device, torch.cuda.graph_pool_handle())
+    with torch.cuda.graph(graph, pool=pool):
         call()
     return graph
 

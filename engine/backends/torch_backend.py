@@ -10,6 +10,7 @@ import torch
 
 from engine.backends.attention import TIMED_CALLS, by_timing, install, timer_for
 from engine.errors import ModelError
+from engine.executor import _capture
 from engine.backends.compiled import COMPILE_OPTIONS, INDUCTOR_CACHE_ENV, compiled_dir
 from engine.backends.fast_unet import FastUNet, resolve_fast  # resolve_fast: the device's default, also the bench's
 from engine.backends.text_constants import TextConstants
@@ -51,18 +52,7 @@ def example_call(model, device: torch.device, fast: bool = False):
     compiled = torch.compile(call, dynamic=False, options=dict(COMPILE_OPTIONS[device.type]))
     if device.type != "cuda":
         return compiled
-    # Captured as executor._capture does (warm-up calls on a side stream first), in a memory pool of its own
-    # that goes with the graph once timed.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            compiled()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        compiled()
-    return graph.replay
+    return _capture(device, compiled, private=True).replay  # as the executor replays it; its own pool
 
 
 def text_dtype(dtype: torch.dtype) -> torch.dtype:
